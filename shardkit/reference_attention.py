@@ -1,0 +1,89 @@
+"""Plain-torch float64 references for the attention kernels (used by tests and benchmarks).
+
+Nothing here is fast: every function materialises the full score matrix in float64.
+They follow the same conventions as the kernels:
+
+* layout ``[batch, heads, seq, head_dim]``; grouped-query attention by repeating kv heads;
+* causal masking by global positions: query ``i`` sees key ``j`` iff ``kv_pos[j] <= q_pos[i]``;
+  positions are an ``int`` (position of row 0, contiguous rows) or an integer tensor;
+* log-sum-exp in natural log; rows that see no key get ``out = 0`` and ``lse = -inf``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+__all__ = ["positions", "reference_attention", "reference_merge"]
+
+
+def positions(pos: Union[int, torch.Tensor, None], length: int, device=None) -> torch.Tensor:
+    """Global positions as an int64 tensor ``[length]``: ``pos`` if a tensor, else ``pos + arange``."""
+    if isinstance(pos, torch.Tensor):
+        return pos.to(device=device, dtype=torch.int64)
+    return torch.arange(length, device=device, dtype=torch.int64) + (pos or 0)
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    q_pos: Union[int, torch.Tensor, None] = None,
+    kv_pos: Union[int, torch.Tensor, None] = None,
+    softmax_scale: Optional[float] = None,
+    dtype: torch.dtype = torch.float64,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Attention with log-sum-exp, computed in ``dtype`` (float64 by default).
+
+    Args:
+        q: ``[B, Hq, Lq, D]``; k, v: ``[B, Hkv, Lk, D]`` with ``Hq % Hkv == 0``.
+        causal, q_pos, kv_pos, softmax_scale: as in ``attention_chunk``.
+        dtype: compute and output dtype (float32 lets a GPU benchmark check big slices).
+
+    Returns:
+        ``out`` ``[B, Hq, Lq, D]`` and ``lse`` ``[B, Hq, Lq]``, both in ``dtype``.
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    qd, kd, vd = q.to(dtype), k.to(dtype), v.to(dtype)
+    if Hq != Hkv:
+        kd = kd.repeat_interleave(Hq // Hkv, dim=1)
+        vd = vd.repeat_interleave(Hq // Hkv, dim=1)
+    s = torch.matmul(qd, kd.transpose(-1, -2)) * scale  # [B, Hq, Lq, Lk]
+    if causal:
+        qp = positions(q_pos, Lq, q.device)
+        kp = positions(kv_pos, Lk, q.device)
+        s = s.masked_fill(kp[None, :] > qp[:, None], float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # -inf for rows with no visible key
+    finite = torch.isfinite(lse)
+    p = torch.exp(s - torch.where(finite, lse, torch.zeros_like(lse))[..., None])
+    out = torch.matmul(p, vd)  # rows with no key: exp(-inf) = 0 everywhere -> 0
+    return out, lse
+
+
+def reference_merge(
+    outs: Union[Sequence[torch.Tensor], torch.Tensor],
+    lses: Union[Sequence[torch.Tensor], torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Merge partial attention results in float64.
+
+    Args:
+        outs: ``S`` tensors ``[B, H, L, D]`` (or one stacked ``[S, B, H, L, D]``).
+        lses: ``S`` tensors ``[B, H, L]`` (or stacked ``[S, B, H, L]``), natural log.
+
+    Returns:
+        ``out = sum_s out_s * exp(lse_s - lse)`` and ``lse = logsumexp_s(lse_s)`` in float64;
+        rows where every ``lse_s`` is ``-inf`` give ``out = 0``, ``lse = -inf``.
+    """
+    o = torch.stack([t.double() for t in outs]) if not isinstance(outs, torch.Tensor) else outs.double()
+    l = torch.stack([t.double() for t in lses]) if not isinstance(lses, torch.Tensor) else lses.double()
+    lse = torch.logsumexp(l, dim=0)
+    finite = torch.isfinite(lse)
+    w = torch.exp(l - torch.where(finite, lse, torch.zeros_like(lse))[None])  # [S, B, H, L]
+    # A partial with weight 0 contributes nothing, whatever its out holds.
+    contrib = torch.where(w[..., None] > 0, w[..., None] * o, torch.zeros_like(o))
+    return contrib.sum(0), lse
