@@ -301,6 +301,8 @@ def attention_chunk(
     block_n: Optional[int] = None,
     num_warps: Optional[int] = None,
     num_stages: Optional[int] = None,
+    out: Optional[torch.Tensor] = None,
+    lse: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention of a query chunk against a KV chunk: ``softmax(q k^T * scale) v``.
 
@@ -316,9 +318,13 @@ def attention_chunk(
         softmax_scale: multiplies the scores; default ``1 / sqrt(D)``.
         block_m, block_n, num_warps, num_stages: tile overrides (defaults per head dim;
             tiny tiles in the interpreter).
+        out, lse: optional preallocated outputs (``[B, Hq, Lq, D]`` in q's dtype and
+            ``[B, Hq, Lq]`` fp32, any strides) -- e.g. slices of a ring-attention buffer.
+            Every element is written.
 
     Returns:
-        ``out``: ``[B, Hq, Lq, D]`` in q's dtype, contiguous; rows with no visible key are 0.
+        ``out``: ``[B, Hq, Lq, D]`` in q's dtype (contiguous unless given); rows with no
+        visible key are 0.
         ``lse``: ``[B, Hq, Lq]`` fp32, natural-log log-sum-exp of the scaled scores;
         ``-inf`` for rows with no visible key.
 
@@ -355,16 +361,24 @@ def attention_chunk(
         if isinstance(pos, bool) or not (pos is None or isinstance(pos, (int, torch.Tensor))):
             raise TypeError(f"{name} must be None, an int or an integer tensor, got {type(pos).__name__}")
 
-    interpret = _interpreting()
-    if not interpret and q.device.type != "cuda":
-        raise ValueError(f"q is on {q.device}; without TRITON_INTERPRET=1 the kernel needs CUDA tensors")
     q_pos_t = _check_positions("q_pos", q_pos, Lq, q.device, must_be_sorted=False) if causal else None
     kv_pos_t = _check_positions("kv_pos", kv_pos, Lk, q.device, must_be_sorted=True) if causal else None
     q_start = q_pos if isinstance(q_pos, int) else 0
     kv_start = kv_pos if isinstance(kv_pos, int) else 0
 
-    out = torch.empty((B, Hq, Lq, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    if out is None:
+        out = torch.empty((B, Hq, Lq, D), dtype=q.dtype, device=q.device)
+    elif tuple(out.shape) != (B, Hq, Lq, D) or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"out must be {q.dtype} of shape {[B, Hq, Lq, D]} on {q.device}, got "
+                         f"{out.dtype} of shape {list(out.shape)} on {out.device}")
+    if lse is None:
+        lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    elif tuple(lse.shape) != (B, Hq, Lq) or lse.dtype != torch.float32 or lse.device != q.device:
+        raise ValueError(f"lse must be float32 of shape {[B, Hq, Lq]} on {q.device}, got "
+                         f"{lse.dtype} of shape {list(lse.shape)} on {lse.device}")
+    interpret = _interpreting()
+    if not interpret and q.device.type != "cuda":
+        raise ValueError(f"q is on {q.device}; without TRITON_INTERPRET=1 the kernel needs CUDA tensors")
     if out.numel() == 0:
         return out, lse
 

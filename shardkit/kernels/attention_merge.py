@@ -25,7 +25,7 @@ strides work (and tiny L, as in decoding, does not waste lanes).
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import triton
@@ -215,6 +215,9 @@ def merge_attention_(
 def merge_attention(
     outs: Union[Sequence[torch.Tensor], torch.Tensor],
     lses: Union[Sequence[torch.Tensor], torch.Tensor],
+    *,
+    out: Optional[torch.Tensor] = None,
+    lse: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """N-way merge of partial attention results into new tensors.
 
@@ -223,10 +226,12 @@ def merge_attention(
             tensor ``[S, B, H, L, D]`` (any strides; no copy). A list is stacked first
             (one copy): pass a stacked tensor on hot paths.
         lses: ``S`` fp32 tensors ``[B, H, L]`` or one stacked ``[S, B, H, L]``.
+        out, lse: optional preallocated outputs (``[B, H, L, D]`` of any float dtype,
+            ``[B, H, L]`` fp32; any strides). They must not overlap the inputs.
 
     Returns:
-        ``out`` ``[B, H, L, D]`` in the dtype of ``outs`` (contiguous) and ``lse``
-        ``[B, H, L]`` fp32. Inputs are not modified.
+        ``out`` ``[B, H, L, D]`` in the dtype of ``outs`` (contiguous unless given) and
+        ``lse`` ``[B, H, L]`` fp32. Inputs are not modified.
     """
     if isinstance(outs, torch.Tensor):
         if outs.dim() != 5:
@@ -276,8 +281,14 @@ def merge_attention(
     _check_device(stacked_o, "outs")
 
     _, B, H, L, D = stacked_o.shape
-    out = torch.empty((B, H, L, D), dtype=stacked_o.dtype, device=stacked_o.device)
-    lse = torch.empty((B, H, L), dtype=torch.float32, device=stacked_o.device)
+    if out is None:
+        out = torch.empty((B, H, L, D), dtype=stacked_o.dtype, device=stacked_o.device)
+    if lse is None:
+        lse = torch.empty((B, H, L), dtype=torch.float32, device=stacked_o.device)
+    _check_pair("out", out, "lse", lse)
+    if tuple(out.shape) != (B, H, L, D) or out.device != stacked_o.device:
+        raise ValueError(f"out must have shape {[B, H, L, D]} on {stacked_o.device}, got "
+                         f"{list(out.shape)} on {out.device}")
     R = B * H * L
     if R == 0 or D == 0:
         return out, lse
