@@ -53,15 +53,21 @@ def reference_attention(
     if Hq != Hkv:
         kd = kd.repeat_interleave(Hq // Hkv, dim=1)
         vd = vd.repeat_interleave(Hq // Hkv, dim=1)
-    s = torch.matmul(qd, kd.transpose(-1, -2)) * scale  # [B, Hq, Lq, Lk]
-    if causal:
-        qp = positions(q_pos, Lq, q.device)
-        kp = positions(kv_pos, Lk, q.device)
-        s = s.masked_fill(kp[None, :] > qp[:, None], float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)  # -inf for rows with no visible key
-    finite = torch.isfinite(lse)
-    p = torch.exp(s - torch.where(finite, lse, torch.zeros_like(lse))[..., None])
-    out = torch.matmul(p, vd)  # rows with no key: exp(-inf) = 0 everywhere -> 0
+    # An fp32 reference on GPU must not silently use TF32 (10-bit mantissa) matmuls.
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        s = torch.matmul(qd, kd.transpose(-1, -2)) * scale  # [B, Hq, Lq, Lk]
+        if causal:
+            qp = positions(q_pos, Lq, q.device)
+            kp = positions(kv_pos, Lk, q.device)
+            s = s.masked_fill(kp[None, :] > qp[:, None], float("-inf"))
+        lse = torch.logsumexp(s, dim=-1)  # -inf for rows with no visible key
+        finite = torch.isfinite(lse)
+        p = torch.exp(s - torch.where(finite, lse, torch.zeros_like(lse))[..., None])
+        out = torch.matmul(p, vd)  # rows with no key: exp(-inf) = 0 everywhere -> 0
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     return out, lse
 
 
