@@ -123,3 +123,14 @@ def test_merge_gpu(dtype):
     ref_o, ref_l = reference_merge(outs[:2], lses[:2])
     torch.testing.assert_close(out.double(), ref_o, **tol(ROUNDING, dtype))
     assert_close_inf(lse, ref_l, **tol(ROUNDING, torch.float32))
+
+
+@pytest.mark.parametrize("D", [16, 32, 64])
+def test_chunk_gpu_fp32_and_small_head_dims(D):
+    """fp32 (IEEE dots) and the small head dims compile and run correctly on GPU too."""
+    g = torch.Generator(device="cuda").manual_seed(D)
+    for dtype in (torch.float32, torch.bfloat16):
+        q = _rand(1, 4, 77, D, dtype=dtype, gen=g)
+        k = _rand(1, 2, 150, D, dtype=dtype, gen=g)
+        v = _rand(1, 2, 150, D, dtype=dtype, gen=g)
+        _check(q, k, v, causal=True, q_pos=60, kv_pos=0)
