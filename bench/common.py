@@ -1,0 +1,159 @@
+"""Shared benchmark plumbing: environment header, GPU-correct timing, result files."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+
+def environment() -> dict:
+    """GPU name/count, NVLink topology, driver and library versions (what a reader needs to trust a number)."""
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+        env["gpu_count"] = torch.cuda.device_count()
+        env["cuda"] = torch.version.cuda
+        try:
+            env["nccl"] = ".".join(str(v) for v in torch.cuda.nccl.version())
+        except Exception:
+            pass
+        env.update(_nvml_topology())
+    else:
+        env["gpu"] = "cpu (Triton interpreter)"
+        env["gpu_count"] = 0
+    return env
+
+
+def _nvml_topology() -> dict:
+    try:
+        import pynvml
+    except ImportError:
+        return {"topology": "pynvml missing"}
+    try:
+        pynvml.nvmlInit()
+        n = pynvml.nvmlDeviceGetCount()
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(n)]
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        links = []
+        for h in handles[:1]:
+            active = 0
+            for link in range(18):
+                try:
+                    active += pynvml.nvmlDeviceGetNvLinkState(h, link) == pynvml.NVML_FEATURE_ENABLED
+                except pynvml.NVMLError:
+                    break
+            links.append(active)
+        p2p = []
+        for i in range(n):
+            row = []
+            for j in range(n):
+                if i == j:
+                    row.append("X")
+                    continue
+                st = pynvml.nvmlDeviceGetP2PStatus(handles[i], handles[j], pynvml.NVML_P2P_CAPS_INDEX_NVLINK)
+                row.append("NV" if st == pynvml.NVML_P2P_STATUS_OK else "--")
+            p2p.append(" ".join(row))
+        return {"driver": driver if isinstance(driver, str) else driver.decode(),
+                "nvlinks_gpu0": links[0] if links else 0, "p2p_nvlink": p2p}
+    except Exception as e:  # NVML missing on this machine: the header says so, the run goes on
+        return {"topology": f"nvml unavailable: {e}"}
+
+
+def header_lines(env: dict) -> list[str]:
+    lines = [f"GPU: {env.get('gpu')} x{env.get('gpu_count')}  driver {env.get('driver', '-')}  "
+             f"CUDA {env.get('cuda', '-')}  NCCL {env.get('nccl', '-')}",
+             f"torch {env['torch']}  triton {env.get('triton', '-')}  python {env['python']}  host {env['host']}"]
+    if "p2p_nvlink" in env:
+        lines.append(f"NVLink: {env['nvlinks_gpu0']} active links on GPU0; P2P over NVLink: "
+                     + " | ".join(env["p2p_nvlink"]))
+    return lines
+
+
+def time_cuda(fn: Callable[[], None], iters: int, reps: int, graph: bool, sync: Callable[[], None]) -> list[float]:
+    """Microseconds per call of ``fn`` for each of ``reps`` repetitions of ``iters`` calls.
+
+    graph=True captures the ``iters`` calls in one CUDA graph and times its replays (launch cost
+    gone, as in an inference engine); otherwise the calls are launched eagerly. CUDA events around
+    each repetition; ``sync`` lines the ranks up before each one.
+    """
+    if graph:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(iters):
+                fn()
+        run = g.replay
+    else:
+        def run() -> None:
+            for _ in range(iters):
+                fn()
+    run()
+    torch.cuda.synchronize()
+    out = []
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(reps):
+        sync()
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        out.append(start.elapsed_time(end) * 1000.0 / iters)
+    return out
+
+
+def time_host(fn: Callable[[], None], iters: int, reps: int, sync: Callable[[], None]) -> list[float]:
+    """Wall-clock microseconds per call (CPU runs)."""
+    import time
+    fn()
+    out = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        out.append((time.perf_counter() - t0) * 1e6 / iters)
+    return out
+
+
+def max_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def summarize(samples: list[float]) -> dict:
+    return {"us_median": statistics.median(samples), "us_min": min(samples), "us_max": max(samples)}
+
+
+def results_stem(out_dir: str, what: str, env: dict, world: int) -> str:
+    card = env.get("gpu", "cpu").replace("NVIDIA ", "").replace(" ", "-").replace("(", "").replace(")", "")
+    day = datetime.date.today().isoformat()
+    os.makedirs(out_dir, exist_ok=True)
+    return os.path.join(out_dir, f"{what}_{card}_x{world}_{day}")
+
+
+def write_json(path: str, payload: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+        f.write("\n")

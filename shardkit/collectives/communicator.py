@@ -1,0 +1,266 @@
+"""Communicator: all-reduce over a process group with DDA flat/tree on peer memory, or NCCL.
+
+    comm = Communicator(group)                 # every rank of the group, together
+    y = comm.all_reduce(x)                      # algo="auto" picks flat / tree / nccl by size
+    comm.all_reduce_(x, algo="tree")            # in place
+    buf = comm.staging_buffer(x.shape, x.dtype) # write into it and all_reduce(buf): zero-copy
+
+Calls on one communicator must be issued in the same order on every rank and, on GPUs, on one
+stream per rank (like NCCL). Errors (a peer that never arrives, ranks that disagree about shape or
+dtype) are detected in the kernel: on the cpu backend the call raises ``CollectiveError`` on every
+rank at once; on GPUs the failed call writes NaN and the next call (or ``check()``) raises, since
+raising at once would need a host synchronisation on every call.
+"""
+from __future__ import annotations
+
+import socket
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from ..errors import CollectiveError, ShardkitError
+from ..kernels.all_reduce_flat import launch_flat_all_reduce
+from ..kernels.all_reduce_tree import launch_tree_all_reduce
+from ..kernels.sync import MAX_PROGRAMS, MISMATCH, TIMEOUT
+from ..memory.peer_memory import PeerMemory, in_interpreter
+from . import thresholds
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPE_CODE = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
+_ALGO_CODE = {"flat": 1, "tree": 2}
+ALGOS = ("auto", "flat", "tree", "nccl")
+
+# Barrier polls per second, to turn timeout_s into a poll count (approximate by nature).
+_POLLS_PER_S = {"cuda": 1_000_000, "cpu": 500}
+DEFAULT_TIMEOUT_S = 60.0
+
+_REGISTRY: dict[str, "Communicator"] = {}
+
+
+def get_communicator(group_name: str) -> "Communicator":
+    """The communicator most recently created for the process group named ``group_name``."""
+    try:
+        return _REGISTRY[group_name]
+    except KeyError:
+        raise ShardkitError(
+            f"no shardkit Communicator for process group {group_name!r}: create "
+            f"shardkit.Communicator(group) on every rank first") from None
+
+
+def call_signature(algo: str, numel: int, dtype: torch.dtype, x_offset: int) -> int:
+    """31-bit fingerprint of a call; ranks compare it at the first barrier."""
+    h = (_ALGO_CODE[algo] * 1_000_003 + _DTYPE_CODE[dtype]) * 2_147_483_629
+    h = (h ^ numel) * 1_000_000_007 + x_offset + 1
+    return h % 2_147_483_647
+
+
+class Communicator:
+    """All-reduce for the ranks of ``group`` (default: the world), all of which must construct it.
+
+    Args:
+        group: the process group. NCCL groups use the cuda backend, gloo groups the cpu backend
+            (Triton kernels in the interpreter, ranks on one host).
+        half_bytes: per-call workspace capacity (see PeerMemory); larger inputs go in chunks.
+        timeout_s: how long a barrier waits for a peer before the call fails (approximate).
+        rules: [(max_bytes or None, algo)] for algo="auto"; default from thresholds.json.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None, *, half_bytes: int | None = None,
+                 timeout_s: float = DEFAULT_TIMEOUT_S, rules: list | None = None) -> None:
+        if not dist.is_initialized():
+            raise ShardkitError("Communicator needs an initialised torch.distributed process group")
+        self.group = group if group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(self.group)
+        self.world_size = dist.get_world_size(self.group)
+        self.backend = "cuda" if dist.get_backend(self.group) == "nccl" else "cpu"
+        if self.backend == "cpu" and not in_interpreter():
+            raise ShardkitError("a gloo group runs shardkit's kernels on the CPU: set TRITON_INTERPRET=1 "
+                                "before importing triton")
+        if timeout_s <= 0:
+            raise ValueError(f"Communicator: timeout_s must be positive, got {timeout_s}")
+        self.timeout_s = float(timeout_s)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "cuda" else torch.device("cpu")
+        self.device_name = torch.cuda.get_device_name(self.device) if self.backend == "cuda" else "cpu"
+        self.rules = rules if rules is not None else thresholds.select_rules(self.device_name, self.world_size)
+        self.memory: PeerMemory | None = None
+        self.fallback_reason = self._peer_access_problem()
+        if self.fallback_reason is None:
+            self.memory = PeerMemory(self.group, half_bytes=half_bytes, backend=self.backend, device=self.device)
+        elif self.rank == 0:
+            warnings.warn(f"shardkit: peer-memory collectives disabled, using NCCL: {self.fallback_reason}",
+                          stacklevel=2)
+        if self.backend == "cuda":
+            props = torch.cuda.get_device_properties(self.device)
+            self._max_programs = min(MAX_PROGRAMS, props.multi_processor_count)
+            self._block, self._warps = 4096, 8
+        else:  # the interpreter runs programs one after another: few, large ones are fastest
+            self._max_programs, self._block, self._warps = 2, 512, 1
+        self._timeout_iters = int(self.timeout_s * _POLLS_PER_S[self.backend])
+        self._error: str | None = None
+        _REGISTRY[self.group.group_name] = self
+
+    # ------------------------------------------------------------------ topology
+    def _peer_access_problem(self) -> str | None:
+        """Why this group cannot use peer memory (agreed by all ranks), or None."""
+        if self.backend == "cpu":
+            reason = ""
+            info = socket.gethostname()
+        else:
+            reason = ""
+            info = (socket.gethostname(), self.device.index)
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, info, group=self.group)
+        if self.backend == "cpu":
+            if len(set(gathered)) != 1:
+                reason = "ranks are on different hosts"
+        else:
+            hosts = {h for h, _ in gathered}
+            devices = [d for _, d in gathered]
+            if len(hosts) != 1:
+                reason = "ranks are on different hosts"
+            elif len(set(devices)) != len(devices):
+                reason = "two ranks share one GPU"
+            else:
+                missing = [d for d in devices if d != self.device.index
+                           and not torch.cuda.can_device_access_peer(self.device.index, d)]
+                if missing:
+                    reason = f"GPU {self.device.index} has no peer access to GPU(s) {missing}"
+        reasons: list = [None] * self.world_size
+        dist.all_gather_object(reasons, reason, group=self.group)
+        bad = [r for r in reasons if r]
+        return bad[0] if bad else None
+
+    # ------------------------------------------------------------------ public API
+    def all_reduce(self, x: torch.Tensor, algo: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
+        """Sum of ``x`` over the ranks, in a new tensor or in ``out``.
+
+        x: contiguous fp32/fp16/bf16 tensor on this rank's device, any shape; same shape and dtype
+           on every rank. Not modified (unless ``out`` is ``x``).
+        algo: "auto" | "flat" | "tree" | "nccl".
+        out: optional contiguous tensor of x's shape, dtype and device (may be ``x``).
+        Returns the reduced tensor (``out`` when given). fp32 accumulation, ranks summed in rank
+        order: every rank gets bitwise the same result.
+        """
+        self._validate(x, "x")
+        if out is None:
+            out = torch.empty_like(x)
+        elif out is not x:
+            self._validate(out, "out")
+            if out.shape != x.shape or out.dtype != x.dtype:
+                raise ValueError(f"all_reduce: out must have x's shape {tuple(x.shape)} and dtype {x.dtype}, "
+                                 f"got {tuple(out.shape)} and {out.dtype}")
+        return self._run(x, out, algo)
+
+    def all_reduce_(self, x: torch.Tensor, algo: str = "auto") -> torch.Tensor:
+        """In-place sum of ``x`` over the ranks; returns ``x``."""
+        self._validate(x, "x")
+        return self._run(x, x, algo)
+
+    def staging_buffer(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """A tensor in this rank's peer-visible staging area: all-reduce it without a copy.
+
+        The area is shared by all staging buffers of this communicator: one live input at a time.
+        """
+        if self.memory is None:
+            raise ShardkitError(f"staging_buffer: no peer memory on this group ({self.fallback_reason})")
+        if dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"staging_buffer: dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
+        numel = 1
+        for s in shape:
+            numel *= int(s)
+        return self.memory.staging(numel, dtype).view(shape)
+
+    def check(self) -> None:
+        """Wait for this rank's queued work and raise CollectiveError if a collective failed."""
+        if self.backend == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._raise_if_failed()
+
+    def close(self) -> None:
+        """Release the peer memory (idempotent)."""
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+        if _REGISTRY.get(self.group.group_name) is self:
+            del _REGISTRY[self.group.group_name]
+
+    # ------------------------------------------------------------------ internals
+    def _validate(self, t: torch.Tensor, name: str) -> None:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"all_reduce: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"all_reduce: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+        if t.device != self.device:
+            raise ValueError(f"all_reduce: {name} must be on {self.device} (this rank's device), got {t.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"all_reduce: {name} must be contiguous (call .contiguous() first)")
+
+    def _raise_if_failed(self) -> None:
+        if self._error is None and self.memory is not None and self.memory.status_view[0] != 0:
+            self._error = self._describe_failure()
+        if self._error is not None:
+            raise CollectiveError(self._error)
+
+    def _describe_failure(self) -> str:
+        code, slot, culprits, epoch = (int(v) for v in self.memory.status_view)
+        ranks = [r for r in range(self.world_size) if culprits >> r & 1]
+        stage = slot // MAX_PROGRAMS
+        where = f"barrier {stage} of call {epoch}"
+        if code == MISMATCH:
+            what = (f"rank(s) {ranks} called with a different element count, dtype, algorithm or "
+                    f"buffer than this rank ({where}); every rank must make the same calls")
+        elif code == TIMEOUT:
+            what = f"rank(s) {ranks} did not arrive within {self.timeout_s:g} s ({where})"
+        else:
+            what = f"error code {code} at {where}"
+        return (f"shardkit collective failed on rank {self.rank}: {what}. This communicator is unusable "
+                f"now; its outputs from this call on are NaN. Create a new Communicator.")
+
+    def _run(self, x: torch.Tensor, out: torch.Tensor, algo: str) -> torch.Tensor:
+        if algo not in ALGOS:
+            raise ValueError(f"all_reduce: algo must be one of {ALGOS}, got {algo!r}")
+        self._raise_if_failed()
+        nbytes = x.numel() * x.element_size()
+        if algo == "auto":
+            algo = thresholds.choose(self.rules, nbytes) if self.memory is not None else "nccl"
+        if algo == "nccl" or x.numel() == 0:
+            if out is not x:
+                out.copy_(x)
+            if x.numel():
+                dist.all_reduce(out, group=self.group)
+            return out
+        if self.memory is None:
+            raise ShardkitError(f"all_reduce(algo={algo!r}) needs peer memory, which this group lacks: "
+                                f"{self.fallback_reason}")
+        mem = self.memory
+        x_offset = mem.holds(x)
+        # A flat in-place call must stage: peers read our input until they are done.
+        zero_copy = x_offset is not None and x_offset % 16 == 0 and not (algo == "flat" and out is x)
+        if zero_copy or nbytes <= mem.half_bytes:
+            self._launch(algo, x.view(-1), out.view(-1), x_offset if zero_copy else 0, zero_copy)
+        else:
+            step = mem.half_bytes // x.element_size()
+            xs, outs = x.view(-1), out.view(-1)
+            for lo in range(0, x.numel(), step):
+                self._launch(algo, xs[lo:lo + step], outs[lo:lo + step], 0, False)
+        if self.backend == "cpu":
+            self._raise_if_failed()
+        return out
+
+    def _launch(self, algo: str, x: torch.Tensor, out: torch.Tensor, x_offset: int, zero_copy: bool) -> None:
+        mem = self.memory
+        numel = x.numel()
+        sig = call_signature(algo, numel, x.dtype, x_offset if zero_copy else -1)
+        common = dict(table=mem.table, status_addr=mem.status_addr, rank=self.rank, world=self.world_size,
+                      sig=sig, x_offset=x_offset, half_bytes=mem.half_bytes,
+                      timeout_iters=self._timeout_iters, zero_copy=zero_copy, block=self._block,
+                      num_warps=self._warps)
+        if algo == "flat":
+            programs = min(self._max_programs, -(-numel // self._block))
+            launch_flat_all_reduce(x, out, programs=programs, **common)
+        else:
+            # Shards of a multiple of 16 elements keep every shard start 16-byte aligned (vector loads).
+            shard = -(-numel // (16 * self.world_size)) * 16
+            programs = max(1, min(self._max_programs, -(-shard // self._block)))
+            launch_tree_all_reduce(x, out, programs=programs, shard=shard, **common)

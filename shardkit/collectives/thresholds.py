@@ -1,0 +1,47 @@
+"""Auto-selection of the all-reduce algorithm from a (device, world size, bytes) table.
+
+The table ships in ``thresholds.json`` beside this file; ``bench/all_reduce_sweep.py
+--write-thresholds`` rewrites the entry of the GPU it ran on from measured crossovers.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+PATH = os.path.join(os.path.dirname(__file__), "thresholds.json")
+ALGOS = ("flat", "tree", "nccl")
+
+
+@functools.lru_cache(maxsize=None)
+def load_table(path: str = PATH) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def select_rules(device_name: str, world_size: int, table: dict | None = None) -> list[tuple[int | None, str]]:
+    """The [(max_bytes or None, algo)] rules for a device name and world size (falling back to defaults)."""
+    table = load_table() if table is None else table
+    per_device = table.get(device_name, table["default"])
+    rules = per_device.get(str(world_size), per_device.get("default", table["default"]["default"]))
+    return [(None if b is None else int(b), a) for b, a in rules]
+
+
+def choose(rules: list[tuple[int | None, str]], nbytes: int) -> str:
+    """The first algorithm whose max_bytes admits ``nbytes``."""
+    for max_bytes, algo in rules:
+        if max_bytes is None or nbytes <= max_bytes:
+            return algo
+    return rules[-1][1]
+
+
+def write_rules(device_name: str, world_size: int, rules: list[tuple[int | None, str]], path: str = PATH) -> None:
+    """Store measured rules for a device and world size in the table file."""
+    table = dict(load_table(path))
+    entry = dict(table.get(device_name, {}))
+    entry[str(world_size)] = [[b, a] for b, a in rules]
+    table[device_name] = entry
+    with open(path, "w") as f:
+        json.dump(table, f, indent=2)
+        f.write("\n")
+    load_table.cache_clear()

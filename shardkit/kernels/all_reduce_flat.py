@@ -1,0 +1,76 @@
+"""DDA flat (one-shot) all-reduce: every rank reads every peer's copy and reduces locally.
+
+Meta's DDA "flat" algorithm (NCCLX) for small messages: one round of direct peer reads, so its
+latency is one barrier plus WORLD reads of the message, with no intermediate hops.
+
+Per call, on each rank (program p handles tiles p, p + G, p + 2G, ... of BLOCK elements):
+  1. stage the input into this call's half of the double-buffered workspace
+     (skipped when the input already lives in the workspace: zero-copy),
+  2. barrier with the peers' program p,
+  3. out[tile] = sum over ranks r = 0..W-1 (fixed order) of rank r's staged tile, in fp32,
+  4. zero-copy only: a second barrier, so no peer is still reading our buffer when we return.
+Double buffering makes the end barrier unnecessary in the staged case: call n+2 reuses call n's
+half only after every peer signalled call n+1, which it does after its call-n kernel finished.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .peer_tiles import stage_tiles, sum_tile
+from .sync import MAX_PROGRAMS, SIGNAL_BYTES, finish_call, peer_barrier, start_call
+
+_MAX_PROGRAMS = tl.constexpr(MAX_PROGRAMS)
+_DATA_OFF = tl.constexpr(SIGNAL_BYTES)
+
+
+@triton.jit
+def flat_all_reduce_kernel(
+    x_ptr,          # [numel] this rank's input (read only in the staged case)
+    out_ptr,        # [numel] this rank's output; may alias x_ptr when staged
+    table_ptr,      # int64[WORLD]: every rank's workspace base address, in this process
+    status_addr,    # int64: address of this rank's int32[4] error record
+    numel,          # elements to reduce
+    rank,           # this rank
+    sig,            # 31-bit call signature, equal on all ranks for a well-formed call
+    x_offset,       # zero-copy: byte offset of the input inside every rank's workspace
+    half_bytes,     # bytes of one half of the double-buffered staging area
+    timeout_iters,  # barrier polls before giving up
+    WORLD: tl.constexpr, WORLD_P2: tl.constexpr, BLOCK: tl.constexpr, ZERO_COPY: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    DTYPE: tl.constexpr = out_ptr.dtype.element_ty
+    own, epoch, flag, ok = start_call(table_ptr, rank, sig, status_addr)
+    half = _DATA_OFF + half_bytes * (1 + epoch % 2)
+    if ZERO_COPY:
+        src = x_offset
+    else:
+        src = half
+        if ok:
+            stage_tiles(x_ptr, (own + half).to(tl.pointer_type(DTYPE)), 0, numel, pid, nprog, BLOCK)
+    if ok:
+        tl.debug_barrier()
+        ok = peer_barrier(table_ptr, rank, pid, flag, status_addr, timeout_iters, WORLD, WORLD_P2)
+    for t in range(pid, tl.cdiv(numel, BLOCK), nprog):
+        offs = t * BLOCK + tl.arange(0, BLOCK)
+        m = offs < numel
+        acc = sum_tile(table_ptr, src, offs, m & ok, WORLD, DTYPE)
+        tl.store(out_ptr + offs, tl.where(ok, acc, float("nan")).to(DTYPE), mask=m)
+    if ZERO_COPY:
+        if ok:
+            tl.debug_barrier()
+            ok = peer_barrier(table_ptr, rank, _MAX_PROGRAMS + pid, flag, status_addr, timeout_iters,
+                              WORLD, WORLD_P2)
+    finish_call(own, epoch)
+
+
+def launch_flat_all_reduce(x: torch.Tensor, out: torch.Tensor, table: torch.Tensor, status_addr: int,
+                           rank: int, world: int, sig: int, x_offset: int, half_bytes: int,
+                           timeout_iters: int, zero_copy: bool, programs: int, block: int,
+                           num_warps: int) -> None:
+    """Launch one flat all-reduce over ``x.numel()`` elements (at most ``half_bytes`` of them)."""
+    flat_all_reduce_kernel[(programs,)](
+        x, out, table, status_addr, x.numel(), rank, sig, x_offset, half_bytes, timeout_iters,
+        WORLD=world, WORLD_P2=triton.next_power_of_2(world), BLOCK=block, ZERO_COPY=zero_copy,
+        num_warps=num_warps,
+    )

@@ -1,0 +1,100 @@
+"""DDA tree (two-shot) all-reduce: reduce-scatter, then all-gather, both by direct peer access.
+
+Meta's DDA "tree" algorithm for mid-sized messages: each rank reads only 1/W of every peer's data
+to reduce its own shard, then reads the W-1 reduced shards of the peers, so each rank moves about
+2(W-1)/W of the message instead of the flat algorithm's (W-1).
+
+Per call, on each rank r (shards of ``shard`` elements, the last ones possibly short or empty;
+program p handles tiles p, p + G, ... of each shard):
+  1. stage the whole input into this call's workspace half (skipped for zero-copy inputs),
+  2. barrier (stage 0) with the peers' program p,
+  3. reduce shard r over all ranks in fixed rank order (fp32) into out and into our half,
+  4. barrier (stage 1): every shard is reduced, and no peer still reads our input,
+  5. copy the W-1 other reduced shards from the peers' halves into out.
+The reduced shard always goes to the staging half, never into a zero-copy input, so the input is
+never modified; in-place calls are safe because step 5 writes a shard only after its owner read it.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .peer_tiles import peer_ptr, stage_tiles, sum_tile
+from .sync import MAX_PROGRAMS, SIGNAL_BYTES, finish_call, peer_barrier, start_call
+
+_MAX_PROGRAMS = tl.constexpr(MAX_PROGRAMS)
+_DATA_OFF = tl.constexpr(SIGNAL_BYTES)
+
+
+@triton.jit
+def tree_all_reduce_kernel(
+    x_ptr,          # [numel] this rank's input
+    out_ptr,        # [numel] this rank's output; may alias x_ptr
+    table_ptr,      # int64[WORLD]: every rank's workspace base address, in this process
+    status_addr,    # int64: address of this rank's int32[4] error record
+    numel,          # elements to reduce
+    shard,          # elements per shard (a multiple of 16), shard s = [s*shard, (s+1)*shard)
+    rank,           # this rank
+    sig,            # 31-bit call signature
+    x_offset,       # zero-copy: byte offset of the input inside every rank's workspace
+    half_bytes,     # bytes of one half of the double-buffered staging area
+    timeout_iters,  # barrier polls before giving up
+    WORLD: tl.constexpr, WORLD_P2: tl.constexpr, BLOCK: tl.constexpr, ZERO_COPY: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    DTYPE: tl.constexpr = out_ptr.dtype.element_ty
+    own, epoch, flag, ok = start_call(table_ptr, rank, sig, status_addr)
+    half = _DATA_OFF + half_bytes * (1 + epoch % 2)
+    if ZERO_COPY:
+        src = x_offset
+    else:
+        src = half
+        if ok:
+            # Stage shard by shard with the tile-to-program map of the reduction below: the barrier
+            # pairs our program p only with the peers' program p, so p must read what p staged.
+            staged = (own + half).to(tl.pointer_type(DTYPE))
+            for s in tl.static_range(WORLD):
+                stage_tiles(x_ptr, staged, s * shard, tl.minimum((s + 1) * shard, numel), pid, nprog, BLOCK)
+    if ok:
+        tl.debug_barrier()
+        ok = peer_barrier(table_ptr, rank, pid, flag, status_addr, timeout_iters, WORLD, WORLD_P2)
+
+    # Reduce-scatter: our shard, summed over all ranks.
+    lo = tl.multiple_of(rank * shard, 16)
+    hi = tl.minimum(lo + shard, numel)
+    reduced = peer_ptr(table_ptr, rank, half, DTYPE)
+    for t in range(pid, tl.cdiv(hi - lo, BLOCK), nprog):
+        offs = lo + t * BLOCK + tl.arange(0, BLOCK)
+        m = offs < hi
+        acc = tl.where(ok, sum_tile(table_ptr, src, offs, m & ok, WORLD, DTYPE), float("nan")).to(DTYPE)
+        tl.store(out_ptr + offs, acc, mask=m)
+        tl.store(reduced + offs, acc, mask=m & ok)
+    if ok:
+        tl.debug_barrier()
+        ok = peer_barrier(table_ptr, rank, _MAX_PROGRAMS + pid, flag, status_addr, timeout_iters,
+                          WORLD, WORLD_P2)
+
+    # All-gather: the peers' reduced shards.
+    for i in tl.static_range(1, WORLD):
+        s = (rank + i) % WORLD
+        s_lo = tl.multiple_of(s * shard, 16)
+        s_hi = tl.minimum(s_lo + shard, numel)
+        theirs = peer_ptr(table_ptr, s, half, DTYPE)
+        for t in range(pid, tl.cdiv(s_hi - s_lo, BLOCK), nprog):
+            offs = s_lo + t * BLOCK + tl.arange(0, BLOCK)
+            m = offs < s_hi
+            v = tl.load(theirs + offs, mask=m & ok, other=float("nan"))
+            tl.store(out_ptr + offs, v, mask=m)
+    finish_call(own, epoch)
+
+
+def launch_tree_all_reduce(x: torch.Tensor, out: torch.Tensor, table: torch.Tensor, status_addr: int,
+                           rank: int, world: int, sig: int, x_offset: int, half_bytes: int,
+                           timeout_iters: int, zero_copy: bool, programs: int, block: int,
+                           num_warps: int, shard: int) -> None:
+    """Launch one tree all-reduce over ``x.numel()`` elements (at most ``half_bytes`` of them)."""
+    tree_all_reduce_kernel[(programs,)](
+        x, out, table, status_addr, x.numel(), shard, rank, sig, x_offset, half_bytes, timeout_iters,
+        WORLD=world, WORLD_P2=triton.next_power_of_2(world), BLOCK=block, ZERO_COPY=zero_copy,
+        num_warps=num_warps,
+    )

@@ -1,0 +1,151 @@
+"""Cross-rank synchronisation inside Triton kernels: the signal-area layout, a barrier and the call epoch.
+
+Every rank's symmetric workspace starts with a signal area (``SIGNAL_BYTES``), laid out as::
+
+    [0, 8)            int64  epoch: calls completed on this rank, modulo 2**32 (local only)
+    [8, 12)           int32  done: programs of the running call that finished (local only)
+    [SLOTS_OFF, ...)  int64  slots[NUM_STAGES * MAX_PROGRAMS][MAX_WORLD]: arrival flags, written by peers
+
+A call's epoch is read by each program at its start and bumped by the last program to finish
+(``finish_call``): state that changes per call lives in device memory, so a captured CUDA graph
+replays correctly and nothing is reset from the host.
+
+Arrival flags carry ``sig * 2**32 + epoch``. ``sig`` is a 31-bit signature of the call (op, element
+count, dtype, ...) computed on the host, so a rank that called with another shape or dtype is seen
+at the barrier instead of producing garbage. A waiter accepts a flag whose epoch is this call's or
+up to 2**31 calls *ahead*: a fast peer may already have passed this barrier and written the next
+call's flag before a slow waiter looked (that is why equality alone hangs). A peer can only be ahead
+if it checked our flag at this epoch, so a signature mismatch is always seen by some rank at the
+exact epoch, and once a rank fails it never signals again.
+
+Memory order (lessons of vLLM #2760/#8404 and PyTorch's CUDASymmetricMemory): arrival is a
+release exchange at system scope after a CTA barrier (``tl.debug_barrier``) so that the whole
+block's prior stores are published; the wait is an acquire read at system scope. Slots of
+different stages of one call are distinct, so a block never confuses the start and end barriers.
+
+Failures never hang: a waiter gives up after ``timeout_iters`` polls and records
+``(code, slot, rank bitmask, epoch)`` in the rank's error record (host memory the host reads), and
+programs that find a recorded error skip their barriers and write NaN.
+"""
+import triton
+import triton.language as tl
+
+MAX_WORLD = 8
+MAX_PROGRAMS = 256
+NUM_STAGES = 3
+EPOCH_OFF = 0
+DONE_OFF = 8
+SLOTS_OFF = 128
+SIGNAL_BYTES = 64 * 1024
+EPOCH_MOD = 1 << 32
+
+# Error codes in the first word of a rank's error record.
+OK = 0
+ARRIVED = 1
+MISMATCH = 2
+TIMEOUT = 3
+ABORTED = 4  # another program of this rank failed first
+
+assert SLOTS_OFF + NUM_STAGES * MAX_PROGRAMS * MAX_WORLD * 8 <= SIGNAL_BYTES
+
+_SLOTS_OFF = tl.constexpr(SLOTS_OFF)
+_MAX_WORLD = tl.constexpr(MAX_WORLD)
+_MAX_PROGRAMS = tl.constexpr(MAX_PROGRAMS)
+_EPOCH_MOD = tl.constexpr(EPOCH_MOD)
+_EPOCH_OFF = tl.constexpr(EPOCH_OFF)
+_DONE_OFF = tl.constexpr(DONE_OFF)
+_STATUS_POLL_EVERY = tl.constexpr(1024)
+_ARRIVED = tl.constexpr(ARRIVED)
+_MISMATCH = tl.constexpr(MISMATCH)
+_TIMEOUT = tl.constexpr(TIMEOUT)
+_ABORTED = tl.constexpr(ABORTED)
+
+
+@triton.jit
+def start_call(table_ptr, rank, sig, status_addr):
+    """Read this call's epoch; returns (own workspace address, epoch, flag, ok).
+
+    table_ptr:   int64[WORLD] workspace base addresses (this process's view of every rank's buffer)
+    rank:        this rank
+    sig:         the call's 31-bit signature (host-computed)
+    status_addr: int64 address of this rank's int32[4] error record
+    ok is False when an earlier call already failed: the communicator is then unusable.
+    """
+    own = tl.load(table_ptr + rank)
+    epoch_ptr = (own + _EPOCH_OFF).to(tl.pointer_type(tl.int64))
+    epoch = (tl.load(epoch_ptr, volatile=True) + 1) % _EPOCH_MOD
+    flag = sig.to(tl.int64) * _EPOCH_MOD + epoch
+    status_ptr = status_addr.to(tl.pointer_type(tl.int32))
+    ok = tl.load(status_ptr, volatile=True) == 0
+    return own, epoch, flag, ok
+
+
+@triton.jit
+def peer_barrier(table_ptr, rank, slot, flag, status_addr, timeout_iters,
+                 WORLD: tl.constexpr, WORLD_P2: tl.constexpr):
+    """Block-level barrier with every rank's same-numbered program; returns True on success.
+
+    slot: which flag row to use, ``stage * MAX_PROGRAMS + program_id``; stages of one call differ.
+    flag: ``sig * 2**32 + epoch`` of this call (from ``start_call``).
+    The caller runs ``tl.debug_barrier()`` first when the block's stores must be visible to peers.
+    """
+    peers = tl.arange(0, WORLD_P2)
+    is_peer = peers < WORLD
+    bases = tl.load(table_ptr + peers, mask=is_peer, other=0)
+    # One vector exchange publishes our arrival to all ranks at once (a loop of scalar
+    # atomics cost ~3x more on 4 GPUs).
+    arrive = (bases + _SLOTS_OFF + (slot * _MAX_WORLD + rank) * 8).to(tl.pointer_type(tl.int64))
+    tl.atomic_xchg(arrive, tl.zeros([WORLD_P2], tl.int64) + flag, mask=is_peer,
+                   sem="release", scope="sys")
+
+    own = tl.load(table_ptr + rank)
+    mine = (own + _SLOTS_OFF + (slot * _MAX_WORLD + peers) * 8).to(tl.pointer_type(tl.int64))
+    epoch = flag % _EPOCH_MOD
+    status_ptr = status_addr.to(tl.pointer_type(tl.int32))
+    state = 0
+    iters = 0
+    culprits = 0
+    # Carry scalars only: Triton 3.6 fails to compile a loop that carries a vector atomic's result.
+    while state == 0:
+        seen = tl.atomic_add(mine, 0, mask=is_peer, sem="acquire", scope="sys")
+        lag = (seen % _EPOCH_MOD - epoch + _EPOCH_MOD) % _EPOCH_MOD
+        here = (lag * 2 < _EPOCH_MOD) | (~is_peer)
+        wrong = is_peer & (lag == 0) & (seen != flag)
+        n_here = tl.sum(here.to(tl.int32), axis=0)
+        n_wrong = tl.sum(wrong.to(tl.int32), axis=0)
+        culprits = tl.sum(tl.where(wrong | (~here), tl.full([WORLD_P2], 1, tl.int32) << peers, 0), axis=0)
+        iters += 1
+        state = tl.where(n_wrong > 0, _MISMATCH,
+                         tl.where(n_here == WORLD_P2, _ARRIVED,
+                                  tl.where(iters > timeout_iters, _TIMEOUT, 0)))
+        if iters % _STATUS_POLL_EVERY == 0:
+            # Another program of this launch failed: stop waiting for peers that may never come.
+            if tl.load(status_ptr, volatile=True) != 0:
+                state = _ABORTED
+    if (state == _MISMATCH) | (state == _TIMEOUT):
+        record_error(status_addr, state, slot, culprits, epoch)
+    return state == _ARRIVED
+
+
+@triton.jit
+def record_error(status_addr, code, slot, culprits, epoch):
+    """Write ``(code, slot, culprit-rank bitmask, epoch)`` to the error record; the first error wins."""
+    status_ptr = status_addr.to(tl.pointer_type(tl.int32))
+    prev = tl.atomic_cas(status_ptr, 0, code, sem="relaxed", scope="sys")
+    if prev == 0:
+        tl.store(status_ptr + 1, slot)
+        tl.store(status_ptr + 2, culprits)
+        tl.store(status_ptr + 3, epoch.to(tl.int32))
+
+
+@triton.jit
+def finish_call(own, epoch):
+    """Count this program as done; the last program of the launch publishes the new epoch.
+
+    Every program read the epoch before it counts itself, so the bump cannot race a reader.
+    """
+    done_ptr = (own + _DONE_OFF).to(tl.pointer_type(tl.int32))
+    finished = tl.atomic_add(done_ptr, 1, sem="acq_rel", scope="gpu")
+    if finished == tl.num_programs(0) - 1:
+        tl.store(done_ptr, 0)
+        tl.store((own + _EPOCH_OFF).to(tl.pointer_type(tl.int64)), epoch)

@@ -1,0 +1,151 @@
+"""PeerMemory: a symmetric workspace on every rank of a process group, plus its pointer table.
+
+Layout of every rank's workspace (bytes)::
+
+    [0, SIGNAL_BYTES)                         signal area (see shardkit.kernels.sync)
+    [SIGNAL_BYTES, +half_bytes)               staging: zero-copy inputs written by the user
+    [SIGNAL_BYTES + half_bytes, +half_bytes)  half 0 of the double-buffered scratch (even calls)
+    [SIGNAL_BYTES + 2*half_bytes, +half_bytes) half 1 (odd calls)
+
+Kernels get ``table`` (int64[world] of workspace addresses, valid in this process, on the
+workspace's device) and ``status_addr`` (this rank's int32[4] error record in host memory,
+device-visible pinned memory on CUDA), and never learn which backend made the memory.
+
+Backends:
+  * ``cuda``: ``torch.distributed._symmetric_memory`` (NVLink P2P mappings of one allocation per rank).
+  * ``cpu``: POSIX shared memory mapped by every rank process; with ``TRITON_INTERPRET=1`` the same
+    Triton kernels run on the CPU and their atomics really synchronise the processes.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from ..errors import ShardkitError
+from ..kernels.sync import SIGNAL_BYTES
+from .shm import SharedSegments
+
+DEFAULT_HALF_BYTES = {"cuda": 32 << 20, "cpu": 256 << 10}
+_ALIGN = 4096
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+class PeerMemory:
+    """Symmetric workspace on every rank of ``group``.
+
+    Args:
+        group: the process group (default: the world). All its ranks must construct it together.
+        half_bytes: capacity of one call, in bytes (rounded up to 4 KiB). Larger inputs are
+            processed in chunks of this size. Default 32 MiB on cuda, 256 KiB on cpu.
+        backend: "cuda" or "cpu"; default: "cuda" when the group's backend is NCCL, else "cpu".
+        device: the CUDA device of this rank (default: the current device).
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None, half_bytes: int | None = None,
+                 backend: str | None = None, device: torch.device | None = None) -> None:
+        if not dist.is_initialized():
+            raise ShardkitError("PeerMemory needs an initialised torch.distributed process group")
+        self.group = group if group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(self.group)
+        self.world_size = dist.get_world_size(self.group)
+        if backend is None:
+            backend = "cuda" if dist.get_backend(self.group) == "nccl" else "cpu"
+        if backend not in ("cuda", "cpu"):
+            raise ValueError(f"PeerMemory: backend must be 'cuda' or 'cpu', got {backend!r}")
+        from ..kernels.sync import MAX_WORLD
+        if not 1 <= self.world_size <= MAX_WORLD:
+            raise ShardkitError(f"PeerMemory supports 1..{MAX_WORLD} ranks, the group has {self.world_size}")
+        self.backend = backend
+        half = DEFAULT_HALF_BYTES[backend] if half_bytes is None else int(half_bytes)
+        if half <= 0:
+            raise ValueError(f"PeerMemory: half_bytes must be positive, got {half_bytes}")
+        self.half_bytes = -(-half // _ALIGN) * _ALIGN
+        self.nbytes = SIGNAL_BYTES + 3 * self.half_bytes
+        self._closed = False
+        if backend == "cpu":
+            self.device = torch.device("cpu")
+            self._segments = SharedSegments(self.group, self.nbytes)
+            self.buffer = self._segments.tensors[self.rank]
+            addresses = self._segments.addresses
+            self.status = torch.zeros(4, dtype=torch.int32)
+        else:
+            self.device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+            addresses = self._alloc_symmetric()
+            self.status = torch.zeros(4, dtype=torch.int32, pin_memory=True)
+        self.table = torch.tensor(addresses, dtype=torch.int64, device=self.device)
+        self.status_addr = self.status.data_ptr()
+        # The record is read on every call: a numpy view reads it without torch's per-op overhead.
+        self.status_view = self.status.numpy()
+
+    def _alloc_symmetric(self) -> list[int]:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        with torch.cuda.device(self.device):
+            if _torch_version() < (2, 11):
+                symm_mem.enable_symm_mem_for_group(self.group.group_name)
+            self.buffer = symm_mem.empty(self.nbytes, dtype=torch.uint8, device=self.device)
+            self._handle = symm_mem.rendezvous(self.buffer, self.group.group_name)
+            self.buffer[:SIGNAL_BYTES].zero_()
+            torch.cuda.synchronize(self.device)
+        dist.barrier(group=self.group)  # nobody signals into a pad that is not zeroed yet
+        return list(self._handle.buffer_ptrs)
+
+    @property
+    def staging_offset(self) -> int:
+        """Byte offset of the zero-copy staging area inside every rank's workspace."""
+        return SIGNAL_BYTES
+
+    def staging(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A flat tensor of ``numel`` elements at the start of this rank's staging area.
+
+        Write an input here and pass it to a collective to skip the copy into the workspace. The same
+        area is handed out again by the next call: its content is only yours until then.
+        """
+        self._check_open()
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if nbytes > self.half_bytes:
+            raise ValueError(f"staging: {nbytes} bytes requested, the staging area holds {self.half_bytes}")
+        return self.buffer[SIGNAL_BYTES:SIGNAL_BYTES + nbytes].view(dtype)
+
+    def holds(self, t: torch.Tensor) -> int | None:
+        """Byte offset of ``t`` inside the staging area of this rank's workspace, or None."""
+        if t.device != self.device:
+            return None
+        offset = t.data_ptr() - self.buffer.data_ptr()
+        nbytes = t.numel() * t.element_size()
+        if SIGNAL_BYTES <= offset and offset + nbytes <= SIGNAL_BYTES + self.half_bytes:
+            return offset
+        return None
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ShardkitError("PeerMemory is closed")
+
+    def close(self) -> None:
+        """Release the workspace (idempotent). Every rank should close before destroying the group."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.backend == "cpu":
+            self.buffer = None
+            self._segments.close()
+        else:
+            self._handle = None
+            self.buffer = None
+
+    def __enter__(self) -> "PeerMemory":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def in_interpreter() -> bool:
+    """True when Triton kernels run in the interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

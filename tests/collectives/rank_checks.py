@@ -1,0 +1,137 @@
+"""Functions that run on every rank of a ProcessWorld, shared by the CPU and GPU all-reduce tests.
+
+Each rank draws every rank's input from a seeded generator, so it can compute the float64
+reference sum by itself; results come back as small picklable summaries (errors, digests).
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.distributed as dist
+
+from shardkit import CollectiveError, Communicator
+from shardkit.reference import all_reduce_reference, rank_inputs
+
+from ..tolerances import ROUNDING, tol
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def digest(t: torch.Tensor) -> str:
+    raw = t.detach().contiguous().view(torch.uint8 if t.element_size() == 1 else torch.int16)
+    return hashlib.sha1(raw.cpu().numpy().tobytes()).hexdigest()
+
+
+def check_all_reduce(algo: str, dtype_name: str, sizes: list[int], half_bytes: int, seed: int) -> list[str]:
+    """Out-of-place, out=, and in-place all-reduce against the float64 sum; returns output digests."""
+    dtype = DTYPES[dtype_name]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    comm = Communicator(half_bytes=half_bytes)
+    digests = []
+    try:
+        for i, n in enumerate(sizes):
+            xs = rank_inputs(world, n, dtype, seed=seed * 1000 + i, device=device())
+            ref = all_reduce_reference(xs)
+            x = xs[rank]
+            x_before = x.clone()
+            out = torch.full_like(x, float("nan"))  # poison: every element must be written
+            got = comm.all_reduce(x, algo=algo, out=out)
+            assert got is out
+            assert torch.equal(x, x_before), "all_reduce modified its input"
+            torch.testing.assert_close(out.double(), ref, **tol(ROUNDING, dtype),
+                                       msg=lambda m: f"{algo} {dtype_name} n={n} world={world}: {m}")
+            fresh = comm.all_reduce(x, algo=algo)
+            assert torch.equal(fresh, out), "two identical calls gave different results"
+            inplace = x.clone()
+            assert comm.all_reduce_(inplace, algo=algo) is inplace
+            assert torch.equal(inplace, out), "in-place result differs from out-of-place"
+            digests.append(digest(out))
+    finally:
+        comm.close()
+    return digests
+
+
+def check_many_calls(n_calls: int, seed: int, half_bytes: int) -> int:
+    """``n_calls`` calls in a row on one communicator, new data and varying size/algo each time."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    comm = Communicator(half_bytes=half_bytes)
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        for i in range(n_calls):
+            n = int(torch.randint(1, 3000, (1,), generator=gen))
+            algo = ("flat", "tree")[i % 2]
+            dtype = (torch.float32, torch.float16, torch.bfloat16)[i % 3]
+            xs = rank_inputs(world, n, dtype, seed=seed * 100_000 + i, device=device())
+            out = comm.all_reduce(xs[rank], algo=algo)
+            torch.testing.assert_close(out.double(), all_reduce_reference(xs), **tol(ROUNDING, dtype),
+                                       msg=lambda m: f"call {i} ({algo}, {dtype}, n={n}): {m}")
+    finally:
+        comm.close()
+    return n_calls
+
+
+def check_zero_copy(algo: str, n: int, seed: int) -> str:
+    """Inputs written into the staging buffer are reduced without a copy and are left untouched."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    comm = Communicator()
+    try:
+        xs = rank_inputs(world, n, torch.float32, seed=seed, device=device())
+        ref = all_reduce_reference(xs)
+        buf = comm.staging_buffer((n,), torch.float32)
+        buf.copy_(xs[rank])
+        out = torch.full_like(buf, float("nan"))
+        comm.all_reduce(buf, algo=algo, out=out)
+        torch.testing.assert_close(out.double(), ref, **tol(ROUNDING, torch.float32))
+        assert torch.equal(buf, xs[rank]), "zero-copy all_reduce modified its input"
+        comm.all_reduce_(buf, algo=algo)
+        assert torch.equal(buf, out), "in-place zero-copy result differs"
+        return digest(out)
+    finally:
+        comm.close()
+
+
+def mismatched_call(kind: str, algo: str) -> str:
+    """Ranks disagree about the call (``kind``: 'numel' or 'dtype'); every rank must raise."""
+    rank = dist.get_rank()
+    comm = Communicator(timeout_s=20)
+    try:
+        n = 1000 + (rank if kind == "numel" else 0)
+        dtype = torch.float16 if (kind == "dtype" and rank == 1) else torch.float32
+        x = torch.randn(n, device=device()).to(dtype)
+        try:
+            out = comm.all_reduce(x, algo=algo)
+            comm.check()
+        except CollectiveError as e:
+            text = str(e)
+            try:
+                comm.all_reduce(x, algo=algo)
+            except CollectiveError:
+                return text
+            raise AssertionError("a broken communicator accepted another call")
+        raise AssertionError(f"rank {rank}: mismatched call returned {out[:4]}")
+    finally:
+        comm.close()
+
+
+def absent_peer(absent: int, timeout_s: float) -> str:
+    """Rank ``absent`` never calls; the others must fail within the timeout, naming it."""
+    rank = dist.get_rank()
+    comm = Communicator(timeout_s=timeout_s)
+    try:
+        if rank == absent:
+            return ""
+        x = torch.ones(100, device=device())
+        try:
+            out = comm.all_reduce(x, algo="flat")
+            comm.check()
+        except CollectiveError as e:
+            return str(e)
+        raise AssertionError(f"rank {rank}: call without rank {absent} returned {out[:4]}")
+    finally:
+        dist.barrier()  # the absent rank must not tear down its memory while peers still write flags
+        comm.close()
