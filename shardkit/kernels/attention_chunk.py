@@ -176,10 +176,16 @@ def _attention_chunk_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_Q_POS: tl.constexpr, HAS_KV_POS: tl.constexpr,
+    # DOT_FP32: do the dots in IEEE fp32 (fp32 inputs; bf16 in the interpreter).
+    # INTERPRET: running under TRITON_INTERPRET=1 (selects interpreter-safe loops).
     DOT_FP32: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     # Grid: (cdiv(Lq, BLOCK_M), B * Hq). One program = BLOCK_M query rows of one head.
     pid_m = tl.program_id(0)
+    if CAUSAL:
+        # Later query tiles usually see more keys: start them first so that the short
+        # early tiles fill the tail of the launch instead of the long ones.
+        pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // Hq).to(tl.int64)  # int64: batch * stride may exceed 2**31
     off_h = (pid_bh % Hq).to(tl.int64)
