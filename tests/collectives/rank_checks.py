@@ -135,3 +135,47 @@ def absent_peer(absent: int, timeout_s: float) -> str:
     finally:
         dist.barrier()  # the absent rank must not tear down its memory while peers still write flags
         comm.close()
+
+
+def graph_replays(n: int, replays: int, seed: int) -> float:
+    """Capture flat + tree in one CUDA graph, replay it ``replays`` times with changing inputs;
+    returns the worst relative error seen (accumulated on the device, no per-replay sync)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    comm = Communicator()
+    try:
+        pool = [rank_inputs(world, n, torch.bfloat16, seed + i, device=device()) for i in range(8)]
+        refs = [all_reduce_reference(xs).float() for xs in pool]
+        x = pool[0][rank].clone()
+        flat, tree = torch.empty_like(x), torch.empty_like(x)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            comm.all_reduce(x, algo="flat", out=flat)
+            comm.all_reduce(x, algo="tree", out=tree)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            comm.all_reduce(x, algo="flat", out=flat)
+            comm.all_reduce(x, algo="tree", out=tree)
+        worst = torch.zeros((), device=device())
+        for i in range(replays):
+            k = i % len(pool)
+            x.copy_(pool[k][rank])
+            flat.fill_(float("nan"))
+            tree.fill_(float("nan"))
+            graph.replay()
+            for got in (flat, tree):
+                err = ((got.float() - refs[k]).abs() / (refs[k].abs() + 1.0)).max()
+                worst = torch.maximum(worst, torch.nan_to_num(err, nan=1e9))
+        comm.check()
+        return worst.item()
+    finally:
+        comm.close()
+
+
+def timed_absent_peer(absent: int, timeout_s: float) -> tuple[str, float]:
+    """absent_peer, plus the seconds the waiting ranks took to give up (GPU poll-rate check)."""
+    import time
+    t0 = time.perf_counter()
+    text = absent_peer(absent, timeout_s)
+    return text, time.perf_counter() - t0

@@ -1,0 +1,41 @@
+"""Compile the peer-memory kernels for sm_90 and print what their PTX uses, as JSON.
+
+Run as a module in a process *without* TRITON_INTERPRET (interpreted kernels cannot be compiled):
+    python -m tests.kernels.ptx_for_sm90
+"""
+import json
+import re
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from shardkit.kernels.all_reduce_flat import flat_all_reduce_kernel
+from shardkit.kernels.all_reduce_tree import tree_all_reduce_kernel
+
+KERNELS = {"flat": flat_all_reduce_kernel, "tree": tree_all_reduce_kernel}
+CONFIGS = [(k, d, w, zc) for k in KERNELS for d in ("bf16", "fp32") for w, zc in ((2, False), (4, True), (8, False))]
+INT_ARGS = {"numel", "shard", "rank", "sig", "x_offset", "half_bytes", "timeout_iters"}
+ALIGNED = ("x_ptr", "out_ptr", "table_ptr", "numel", "shard", "half_bytes")
+
+
+def compile_ptx(kernel, dtype: str, world: int, zero_copy: bool) -> str:
+    names = list(kernel.arg_names)
+    ptr = {"x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "table_ptr": "*i64", "status_addr": "i64"}
+    consts = {"WORLD": world, "WORLD_P2": triton.next_power_of_2(world), "BLOCK": 4096, "ZERO_COPY": zero_copy}
+    signature = {n: ptr.get(n, "i32" if n in INT_ARGS else "constexpr") for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ALIGNED if n in names}
+    src = ASTSource(kernel, signature, consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
+
+
+def features(ptx: str) -> dict:
+    return {
+        "loads": sorted(set(re.findall(r"ld\.global\S*", ptx))),
+        "release_arrival": bool(re.search(r"atom\.global\.sys\.release\.exch\.b64", ptx)),
+        "acquire_wait": bool(re.search(r"atom\.global\.sys\.acquire\.add", ptx)),
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps({"-".join(map(str, c)): features(compile_ptx(KERNELS[c[0]], *c[1:])) for c in CONFIGS}))
