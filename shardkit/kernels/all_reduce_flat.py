@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .peer_tiles import stage_tiles, sum_tile
+from .peer_tiles import peer_ptr, stage_tiles, sum_tile
 from .sync import MAX_PROGRAMS, SIGNAL_BYTES, finish_call, peer_barrier, start_call
 
 _MAX_PROGRAMS = tl.constexpr(MAX_PROGRAMS)
@@ -47,7 +47,7 @@ def flat_all_reduce_kernel(
     else:
         src = half
         if ok:
-            stage_tiles(x_ptr, (own + half).to(tl.pointer_type(DTYPE)), 0, numel, pid, nprog, BLOCK)
+            stage_tiles(x_ptr, peer_ptr(table_ptr, rank, half, DTYPE), 0, numel, pid, nprog, BLOCK)
     if ok:
         tl.debug_barrier()
         ok = peer_barrier(table_ptr, rank, pid, flag, status_addr, timeout_iters, WORLD, WORLD_P2)

@@ -52,7 +52,7 @@ def tree_all_reduce_kernel(
         if ok:
             # Stage shard by shard with the tile-to-program map of the reduction below: the barrier
             # pairs our program p only with the peers' program p, so p must read what p staged.
-            staged = (own + half).to(tl.pointer_type(DTYPE))
+            staged = peer_ptr(table_ptr, rank, half, DTYPE)
             for s in tl.static_range(WORLD):
                 stage_tiles(x_ptr, staged, s * shard, tl.minimum((s + 1) * shard, numel), pid, nprog, BLOCK)
     if ok:

@@ -20,13 +20,16 @@ exact epoch, and once a rank fails it never signals again.
 
 Memory order (lessons of vLLM #2760/#8404 and PyTorch's CUDASymmetricMemory): arrival is a
 release exchange at system scope after a CTA barrier (``tl.debug_barrier``) so that the whole
-block's prior stores are published; the wait is an acquire read at system scope. Slots of
+block's prior stores are published; the wait polls with volatile loads and ends with one acquire
+read-modify-write of the same flags at system scope. Slots of
 different stages of one call are distinct, so a block never confuses the start and end barriers.
 
 Failures never hang: a waiter gives up after ``timeout_iters`` polls and records
 ``(code, slot, rank bitmask, epoch)`` in the rank's error record (host memory the host reads), and
 programs that find a recorded error skip their barriers and write NaN.
 """
+import os
+
 import triton
 import triton.language as tl
 
@@ -55,6 +58,10 @@ _EPOCH_MOD = tl.constexpr(EPOCH_MOD)
 _EPOCH_OFF = tl.constexpr(EPOCH_OFF)
 _DONE_OFF = tl.constexpr(DONE_OFF)
 _STATUS_POLL_EVERY = tl.constexpr(1024)
+# Scope of the arrival's release fence. Data we publish always lives in our own GPU's memory and
+# peers read it through our L2, so a GPU-scope fence orders it before the flag; "sys" is the
+# textbook choice. Selectable for measurement (SHARDKIT_RELEASE_SCOPE=gpu|sys).
+_RELEASE_SCOPE = tl.constexpr(os.environ.get("SHARDKIT_RELEASE_SCOPE", "sys"))
 _ARRIVED = tl.constexpr(ARRIVED)
 _MISMATCH = tl.constexpr(MISMATCH)
 _TIMEOUT = tl.constexpr(TIMEOUT)
@@ -96,7 +103,7 @@ def peer_barrier(table_ptr, rank, slot, flag, status_addr, timeout_iters,
     # atomics cost ~3x more on 4 GPUs).
     arrive = (bases + _SLOTS_OFF + (slot * _MAX_WORLD + rank) * 8).to(tl.pointer_type(tl.int64))
     tl.atomic_xchg(arrive, tl.zeros([WORLD_P2], tl.int64) + flag, mask=is_peer,
-                   sem="release", scope="sys")
+                   sem="release", scope=_RELEASE_SCOPE)
 
     own = tl.load(table_ptr + rank)
     mine = (own + _SLOTS_OFF + (slot * _MAX_WORLD + peers) * 8).to(tl.pointer_type(tl.int64))
@@ -107,7 +114,9 @@ def peer_barrier(table_ptr, rank, slot, flag, status_addr, timeout_iters,
     culprits = 0
     # Carry scalars only: Triton 3.6 fails to compile a loop that carries a vector atomic's result.
     while state == 0:
-        seen = tl.atomic_add(mine, 0, mask=is_peer, sem="acquire", scope="sys")
+        # Poll with plain (volatile) loads: a loop of acquire atomics floods the L2 with
+        # read-modify-writes and invalidates L1 every iteration; acquire once after the loop.
+        seen = tl.load(mine, mask=is_peer, other=0, volatile=True)
         lag = (seen % _EPOCH_MOD - epoch + _EPOCH_MOD) % _EPOCH_MOD
         here = (lag * 2 < _EPOCH_MOD) | (~is_peer)
         wrong = is_peer & (lag == 0) & (seen != flag)
@@ -122,6 +131,8 @@ def peer_barrier(table_ptr, rank, slot, flag, status_addr, timeout_iters,
             # Another program of this launch failed: stop waiting for peers that may never come.
             if tl.load(status_ptr, volatile=True) != 0:
                 state = _ABORTED
+    if state == _ARRIVED:
+        tl.atomic_add(mine, 0, mask=is_peer, sem="acquire", scope="sys")
     if (state == _MISMATCH) | (state == _TIMEOUT):
         record_error(status_addr, state, slot, culprits, epoch)
     return state == _ARRIVED

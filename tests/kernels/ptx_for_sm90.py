@@ -32,6 +32,7 @@ def compile_ptx(kernel, dtype: str, world: int, zero_copy: bool) -> str:
 def features(ptx: str) -> dict:
     return {
         "loads": sorted(set(re.findall(r"ld\.global\S*", ptx))),
+        "stores": sorted(set(re.findall(r"st\.global\S*", ptx))),
         "release_arrival": bool(re.search(r"atom\.global\.sys\.release\.exch\.b64", ptx)),
         "acquire_wait": bool(re.search(r"atom\.global\.sys\.acquire\.add", ptx)),
     }

@@ -27,5 +27,6 @@ def test_ptx_for_sm90(ptx_features, config):
     assert f["loads"] and not any(op.endswith(".b16") for op in f["loads"]), \
         f"2-byte peer loads: the alignment hint was lost ({f['loads']})"
     assert "ld.global.v4.b32" in f["loads"], f["loads"]
+    assert "st.global.v4.b32" in f["stores"] and not any(op.endswith(".b16") for op in f["stores"]), f["stores"]
     assert f["release_arrival"], "arrival must be a system-scope release"
     assert f["acquire_wait"], "wait must be a system-scope acquire"
