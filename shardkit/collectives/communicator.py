@@ -16,6 +16,8 @@ from __future__ import annotations
 import socket
 import warnings
 
+from triton import next_power_of_2 as triton_next_pow2
+
 import torch
 import torch.distributed as dist
 
@@ -93,7 +95,7 @@ class Communicator:
         if self.backend == "cuda":
             props = torch.cuda.get_device_properties(self.device)
             self._max_programs = min(MAX_PROGRAMS, props.multi_processor_count)
-            self._block, self._warps = 4096, 8
+            self._block = self._warps = None  # by size: see _launch_shape
         else:  # the interpreter runs programs one after another: few, large ones are fastest
             self._max_programs, self._block, self._warps = 2, 512, 1
         self._timeout_iters = int(self.timeout_s * _POLLS_PER_S[self.backend])
@@ -248,19 +250,35 @@ class Communicator:
             self._raise_if_failed()
         return out
 
+    def _launch_shape(self, algo: str, elements: int) -> tuple[int, int, int]:
+        """(BLOCK, programs, warps) for ``elements`` per rank (flat) or per shard (tree).
+
+        Measured on 4xH200 (bench/tune_all_reduce.py, docs/PERFORMANCE.md): the copies are latency
+        bound, so the best grid gives every program about one tile and spreads over all SMs; the
+        tree kernel grows its tile with the shard so that ~64 programs suffice.
+        """
+        if self._block is not None:
+            block, warps = self._block, self._warps
+        elif algo == "flat":
+            block, warps = 2048, 8 if elements <= (1 << 17) else 16
+        else:
+            block = min(8192, max(1024, triton_next_pow2(-(-elements // 64))))
+            warps = 8 if elements <= 4096 else 4
+        return block, max(1, min(self._max_programs, -(-elements // block))), warps
+
     def _launch(self, algo: str, x: torch.Tensor, out: torch.Tensor, x_offset: int, zero_copy: bool) -> None:
         mem = self.memory
         numel = x.numel()
         sig = call_signature(algo, numel, x.dtype, x_offset if zero_copy else -1)
         common = dict(table=mem.table, status_addr=mem.status_addr, rank=self.rank, world=self.world_size,
                       sig=sig, x_offset=x_offset, half_bytes=mem.half_bytes,
-                      timeout_iters=self._timeout_iters, zero_copy=zero_copy, block=self._block,
-                      num_warps=self._warps)
+                      timeout_iters=self._timeout_iters, zero_copy=zero_copy)
         if algo == "flat":
-            programs = min(self._max_programs, -(-numel // self._block))
-            launch_flat_all_reduce(x, out, programs=programs, **common)
+            block, programs, warps = self._launch_shape(algo, numel)
+            launch_flat_all_reduce(x, out, programs=programs, block=block, num_warps=warps, **common)
         else:
             # Shards of a multiple of 16 elements keep every shard start 16-byte aligned (vector loads).
             shard = -(-numel // (16 * self.world_size)) * 16
-            programs = max(1, min(self._max_programs, -(-shard // self._block)))
-            launch_tree_all_reduce(x, out, programs=programs, shard=shard, **common)
+            block, programs, warps = self._launch_shape(algo, shard)
+            launch_tree_all_reduce(x, out, programs=programs, shard=shard, block=block, num_warps=warps,
+                                   **common)

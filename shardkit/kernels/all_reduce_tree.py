@@ -43,7 +43,7 @@ def tree_all_reduce_kernel(
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     DTYPE: tl.constexpr = out_ptr.dtype.element_ty
-    own, epoch, flag, ok = start_call(table_ptr, rank, sig, status_addr)
+    own, epoch, flag, ok = start_call(table_ptr, rank, sig)
     half = _DATA_OFF + half_bytes * (1 + epoch % 2)
     if ZERO_COPY:
         src = x_offset
