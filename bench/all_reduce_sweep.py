@@ -120,6 +120,11 @@ def sweep_rank(args: argparse.Namespace) -> list[dict] | None:
             if algo == "nccl":
                 scratch = x.clone()
                 fn, got = (lambda: dist.all_reduce(scratch)), None
+            elif algo == "auto":
+                # In place, like the NCCL baseline: auto hands large messages to NCCL, and an
+                # out-of-place NCCL call would add a copy that the baseline does not pay.
+                got = x.clone()
+                fn = lambda: comm.all_reduce_(got, algo="auto")  # noqa: E731
             elif algo in OURS:
                 out = torch.empty_like(x)
                 fn, got = (lambda a=algo, o=out: comm.all_reduce(x, algo=a, out=o)), out
@@ -130,7 +135,10 @@ def sweep_rank(args: argparse.Namespace) -> list[dict] | None:
                         bar.update(len(modes))
                     continue
             if got is not None:
-                got.fill_(float("nan"))
+                if algo == "auto":
+                    got.copy_(x)
+                else:
+                    got.fill_(float("nan"))
                 fn()
                 if not cpu:
                     torch.cuda.synchronize()
@@ -180,7 +188,7 @@ def markdown(env: dict, records: list[dict], world: int, dtype: str, functional:
                   "are the interpreter's and say nothing about GPU performance.", ""]
     lines += ["```"] + header_lines(env) + ["```", ""]
     lines += ["Median µs per call, max over ranks (speedup vs NCCL in the same mode in brackets); "
-              "busbw = bytes/time * 2(W-1)/W.", ""]
+              "busbw = bytes/time * 2(W-1)/W. nccl and auto run in place, flat/tree/symm out of place.", ""]
     algos = list(dict.fromkeys(r["algo"] for r in records))
     for mode in dict.fromkeys(r["mode"] for r in records):
         lines += [f"## {mode}", "", "| size | " + " | ".join(algos) + " | best busbw GB/s |",
@@ -211,17 +219,20 @@ def plot(path: str, env: dict, records: list[dict], world: int, dtype: str) -> N
         print("matplotlib missing: no plot", file=sys.stderr)
         return
     modes = list(dict.fromkeys(r["mode"] for r in records))
+    algos = list(dict.fromkeys(r["algo"] for r in records))
+    color = {a: f"C{i}" for i, a in enumerate(algos)}  # one colour per algorithm in every panel
     fig, axes = plt.subplots(2, len(modes), figsize=(6.5 * len(modes), 8), squeeze=False)
     for col, mode in enumerate(modes):
-        for algo in dict.fromkeys(r["algo"] for r in records):
+        for algo in algos:
             rs = sorted((r for r in records if r["algo"] == algo and r["mode"] == mode and "us_median" in r),
                         key=lambda r: r["bytes"])
             if not rs:
                 continue
             xs = [r["bytes"] for r in rs]
-            axes[0][col].plot(xs, [r["us_median"] for r in rs], marker="o", label=algo)
+            axes[0][col].plot(xs, [r["us_median"] for r in rs], marker="o", label=algo, color=color[algo])
             if algo != "nccl":
-                axes[1][col].plot(xs, [r.get("speedup_vs_nccl", float("nan")) for r in rs], marker="o", label=algo)
+                axes[1][col].plot(xs, [r.get("speedup_vs_nccl", float("nan")) for r in rs], marker="o", label=algo,
+                                  color=color[algo])
         axes[0][col].set(xscale="log", yscale="log", ylabel="µs per call (median, max over ranks)",
                          title=f"{mode}: {env['gpu']} x{world}, {dtype}")
         axes[1][col].set(xscale="log", xlabel="message size (bytes)", ylabel="speedup vs NCCL")
