@@ -105,12 +105,8 @@ class Communicator:
     # ------------------------------------------------------------------ topology
     def _peer_access_problem(self) -> str | None:
         """Why this group cannot use peer memory (agreed by all ranks), or None."""
-        if self.backend == "cpu":
-            reason = ""
-            info = socket.gethostname()
-        else:
-            reason = ""
-            info = (socket.gethostname(), self.device.index)
+        reason = ""
+        info = socket.gethostname() if self.backend == "cpu" else (socket.gethostname(), self.device.index)
         gathered: list = [None] * self.world_size
         dist.all_gather_object(gathered, info, group=self.group)
         if self.backend == "cpu":

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import ShardkitError
-from ..kernels.sync import SIGNAL_BYTES
+from ..kernels.sync import MAX_WORLD, SIGNAL_BYTES
 from .shm import SharedSegments
 
 DEFAULT_HALF_BYTES = {"cuda": 32 << 20, "cpu": 256 << 10}
@@ -58,7 +58,6 @@ class PeerMemory:
             backend = "cuda" if dist.get_backend(self.group) == "nccl" else "cpu"
         if backend not in ("cuda", "cpu"):
             raise ValueError(f"PeerMemory: backend must be 'cuda' or 'cpu', got {backend!r}")
-        from ..kernels.sync import MAX_WORLD
         if not 1 <= self.world_size <= MAX_WORLD:
             raise ShardkitError(f"PeerMemory supports 1..{MAX_WORLD} ranks, the group has {self.world_size}")
         self.backend = backend
