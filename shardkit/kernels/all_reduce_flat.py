@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import CachedLauncher, int_key, ptr_key
 from .peer_tiles import peer_ptr, stage_tiles, sum_tile
 from .sync import MAX_PROGRAMS, SIGNAL_BYTES, finish_call, peer_barrier, start_call
 
@@ -23,7 +24,7 @@ _MAX_PROGRAMS = tl.constexpr(MAX_PROGRAMS)
 _DATA_OFF = tl.constexpr(SIGNAL_BYTES)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["status_addr", "rank", "sig", "x_offset", "half_bytes", "timeout_iters"])
 def flat_all_reduce_kernel(
     x_ptr,          # [numel] this rank's input (read only in the staged case)
     out_ptr,        # [numel] this rank's output; may alias x_ptr when staged
@@ -64,13 +65,17 @@ def flat_all_reduce_kernel(
     finish_call(own, epoch)
 
 
+_launch = CachedLauncher(flat_all_reduce_kernel)
+
+
 def launch_flat_all_reduce(x: torch.Tensor, out: torch.Tensor, table: torch.Tensor, status_addr: int,
                            rank: int, world: int, sig: int, x_offset: int, half_bytes: int,
                            timeout_iters: int, zero_copy: bool, programs: int, block: int,
                            num_warps: int) -> None:
     """Launch one flat all-reduce over ``x.numel()`` elements (at most ``half_bytes`` of them)."""
-    flat_all_reduce_kernel[(programs,)](
-        x, out, table, status_addr, x.numel(), rank, sig, x_offset, half_bytes, timeout_iters,
-        WORLD=world, WORLD_P2=triton.next_power_of_2(world), BLOCK=block, ZERO_COPY=zero_copy,
-        num_warps=num_warps,
-    )
+    numel = x.numel()
+    consts = {"WORLD": world, "WORLD_P2": triton.next_power_of_2(world), "BLOCK": block, "ZERO_COPY": zero_copy}
+    key = (ptr_key(x), ptr_key(out), int_key(numel), int_key(timeout_iters), int_key(half_bytes), int_key(status_addr),
+           block, world, zero_copy, num_warps)
+    _launch(key, programs, (x, out, table, status_addr, numel, rank, sig, x_offset, half_bytes, timeout_iters),
+            consts, num_warps)
