@@ -41,6 +41,12 @@ case "$cmd" in
     fi ;;
   test)
     setup
+    # The CUDA C++ kernels (csrc/) must compile wherever nvcc is present, GPU or not.
+    if command -v nvcc >/dev/null 2>&1 && command -v cmake >/dev/null 2>&1; then
+      cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release >/dev/null
+      cmake --build build/cmake -j "$(nproc)"
+      if have_gpu; then ctest --test-dir build/cmake --output-on-failure; fi
+    fi
     exec $PY -m pytest -q "$@" ;;
   *)
     echo "usage: ./run.sh sweep [args] | ./run.sh test [pytest args]" >&2
