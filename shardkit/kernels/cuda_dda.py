@@ -1,0 +1,72 @@
+"""The CUDA C++ DDA kernels (csrc/dda), loaded with ctypes from ``shardkit/_dda.so``.
+
+Built by setup.py where nvcc is present. ``available()`` says whether the library loaded; the
+launchers take the same arguments as the Triton launchers, so the Communicator can use either.
+A ctypes call costs about a microsecond: in eager mode this path avoids Triton's Python launch cost.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+
+from ..errors import ShardkitError
+
+_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_dda.so")
+_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_lib = None
+
+
+def _load():
+    global _lib
+    if _lib is None and os.path.exists(_PATH):
+        lib = ctypes.CDLL(_PATH)
+        common = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64), ctypes.c_int, ctypes.c_void_p,
+                  ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                  ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        lib.shardkit_flat_all_reduce.argtypes = common + [ctypes.c_void_p]
+        lib.shardkit_tree_all_reduce.argtypes = common + [ctypes.c_int64, ctypes.c_void_p]
+        lib.shardkit_flat_all_reduce.restype = lib.shardkit_tree_all_reduce.restype = ctypes.c_int
+        lib.shardkit_error_string.argtypes, lib.shardkit_error_string.restype = [ctypes.c_int], ctypes.c_char_p
+        _lib = lib
+    return _lib
+
+
+def available() -> bool:
+    """True when the CUDA library was built and loads."""
+    try:
+        return _load() is not None
+    except OSError:
+        return False
+
+
+class HostTable:
+    """The workspace addresses as a C array, built once per PeerMemory (no per-call allocation)."""
+
+    def __init__(self, addresses: list[int]) -> None:
+        self.world = len(addresses)
+        self.array = (ctypes.c_int64 * self.world)(*addresses)
+
+
+def _check(code: int, what: str) -> None:
+    if code != 0:
+        raise ShardkitError(f"{what}: CUDA error {code} ({_lib.shardkit_error_string(code).decode()})")
+
+
+def launch_flat_all_reduce(x: torch.Tensor, out: torch.Tensor, table: HostTable, status_addr: int, rank: int,
+                           sig: int, x_offset: int, half_bytes: int, timeout_iters: int, zero_copy: bool,
+                           programs: int, threads: int) -> None:
+    stream = torch._C._cuda_getCurrentRawStream(x.device.index)
+    _check(_lib.shardkit_flat_all_reduce(x.data_ptr(), out.data_ptr(), table.array, table.world, status_addr,
+                                         x.numel(), rank, sig, x_offset, half_bytes, timeout_iters, int(zero_copy),
+                                         programs, threads, _DTYPES[x.dtype], stream), "flat all-reduce launch")
+
+
+def launch_tree_all_reduce(x: torch.Tensor, out: torch.Tensor, table: HostTable, status_addr: int, rank: int,
+                           sig: int, x_offset: int, half_bytes: int, timeout_iters: int, zero_copy: bool,
+                           programs: int, threads: int, shard: int) -> None:
+    stream = torch._C._cuda_getCurrentRawStream(x.device.index)
+    _check(_lib.shardkit_tree_all_reduce(x.data_ptr(), out.data_ptr(), table.array, table.world, status_addr,
+                                         x.numel(), rank, sig, x_offset, half_bytes, timeout_iters, int(zero_copy),
+                                         programs, threads, _DTYPES[x.dtype], shard, stream), "tree all-reduce launch")
