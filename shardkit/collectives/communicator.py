@@ -20,9 +20,12 @@ from triton import next_power_of_2 as triton_next_pow2
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from ..errors import CollectiveError, ShardkitError
 from ..kernels.all_reduce_flat import launch_flat_all_reduce
+from ..kernels.all_reduce_rmsnorm import MAX_HIDDEN, default_warps, launch_all_reduce_rmsnorm, max_rows
+from ..kernels.all_reduce_rmsnorm import call_signature as rmsnorm_signature
 from ..kernels.all_reduce_tree import launch_tree_all_reduce
 from ..kernels.sync import MAX_PROGRAMS, MISMATCH, TIMEOUT
 from ..memory.peer_memory import PeerMemory, in_interpreter
@@ -278,3 +281,97 @@ class Communicator:
             block, programs, warps = self._launch_shape(algo, shard)
             launch_tree_all_reduce(x, out, programs=programs, shard=shard, block=block, num_warps=warps,
                                    **common)
+
+    # ------------------------------------------------------------------ fused all-reduce + residual + RMSNorm
+    RMSNORM_ALGOS = ("auto", "oneshot", "twoshot", "nccl")
+
+    def all_reduce_residual_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                                    eps: float = 1e-6, algo: str = "auto", *, out: torch.Tensor | None = None,
+                                    residual_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """All-reduce ``x``, add ``residual``, RMSNorm: the tensor-parallel sync point of a Llama block.
+
+        x: [..., hidden] this rank's partial sum (e.g. a row-parallel linear's output); contiguous
+           fp32/fp16/bf16 on this rank's device, same shape and dtype on every rank. Not modified.
+        residual: x's shape and dtype, contiguous, equal on every rank (the replicated residual
+           stream). Not modified.
+        weight: [hidden] RMSNorm weight, x's dtype, equal on every rank. Not modified.
+        eps: RMSNorm epsilon (>= 0).
+        algo: "oneshot" (every rank reduces every row, one barrier), "twoshot" (reduce-scatter by
+           rows, norm, all-gather), "nccl" (dist.all_reduce + add + F.rms_norm), or "auto": one-shot
+           where the all-reduce rules pick flat for x's bytes, two-shot beyond, nccl without peer memory.
+        out, residual_out: optional contiguous buffers of x's shape and dtype (e.g. static buffers for
+           CUDA graphs); each may be x or residual itself, but not overlap anything else.
+        Returns (out, residual_out) with residual_out = residual + sum over ranks of x and
+        out = residual_out * rsqrt(mean(residual_out**2, -1) + eps) * weight, fp32 math, in x's
+        dtype; bitwise identical on every rank (ranks summed in rank order).
+        """
+        hidden = self._check_rmsnorm_args(x, residual, weight, eps, algo, out, residual_out)
+        self._raise_if_failed()
+        out = torch.empty_like(x) if out is None else out
+        residual_out = torch.empty_like(x) if residual_out is None else residual_out
+        if algo == "auto":
+            nbytes = x.numel() * x.element_size()
+            algo = ("nccl" if self.memory is None
+                    else "oneshot" if thresholds.choose(self.rules, nbytes) == "flat" else "twoshot")
+        if x.numel() == 0:
+            return out, residual_out
+        if algo == "nccl":
+            total = x.clone()
+            dist.all_reduce(total, group=self.group)
+            torch.add(residual, total, out=residual_out)
+            out.copy_(F.rms_norm(residual_out.float(), (hidden,), weight.float(), eps))
+            return out, residual_out
+        if self.memory is None:
+            raise ShardkitError(f"all_reduce_residual_rmsnorm(algo={algo!r}) needs peer memory, which this group "
+                                f"lacks: {self.fallback_reason}")
+        mem = self.memory
+        two_shot = algo == "twoshot"
+        step = max_rows(hidden, x.element_size(), mem.half_bytes, two_shot)
+        if step == 0:
+            raise ValueError(f"all_reduce_residual_rmsnorm: one row of x ({hidden} x {x.dtype}) does not fit the "
+                             f"workspace half ({mem.half_bytes} bytes): use a larger half_bytes or algo='nccl'")
+        rows = [t.view(-1, hidden) for t in (x, residual, out, residual_out)]
+        tokens = rows[0].shape[0]
+        warps = self._warps or default_warps(hidden)
+        for lo in range(0, tokens, step):
+            xc, rc, oc, roc = (t[lo:lo + step] for t in rows)
+            n = xc.shape[0]
+            busy = -(-n // self.world_size) if two_shot else n  # rows a rank's programs share out
+            launch_all_reduce_rmsnorm(xc, rc, weight, oc, roc, mem.table, mem.status_addr, self.rank,
+                                      self.world_size, rmsnorm_signature(two_shot, n, hidden, _DTYPE_CODE[x.dtype]),
+                                      eps, mem.half_bytes, self._timeout_iters, two_shot,
+                                      programs=min(self._max_programs, busy), num_warps=warps)
+        if self.backend == "cpu":
+            self._raise_if_failed()
+        return out, residual_out
+
+    def _check_rmsnorm_args(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                            algo: str, out: torch.Tensor | None, residual_out: torch.Tensor | None) -> int:
+        """Raise a TypeError/ValueError naming the bad argument; returns hidden."""
+        what = "all_reduce_residual_rmsnorm"
+        for t, name in ((x, "x"), (residual, "residual"), (weight, "weight")):
+            self._validate(t, name)
+        if x.dim() == 0:
+            raise ValueError(f"{what}: x must be [..., hidden], got a 0-d tensor")
+        hidden = x.shape[-1]
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError(f"{what}: residual must have x's shape {tuple(x.shape)} and dtype {x.dtype}, "
+                             f"got {tuple(residual.shape)} and {residual.dtype}")
+        if weight.shape != (hidden,) or weight.dtype != x.dtype:
+            raise ValueError(f"{what}: weight must be [hidden] = [{hidden}] of x's dtype {x.dtype}, "
+                             f"got {tuple(weight.shape)} and {weight.dtype}")
+        if hidden > MAX_HIDDEN:
+            raise ValueError(f"{what}: hidden size {hidden} exceeds the supported {MAX_HIDDEN}")
+        if not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
+            raise ValueError(f"{what}: eps must be a finite number >= 0, got {eps!r}")
+        if algo not in self.RMSNORM_ALGOS:
+            raise ValueError(f"{what}: algo must be one of {self.RMSNORM_ALGOS}, got {algo!r}")
+        for t, name in ((out, "out"), (residual_out, "residual_out")):
+            if t is not None:
+                self._validate(t, name)
+                if t.shape != x.shape or t.dtype != x.dtype:
+                    raise ValueError(f"{what}: {name} must have x's shape {tuple(x.shape)} and dtype {x.dtype}, "
+                                     f"got {tuple(t.shape)} and {t.dtype}")
+        if out is not None and residual_out is not None and out.data_ptr() == residual_out.data_ptr():
+            raise ValueError(f"{what}: out and residual_out must be different buffers")
+        return hidden

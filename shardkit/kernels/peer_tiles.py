@@ -1,5 +1,6 @@
-"""Tile helpers shared by the peer-memory kernels: stage an input into the workspace, and sum one
-tile over all ranks in a fixed rank order (so every rank computes bitwise the same result)."""
+"""Tile helpers shared by the peer-memory kernels: stage an input into the workspace (flat tiles or
+rows), and sum one tile over all ranks in a fixed rank order (so every rank computes bitwise the same
+result)."""
 import triton
 import triton.language as tl
 
@@ -33,3 +34,14 @@ def sum_tile(table_ptr, byte_offset, offs, m, WORLD: tl.constexpr, DTYPE: tl.con
     for r in tl.static_range(WORLD):
         acc += tl.load(peer_ptr(table_ptr, r, byte_offset, DTYPE) + offs, mask=m, other=0.0).to(tl.float32)
     return acc
+
+
+@triton.jit
+def stage_rows(src_ptr, dst_ptr, row_lo, row_hi, src_stride, dst_stride, cols, cmask, pid, nprog):
+    """Copy rows [row_lo, row_hi) of src (row stride ``src_stride`` elements) to the same rows of dst
+    (row stride ``dst_stride``); program pid takes rows row_lo + pid, row_lo + pid + nprog, ...
+    ``cols`` are the column offsets of one row, ``cmask`` their bound. An empty range copies nothing."""
+    for j in range(pid, row_hi - row_lo, nprog):
+        row = row_lo + j
+        v = tl.load(src_ptr + row * src_stride + cols, mask=cmask)
+        tl.store(dst_ptr + row * dst_stride + cols, v, mask=cmask)
