@@ -1,0 +1,168 @@
+"""Functions that run on every rank of a ProcessWorld, shared by the CPU and GPU ring-attention tests.
+
+Every rank draws the *whole* sequence from a seeded generator, takes its own shard, and compares
+its output with its rows of the float64 reference attention over the unsharded sequence.
+Failures raise AssertionError on the rank (the world reports them); results come back as small
+picklable summaries.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.distributed as dist
+
+from shardkit.collectives.cp_decode import cp_decode_attention, decode_cache_rank
+from shardkit.collectives.ring_attention import ring_attention
+from shardkit.collectives.sharding import shard, shard_positions
+from shardkit.reference_attention import reference_attention
+
+from ..tolerances import ATTENTION
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha1(t.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes()).hexdigest()
+
+
+def _rand(gen: torch.Generator, *shape, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen).to(dtype).to(device())
+
+
+def _assignment(kind: str, n: int, world: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """Global positions (sorted int64 tensors) of the tokens each rank holds, by layout kind."""
+    if kind == "balanced":
+        return [shard_positions(n, r, world, dtype=torch.int64) for r in range(world)]
+    if kind == "contiguous":  # uneven contiguous pieces: many chunk pairs are fully masked
+        cuts = sorted(torch.randint(0, n + 1, (world - 1,), generator=gen).tolist())
+        edges = [0, *cuts, n]
+        return [torch.arange(edges[r], edges[r + 1]) for r in range(world)]
+    if kind == "random":  # every token on a random rank (a rank may hold none)
+        owner = torch.randint(0, world, (n,), generator=gen)
+        return [torch.nonzero(owner == r).flatten() for r in range(world)]
+    raise ValueError(kind)
+
+
+def check_ring(cfg: dict) -> list[str]:
+    """Ring attention (each variant in ``cfg['variants']``) against float64 full attention.
+
+    cfg: T (new tokens), P (cached tokens, 0 = none), B, Hq, Hkv, D, dtype, causal, layout
+    ('balanced' | 'contiguous' | 'random'), pass_pos (give positions explicitly), variants, seed,
+    threshold (optional pass_q_threshold).
+    Returns the output digests per variant (for the cross-rank / cross-variant checks).
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dtype = DTYPES[cfg["dtype"]]
+    T, P, B, Hq, Hkv, D = (cfg[n] for n in ("T", "P", "B", "Hq", "Hkv", "D"))
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    q = _rand(gen, B, Hq, T, D, dtype=dtype)
+    k = _rand(gen, B, Hkv, P + T, D, dtype=dtype)  # cached tokens first, then the new ones
+    v = _rand(gen, B, Hkv, P + T, D, dtype=dtype)
+    ref, _ = reference_attention(q, k[:, :, P:], v[:, :, P:], causal=cfg["causal"], q_pos=P, kv_pos=P) \
+        if P == 0 else reference_attention(q, k, v, causal=cfg["causal"], q_pos=P, kv_pos=0)
+
+    new_pos = _assignment(cfg["layout"], T, world, gen)[rank]
+    cache_pos = _assignment(cfg["layout"], P, world, gen)[rank] if P else None
+    dev = device()
+    q_loc = q[:, :, new_pos.to(dev)]
+    k_loc, v_loc = k[:, :, (P + new_pos).to(dev)], v[:, :, (P + new_pos).to(dev)]
+    kw = {"causal": cfg["causal"], "pass_q_threshold": cfg.get("threshold", 0.05)}
+    if P:
+        kw["k_cache"], kw["v_cache"] = k[:, :, cache_pos.to(dev)], v[:, :, cache_pos.to(dev)]
+    if cfg["pass_pos"]:
+        kw["q_pos"] = kw["kv_pos"] = (P + new_pos).to(dev)
+        if P:
+            kw["cache_pos"] = cache_pos.to(dev)
+    else:
+        assert cfg["layout"] == "balanced", "only the balanced layout may leave positions out"
+    expected = ref[:, :, new_pos.to(dev)]
+    inputs = [t.clone() for t in (q_loc, k_loc, v_loc)]
+
+    atol, rtol = ATTENTION[dtype]
+    digests, outs = [], {}
+    for variant in cfg["variants"]:
+        out = ring_attention(q_loc, k_loc, v_loc, variant=variant, **kw)
+        assert out.shape == q_loc.shape and out.dtype == dtype, (variant, out.shape, out.dtype)
+        assert not torch.isnan(out).any(), f"{variant}: NaN in output"
+        # Up to three roundings of the partial outputs to dtype on the way (chunk, merges).
+        torch.testing.assert_close(out.double(), expected, atol=2 * atol, rtol=2 * rtol,
+                                   msg=lambda m: f"rank {rank} {variant} {cfg}: {m}")
+        outs[variant] = out
+        digests.append(_digest(out))
+    for a, b in zip(inputs, (q_loc, k_loc, v_loc)):
+        assert torch.equal(a, b), "ring_attention modified an input"
+    if "pass_kv" in outs and "pass_q" in outs:  # the two variants agree closely (not bitwise)
+        torch.testing.assert_close(outs["pass_kv"].double(), outs["pass_q"].double(), atol=2 * atol, rtol=2 * rtol)
+    return digests
+
+
+def check_decode(cfg: dict) -> str:
+    """CP decode against float64 attention over the whole cache; returns the output digest.
+
+    The cache holds ``prefix`` tokens in the load-balanced layout plus ``generated`` tokens
+    placed round-robin with decode_cache_rank; the query is the last ``n`` tokens
+    (causal by position when cfg['causal']).
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dtype = DTYPES[cfg["dtype"]]
+    B, Hq, Hkv, D, n = (cfg[x] for x in ("B", "Hq", "Hkv", "D", "n"))
+    prefix, generated = cfg["prefix"], cfg["generated"]
+    L = prefix + generated
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    q = _rand(gen, B, Hq, n, D, dtype=dtype)
+    k = _rand(gen, B, Hkv, L, D, dtype=dtype)
+    v = _rand(gen, B, Hkv, L, D, dtype=dtype)
+    mine = [p for p in shard_positions(prefix, rank, world).tolist()]
+    mine += [t for t in range(prefix, L) if decode_cache_rank(t, world) == rank]
+    pos = torch.tensor(mine, dtype=torch.int64, device=device())
+    kw = {"q_pos": L - n, "kv_pos": pos} if cfg["causal"] else {}
+    out = cp_decode_attention(q, k[:, :, pos], v[:, :, pos], **kw)
+    ref, _ = reference_attention(q, k, v, causal=cfg["causal"], q_pos=L - n, kv_pos=0)
+    atol, rtol = ATTENTION[dtype]
+    torch.testing.assert_close(out.double(), ref, atol=2 * atol, rtol=2 * rtol,
+                               msg=lambda m: f"rank {rank} decode {cfg}: {m}")
+    return _digest(out)
+
+
+def expect_error(case: str) -> tuple[str, str]:
+    """Call ring_attention with inputs that ``case`` makes bad; return (exception type, message)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dev = device()
+    gen = torch.Generator().manual_seed(5)
+    Hq, Hkv, D, L = 4, 2, 16, 6
+    kw: dict = {}
+    if case == "head_multiple":           # every rank: 3 q heads over 2 kv heads
+        Hq = 3
+    elif case == "head_mismatch":         # locally fine, but the ranks disagree about q heads
+        Hq = 4 if rank == 0 else 2
+    elif case == "head_dim":              # unsupported head dim
+        D = 24
+    elif case == "one_bad_rank":          # only the last rank's v is wrong
+        pass
+    elif case == "uneven_no_pos":         # shard lengths that are not the load-balanced layout
+        L = 5 + 4 * rank
+    elif case == "missing_kv_pos":
+        kw["q_pos"] = rank * L
+    elif case == "unsorted_kv_pos":       # positions given, one rank's kv_pos out of order
+        base = torch.arange(rank * L, (rank + 1) * L, device=dev)
+        kw["q_pos"] = base
+        kw["kv_pos"] = base.flip(0) if rank == world - 1 else base
+    elif case == "bad_variant":
+        kw["variant"] = "pass_everything"
+    else:
+        raise ValueError(case)
+    q = _rand(gen, 1, Hq, L, D, dtype=torch.float32)
+    k = _rand(gen, 1, Hkv, L, D, dtype=torch.float32)
+    v = _rand(gen, 1, Hkv, L + (1 if case == "one_bad_rank" and rank == world - 1 else 0), D,
+              dtype=torch.float32)
+    try:
+        ring_attention(q, k, v, **kw)
+    except (ValueError, TypeError) as e:
+        dist.barrier()  # the world is still in step: the next collective works on every rank
+        return type(e).__name__, str(e)
+    raise AssertionError(f"rank {rank}: {case} was accepted")

@@ -1,0 +1,105 @@
+"""Ring attention (pass-KV / pass-Q / auto), partial prefill with a cache, CP decode, bad inputs:
+multi-process CPU worlds (gloo, Triton interpreter) against float64 attention on the whole sequence.
+
+Tiny shapes on purpose (every kernel runs in the interpreter): the file runs in well under a minute.
+"""
+import re
+
+import pytest
+
+from shardkit.collectives.cp_decode import decode_cache_rank
+from shardkit.collectives.ring_attention import PASS_Q_MISS_RATE, choose_variant
+
+from . import ring_checks
+
+BOTH = ["pass_kv", "pass_q"]
+
+
+def _cfg(**kw) -> dict:
+    cfg = dict(T=23, P=0, B=1, Hq=2, Hkv=1, D=16, dtype="float32", causal=True, layout="balanced",
+               pass_pos=False, variants=BOTH, seed=1)
+    cfg.update(kw)
+    return cfg
+
+
+@pytest.mark.parametrize("world_size,cfg", [
+    # Load-balanced shards without positions; 23 tokens over 4 chunks / 6 chunks: uneven shards.
+    (2, _cfg()),
+    (3, _cfg(T=29, Hq=4, Hkv=2, variants=BOTH + ["auto"], seed=2)),
+    # Non-causal, fp16, GQA 4:1, batch 2.
+    (2, _cfg(causal=False, dtype="float16", B=2, Hq=4, Hkv=1, seed=3)),
+    # Explicit positions: uneven contiguous pieces (fully masked chunk pairs are skipped).
+    (3, _cfg(T=26, layout="contiguous", pass_pos=True, seed=4)),
+    # Tokens on random ranks (sorted per rank; a rank may hold few or none), head dim 32.
+    (4, _cfg(T=21, layout="random", pass_pos=True, D=32, seed=5)),
+])
+def test_ring_matches_full_attention(worlds, world_size, cfg):
+    digests = worlds(world_size).run(ring_checks.check_ring, cfg)
+    assert all(len(d) == len(cfg["variants"]) for d in digests)
+    if "auto" in cfg["variants"]:  # no cache: auto is pass-KV, bit for bit
+        assert all(d[cfg["variants"].index("auto")] == d[0] for d in digests)
+
+
+@pytest.mark.parametrize("world_size,cfg", [
+    # Partial prefill: P cached tokens (load-balanced, no positions) + T new tokens; auto with a
+    # miss rate (9 / 26) below its threshold picks pass-Q.
+    (2, _cfg(T=9, P=17, variants=BOTH + ["auto"], threshold=0.5, seed=6)),
+    # Cache and new tokens on random ranks with explicit positions, GQA.
+    (3, _cfg(T=10, P=19, Hq=4, Hkv=2, layout="random", pass_pos=True, seed=7)),
+    # Non-causal with a cache.
+    (2, _cfg(T=8, P=13, causal=False, seed=8)),
+])
+def test_partial_prefill_with_cache(worlds, world_size, cfg):
+    digests = worlds(world_size).run(ring_checks.check_ring, cfg)
+    if "auto" in cfg["variants"]:
+        assert all(d[cfg["variants"].index("auto")] == d[cfg["variants"].index("pass_q")] for d in digests)
+
+
+@pytest.mark.parametrize("world_size,cfg", [
+    (2, dict(B=1, Hq=2, Hkv=1, D=16, n=1, prefix=11, generated=5, causal=False, dtype="float32", seed=9)),
+    # Speculative-decoding style: 3 query rows, causal among them; GQA; fp16.
+    (3, dict(B=2, Hq=4, Hkv=2, D=16, n=3, prefix=13, generated=7, causal=True, dtype="float16", seed=10)),
+    # More ranks than prompt tokens: some shards are empty.
+    (4, dict(B=1, Hq=2, Hkv=2, D=16, n=1, prefix=2, generated=1, causal=True, dtype="float32", seed=11)),
+])
+def test_cp_decode(worlds, world_size, cfg):
+    digests = worlds(world_size).run(ring_checks.check_decode, cfg)
+    assert len(set(digests)) == 1, "ranks got different decode outputs"
+
+
+def test_decode_cache_rank():
+    assert [decode_cache_rank(t, 3) for t in range(7)] == [0, 1, 2, 0, 1, 2, 0]
+    with pytest.raises(ValueError, match="world"):
+        decode_cache_rank(3, 0)
+    with pytest.raises(ValueError, match="token_index"):
+        decode_cache_rank(-1, 2)
+
+
+def test_choose_variant():
+    assert choose_variant(100, 0) == "pass_kv"  # no cache: miss rate 1
+    assert choose_variant(4, 96) == "pass_q"    # 4% < 5%
+    assert choose_variant(5, 95) == "pass_kv"   # 5% is not below 5%
+    assert choose_variant(20, 80, pass_q_threshold=0.25) == "pass_q"
+    assert PASS_Q_MISS_RATE == 0.05
+
+
+@pytest.mark.parametrize("case,match,everywhere", [
+    ("head_multiple", r"q heads \(3\) must be a multiple of k/v heads \(2\)", True),
+    ("head_mismatch", "number of q heads must be the same on every rank", True),
+    ("head_dim", "head_dim", True),
+    ("uneven_no_pos", "q_pos and kv_pos", True),
+    ("missing_kv_pos", "missing: \\['kv_pos'\\]", True),
+    ("unsorted_kv_pos", "kv_pos and cache_pos must be sorted", True),
+    ("bad_variant", "variant must be one of", True),
+    ("one_bad_rank", "v shape", False),
+])
+def test_bad_inputs_raise_on_every_rank(worlds, case, match, everywhere):
+    """Every rank raises (no rank hangs in the ring); the message names the argument."""
+    results = worlds(2).run(ring_checks.expect_error, case, timeout=60)
+    assert all(t in ("ValueError", "TypeError") for t, _ in results), results
+    if everywhere:
+        for _, msg in results:
+            assert re.search(match, msg), msg
+    else:  # the bad rank names its argument; the others name the bad rank
+        assert re.search(match, results[-1][1]), results
+        assert all("rank(s) [1] rejected their inputs" in msg for _, msg in results[:-1]), results
