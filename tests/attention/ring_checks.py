@@ -166,3 +166,33 @@ def expect_error(case: str) -> tuple[str, str]:
         dist.barrier()  # the world is still in step: the next collective works on every rank
         return type(e).__name__, str(e)
     raise AssertionError(f"rank {rank}: {case} was accepted")
+
+
+def check_decode_graph(cfg: dict, replays: int) -> float:
+    """cp_decode_attention captured in a CUDA graph and replayed with new queries (GPU only);
+    returns the worst error against the eager call."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dtype = DTYPES[cfg["dtype"]]
+    B, Hq, Hkv, D, L = (cfg[x] for x in ("B", "Hq", "Hkv", "D", "L"))
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    k = _rand(gen, B, Hkv, L, D, dtype=dtype)
+    v = _rand(gen, B, Hkv, L, D, dtype=dtype)
+    pos = shard_positions(L, rank, world, device=device(), dtype=torch.int64)
+    k_loc, v_loc = k[:, :, pos].contiguous(), v[:, :, pos].contiguous()
+    queries = [_rand(gen, B, Hq, 1, D, dtype=dtype) for _ in range(replays)]
+    q = queries[0].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the graph (kernel compilation, NCCL set-up)
+        cp_decode_attention(q, k_loc, v_loc)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = cp_decode_attention(q, k_loc, v_loc)
+    worst = 0.0
+    for qi in queries:
+        q.copy_(qi)
+        graph.replay()
+        eager = cp_decode_attention(qi, k_loc, v_loc)
+        worst = max(worst, (out.float() - eager.float()).abs().max().item())
+    return worst
