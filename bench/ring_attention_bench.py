@@ -1,0 +1,319 @@
+#!/usr/bin/env python
+"""Ring-attention benchmark: pass-KV scaling over GPUs, and pass-Q vs pass-KV across KV-cache miss rates.
+
+Run on one node under torchrun (one process per GPU):
+
+    torchrun --standalone --nproc-per-node=4 bench/ring_attention_bench.py --out bench/results
+
+1. **Scaling** (causal prefill, bf16, B=1, 32 q heads / 8 kv heads, head dim 128, lengths
+   ``--lengths``, default 32K and 128K): ``T1`` = ``attention_chunk`` over the full sequence on one
+   GPU (every rank runs it on its own GPU at the same time; the fastest rank counts, which is the
+   conservative choice for the efficiency), ``TW`` = pass-KV ``ring_attention`` on the load-balanced
+   shards of ``W`` GPUs (``--worlds``, default 2 and all GPUs), max over ranks.
+   Parallel efficiency = ``T1 / (W * TW)`` (issue 5 target: >= 85% at 128K on 4 GPUs).
+   Checks: every rank's ring output against its shard of the single-GPU output, and (first
+   length only) 64 rows per rank against an fp32 torch reference over the full sequence.
+2. **Cache miss rates** (all GPUs, context ``--context`` tokens, default 128K): ``P`` cached +
+   ``T`` new tokens with ``T / (T + P)`` in ``--miss-rates``; pass-KV and pass-Q timed on the same
+   inputs (and checked against each other). The crossover (first miss rate at which pass-KV is
+   faster) is what ``shardkit.collectives.ring_attention.PASS_Q_MISS_RATE`` should be set to
+   (Meta reports ~5% on their H100 hosts).
+
+Timing: CUDA events around one call, group barrier before each repetition, median of ``--reps``
+after one untimed warm-up (which also compiles the kernels), max over ranks. Eager only: a
+ring-attention call reads its metadata on the host, so it is not CUDA-graph capturable.
+Each call is a full prefill of one attention layer; nothing is overlapped across calls.
+The run stops starting new measurements after ``--budget-s`` seconds (default 100) and writes
+what it has; results are rewritten after every measurement, so a crash keeps the earlier ones.
+
+``--smoke``: tiny shapes on CPU with gloo and the Triton interpreter, to check the script's logic
+without a GPU (``torchrun --nproc-per-node=2 bench/ring_attention_bench.py --smoke --out /tmp/x``).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import time
+import traceback
+
+if "--smoke" in sys.argv:  # must precede the first import of triton
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench.common import environment, header_lines, results_stem, write_json  # noqa: E402
+from shardkit.collectives.ring_attention import PASS_Q_MISS_RATE, choose_variant, ring_attention  # noqa: E402
+from shardkit.collectives.sharding import shard, shard_positions  # noqa: E402
+from shardkit.kernels.attention_chunk import attention_chunk  # noqa: E402
+from shardkit.reference_attention import reference_attention  # noqa: E402
+
+ATOL = RTOL = 3.2e-2  # 2 x tests/tolerances.py ATTENTION[bf16]: the ring rounds partials twice
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.t0 = time.monotonic()
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.cuda = torch.cuda.is_available() and not args.smoke
+        self.dev = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
+        self.dtype = torch.bfloat16 if self.cuda else torch.float32  # interpreter: no bf16 dots
+        self.heads = (args.q_heads, args.kv_heads, args.head_dim)
+        self.env = environment()
+        self.results: dict = {"env": self.env, "config": vars(args), "scaling": [], "miss_rate": [],
+                              "checks": [], "skipped": []}
+        # Sub-groups for the smaller worlds; new_group must be called by every rank.
+        self.groups = {w: (dist.group.WORLD if w == self.world else dist.new_group(list(range(w))))
+                       for w in args.worlds}
+
+    # ------------------------------------------------------------------ plumbing
+
+    def over_budget(self, what: str) -> bool:
+        # Every rank must take the same decision, or the collectives would diverge: rank 0 decides.
+        flag = torch.tensor([time.monotonic() - self.t0 > self.args.budget_s], dtype=torch.int32, device=self.dev)
+        dist.broadcast(flag, 0)
+        if flag.item():
+            self.results["skipped"].append(what)
+            self.log(f"  skipped (budget of {self.args.budget_s:g} s spent): {what}")
+        return bool(flag.item())
+
+    def log(self, msg: str) -> None:
+        if self.rank == 0:
+            print(msg, flush=True)
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def time_ms(self, fn, group) -> float:
+        """Median milliseconds of ``fn()`` after one warm-up call, max over the group's ranks."""
+        fn()
+        samples = []
+        for _ in range(self.args.reps):
+            dist.barrier(group=group)
+            self.sync()
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                samples.append(start.elapsed_time(end))
+            else:
+                t = time.perf_counter()
+                fn()
+                samples.append((time.perf_counter() - t) * 1e3)
+        med = torch.tensor([statistics.median(samples)], dtype=torch.float64, device=self.dev)
+        dist.all_reduce(med, op=dist.ReduceOp.MAX, group=group)
+        return med.item()
+
+    def check(self, name: str, got: torch.Tensor, want: torch.Tensor, group=None) -> None:
+        """Records the worst error over the group's ranks; a failed check marks the results."""
+        err = (got.float() - want.float()).abs()
+        bad = (err > ATOL + RTOL * want.float().abs()) | torch.isnan(got.float())
+        stats = torch.tensor([err.max().item() if err.numel() else 0.0, float(bad.sum().item())],
+                             dtype=torch.float64, device=self.dev)
+        dist.all_reduce(stats, op=dist.ReduceOp.MAX, group=group)
+        ok = stats[1].item() == 0
+        self.results["checks"].append({"name": name, "max_abs_err": stats[0].item(), "ok": ok})
+        self.log(f"  check {name}: max |err| {stats[0].item():.2e} {'ok' if ok else 'FAILED'}")
+
+    def rand(self, gen: torch.Generator, *shape) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device=self.dev, dtype=torch.float32).to(self.dtype)
+
+    def save(self) -> None:
+        if self.rank != 0:
+            return
+        stem = results_stem(self.args.out, "ring_attention", self.env, self.world)
+        write_json(stem + ".json", self.results)
+        with open(stem + ".md", "w") as f:
+            f.write(self.markdown())
+        self.stem = stem
+
+    # ------------------------------------------------------------------ 1. scaling
+
+    def scaling(self) -> None:
+        Hq, Hkv, D = self.heads
+        for L in self.args.lengths:
+            if self.over_budget(f"scaling L={L}"):
+                return
+            gen = torch.Generator(device=self.dev).manual_seed(L)  # same full sequence on every rank
+            q, k, v = self.rand(gen, 1, Hq, L, D), self.rand(gen, 1, Hkv, L, D), self.rand(gen, 1, Hkv, L, D)
+            full = {}
+
+            def single() -> None:
+                full["out"], _ = attention_chunk(q, k, v, causal=True)
+
+            t1 = self.time_ms(single, dist.group.WORLD)
+            # The fastest GPU's T1 (time_ms gives the max): the lower T1, the lower the efficiency.
+            t1_min = torch.tensor([t1], dtype=torch.float64, device=self.dev)
+            dist.all_reduce(t1_min, op=dist.ReduceOp.MIN)
+            t1 = t1_min.item()
+            flops = 4.0 * Hq * L * L * D / 2  # causal: half of the score matrix
+            self.log(f"L={L}: 1 GPU {t1:.2f} ms ({flops / t1 / 1e9:.0f} TFLOP/s)")
+            for w, group in self.groups.items():
+                if self.over_budget(f"scaling L={L} W={w}"):
+                    break
+                row = {"seq_len": L, "world": w, "t1_ms": t1}
+                if self.rank < w:
+                    ql, kl, vl = (shard(t, self.rank, w) for t in (q, k, v))
+                    out = {}
+
+                    def ring() -> None:
+                        out["o"] = ring_attention(ql, kl, vl, group, variant="pass_kv", causal=True)
+
+                    tw = self.time_ms(ring, group)
+                    self.check(f"ring L={L} W={w} vs 1-GPU kernel", out["o"], shard(full["out"], self.rank, w),
+                               group)
+                    if L == self.args.lengths[0]:
+                        self.reference_check(f"ring L={L} W={w} vs fp32 reference", q, k, v, out["o"], w, group)
+                    row.update(tw_ms=tw, efficiency=t1 / (w * tw), speedup=t1 / tw,
+                               ring_tflops=flops / tw / 1e9)
+                    self.log(f"  W={w}: pass-KV ring {tw:.2f} ms, speedup {t1 / tw:.2f}x, "
+                             f"efficiency {100 * t1 / (w * tw):.1f}%")
+                dist.barrier()
+                if self.rank == 0:
+                    self.results["scaling"].append(row)
+                self.save()
+            del q, k, v, full
+
+    def reference_check(self, name, q, k, v, out, w, group) -> None:
+        """64 rows of this rank's shard against an fp32 torch reference over the whole sequence."""
+        pos = shard_positions(q.shape[2], self.rank, w, device=self.dev, dtype=torch.int64)
+        rows = torch.linspace(0, pos.numel() - 1, min(64, pos.numel()), device=self.dev).long()
+        ref, _ = reference_attention(q[:, :, pos[rows]], k, v, causal=True, q_pos=pos[rows], kv_pos=0,
+                                     dtype=torch.float32)
+        self.check(name, out[:, :, rows], ref, group)
+
+    # ------------------------------------------------------------------ 2. cache miss rates
+
+    def miss_rates(self) -> None:
+        Hq, Hkv, D = self.heads
+        N, W = self.args.context, self.world
+        # At least 2 new tokens per rank; rates that round to the same T are measured once.
+        sizes = sorted({min(N, max(2 * W, round(rate * N))) for rate in self.args.miss_rates})
+        for T in sizes:
+            if self.over_budget(f"miss rate {T / N:.4f}"):
+                return
+            P = N - T
+            gen = torch.Generator(device=self.dev).manual_seed(1000 * self.rank + T)
+            lt, lp = shard_positions(T, self.rank, W).numel(), shard_positions(P, self.rank, W).numel()
+            q, k, v = self.rand(gen, 1, Hq, lt, D), self.rand(gen, 1, Hkv, lt, D), self.rand(gen, 1, Hkv, lt, D)
+            kw = {"k_cache": self.rand(gen, 1, Hkv, lp, D), "v_cache": self.rand(gen, 1, Hkv, lp, D)} if P else {}
+            row = {"context": N, "new_tokens": T, "cached_tokens": P, "miss_rate": T / N,
+                   "auto_picks": choose_variant(T, P)}
+            outs = {}
+            for variant in ("pass_kv", "pass_q"):
+                def call(variant=variant) -> None:
+                    outs[variant] = ring_attention(q, k, v, variant=variant, causal=True, **kw)
+
+                row[f"{variant}_ms"] = self.time_ms(call, dist.group.WORLD)
+            self.check(f"pass-Q vs pass-KV at miss rate {T / N:.4f}", outs["pass_q"], outs["pass_kv"])
+            self.log(f"miss rate {100 * T / N:6.2f}% (T={T}, P={P}): pass-KV {row['pass_kv_ms']:.3f} ms, "
+                     f"pass-Q {row['pass_q_ms']:.3f} ms")
+            if self.rank == 0:
+                self.results["miss_rate"].append(row)
+            self.save()
+        rows = self.results["miss_rate"]
+        crossover = next((r["miss_rate"] for r in rows if r["pass_kv_ms"] <= r["pass_q_ms"]), None)
+        self.results["crossover_miss_rate"] = crossover
+        self.log(f"crossover (first miss rate at which pass-KV is faster): {crossover}; "
+                 f"PASS_Q_MISS_RATE is {PASS_Q_MISS_RATE}")
+
+    # ------------------------------------------------------------------ report
+
+    def markdown(self) -> str:
+        r = self.results
+        lines = [f"# Ring attention ({datetime.date.today().isoformat()})", ""]
+        lines += [f"    {line}" for line in header_lines(self.env)]
+        Hq, Hkv, D = self.heads
+        lines += ["", f"{self.dtype}, B=1, {Hq} q heads / {Hkv} kv heads, head dim {D}, causal; "
+                  f"median of {self.args.reps} calls, max over ranks; eager.", "",
+                  "## Pass-KV scaling (load-balanced shards)", "",
+                  "| tokens | GPUs | 1 GPU (ms) | ring (ms) | speedup | efficiency T1/(W*TW) |",
+                  "|---|---|---|---|---|---|"]
+        for s in r["scaling"]:
+            if "tw_ms" in s:
+                lines.append(f"| {s['seq_len']} | {s['world']} | {s['t1_ms']:.2f} | {s['tw_ms']:.2f} | "
+                             f"{s['speedup']:.2f}x | {100 * s['efficiency']:.1f}% |")
+        lines += ["", f"## Pass-Q vs pass-KV across KV-cache miss rates ({self.world} GPUs)", "",
+                  "| miss rate | new T | cached P | pass-KV (ms) | pass-Q (ms) | pass-Q / pass-KV | auto picks |",
+                  "|---|---|---|---|---|---|---|"]
+        for m in r["miss_rate"]:
+            lines.append(f"| {100 * m['miss_rate']:.2f}% | {m['new_tokens']} | {m['cached_tokens']} | "
+                         f"{m['pass_kv_ms']:.3f} | {m['pass_q_ms']:.3f} | {m['pass_q_ms'] / m['pass_kv_ms']:.2f} | "
+                         f"{m['auto_picks']} |")
+        if "crossover_miss_rate" in r:
+            lines += ["", f"Crossover (first miss rate at which pass-KV is faster): {r['crossover_miss_rate']} "
+                      f"(PASS_Q_MISS_RATE = {PASS_Q_MISS_RATE}; Meta: ~5%)."]
+        lines += ["", "## Checks", ""]
+        lines += [f"- {c['name']}: max |err| {c['max_abs_err']:.2e} — {'ok' if c['ok'] else '**FAILED**'}"
+                  for c in r["checks"]]
+        if r["skipped"]:
+            lines += ["", "Skipped (time budget): " + ", ".join(r["skipped"])]
+        if r.get("error"):
+            lines += ["", "**Error:**", "", "```", r["error"], "```"]
+        return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--lengths", type=int, nargs="+", default=None, help="scaling: total tokens (default 32K 128K)")
+    ap.add_argument("--worlds", type=int, nargs="+", default=None, help="scaling: GPU counts (default 2 and all)")
+    ap.add_argument("--context", type=int, default=None, help="miss-rate sweep: P + T (default 128K)")
+    ap.add_argument("--miss-rates", type=float, nargs="+",
+                    default=[0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0])
+    ap.add_argument("--q-heads", type=int, default=None)
+    ap.add_argument("--kv-heads", type=int, default=None)
+    ap.add_argument("--head-dim", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--budget-s", type=float, default=100.0)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (gloo, Triton interpreter)")
+    args = ap.parse_args()
+    small = args.smoke
+    args.lengths = args.lengths or ([48, 96] if small else [32768, 131072])
+    args.context = args.context or (64 if small else 131072)
+    args.q_heads = args.q_heads or (2 if small else 32)
+    args.kv_heads = args.kv_heads or (1 if small else 8)
+    args.head_dim = args.head_dim or (16 if small else 128)
+    args.reps = args.reps or (2 if small else 5)
+
+    cuda = torch.cuda.is_available() and not small
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    # A short timeout: a rank that dies must not leave the others waiting for 10 minutes.
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=120),
+                            **({"device_id": torch.device("cuda", torch.cuda.current_device())} if cuda else {}))
+    world = dist.get_world_size()
+    args.worlds = sorted({w for w in (args.worlds or [2, world]) if 1 <= w <= world})
+    b = Bench(args)
+    if b.rank == 0:
+        print("\n".join(header_lines(b.env)), flush=True)
+        print(f"world {world}, {b.dtype}, heads {args.q_heads}/{args.kv_heads}, head dim {args.head_dim}", flush=True)
+    try:
+        b.scaling()
+        b.miss_rates()
+    except Exception:
+        b.results["error"] = traceback.format_exc()
+        print(f"rank {b.rank}: {b.results['error']}", file=sys.stderr, flush=True)
+        b.save()
+        raise
+    b.save()
+    if b.rank == 0:
+        failed = [c["name"] for c in b.results["checks"] if not c["ok"]]
+        print(f"wrote {b.stem}.json / .md in {time.monotonic() - b.t0:.0f} s"
+              + (f"; FAILED checks: {failed}" if failed else "; all checks ok"), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    if b.rank == 0 and any(not c["ok"] for c in b.results["checks"]):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
