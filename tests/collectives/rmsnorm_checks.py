@@ -30,8 +30,9 @@ def fused_inputs(world: int, tokens: int, hidden: int, dtype: torch.dtype,
 def check_fused(dtype_name: str, cases: list[tuple[int, int]], algos: list[str], half_bytes: int,
                 seed: int) -> list[str]:
     """For each (tokens, hidden): every algo against the float64 reference, outputs poisoned with NaN
-    first, inputs unmodified, algos equal within rounding, in-place calls (out=x, residual_out=residual)
-    bitwise equal to out-of-place ones. Returns the output digests (to compare across ranks)."""
+    first, inputs unmodified, algos equal within rounding; for the last case, in-place calls (out=x,
+    residual_out=residual) bitwise equal to out-of-place ones. Returns the output digests (to compare
+    across ranks)."""
     dtype = DTYPES[dtype_name]
     rank, world = dist.get_rank(), dist.get_world_size()
     comm = Communicator(half_bytes=half_bytes)
@@ -59,9 +60,10 @@ def check_fused(dtype_name: str, cases: list[tuple[int, int]], algos: list[str],
                 else:  # the algorithms agree up to one rounding of the outputs
                     torch.testing.assert_close(out, first[0], **tol(ROUNDING, dtype))
                     torch.testing.assert_close(res_out, first[1], **tol(ROUNDING, dtype))
-                x2, r2 = x.clone(), residual.clone()
-                comm.all_reduce_residual_rmsnorm(x2, r2, weight, EPS, algo, out=x2, residual_out=r2)
-                assert torch.equal(x2, out) and torch.equal(r2, res_out), f"{what}: in-place result differs"
+                if i == len(cases) - 1:
+                    x2, r2 = x.clone(), residual.clone()
+                    comm.all_reduce_residual_rmsnorm(x2, r2, weight, EPS, algo, out=x2, residual_out=r2)
+                    assert torch.equal(x2, out) and torch.equal(r2, res_out), f"{what}: in-place result differs"
                 digests.append(digest(out) + digest(res_out))
     finally:
         comm.close()

@@ -11,8 +11,9 @@ CASES = [(1, 100), (3, 96), (17, 100)]
 TINY_HALF = 4096
 
 
-@pytest.mark.parametrize("world_size, dtype", [(2, "float32"), (2, "bfloat16"), (3, "float16"), (3, "float32"),
-                                               (4, "bfloat16"), (4, "float16")])
+# Every world size and every dtype once: the interpreter is slow, and the kernels' dtype handling does
+# not depend on the world size.
+@pytest.mark.parametrize("world_size, dtype", [(2, "float32"), (3, "float16"), (4, "bfloat16")])
 def test_matches_float64_reference(worlds, world_size, dtype):
     digests = worlds(world_size).run(rmsnorm_checks.check_fused, dtype, CASES, ["oneshot", "twoshot"], TINY_HALF,
                                      5)
