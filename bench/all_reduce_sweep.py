@@ -26,6 +26,8 @@ from bench.common import (environment, header_lines, max_over_ranks, results_ste
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 OURS = ("flat", "tree", "auto")
+# The same algorithms on the Triton kernels, when the default communicator runs the CUDA ones.
+TRITON = ("flat_triton", "tree_triton")
 
 
 def parse_size(text: str) -> int:
@@ -87,9 +89,11 @@ def sweep_rank(args: argparse.Namespace) -> list[dict] | None:
     dtype = DTYPES[args.dtype]
     env = environment()
     comm = shardkit.Communicator()
+    triton_comm = shardkit.Communicator(kernels="triton") if comm.kernels != "triton" else None
     group_name = dist.group.WORLD.group_name
     extra = {} if cpu else symm_mem_algos(group_name)
-    algos = [a for a in args.algos.split(",") if a in ("nccl",) + OURS or a in extra]
+    algos = [a for a in args.algos.split(",")
+             if a in ("nccl",) + OURS or a in extra or (a in TRITON and triton_comm is not None)]
     modes = ["eager"] if cpu else args.modes.split(",")
     sizes = parse_sizes(args.sizes)
     elt = torch.empty((), dtype=dtype).element_size()
@@ -128,6 +132,9 @@ def sweep_rank(args: argparse.Namespace) -> list[dict] | None:
             elif algo in OURS:
                 out = torch.empty_like(x)
                 fn, got = (lambda a=algo, o=out: comm.all_reduce(x, algo=a, out=o)), out
+            elif algo in TRITON:
+                out = torch.empty_like(x)
+                fn, got = (lambda a=algo.split("_")[0], o=out: triton_comm.all_reduce(x, algo=a, out=o)), out
             else:
                 fn, got = extra[algo](x)
                 if fn is None:
@@ -150,7 +157,8 @@ def sweep_rank(args: argparse.Namespace) -> list[dict] | None:
             dist.all_reduce(bad)
             for mode in modes:
                 rec = {"gpu": env["gpu"], "world": world, "dtype": args.dtype, "algo": algo, "mode": mode,
-                       "bytes": numel * elt}
+                       "bytes": numel * elt, "kernels": comm.kernels if algo in OURS else
+                       ("triton" if algo in TRITON else None)}
                 if bad.item():
                     rec["error"] = error or "wrong result on another rank"
                 else:
@@ -170,6 +178,8 @@ def sweep_rank(args: argparse.Namespace) -> list[dict] | None:
     if bar:
         bar.close()
     comm.close()
+    if triton_comm is not None:
+        triton_comm.close()
     return (env, records) if rank == 0 else None
 
 
@@ -286,7 +296,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default=None, help="'1K-256M' (x4 steps) or a list '4K,1M' (default 1K-256M; CPU 1K-64K)")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    p.add_argument("--algos", default="nccl,flat,tree,auto,symm_1shot,symm_2shot")
+    p.add_argument("--algos", default="nccl,flat,tree,auto,flat_triton,tree_triton,symm_1shot,symm_2shot",
+                   help="flat/tree/auto use the CUDA kernels where built (else Triton); *_triton force Triton")
     p.add_argument("--modes", default="eager,graph")
     p.add_argument("--iters", type=int, default=None, help="calls per repetition (default 100; CPU 3)")
     p.add_argument("--reps", type=int, default=None, help="repetitions (default 7; CPU 3)")

@@ -1,19 +1,28 @@
 #!/usr/bin/env bash
-# One device-machine call: install, GPU tests, sweeps on all GPUs and on 2, the one-GPU attention
-# benchmark. Usage: bench/gpu_session.sh OUTDIR  (results packed into OUTDIR/results.tgz)
+# One device-machine call, most important first; every step has its own time limit and writes its
+# log under OUTDIR/results as it goes, so a cut-off call still returns what ran.
+#   bench/gpu_session.sh OUTDIR        (results packed into OUTDIR/results.tgz at the end)
 set -uo pipefail
 out=$1
-mkdir -p "$out/results"
+res="$out/results"
+mkdir -p "$res"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "pip install failed"
+pack() { tar czf "$out/results.tgz" -C "$out" results && rm -rf "$res"; }
+trap pack EXIT
 n=$(python3 -c "import torch; print(torch.cuda.device_count())")
-{ nvidia-smi -L; nvidia-smi topo -m; python3 -c "import torch, triton, numpy; print(torch.__version__, triton.__version__, numpy.__version__)"; } > "$out/results/env.txt" 2>&1
-timeout 200 python3 -m pytest -q -rs -s tests/collectives/test_all_reduce_gpu.py tests/attention/test_attention_gpu.py \
-   -p no:cacheprovider 2>&1 | tail -40 | tee "$out/results/gpu_tests.log"
-timeout 150 python3 -m torch.distributed.run --standalone --nproc-per-node="$n" bench/all_reduce_sweep.py \
-   --out "$out/results" --write-thresholds 2>&1 | grep -v "it/s\]" | tail -45 | tee "$out/results/sweep_x$n.log"
-CUDA_VISIBLE_DEVICES=0,1 timeout 120 python3 -m torch.distributed.run --standalone --nproc-per-node=2 \
-   bench/all_reduce_sweep.py --out "$out/results" --write-thresholds 2>&1 | grep -v "it/s\]" | tail -45 | tee "$out/results/sweep_x2.log"
-cp shardkit/collectives/thresholds.json "$out/results/"
-timeout 120 python3 bench/attention_chunk_bench.py --out "$out/results" 2>&1 | tail -40 | tee "$out/results/attention.log"
-tar czf "$out/results.tgz" -C "$out" results && rm -rf "$out/results"
+{ nvidia-smi -L; python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"; } > "$res/env.txt" 2>&1
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 secs=$2; shift 2
+  echo "=== $name"
+  timeout "$secs" "$@" > "$res/$name.log" 2>&1; echo "rc=$?" >> "$res/$name.log"
+  grep -vE "it/s\]|OMP_NUM_THREADS|^\*+$" "$res/$name.log" | tail -25
+}
+step install 120 python3 -m pip install --no-deps --no-build-isolation -e .
+step ctest 90 bash -c "cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release && cmake --build build/cmake -j 16 && ./build/cmake/test_dda_all_reduce"
+step gpu_tests 200 python3 -m pytest -q -rs -x -p no:cacheprovider tests/collectives/test_all_reduce_gpu.py \
+  tests/collectives/test_all_reduce_rmsnorm_gpu.py tests/attention/test_ring_attention_gpu.py
+step "sweep_x$n" 120 python3 -m torch.distributed.run --standalone --nproc-per-node="$n" bench/all_reduce_sweep.py \
+  --out "$res" --write-thresholds
+cp shardkit/collectives/thresholds.json "$res/"
+step rmsnorm_bench 80 python3 -m torch.distributed.run --standalone --nproc-per-node="$n" bench/all_reduce_rmsnorm_bench.py --out "$res"
+step ring_bench 120 python3 -m torch.distributed.run --standalone --nproc-per-node="$n" bench/ring_attention_bench.py --out "$res"

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..errors import CollectiveError, ShardkitError
+from ..kernels import cuda_dda
 from ..kernels.all_reduce_flat import launch_flat_all_reduce
 from ..kernels.all_reduce_rmsnorm import MAX_HIDDEN, default_warps, launch_all_reduce_rmsnorm, max_rows
 from ..kernels.all_reduce_rmsnorm import call_signature as rmsnorm_signature
@@ -33,7 +34,10 @@ from . import thresholds
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_CODE = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
-_ALGO_CODE = {"flat": 1, "tree": 2}
+# Both kernel families share the workspace but map work to programs differently: the signature
+# tells them apart, so ranks that disagree about the kernels fail instead of mixing data.
+_ALGO_CODE = {("flat", "triton"): 1, ("tree", "triton"): 2, ("flat", "cuda"): 3, ("tree", "cuda"): 4}
+KERNELS = ("auto", "triton", "cuda")
 ALGOS = ("auto", "flat", "tree", "nccl")
 
 # Barrier polls per second, to turn timeout_s into a poll count (approximate by nature).
@@ -53,9 +57,9 @@ def get_communicator(group_name: str) -> "Communicator":
             f"shardkit.Communicator(group) on every rank first") from None
 
 
-def call_signature(algo: str, numel: int, dtype: torch.dtype, x_offset: int) -> int:
+def call_signature(algo: str, kernels: str, numel: int, dtype: torch.dtype, x_offset: int) -> int:
     """31-bit fingerprint of a call; ranks compare it at the first barrier."""
-    h = (_ALGO_CODE[algo] * 1_000_003 + _DTYPE_CODE[dtype]) * 2_147_483_629
+    h = (_ALGO_CODE[algo, kernels] * 1_000_003 + _DTYPE_CODE[dtype]) * 2_147_483_629
     h = (h ^ numel) * 1_000_000_007 + x_offset + 1
     return h % 2_147_483_647
 
@@ -69,10 +73,12 @@ class Communicator:
         half_bytes: per-call workspace capacity (see PeerMemory); larger inputs go in chunks.
         timeout_s: how long a barrier waits for a peer before the call fails (approximate).
         rules: [(max_bytes or None, algo)] for algo="auto"; default from thresholds.json.
+        kernels: "triton", "cuda" (the CUDA C++ kernels of csrc/, GPUs only, when built) or "auto"
+            (cuda where built, else triton). Every rank must choose the same.
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None, *, half_bytes: int | None = None,
-                 timeout_s: float = DEFAULT_TIMEOUT_S, rules: list | None = None) -> None:
+                 timeout_s: float = DEFAULT_TIMEOUT_S, rules: list | None = None, kernels: str = "auto") -> None:
         if not dist.is_initialized():
             raise ShardkitError("Communicator needs an initialised torch.distributed process group")
         self.group = group if group is not None else dist.group.WORLD
@@ -85,6 +91,14 @@ class Communicator:
         if timeout_s <= 0:
             raise ValueError(f"Communicator: timeout_s must be positive, got {timeout_s}")
         self.timeout_s = float(timeout_s)
+        if kernels not in KERNELS:
+            raise ValueError(f"Communicator: kernels must be one of {KERNELS}, got {kernels!r}")
+        if kernels == "cuda" and (self.backend != "cuda" or not cuda_dda.available()):
+            raise ShardkitError("Communicator(kernels='cuda') needs GPUs and the CUDA library (build with nvcc: "
+                                "pip install -e . where nvcc is on the PATH)")
+        if kernels == "auto":
+            kernels = "cuda" if self.backend == "cuda" and cuda_dda.available() else "triton"
+        self.kernels = kernels
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "cuda" else torch.device("cpu")
         self.device_name = torch.cuda.get_device_name(self.device) if self.backend == "cuda" else "cpu"
         self.rules = rules if rules is not None else thresholds.select_rules(self.device_name, self.world_size)
@@ -102,6 +116,7 @@ class Communicator:
         else:  # the interpreter runs programs one after another: few, large ones are fastest
             self._max_programs, self._block, self._warps = 2, 512, 1
         self._timeout_iters = int(self.timeout_s * _POLLS_PER_S[self.backend])
+        self._host_table = cuda_dda.HostTable(self.memory.table.tolist()) if self.memory is not None else None
         self._error: str | None = None
         _REGISTRY[self.group.group_name] = self
 
@@ -268,7 +283,10 @@ class Communicator:
     def _launch(self, algo: str, x: torch.Tensor, out: torch.Tensor, x_offset: int, zero_copy: bool) -> None:
         mem = self.memory
         numel = x.numel()
-        sig = call_signature(algo, numel, x.dtype, x_offset if zero_copy else -1)
+        sig = call_signature(algo, self.kernels, numel, x.dtype, x_offset if zero_copy else -1)
+        if self.kernels == "cuda":
+            self._launch_cuda(algo, x, out, x_offset, zero_copy, sig)
+            return
         common = dict(table=mem.table, status_addr=mem.status_addr, rank=self.rank, world=self.world_size,
                       sig=sig, x_offset=x_offset, half_bytes=mem.half_bytes,
                       timeout_iters=self._timeout_iters, zero_copy=zero_copy)
@@ -284,6 +302,22 @@ class Communicator:
 
     # ------------------------------------------------------------------ fused all-reduce + residual + RMSNorm
     RMSNORM_ALGOS = ("auto", "oneshot", "twoshot", "nccl")
+
+    def _launch_cuda(self, algo: str, x: torch.Tensor, out: torch.Tensor, x_offset: int, zero_copy: bool,
+                     sig: int) -> None:
+        """The CUDA C++ kernels: one 16-byte pack per thread per step, 512 threads, up to one program per SM."""
+        mem, threads = self.memory, 512
+        pack = 16 // x.element_size()
+        common = dict(table=self._host_table, status_addr=mem.status_addr, rank=self.rank, sig=sig,
+                      x_offset=x_offset, half_bytes=mem.half_bytes, timeout_iters=self._timeout_iters,
+                      zero_copy=zero_copy, threads=threads)
+        if algo == "flat":
+            programs = max(1, min(self._max_programs, -(-x.numel() // (pack * threads))))
+            cuda_dda.launch_flat_all_reduce(x, out, programs=programs, **common)
+        else:
+            shard = -(-x.numel() // (16 * self.world_size)) * 16
+            programs = max(1, min(self._max_programs, -(-shard // (pack * threads))))
+            cuda_dda.launch_tree_all_reduce(x, out, programs=programs, shard=shard, **common)
 
     def all_reduce_residual_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                                     eps: float = 1e-6, algo: str = "auto", *, out: torch.Tensor | None = None,

@@ -27,11 +27,12 @@ def digest(t: torch.Tensor) -> str:
     return hashlib.sha1(raw.cpu().numpy().tobytes()).hexdigest()
 
 
-def check_all_reduce(algo: str, dtype_name: str, sizes: list[int], half_bytes: int, seed: int) -> list[str]:
+def check_all_reduce(algo: str, dtype_name: str, sizes: list[int], half_bytes: int, seed: int,
+                     kernels: str = "auto") -> list[str]:
     """Out-of-place, out=, and in-place all-reduce against the float64 sum; returns output digests."""
     dtype = DTYPES[dtype_name]
     rank, world = dist.get_rank(), dist.get_world_size()
-    comm = Communicator(half_bytes=half_bytes)
+    comm = Communicator(half_bytes=half_bytes, kernels=kernels)
     digests = []
     try:
         for i, n in enumerate(sizes):
@@ -56,10 +57,10 @@ def check_all_reduce(algo: str, dtype_name: str, sizes: list[int], half_bytes: i
     return digests
 
 
-def check_many_calls(n_calls: int, seed: int, half_bytes: int) -> int:
+def check_many_calls(n_calls: int, seed: int, half_bytes: int, kernels: str = "auto") -> int:
     """``n_calls`` calls in a row on one communicator, new data and varying size/algo each time."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    comm = Communicator(half_bytes=half_bytes)
+    comm = Communicator(half_bytes=half_bytes, kernels=kernels)
     gen = torch.Generator().manual_seed(seed)
     try:
         for i in range(n_calls):
@@ -75,10 +76,10 @@ def check_many_calls(n_calls: int, seed: int, half_bytes: int) -> int:
     return n_calls
 
 
-def check_zero_copy(algo: str, n: int, seed: int) -> str:
+def check_zero_copy(algo: str, n: int, seed: int, kernels: str = "auto") -> str:
     """Inputs written into the staging buffer are reduced without a copy and are left untouched."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    comm = Communicator()
+    comm = Communicator(kernels=kernels)
     try:
         xs = rank_inputs(world, n, torch.float32, seed=seed, device=device())
         ref = all_reduce_reference(xs)
@@ -95,10 +96,12 @@ def check_zero_copy(algo: str, n: int, seed: int) -> str:
         comm.close()
 
 
-def mismatched_call(kind: str, algo: str) -> str:
-    """Ranks disagree about the call (``kind``: 'numel' or 'dtype'); every rank must raise."""
+def mismatched_call(kind: str, algo: str, kernels: str = "auto") -> str:
+    """Ranks disagree about the call (``kind``: 'numel', 'dtype' or 'kernels'); every rank must raise."""
     rank = dist.get_rank()
-    comm = Communicator(timeout_s=20)
+    if kind == "kernels":
+        kernels = "cuda" if rank == 1 else "triton"
+    comm = Communicator(timeout_s=20, kernels=kernels)
     try:
         n = 1000 + (rank if kind == "numel" else 0)
         dtype = torch.float16 if (kind == "dtype" and rank == 1) else torch.float32
@@ -118,10 +121,10 @@ def mismatched_call(kind: str, algo: str) -> str:
         comm.close()
 
 
-def absent_peer(absent: int, timeout_s: float) -> str:
+def absent_peer(absent: int, timeout_s: float, kernels: str = "auto") -> str:
     """Rank ``absent`` never calls; the others must fail within the timeout, naming it."""
     rank = dist.get_rank()
-    comm = Communicator(timeout_s=timeout_s)
+    comm = Communicator(timeout_s=timeout_s, kernels=kernels)
     try:
         if rank == absent:
             return ""
@@ -137,11 +140,11 @@ def absent_peer(absent: int, timeout_s: float) -> str:
         comm.close()
 
 
-def graph_replays(n: int, replays: int, seed: int) -> float:
+def graph_replays(n: int, replays: int, seed: int, kernels: str = "auto") -> float:
     """Capture flat + tree in one CUDA graph, replay it ``replays`` times with changing inputs;
     returns the worst relative error seen (accumulated on the device, no per-replay sync)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    comm = Communicator()
+    comm = Communicator(kernels=kernels)
     try:
         pool = [rank_inputs(world, n, torch.bfloat16, seed + i, device=device()) for i in range(8)]
         refs = [all_reduce_reference(xs).float() for xs in pool]
@@ -173,9 +176,9 @@ def graph_replays(n: int, replays: int, seed: int) -> float:
         comm.close()
 
 
-def timed_absent_peer(absent: int, timeout_s: float) -> tuple[str, float]:
+def timed_absent_peer(absent: int, timeout_s: float, kernels: str = "auto") -> tuple[str, float]:
     """absent_peer, plus the seconds the waiting ranks took to give up (GPU poll-rate check)."""
     import time
     t0 = time.perf_counter()
-    text = absent_peer(absent, timeout_s)
+    text = absent_peer(absent, timeout_s, kernels)
     return text, time.perf_counter() - t0
