@@ -21,7 +21,7 @@ step ctest 45 bash -c "cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release >/de
 step "sweep_x$n" 90 python3 -m torch.distributed.run --standalone --nproc-per-node="$n" bench/all_reduce_sweep.py \
   --out "$res" --sizes 1K-64M --write-thresholds
 cp shardkit/collectives/thresholds.json "$res/"
-step gpu_tests 170 python3 -m pytest -q -rs -x -p no:cacheprovider -k "not triton" tests/collectives/test_all_reduce_gpu.py \
+step gpu_tests 130 python3 -m pytest -q -rs -x -p no:cacheprovider -k "not triton" tests/collectives/test_all_reduce_gpu.py \
   tests/collectives/test_all_reduce_rmsnorm_gpu.py tests/attention/test_ring_attention_gpu.py
 step rmsnorm_bench 80 python3 -m torch.distributed.run --standalone --nproc-per-node="$n" bench/all_reduce_rmsnorm_bench.py --out "$res"
 step ring_bench 120 python3 -m torch.distributed.run --standalone --nproc-per-node="$n" bench/ring_attention_bench.py --out "$res"
