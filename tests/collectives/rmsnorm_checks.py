@@ -168,10 +168,10 @@ def op_matches_method(tokens: int, hidden: int, seed: int) -> float:
         comm.close()
 
 
-def graph_replays(tokens: int, hidden: int, replays: int, seed: int) -> float:
+def graph_replays(tokens: int, hidden: int, replays: int, seed: int) -> dict[str, float]:
     """Capture one-shot, two-shot and nccl fused calls in one CUDA graph (static buffers), replay it
-    ``replays`` times with changing inputs; returns the worst relative error seen (accumulated on the
-    device, no per-replay sync)."""
+    ``replays`` times with changing inputs; returns each algorithm's worst relative error (accumulated
+    on the device, no per-replay sync)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     comm = Communicator()
     try:
@@ -193,7 +193,7 @@ def graph_replays(tokens: int, hidden: int, replays: int, seed: int) -> float:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             calls()
-        worst = torch.zeros((), device=device())
+        worst = {a: torch.zeros((), device=device()) for a in algos}
         for i in range(replays):
             k = i % len(pool)
             xs, res, w = pool[k]
@@ -204,11 +204,11 @@ def graph_replays(tokens: int, hidden: int, replays: int, seed: int) -> float:
                 o[0].fill_(float("nan"))
                 o[1].fill_(float("nan"))
             graph.replay()
-            for out, res_out in outs.values():
+            for a, (out, res_out) in outs.items():
                 for got, ref in ((out, refs[k][0]), (res_out, refs[k][1])):
                     err = ((got.float() - ref).abs() / (ref.abs() + 1.0)).max()
-                    worst = torch.maximum(worst, torch.nan_to_num(err, nan=1e9))
+                    worst[a] = torch.maximum(worst[a], torch.nan_to_num(err, nan=1e9))
         comm.check()
-        return worst.item()
+        return {a: w.item() for a, w in worst.items()}
     finally:
         comm.close()

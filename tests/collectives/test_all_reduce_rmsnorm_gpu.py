@@ -28,8 +28,11 @@ def test_auto_and_nccl_algos_match_reference(worlds):
 
 @pytest.mark.parametrize("world_size", WORLDS)
 def test_cuda_graph_10000_replays(worlds, world_size):
+    # NCCL sums bf16 partials hop by hop (W-1 extra roundings), so its baseline gets a looser bound;
+    # the fused kernels accumulate in fp32 and round residual_out and out once each.
+    # (A combined bound of 2e-2 failed once at 0.0207 on 4xH200; which algorithm set it was not recorded.)
     for worst in worlds(world_size, "nccl").run(rmsnorm_checks.graph_replays, 16, 4096, 10_000, 21):
-        assert worst < 2e-2, worst
+        assert worst["oneshot"] < 2e-2 and worst["twoshot"] < 2e-2 and worst["nccl"] < 4e-2, worst
 
 
 @pytest.mark.parametrize("algo", ["oneshot", "twoshot"])
