@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import (environment, header_lines, max_over_ranks, results_stem, summarize,  # noqa: E402
-                          time_cuda, time_host, write_json)
+from bench.common import (environment, header_lines, max_over_ranks, results_stem, run_distributed,  # noqa: E402
+                          summarize, time_cuda, time_host, write_json)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 OURS = ("flat", "tree", "auto")
@@ -309,26 +309,7 @@ def main() -> None:
     args.sizes = args.sizes or ("1K-64K" if cpu else "1K-256M")
     args.iters = args.iters or (3 if cpu else 100)
     args.reps = args.reps or (3 if cpu else 7)
-    if cpu:
-        os.environ["TRITON_INTERPRET"] = "1"
-        from shardkit.testing import ProcessWorld
-        print(f"No GPU: functional run of the Triton kernels in the interpreter on {args.cpu_world} CPU processes.",
-              file=sys.stderr)
-        world = ProcessWorld(args.cpu_world, "gloo")
-        try:
-            env, records = world.run(sweep_rank, args, timeout=3600)[0]
-        finally:
-            world.close()
-        report(args, env, records, args.cpu_world, functional=True)
-        return
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
-    result = sweep_rank(args)
-    if dist.get_rank() == 0:
-        env, records = result
-        report(args, env, records, dist.get_world_size(), functional=False)
-    dist.destroy_process_group()
+    run_distributed(sweep_rank, args, report)
 
 
 if __name__ == "__main__":

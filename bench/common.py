@@ -85,6 +85,21 @@ def header_lines(env: dict) -> list[str]:
     return lines
 
 
+def capture_graph(fn: Callable[[], None], calls: int) -> torch.cuda.CUDAGraph:
+    """``calls`` calls of ``fn`` captured in one CUDA graph (after a warm-up on a side stream)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph
+
+
 def time_cuda(fn: Callable[[], None], iters: int, reps: int, graph: bool, sync: Callable[[], None]) -> list[float]:
     """Microseconds per call of ``fn`` for each of ``reps`` repetitions of ``iters`` calls.
 
@@ -93,17 +108,7 @@ def time_cuda(fn: Callable[[], None], iters: int, reps: int, graph: bool, sync: 
     each repetition; ``sync`` lines the ranks up before each one.
     """
     if graph:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(iters):
-                fn()
-        run = g.replay
+        run = capture_graph(fn, iters).replay
     else:
         def run() -> None:
             for _ in range(iters):
@@ -157,3 +162,31 @@ def write_json(path: str, payload: dict) -> None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)
         f.write("\n")
+
+
+def run_distributed(rank_fn: Callable, args, report: Callable) -> None:
+    """Run ``rank_fn(args)`` on every rank and ``report(args, env, records, world, functional)`` with
+    rank 0's ``(env, records)``: under torchrun on GPUs (NCCL), or, with ``args.cpu_world`` > 0, on a
+    CPU world of that many processes running the Triton kernels in the interpreter (gloo)."""
+    import sys
+
+    if args.cpu_world > 0:
+        os.environ["TRITON_INTERPRET"] = "1"
+        from shardkit.testing import ProcessWorld
+        print(f"No GPU: functional run of the Triton kernels in the interpreter on {args.cpu_world} CPU processes.",
+              file=sys.stderr)
+        world = ProcessWorld(args.cpu_world, "gloo")
+        try:
+            env, records = world.run(rank_fn, args, timeout=3600)[0]
+        finally:
+            world.close()
+        report(args, env, records, args.cpu_world, functional=True)
+        return
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+    result = rank_fn(args)
+    if dist.get_rank() == 0:
+        env, records = result
+        report(args, env, records, dist.get_world_size(), functional=False)
+    dist.destroy_process_group()

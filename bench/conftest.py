@@ -14,21 +14,14 @@ import os
 import pytest
 import torch
 
+from bench.common import capture_graph
+
 CALLS = 50
 
 
 def graph_of(fn, calls: int = CALLS):
     """Capture ``calls`` calls of ``fn`` in one CUDA graph; returns a function that replays it and waits."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
+    graph = capture_graph(fn, calls)
 
     def replay() -> None:
         graph.replay()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import multiprocessing as mp
-import os
 import queue
 import socket
 import time

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from shardkit.collectives.cp_decode import cp_decode_attention, decode_cache_rank
 from shardkit.collectives.ring_attention import ring_attention
-from shardkit.collectives.sharding import shard, shard_positions
+from shardkit.collectives.sharding import shard_positions
 from shardkit.reference_attention import reference_attention
 
 from ..tolerances import ATTENTION

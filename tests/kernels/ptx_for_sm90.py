@@ -4,7 +4,10 @@ Run as a module in a process *without* TRITON_INTERPRET (interpreted kernels can
     python -m tests.kernels.ptx_for_sm90
 """
 import json
+import os
 import re
+import subprocess
+import sys
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -36,6 +39,26 @@ def features(ptx: str) -> dict:
         "release_arrival": bool(re.search(r"atom\.global\.sys\.release\.exch\.b64", ptx)),
         "acquire_wait": bool(re.search(r"atom\.global\.sys\.acquire\.add", ptx)),
     }
+
+
+def features_in_subprocess(module: str) -> dict:
+    """Run ``python -m <module>`` in a process without TRITON_INTERPRET; its last line is the JSON."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", module], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def assert_fast_and_ordered(f: dict) -> None:
+    """16-byte loads and stores, no 2-byte accesses, system-scope release arrival and acquire wait."""
+    assert "ld.global.v4.b32" in f["loads"], f["loads"]
+    assert "st.global.v4.b32" in f["stores"], f["stores"]
+    assert not any(op.endswith((".b16", ".u16")) for op in f["loads"] + f["stores"]), \
+        f"2-byte accesses: an alignment hint was lost ({f['loads']}, {f['stores']})"
+    assert f["release_arrival"], "arrival must be a system-scope release"
+    assert f["acquire_wait"], "wait must be a system-scope acquire"
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from shardkit.kernels.sync import SIGNAL_BYTES
 
 
 def peer_memory_on_rank() -> list:
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     with PeerMemory(half_bytes=5000) as mem:
         assert mem.half_bytes == 8192, "capacity is rounded up to 4 KiB"
         assert mem.table.dtype == torch.int64 and mem.table.tolist()[rank] == mem.buffer.data_ptr()
