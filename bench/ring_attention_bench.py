@@ -16,7 +16,8 @@ Run on one node under torchrun (one process per GPU):
 2. **Cache miss rates** (all GPUs, context ``--context`` tokens, default 128K): ``P`` cached +
    ``T`` new tokens with ``T / (T + P)`` in ``--miss-rates``; pass-KV and pass-Q timed on the same
    inputs (and checked against each other). The crossover (first miss rate at which pass-KV is
-   faster) is what ``shardkit.collectives.ring_attention.PASS_Q_MISS_RATE`` should be set to
+   faster) is what ``ring_attention(variant="auto")`` should switch at; ``--write-thresholds``
+   stores it per GPU and world size (shardkit/collectives/thresholds.json) and auto then uses it
    (Meta reports ~5% on their H100 hosts).
 
 Timing: CUDA events around one call, group barrier before each repetition, median of ``--reps``
@@ -47,7 +48,8 @@ import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench.common import environment, header_lines, results_stem, write_json  # noqa: E402
-from shardkit.collectives.ring_attention import PASS_Q_MISS_RATE, choose_variant, ring_attention  # noqa: E402
+from shardkit.collectives import thresholds  # noqa: E402
+from shardkit.collectives.ring_attention import choose_variant, ring_attention  # noqa: E402
 from shardkit.collectives.sharding import shard, shard_positions  # noqa: E402
 from shardkit.kernels.attention_chunk import attention_chunk  # noqa: E402
 from shardkit.reference_attention import reference_attention  # noqa: E402
@@ -65,6 +67,8 @@ class Bench:
         self.dtype = torch.bfloat16 if self.cuda else torch.float32  # interpreter: no bf16 dots
         self.heads = (args.q_heads, args.kv_heads, args.head_dim)
         self.env = environment()
+        self.pass_q_threshold = thresholds.pass_q_miss_rate(self.env.get("gpu", "cpu") if torch.cuda.is_available()
+                                                            and not args.smoke else "cpu", dist.get_world_size())
         self.results: dict = {"env": self.env, "config": vars(args), "scaling": [], "miss_rate": [],
                               "checks": [], "skipped": []}
         # Sub-groups for the smaller worlds; new_group must be called by every rank.
@@ -206,7 +210,7 @@ class Bench:
             q, k, v = self.rand(gen, 1, Hq, lt, D), self.rand(gen, 1, Hkv, lt, D), self.rand(gen, 1, Hkv, lt, D)
             kw = {"k_cache": self.rand(gen, 1, Hkv, lp, D), "v_cache": self.rand(gen, 1, Hkv, lp, D)} if P else {}
             row = {"context": N, "new_tokens": T, "cached_tokens": P, "miss_rate": T / N,
-                   "auto_picks": choose_variant(T, P)}
+                   "auto_picks": choose_variant(T, P, pass_q_threshold=self.pass_q_threshold)}
             outs = {}
             for variant in ("pass_kv", "pass_q"):
                 def call(variant=variant) -> None:
@@ -222,8 +226,11 @@ class Bench:
         rows = self.results["miss_rate"]
         crossover = next((r["miss_rate"] for r in rows if r["pass_kv_ms"] <= r["pass_q_ms"]), None)
         self.results["crossover_miss_rate"] = crossover
-        self.log(f"crossover (first miss rate at which pass-KV is faster): {crossover}; "
-                 f"PASS_Q_MISS_RATE is {PASS_Q_MISS_RATE}")
+        # The threshold to store: the largest measured miss rate up to which pass-Q always won.
+        won = [r["miss_rate"] for r in rows if crossover is None or r["miss_rate"] < crossover]
+        self.results["pass_q_until"] = max(won) if won else 0.0
+        self.log(f"crossover (first miss rate at which pass-KV is faster): {crossover}; pass-Q won up to "
+                 f"{self.results['pass_q_until']}; auto's threshold in this run: {self.pass_q_threshold}")
 
     # ------------------------------------------------------------------ report
 
@@ -249,8 +256,8 @@ class Bench:
                          f"{m['pass_kv_ms']:.3f} | {m['pass_q_ms']:.3f} | {m['pass_q_ms'] / m['pass_kv_ms']:.2f} | "
                          f"{m['auto_picks']} |")
         if "crossover_miss_rate" in r:
-            lines += ["", f"Crossover (first miss rate at which pass-KV is faster): {r['crossover_miss_rate']} "
-                      f"(PASS_Q_MISS_RATE = {PASS_Q_MISS_RATE}; Meta: ~5%)."]
+            lines += ["", f"Crossover (first miss rate at which pass-KV is faster): {r['crossover_miss_rate']}; "
+                      f"auto's threshold in this run: {self.pass_q_threshold} (Meta: ~5%)."]
         lines += ["", "## Checks", ""]
         lines += [f"- {c['name']}: max |err| {c['max_abs_err']:.2e} — {'ok' if c['ok'] else '**FAILED**'}"
                   for c in r["checks"]]
@@ -275,6 +282,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--budget-s", type=float, default=100.0)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (gloo, Triton interpreter)")
+    ap.add_argument("--write-thresholds", action="store_true",
+                    help="store the measured pass-Q/pass-KV crossover for ring_attention(variant='auto')")
     args = ap.parse_args()
     small = args.smoke
     args.lengths = args.lengths or ([48, 96] if small else [32768, 131072])
@@ -305,6 +314,9 @@ def main() -> None:
         b.save()
         raise
     b.save()
+    if b.rank == 0 and args.write_thresholds and not small and "pass_q_until" in b.results:
+        thresholds.write_pass_q_miss_rate(b.env["gpu"], world, b.results["pass_q_until"])
+        print(f"stored pass-Q threshold {b.results['pass_q_until']} for {b.env['gpu']} x{world}", flush=True)
     if b.rank == 0:
         failed = [c["name"] for c in b.results["checks"] if not c["ok"]]
         print(f"wrote {b.stem}.json / .md in {time.monotonic() - b.t0:.0f} s"

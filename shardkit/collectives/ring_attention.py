@@ -23,8 +23,9 @@ variants (Meta, "Context Parallelism for Scalable Million-Token Inference", arXi
   context is already in a KV cache.
 * **auto**: Meta's rule (Algorithm 1): pass-KV unless the KV-cache miss rate
   ``T / (T + P)`` (``T`` new tokens, ``P`` cached tokens, summed over the group) is below
-  ``pass_q_threshold`` (default ``PASS_Q_MISS_RATE`` = 5%, Meta's figure for H100 hosts; to be
-  replaced by the crossover that ``bench/ring_attention_bench.py`` measures). Without a cache
+  ``pass_q_threshold``. By default that is the crossover ``bench/ring_attention_bench.py
+  --write-thresholds`` measured for this GPU and group size (``thresholds.json``; 50% on 4×H200
+  at 128K tokens), else ``PASS_Q_MISS_RATE`` = 5%, Meta's figure for H100 hosts. Without a cache
   the miss rate is 1 and auto is pass-KV.
 
 Partial prefill with a KV cache: pass ``k_cache``/``v_cache`` (this rank's shard of the ``P``
@@ -69,6 +70,7 @@ import torch.distributed as dist
 from ..kernels.attention_chunk import SUPPORTED_HEAD_DIMS, attention_chunk
 from ..kernels.attention_merge import merge_attention, merge_attention_
 from .attention_partials import segment_bytes, segment_views, stacked_views
+from . import thresholds
 from .sharding import chunk_bounds, shard_positions
 
 __all__ = ["ring_attention", "choose_variant", "PASS_Q_MISS_RATE", "VARIANTS"]
@@ -513,7 +515,7 @@ def ring_attention(
     v_cache: Optional[torch.Tensor] = None,
     cache_pos: Positions = None,
     softmax_scale: Optional[float] = None,
-    pass_q_threshold: float = PASS_Q_MISS_RATE,
+    pass_q_threshold: Optional[float] = None,
 ) -> torch.Tensor:
     """Exact attention of this rank's queries to the keys of every rank of ``group``.
 
@@ -536,7 +538,8 @@ def ring_attention(
             (partial prefill); the new queries attend to all cached and all new keys.
         cache_pos: global positions ``[Lc]`` of the cached tokens (sorted ascending), or int.
         softmax_scale: multiplies the scores; default ``1 / sqrt(D)``.
-        pass_q_threshold: KV-cache miss rate below which ``"auto"`` picks pass-Q.
+        pass_q_threshold: KV-cache miss rate below which ``"auto"`` picks pass-Q; default: the
+            measured crossover for this GPU and group size (``thresholds.pass_q_miss_rate``).
 
     Returns:
         ``out`` ``[B, Hq, Lq, D]`` in q's dtype (new, contiguous). Inputs are not modified.
@@ -548,6 +551,9 @@ def ring_attention(
     """
     group = group if group is not None else dist.group.WORLD
     rank, world = dist.get_rank(group), dist.get_world_size(group)
+    if pass_q_threshold is None:
+        device_name = torch.cuda.get_device_name(q.device) if q.is_cuda else "cpu"
+        pass_q_threshold = thresholds.pass_q_miss_rate(device_name, world)
     local, error = None, None
     try:
         local = _check_inputs(q, k, v, k_cache, v_cache, q_pos, kv_pos, cache_pos, causal, variant,

@@ -1,7 +1,10 @@
-"""Auto-selection of the all-reduce algorithm from a (device, world size, bytes) table.
+"""Auto-selection tables, measured per (device, world size), in ``thresholds.json`` beside this file.
 
-The table ships in ``thresholds.json`` beside this file; ``bench/all_reduce_sweep.py
---write-thresholds`` rewrites the entry of the GPU it ran on from measured crossovers.
+* all-reduce: algorithm by message size; ``bench/all_reduce_sweep.py --write-thresholds`` rewrites
+  the entry of the GPU it ran on from measured crossovers.
+* ring attention: the KV-cache miss rate below which pass-Q beats pass-KV (key
+  ``"ring_pass_q_miss_rate"``); ``bench/ring_attention_bench.py --write-thresholds`` stores it.
+  Unknown devices get Meta's 5%.
 """
 from __future__ import annotations
 
@@ -41,6 +44,29 @@ def write_rules(device_name: str, world_size: int, rules: list[tuple[int | None,
     entry = dict(table.get(device_name, {}))
     entry[str(world_size)] = [[b, a] for b, a in rules]
     table[device_name] = entry
+    with open(path, "w") as f:
+        json.dump(table, f, indent=2)
+        f.write("\n")
+    load_table.cache_clear()
+
+
+RING_KEY = "ring_pass_q_miss_rate"
+DEFAULT_PASS_Q_MISS_RATE = 0.05  # Meta (arXiv 2411.01783), H100 hosts
+
+
+def pass_q_miss_rate(device_name: str, world_size: int, table: dict | None = None) -> float:
+    """The measured pass-Q / pass-KV crossover for a device and world size, else Meta's 5%."""
+    table = load_table() if table is None else table
+    per_device = table.get(RING_KEY, {}).get(device_name, {})
+    return float(per_device.get(str(world_size), per_device.get("default", DEFAULT_PASS_Q_MISS_RATE)))
+
+
+def write_pass_q_miss_rate(device_name: str, world_size: int, miss_rate: float, path: str = PATH) -> None:
+    """Store a measured pass-Q / pass-KV crossover."""
+    table = dict(load_table(path))
+    ring = dict(table.get(RING_KEY, {}))
+    ring[device_name] = {**ring.get(device_name, {}), str(world_size): float(miss_rate)}
+    table[RING_KEY] = ring
     with open(path, "w") as f:
         json.dump(table, f, indent=2)
         f.write("\n")
