@@ -116,7 +116,8 @@ class Communicator:
         else:  # the interpreter runs programs one after another: few, large ones are fastest
             self._max_programs, self._block, self._warps = 2, 512, 1
         self._timeout_iters = int(self.timeout_s * _POLLS_PER_S[self.backend])
-        self._host_table = cuda_dda.HostTable(self.memory.table.tolist()) if self.memory is not None else None
+        self._host_table = (cuda_dda.HostTable(self.memory.table.tolist())
+                            if self.memory is not None and self.kernels == "cuda" else None)
         self._error: str | None = None
         _REGISTRY[self.group.group_name] = self
 
