@@ -67,7 +67,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from ..kernels.attention_chunk import SUPPORTED_HEAD_DIMS, attention_chunk
+from ..kernels.attention_chunk import SUPPORTED_HEAD_DIMS, attention_chunk, check_positions
 from ..kernels.attention_merge import merge_attention, merge_attention_
 from .attention_partials import segment_bytes, segment_views, stacked_views
 from . import thresholds
@@ -141,14 +141,8 @@ def _positions(name: str, pos: Positions, length: int, device: torch.device) -> 
         raise TypeError(f"{name} must be an int or an integer tensor, got {type(pos).__name__}")
     if isinstance(pos, int):
         return torch.arange(pos, pos + length, dtype=torch.int64, device=device)
-    if pos.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{name} must be an int32 or int64 tensor, got {pos.dtype}")
-    if pos.dim() != 1 or pos.shape[0] != length:
-        raise ValueError(f"{name} must have shape [{length}], got {list(pos.shape)}")
-    if pos.device != device:
-        raise ValueError(f"{name} is on {pos.device} but q is on {device}")
     # int64 on every rank: a receiver sizes its buffer before it sees the sender's tensor.
-    return pos.to(torch.int64).contiguous()
+    return check_positions(name, pos, length, device, must_be_sorted=False).to(torch.int64).contiguous()
 
 
 @dataclass

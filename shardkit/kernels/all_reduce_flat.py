@@ -18,9 +18,8 @@ import triton.language as tl
 
 from .launch import CachedLauncher, int_key, ptr_key
 from .peer_tiles import peer_ptr, stage_tiles, sum_tile
-from .sync import MAX_PROGRAMS, SIGNAL_BYTES, finish_call, peer_barrier, start_call
+from .sync import SIGNAL_BYTES, finish_call, peer_barrier, start_call
 
-_MAX_PROGRAMS = tl.constexpr(MAX_PROGRAMS)
 _DATA_OFF = tl.constexpr(SIGNAL_BYTES)
 
 
@@ -49,19 +48,14 @@ def flat_all_reduce_kernel(
         src = half
         if ok:
             stage_tiles(x_ptr, peer_ptr(table_ptr, rank, half, DTYPE), 0, numel, pid, nprog, BLOCK)
-    if ok:
-        tl.debug_barrier()
-        ok = peer_barrier(table_ptr, rank, pid, flag, status_addr, timeout_iters, WORLD, WORLD_P2)
+    ok = peer_barrier(table_ptr, rank, 0, flag, ok, status_addr, timeout_iters, WORLD, WORLD_P2)
     for t in range(pid, tl.cdiv(numel, BLOCK), nprog):
         offs = t * BLOCK + tl.arange(0, BLOCK)
         m = offs < numel
         acc = sum_tile(table_ptr, src, offs, m & ok, WORLD, DTYPE)
         tl.store(out_ptr + offs, tl.where(ok, acc, float("nan")).to(DTYPE), mask=m)
     if ZERO_COPY:
-        if ok:
-            tl.debug_barrier()
-            ok = peer_barrier(table_ptr, rank, _MAX_PROGRAMS + pid, flag, status_addr, timeout_iters,
-                              WORLD, WORLD_P2)
+        ok = peer_barrier(table_ptr, rank, 1, flag, ok, status_addr, timeout_iters, WORLD, WORLD_P2)
     finish_call(own, epoch)
 
 

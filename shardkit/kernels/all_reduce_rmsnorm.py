@@ -35,9 +35,8 @@ import triton.language as tl
 
 from .launch import CachedLauncher, int_key, ptr_key
 from .peer_tiles import peer_ptr, stage_rows, sum_tile
-from .sync import MAX_PROGRAMS, SIGNAL_BYTES, finish_call, peer_barrier, start_call
+from .sync import SIGNAL_BYTES, finish_call, peer_barrier, start_call
 
-_MAX_PROGRAMS = tl.constexpr(MAX_PROGRAMS)
 _DATA_OFF = tl.constexpr(SIGNAL_BYTES)
 MAX_HIDDEN = 32768  # one row lives in registers: BLOCK_H fp32 values per program
 
@@ -88,8 +87,7 @@ def oneshot_rmsnorm_kernel(
         # Rows p, p + G, ...: the rows that this program reads back from every rank below.
         stage_rows(x_ptr, peer_ptr(table_ptr, rank, half, DTYPE), 0, tokens, hidden, ws_stride, cols, cmask,
                    pid, nprog)
-        tl.debug_barrier()
-        ok = peer_barrier(table_ptr, rank, pid, flag, status_addr, timeout_iters, WORLD, WORLD_P2)
+    ok = peer_barrier(table_ptr, rank, 0, flag, ok, status_addr, timeout_iters, WORLD, WORLD_P2)
     weight = tl.load(weight_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     for row in range(pid, tokens, nprog):
         total = sum_tile(table_ptr, half, row * ws_stride + cols, cmask & ok, WORLD, DTYPE)
@@ -120,8 +118,7 @@ def twoshot_rmsnorm_kernel(
         for s in tl.static_range(WORLD):
             stage_rows(x_ptr, mine, s * rows_per_rank, tl.minimum((s + 1) * rows_per_rank, tokens), hidden,
                        ws_stride, cols, cmask, pid, nprog)
-        tl.debug_barrier()
-        ok = peer_barrier(table_ptr, rank, pid, flag, status_addr, timeout_iters, WORLD, WORLD_P2)
+    ok = peer_barrier(table_ptr, rank, 0, flag, ok, status_addr, timeout_iters, WORLD, WORLD_P2)
 
     # Reduce-scatter + residual + norm of our rows.
     weight = tl.load(weight_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -135,10 +132,7 @@ def twoshot_rmsnorm_kernel(
         tl.store(res_out_ptr + row * hidden + cols, h, mask=cmask)
         tl.store(mine + row * ws_stride + cols, y, mask=cmask & ok)
         tl.store(mine + (tokens + row) * ws_stride + cols, h, mask=cmask & ok)
-    if ok:
-        tl.debug_barrier()
-        ok = peer_barrier(table_ptr, rank, _MAX_PROGRAMS + pid, flag, status_addr, timeout_iters,
-                          WORLD, WORLD_P2)
+    ok = peer_barrier(table_ptr, rank, 1, flag, ok, status_addr, timeout_iters, WORLD, WORLD_P2)
 
     # All-gather: the other ranks' rows, written there by their program p.
     for i in tl.static_range(1, WORLD):

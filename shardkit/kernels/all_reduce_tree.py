@@ -20,9 +20,8 @@ import triton.language as tl
 
 from .launch import CachedLauncher, int_key, ptr_key
 from .peer_tiles import peer_ptr, stage_tiles, sum_tile
-from .sync import MAX_PROGRAMS, SIGNAL_BYTES, finish_call, peer_barrier, start_call
+from .sync import SIGNAL_BYTES, finish_call, peer_barrier, start_call
 
-_MAX_PROGRAMS = tl.constexpr(MAX_PROGRAMS)
 _DATA_OFF = tl.constexpr(SIGNAL_BYTES)
 
 
@@ -56,9 +55,7 @@ def tree_all_reduce_kernel(
             staged = peer_ptr(table_ptr, rank, half, DTYPE)
             for s in tl.static_range(WORLD):
                 stage_tiles(x_ptr, staged, s * shard, tl.minimum((s + 1) * shard, numel), pid, nprog, BLOCK)
-    if ok:
-        tl.debug_barrier()
-        ok = peer_barrier(table_ptr, rank, pid, flag, status_addr, timeout_iters, WORLD, WORLD_P2)
+    ok = peer_barrier(table_ptr, rank, 0, flag, ok, status_addr, timeout_iters, WORLD, WORLD_P2)
 
     # Reduce-scatter: our shard, summed over all ranks.
     lo = tl.multiple_of(rank * shard, 16)
@@ -70,10 +67,7 @@ def tree_all_reduce_kernel(
         acc = tl.where(ok, sum_tile(table_ptr, src, offs, m & ok, WORLD, DTYPE), float("nan")).to(DTYPE)
         tl.store(out_ptr + offs, acc, mask=m)
         tl.store(reduced + offs, acc, mask=m & ok)
-    if ok:
-        tl.debug_barrier()
-        ok = peer_barrier(table_ptr, rank, _MAX_PROGRAMS + pid, flag, status_addr, timeout_iters,
-                          WORLD, WORLD_P2)
+    ok = peer_barrier(table_ptr, rank, 1, flag, ok, status_addr, timeout_iters, WORLD, WORLD_P2)
 
     # All-gather: the peers' reduced shards.
     for i in tl.static_range(1, WORLD):

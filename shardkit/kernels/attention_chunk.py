@@ -277,8 +277,10 @@ def _default_config(head_dim: int, dtype: torch.dtype, interpret: bool) -> Tuple
     return 128, 64, 8, 3
 
 
-def _check_positions(name: str, pos: Union[int, torch.Tensor, None], length: int,
-                     device: torch.device, must_be_sorted: bool) -> Optional[torch.Tensor]:
+def check_positions(name: str, pos: Union[int, torch.Tensor, None], length: int,
+                    device: torch.device, must_be_sorted: bool) -> Optional[torch.Tensor]:
+    """Validate a position argument (None, an int start, or an int32/int64 tensor ``[length]`` on
+    ``device``); returns the tensor, or None for None/int."""
     if pos is None or isinstance(pos, int):
         return None
     if not isinstance(pos, torch.Tensor):
@@ -369,8 +371,8 @@ def attention_chunk(
         if isinstance(pos, bool) or not (pos is None or isinstance(pos, (int, torch.Tensor))):
             raise TypeError(f"{name} must be None, an int or an integer tensor, got {type(pos).__name__}")
 
-    q_pos_t = _check_positions("q_pos", q_pos, Lq, q.device, must_be_sorted=False) if causal else None
-    kv_pos_t = _check_positions("kv_pos", kv_pos, Lk, q.device, must_be_sorted=True) if causal else None
+    q_pos_t = check_positions("q_pos", q_pos, Lq, q.device, must_be_sorted=False) if causal else None
+    kv_pos_t = check_positions("kv_pos", kv_pos, Lk, q.device, must_be_sorted=True) if causal else None
     q_start = q_pos if isinstance(q_pos, int) else 0
     kv_start = kv_pos if isinstance(kv_pos, int) else 0
 

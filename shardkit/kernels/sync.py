@@ -91,14 +91,25 @@ def start_call(table_ptr, rank, sig):
 
 
 @triton.jit
-def peer_barrier(table_ptr, rank, slot, flag, status_addr, timeout_iters,
+def peer_barrier(table_ptr, rank, stage, flag, ok, status_addr, timeout_iters,
                  WORLD: tl.constexpr, WORLD_P2: tl.constexpr):
     """Block-level barrier with every rank's same-numbered program; returns True on success.
 
-    slot: which flag row to use, ``stage * MAX_PROGRAMS + program_id``; stages of one call differ.
+    stage: 0, 1, ... for the barriers of one call (each stage has its own flag rows).
     flag: ``sig * 2**32 + epoch`` of this call (from ``start_call``).
-    The caller runs ``tl.debug_barrier()`` first when the block's stores must be visible to peers.
+    ok: False skips the barrier (this call already failed) and returns False.
+    The block's earlier stores are published with the arrival (CTA barrier, then a release).
     """
+    if ok:
+        tl.debug_barrier()
+        ok = _wait_for_peers(table_ptr, rank, stage * _MAX_PROGRAMS + tl.program_id(0), flag, status_addr,
+                             timeout_iters, WORLD, WORLD_P2)
+    return ok
+
+
+@triton.jit
+def _wait_for_peers(table_ptr, rank, slot, flag, status_addr, timeout_iters,
+                    WORLD: tl.constexpr, WORLD_P2: tl.constexpr):
     peers = tl.arange(0, WORLD_P2)
     is_peer = peers < WORLD
     bases = tl.load(table_ptr + peers, mask=is_peer, other=0)
