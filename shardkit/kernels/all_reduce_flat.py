@@ -18,9 +18,8 @@ import triton.language as tl
 
 from .launch import CachedLauncher, int_key, ptr_key
 from .peer_tiles import peer_ptr, stage_tiles, sum_tile
-from .sync import SIGNAL_BYTES, finish_call, peer_barrier, start_call
+from .sync import finish_call, peer_barrier, start_call
 
-_DATA_OFF = tl.constexpr(SIGNAL_BYTES)
 
 
 @triton.jit(do_not_specialize=["status_addr", "rank", "sig", "x_offset", "half_bytes", "timeout_iters"])
@@ -40,8 +39,7 @@ def flat_all_reduce_kernel(
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     DTYPE: tl.constexpr = out_ptr.dtype.element_ty
-    own, epoch, flag, ok = start_call(table_ptr, rank, sig)
-    half = _DATA_OFF + half_bytes * (1 + epoch % 2)
+    own, epoch, flag, ok, half = start_call(table_ptr, rank, sig, half_bytes)
     if ZERO_COPY:
         src = x_offset
     else:

@@ -35,9 +35,8 @@ import triton.language as tl
 
 from .launch import CachedLauncher, int_key, ptr_key
 from .peer_tiles import peer_ptr, stage_rows, sum_tile
-from .sync import SIGNAL_BYTES, finish_call, peer_barrier, start_call
+from .sync import finish_call, peer_barrier, start_call
 
-_DATA_OFF = tl.constexpr(SIGNAL_BYTES)
 MAX_HIDDEN = 32768  # one row lives in registers: BLOCK_H fp32 values per program
 
 
@@ -79,8 +78,7 @@ def oneshot_rmsnorm_kernel(
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     DTYPE: tl.constexpr = out_ptr.dtype.element_ty
-    own, epoch, flag, ok = start_call(table_ptr, rank, sig)
-    half = _DATA_OFF + half_bytes * (1 + epoch % 2)
+    own, epoch, flag, ok, half = start_call(table_ptr, rank, sig, half_bytes)
     cols = tl.arange(0, BLOCK_H)
     cmask = cols < hidden
     if ok:
@@ -107,8 +105,7 @@ def twoshot_rmsnorm_kernel(
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     DTYPE: tl.constexpr = out_ptr.dtype.element_ty
-    own, epoch, flag, ok = start_call(table_ptr, rank, sig)
-    half = _DATA_OFF + half_bytes * (1 + epoch % 2)
+    own, epoch, flag, ok, half = start_call(table_ptr, rank, sig, half_bytes)
     cols = tl.arange(0, BLOCK_H)
     cmask = cols < hidden
     # Our half: staged x rows (row i at i*ws_stride; our own rows are overwritten with out), then the

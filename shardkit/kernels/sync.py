@@ -62,6 +62,7 @@ _EPOCH_MOD = tl.constexpr(EPOCH_MOD)
 _EPOCH_OFF = tl.constexpr(EPOCH_OFF)
 _DONE_OFF = tl.constexpr(DONE_OFF)
 _ERROR_OFF = tl.constexpr(ERROR_OFF)
+_SIGNAL_BYTES = tl.constexpr(SIGNAL_BYTES)
 _STATUS_POLL_EVERY = tl.constexpr(1024)
 # Scope of the arrival's release fence. Data we publish always lives in our own GPU's memory and
 # peers read it through our L2, so a GPU-scope fence orders it before the flag; "sys" is the
@@ -74,20 +75,24 @@ _ABORTED = tl.constexpr(ABORTED)
 
 
 @triton.jit
-def start_call(table_ptr, rank, sig):
-    """Read this call's epoch; returns (own workspace address, epoch, flag, ok).
+def start_call(table_ptr, rank, sig, half_bytes):
+    """Read this call's epoch; returns (own workspace address, epoch, flag, ok, half).
 
     table_ptr:   int64[WORLD] workspace base addresses (this process's view of every rank's buffer)
     rank:        this rank
     sig:         the call's 31-bit signature (host-computed)
+    half_bytes:  bytes of one half of the double-buffered scratch area
     ok is False when an earlier call already failed: the communicator is then unusable.
+    half is the byte offset of this call's scratch half (chosen by the epoch's parity: call n+2
+    reuses call n's half only after every peer has finished call n).
     """
     own = tl.load(table_ptr + rank)
     epoch_ptr = (own + _EPOCH_OFF).to(tl.pointer_type(tl.int64))
     epoch = (tl.load(epoch_ptr, volatile=True) + 1) % _EPOCH_MOD
     flag = sig.to(tl.int64) * _EPOCH_MOD + epoch
     ok = tl.load((own + _ERROR_OFF).to(tl.pointer_type(tl.int32)), volatile=True) == 0
-    return own, epoch, flag, ok
+    half = _SIGNAL_BYTES + half_bytes * (1 + epoch % 2)
+    return own, epoch, flag, ok, half
 
 
 @triton.jit

@@ -10,12 +10,25 @@ import hashlib
 import torch
 import torch.distributed as dist
 
-from shardkit import CollectiveError, Communicator
+from shardkit import CollectiveError, Communicator, ShardkitError
 from shardkit.reference import all_reduce_reference, rank_inputs
 
 from ..tolerances import ROUNDING, tol
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def error_messages(cases: list) -> list[str]:
+    """Run each bad-input case; each must raise TypeError, ValueError or ShardkitError. The messages."""
+    messages = []
+    for i, case in enumerate(cases):
+        try:
+            case()
+        except (TypeError, ValueError, ShardkitError) as e:
+            messages.append(str(e))
+        else:
+            raise AssertionError(f"bad input accepted (case {i})")
+    return messages
 
 
 def device() -> torch.device:
