@@ -9,7 +9,12 @@ The launch key must determine everything Triton specialises on. Callers mark the
 whose values do not matter with ``do_not_specialize`` and put into the key what does: constexprs,
 ``num_warps``, each pointer's dtype and 16-byte alignment, and for specialised integers their
 divisibility by 16, equality to 1 and 32-bit range (see ``int_key``/``ptr_key``).
-In the interpreter (TRITON_INTERPRET=1) the normal path is always used.
+In the interpreter (TRITON_INTERPRET=1), and whenever a Triton launch hook is installed (a
+profiler), the normal path is used.
+
+Triton >= 3.5 keeps the launch hooks as ``HookChain`` objects that are never None; testing them
+against None (as this file first did) sent every launch down the normal path, which is why eager
+Triton calls stayed at 30-80 us per call (docs/PERFORMANCE.md, v5).
 """
 from __future__ import annotations
 
@@ -28,6 +33,11 @@ def int_key(v: int) -> tuple:
     return (v % 16 == 0, v == 1, -(1 << 31) <= v < (1 << 31))
 
 
+def launch_hooks_installed() -> bool:
+    """True when a Triton launch enter/exit hook is installed (None or an empty HookChain: none)."""
+    return any(getattr(h, "calls", h) for h in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook))
+
+
 class CachedLauncher:
     """``launcher(key, programs, args, constexprs, num_warps)`` launches ``kernel`` on a 1-D grid.
 
@@ -42,11 +52,11 @@ class CachedLauncher:
 
     def __call__(self, key: tuple, programs: int, args: tuple, constexprs: dict, num_warps: int) -> None:
         compiled = self.compiled.get(key) if self.enabled else None
-        if compiled is None or knobs.runtime.launch_enter_hook is not None:
+        if compiled is None or launch_hooks_installed():
             compiled = self.kernel[(programs,)](*args, **constexprs, num_warps=num_warps)
             if self.enabled:
                 self.compiled[key] = compiled
             return
         stream = torch._C._cuda_getCurrentRawStream(args[0].device.index)
-        compiled.run(programs, 1, 1, stream, compiled.function, compiled.packed_metadata, None,
-                     None, knobs.runtime.launch_exit_hook, *args, *constexprs.values())
+        compiled.run(programs, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                     *args, *constexprs.values())
