@@ -69,6 +69,7 @@ import torch.distributed as dist
 
 from ..kernels.attention_chunk import SUPPORTED_HEAD_DIMS, attention_chunk, check_positions
 from ..kernels.attention_merge import merge_attention, merge_attention_
+from ..kernels.attention_sdpa import LOCAL_BACKENDS, sdpa_backends, sdpa_with_lse
 from .attention_partials import segment_bytes, segment_views, stacked_views
 from . import thresholds
 from .sharding import chunk_bounds, shard_positions
@@ -156,7 +157,7 @@ class _Local:
 
 
 def _check_inputs(q, k, v, k_cache, v_cache, q_pos, kv_pos, cache_pos, causal, variant,
-                  softmax_scale, pass_q_threshold) -> _Local:
+                  softmax_scale, pass_q_threshold, local_backend) -> _Local:
     _check_tensor("q", q, None)
     if q.shape[3] not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"q head_dim (last dim) must be one of {SUPPORTED_HEAD_DIMS}, got {q.shape[3]}")
@@ -169,6 +170,11 @@ def _check_inputs(q, k, v, k_cache, v_cache, q_pos, kv_pos, cache_pos, causal, v
             raise ValueError(f"k_cache has {k_cache.shape[1]} heads but k has {k.shape[1]}")
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if local_backend not in ("auto",) + LOCAL_BACKENDS:
+        raise ValueError(f"local_backend must be 'auto' or one of {LOCAL_BACKENDS}, got {local_backend!r}")
+    if local_backend not in ("auto", "triton") and local_backend not in sdpa_backends(q.device, q.dtype):
+        raise ValueError(f"local_backend {local_backend!r} is not available for {q.dtype} on {q.device} "
+                         f"with this torch (available: {('triton',) + sdpa_backends(q.device, q.dtype)})")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
@@ -369,15 +375,84 @@ def _views(bufs: List[torch.Tensor], shapes: List[Tuple[int, ...]]) -> List[torc
 
 
 # ----------------------------------------------------------------------------------
+# One chunk pair: which rows see which keys, and the local kernel that computes it
+# ----------------------------------------------------------------------------------
+
+@dataclass
+class _LocalKernel:
+    """How this rank computes its chunk pairs."""
+
+    backend: str               # "triton", or an SDPA backend of sdpa_with_lse
+    layout_known: bool         # the load-balanced default layout: every pair is one block
+
+
+def _pair_block(plan: _Plan, kernel: _LocalKernel, causal: bool, q_owner: int, kv_owner: int,
+                is_cache: bool) -> Optional[Tuple[int, int, str]]:
+    """What the queries of ``q_owner`` see of one KV chunk of ``kv_owner`` (its cache or its new tokens).
+
+    Returns None when no query sees any key (the pair is skipped), else ``(row0, n_keys, mask)``:
+    query rows ``row0:`` see keys ``:n_keys`` with ``mask`` "none" (all of them) or "diagonal"
+    (the square causal block), and rows ``:row0`` see nothing; or mask "positions" (any other
+    pattern: the Triton kernel masks by global position, rows and keys all passed).
+
+    In the load-balanced layout (rank r holds chunks A_r = r and B_r = 2W-1-r of the new tokens,
+    after all cached tokens) every pair is one block: the cache is seen by all new queries; a
+    rank's own tokens form the causal diagonal; for an earlier rank s < r all queries see A_s and
+    none sees B_s (B_s > B_r); for a later rank s > r only the rows of B_r see anything, and they
+    see all of A_s and B_s (the ring-flash-attn "zigzag" observation).
+    """
+    lq = plan.q_len[q_owner]
+    lk = (plan.cache_len if is_cache else plan.kv_len)[kv_owner]
+    if lq == 0 or lk == 0:
+        return None
+    if not causal:
+        return 0, lk, "none"
+    lo = (plan.cache_pos_min if is_cache else plan.kv_pos_min)[kv_owner]
+    if lo > plan.q_pos_max[q_owner]:
+        return None  # every key after every query
+    if not kernel.layout_known:
+        return 0, lk, "positions"
+    if is_cache:
+        return 0, lk, "none"
+    if q_owner == kv_owner:
+        return 0, lk, "diagonal"
+    bounds = chunk_bounds(sum(plan.q_len), plan.world)
+    if kv_owner < q_owner:
+        n = bounds[kv_owner][1] - bounds[kv_owner][0]
+        return (0, n, "none") if n else None
+    row0 = bounds[q_owner][1] - bounds[q_owner][0]
+    return (row0, lk, "none") if row0 < lq else None
+
+
+def _attend(q, k, v, q_pos, kv_pos, block: Tuple[int, int, str], causal: bool, scale: float,
+            backend: str, out: torch.Tensor, lse: torch.Tensor) -> Tuple[int, torch.Tensor, torch.Tensor]:
+    """Partial attention of one chunk pair: ``(row0, out, lse)`` for the query rows ``row0:``.
+
+    The Triton kernel writes all rows into ``out``/``lse`` (masking by position; row0 = 0);
+    an SDPA backend returns new tensors for the block's rows.
+    """
+    row0, n_keys, mask = block
+    if backend == "triton" or mask == "positions":
+        attention_chunk(q, k, v, causal=causal, q_pos=q_pos, kv_pos=kv_pos, softmax_scale=scale,
+                        out=out, lse=lse)
+        return 0, out, lse
+    o, l = sdpa_with_lse(q[:, :, row0:], k[:, :, :n_keys], v[:, :, :n_keys], causal=mask == "diagonal",
+                         softmax_scale=scale, backend=backend)
+    return row0, o, l
+
+
+# ----------------------------------------------------------------------------------
 # pass-KV
 # ----------------------------------------------------------------------------------
 
-def _pass_kv(q, parts, q_pos, plan: _Plan, rank: int, group, causal: bool, scale: float) -> torch.Tensor:
-    """``parts``: this rank's KV chunks ``[(k, v, pos, part_index)]`` (cache first, then new tokens)."""
+def _pass_kv(q, parts, q_pos, plan: _Plan, rank: int, group, causal: bool, scale: float,
+             kernel: _LocalKernel) -> torch.Tensor:
+    """``parts``: this rank's KV chunks ``[(k, v, pos)]`` (cache first, then new tokens)."""
     W = plan.world
     B, Hq, Lq, D = q.shape
     Hkv = parts[0][0].shape[1]
     nxt, prv = dist.get_global_rank(group, (rank + 1) % W), dist.get_global_rank(group, (rank - 1) % W)
+    is_cache = [True, False][-len(parts):]
 
     def shapes(src: int) -> List[Tuple[int, ...]]:
         # The tensors that travel for rank src's KV: per part (cache, new) k, v and, if causal, positions.
@@ -400,7 +475,6 @@ def _pass_kv(q, parts, q_pos, plan: _Plan, rank: int, group, causal: bool, scale
     acc_lse = torch.full((B, Hq, Lq), float("-inf"), dtype=torch.float32, device=q.device)
     part_o = torch.empty((B, Hq, Lq, D), dtype=q.dtype, device=q.device)
     part_l = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
-    q_max = plan.q_pos_max[rank]
 
     current = local
     for step in range(W):
@@ -409,15 +483,14 @@ def _pass_kv(q, parts, q_pos, plan: _Plan, rank: int, group, causal: bool, scale
         if step < W - 1:
             incoming = _views(bufs[(step + 1) % 2], shapes((src - 1) % W))
             reqs = _post_ring(current, incoming, nxt, prv, group)
-        mins = [plan.cache_pos_min[src], plan.kv_pos_min[src]][-len(parts):]
-        for i, lo in enumerate(mins):
+        for i, cache in enumerate(is_cache):
+            block = _pair_block(plan, kernel, causal, rank, src, cache)
+            if block is None:
+                continue
             kc, vc = current[i * per_part], current[i * per_part + 1]
-            if kc.shape[2] == 0 or Lq == 0 or (causal and lo > q_max):
-                continue  # an empty chunk, or every key after every query: fully masked
-            attention_chunk(q, kc, vc, causal=causal, q_pos=q_pos,
-                            kv_pos=current[i * per_part + 2] if causal else None,
-                            softmax_scale=scale, out=part_o, lse=part_l)
-            merge_attention_(acc, acc_lse, part_o, part_l)
+            row0, o, l = _attend(q, kc, vc, q_pos, current[i * per_part + 2] if causal else None, block,
+                                 causal, scale, kernel.backend, part_o, part_l)
+            merge_attention_(acc[:, :, row0:], acc_lse[:, :, row0:], o, l)
         for r in reqs:
             r.wait()
         if incoming is not None:
@@ -429,10 +502,12 @@ def _pass_kv(q, parts, q_pos, plan: _Plan, rank: int, group, causal: bool, scale
 # pass-Q
 # ----------------------------------------------------------------------------------
 
-def _pass_q(q, parts, q_pos, plan: _Plan, rank: int, group, causal: bool, scale: float) -> torch.Tensor:
+def _pass_q(q, parts, q_pos, plan: _Plan, rank: int, group, causal: bool, scale: float,
+            kernel: _LocalKernel) -> torch.Tensor:
     W = plan.world
     B, Hq, Lq, D = q.shape
     nxt, prv = dist.get_global_rank(group, (rank + 1) % W), dist.get_global_rank(group, (rank - 1) % W)
+    is_cache = [True, False][-len(parts):]
 
     def shapes(src: int) -> List[Tuple[int, ...]]:
         return [(B, Hq, plan.q_len[src], D)] + ([(plan.q_len[src],)] if causal else [])
@@ -450,7 +525,6 @@ def _pass_q(q, parts, q_pos, plan: _Plan, rank: int, group, causal: bool, scale:
     send = torch.empty(sum(seg), dtype=torch.uint8, device=q.device)
     tmp_o = torch.empty(B * Hq * max(plan.q_len) * D, dtype=q.dtype, device=q.device)
     tmp_l = torch.empty(B * Hq * max(plan.q_len), dtype=torch.float32, device=q.device)
-    mins = [plan.cache_pos_min[rank], plan.kv_pos_min[rank]][-len(parts):]
 
     current = local
     for step in range(W):
@@ -459,22 +533,28 @@ def _pass_q(q, parts, q_pos, plan: _Plan, rank: int, group, causal: bool, scale:
         if step < W - 1:
             incoming = _views(bufs[(step + 1) % 2], shapes((src - 1) % W))
             reqs = _post_ring(current, incoming, nxt, prv, group)
-        q_src = current[0]
-        Ls = plan.q_len[src]
-        out_s, lse_s = segment_views(send[offsets[src]:offsets[src] + seg[src]], (B, Hq, Ls, D), q.dtype)
+        q_src, q_src_pos = current[0], (current[1] if causal else None)
+        out_s, lse_s = segment_views(send[offsets[src]:offsets[src] + seg[src]], (B, Hq, plan.q_len[src], D),
+                                     q.dtype)
         written = False
-        for (k, v, pos), lo in zip(parts, mins):
-            if k.shape[2] == 0 or Ls == 0 or (causal and lo > plan.q_pos_max[src]):
+        for (k, v, pos), cache in zip(parts, is_cache):
+            block = _pair_block(plan, kernel, causal, src, rank, cache)
+            if block is None:
                 continue
-            if not written:
-                attention_chunk(q_src, k, v, causal=causal, q_pos=current[1] if causal else None,
-                                kv_pos=pos, softmax_scale=scale, out=out_s, lse=lse_s)
+            if not written:  # the first partial goes straight into the segment
+                row0, o, l = _attend(q_src, k, v, q_src_pos, pos, block, causal, scale, kernel.backend,
+                                     out_s, lse_s)
+                if o is not out_s:
+                    out_s[:, :, :row0].zero_()
+                    lse_s[:, :, :row0].fill_(float("-inf"))
+                    out_s[:, :, row0:].copy_(o)
+                    lse_s[:, :, row0:].copy_(l)
                 written = True
             else:
-                o, l = tmp_o[:out_s.numel()].view(out_s.shape), tmp_l[:lse_s.numel()].view(lse_s.shape)
-                attention_chunk(q_src, k, v, causal=causal, q_pos=current[1] if causal else None,
-                                kv_pos=pos, softmax_scale=scale, out=o, lse=l)
-                merge_attention_(out_s, lse_s, o, l)
+                o_buf, l_buf = tmp_o[:out_s.numel()].view(out_s.shape), tmp_l[:lse_s.numel()].view(lse_s.shape)
+                row0, o, l = _attend(q_src, k, v, q_src_pos, pos, block, causal, scale, kernel.backend,
+                                     o_buf, l_buf)
+                merge_attention_(out_s[:, :, row0:], lse_s[:, :, row0:], o, l)
         if not written:  # nothing of this rank is visible to those queries: weight 0 in the merge
             out_s.zero_()
             lse_s.fill_(float("-inf"))
@@ -510,6 +590,7 @@ def ring_attention(
     cache_pos: Positions = None,
     softmax_scale: Optional[float] = None,
     pass_q_threshold: Optional[float] = None,
+    local_backend: str = "auto",
 ) -> torch.Tensor:
     """Exact attention of this rank's queries to the keys of every rank of ``group``.
 
@@ -534,6 +615,12 @@ def ring_attention(
         softmax_scale: multiplies the scores; default ``1 / sqrt(D)``.
         pass_q_threshold: KV-cache miss rate below which ``"auto"`` picks pass-Q; default: the
             measured crossover for this GPU and group size (``thresholds.pass_q_miss_rate``).
+        local_backend: the kernel of each chunk pair: ``"triton"`` (shardkit's
+            ``attention_chunk``), ``"flash"`` or ``"cudnn"`` (torch's SDPA kernels with the LSE,
+            ``sdpa_with_lse``; on CPU "flash" is torch's CPU flash kernel), or ``"auto"``: the
+            faster one measured for this GPU (``thresholds.chunk_backend``), the Triton kernel on
+            CPU. The SDPA kernels know no positions: with explicit ``q_pos``/``kv_pos`` and
+            ``causal`` the pairs that need a position mask use the Triton kernel.
 
     Returns:
         ``out`` ``[B, Hq, Lq, D]`` in q's dtype (new, contiguous). Inputs are not modified.
@@ -545,13 +632,13 @@ def ring_attention(
     """
     group = group if group is not None else dist.group.WORLD
     rank, world = dist.get_rank(group), dist.get_world_size(group)
+    device_name = torch.cuda.get_device_name(q.device) if isinstance(q, torch.Tensor) and q.is_cuda else "cpu"
     if pass_q_threshold is None:
-        device_name = torch.cuda.get_device_name(q.device) if q.is_cuda else "cpu"
         pass_q_threshold = thresholds.pass_q_miss_rate(device_name, world)
     local, error = None, None
     try:
         local = _check_inputs(q, k, v, k_cache, v_cache, q_pos, kv_pos, cache_pos, causal, variant,
-                              softmax_scale, pass_q_threshold)
+                              softmax_scale, pass_q_threshold, local_backend)
     except (TypeError, ValueError) as e:
         error = e
     scale = (1.0 / math.sqrt(q.shape[3])) if error is None and softmax_scale is None else (softmax_scale or 0.0)
@@ -568,5 +655,8 @@ def ring_attention(
         q_p = kv_p = P + shard_positions(T, rank, world, device=q.device, dtype=torch.int64)
         cache_p = shard_positions(P, rank, world, device=q.device, dtype=torch.int64) if has_cache else None
     parts = ([(k_cache, v_cache, cache_p)] if has_cache else []) + [(k, v, kv_p)]
+    if local_backend == "auto":
+        local_backend = thresholds.chunk_backend(device_name, sdpa_backends(q.device, q.dtype))
+    kernel = _LocalKernel(local_backend, layout_known=not (causal and local.has_pos))
     fn = _pass_kv if plan.variant == "pass_kv" else _pass_q
-    return fn(q, parts, q_p, plan, rank, group, causal, float(scale))
+    return fn(q, parts, q_p, plan, rank, group, causal, float(scale), kernel)

@@ -5,6 +5,10 @@
 * ring attention: the KV-cache miss rate below which pass-Q beats pass-KV (key
   ``"ring_pass_q_miss_rate"``); ``bench/ring_attention_bench.py --write-thresholds`` stores it.
   Unknown devices get Meta's 5%.
+* ring attention's local chunk kernel: the fastest of the Triton kernel and torch's SDPA
+  kernels with the LSE (key ``"chunk_backend"``); ``bench/attention_chunk_bench.py
+  --write-thresholds`` stores it. Unknown GPUs get torch's flash kernel where available; CPU
+  runs get the Triton kernel (the interpreter runs the kernels under test).
 """
 from __future__ import annotations
 
@@ -20,6 +24,13 @@ ALGOS = ("flat", "tree", "nccl")
 def load_table(path: str = PATH) -> dict:
     with open(path) as f:
         return json.load(f)
+
+
+def _store(table: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(table, f, indent=2)
+        f.write("\n")
+    load_table.cache_clear()
 
 
 def select_rules(device_name: str, world_size: int, table: dict | None = None) -> list[tuple[int | None, str]]:
@@ -44,10 +55,7 @@ def write_rules(device_name: str, world_size: int, rules: list[tuple[int | None,
     entry = dict(table.get(device_name, {}))
     entry[str(world_size)] = [[b, a] for b, a in rules]
     table[device_name] = entry
-    with open(path, "w") as f:
-        json.dump(table, f, indent=2)
-        f.write("\n")
-    load_table.cache_clear()
+    _store(table, path)
 
 
 RING_KEY = "ring_pass_q_miss_rate"
@@ -67,7 +75,27 @@ def write_pass_q_miss_rate(device_name: str, world_size: int, miss_rate: float, 
     ring = dict(table.get(RING_KEY, {}))
     ring[device_name] = {**ring.get(device_name, {}), str(world_size): float(miss_rate)}
     table[RING_KEY] = ring
-    with open(path, "w") as f:
-        json.dump(table, f, indent=2)
-        f.write("\n")
-    load_table.cache_clear()
+    _store(table, path)
+
+
+CHUNK_KEY = "chunk_backend"
+
+
+def chunk_backend(device_name: str, available: tuple, table: dict | None = None) -> str:
+    """The local attention kernel for ring attention on a device: the measured winner if it is
+    ``available`` (SDPA backends of this torch for the dtype), else "flash" on GPUs that have
+    it, else "triton". ``device_name`` "cpu" always gets "triton"."""
+    if device_name == "cpu":
+        return "triton"
+    table = load_table() if table is None else table
+    best = table.get(CHUNK_KEY, {}).get(device_name)
+    if best == "triton" or best in available:
+        return best
+    return "flash" if "flash" in available else "triton"
+
+
+def write_chunk_backend(device_name: str, backend: str, path: str = PATH) -> None:
+    """Store the measured fastest local attention kernel of a device."""
+    table = dict(load_table(path))
+    table[CHUNK_KEY] = {**table.get(CHUNK_KEY, {}), device_name: backend}
+    _store(table, path)

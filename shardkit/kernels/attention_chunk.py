@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["attention_chunk", "SUPPORTED_HEAD_DIMS"]
+__all__ = ["attention_chunk", "check_qkv", "check_positions", "SUPPORTED_HEAD_DIMS"]
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 
@@ -298,6 +298,36 @@ def check_positions(name: str, pos: Union[int, torch.Tensor, None], length: int,
     return pos.contiguous()
 
 
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Validate a (q, k, v) chunk triple: 4-D ``[B, H, L, D]``, one float dtype and device,
+    matching batch and head dim, ``v`` shaped as ``k``, q heads a multiple of kv heads, and a
+    head dim in ``SUPPORTED_HEAD_DIMS``. Raises TypeError/ValueError naming the argument."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [batch, heads, seq, head_dim], got shape {list(t.shape)}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but q has {q.dtype}; they must match")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    B, Hq, _, D = q.shape
+    Bk, Hkv, _, Dk = k.shape
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"q head_dim (last dim) must be one of {SUPPORTED_HEAD_DIMS}, got {D}")
+    if Bk != B:
+        raise ValueError(f"k batch {Bk} does not match q batch {B}")
+    if Dk != D:
+        raise ValueError(f"k head_dim {Dk} does not match q head_dim {D}")
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v shape {list(v.shape)} must equal k shape {list(k.shape)}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv})")
+
+
 def attention_chunk(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -341,30 +371,9 @@ def attention_chunk(
     Supported head dims: 16, 32, 64, 128. fp32 inputs use IEEE fp32 dots (no TF32),
     which is slow on GPU but exact enough to serve as a check.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [batch, heads, seq, head_dim], got shape {list(t.shape)}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name} has dtype {t.dtype} but q has {q.dtype}; they must match")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    check_qkv(q, k, v)
     B, Hq, Lq, D = q.shape
-    Bk, Hkv, Lk, Dk = k.shape
-    if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"q head_dim (last dim) must be one of {SUPPORTED_HEAD_DIMS}, got {D}")
-    if Bk != B:
-        raise ValueError(f"k batch {Bk} does not match q batch {B}")
-    if Dk != D:
-        raise ValueError(f"k head_dim {Dk} does not match q head_dim {D}")
-    if tuple(v.shape) != tuple(k.shape):
-        raise ValueError(f"v shape {list(v.shape)} must equal k shape {list(k.shape)}")
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv})")
+    Hkv, Lk = k.shape[1], k.shape[2]
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(D)
     for name, pos in (("q_pos", q_pos), ("kv_pos", kv_pos)):

@@ -53,7 +53,7 @@ def check_ring(cfg: dict) -> list[str]:
 
     cfg: T (new tokens), P (cached tokens, 0 = none), B, Hq, Hkv, D, dtype, causal, layout
     ('balanced' | 'contiguous' | 'random'), pass_pos (give positions explicitly), variants, seed,
-    threshold (optional pass_q_threshold).
+    threshold (optional pass_q_threshold), local_backend (optional, default "auto").
     Returns the output digests per variant (for the cross-rank / cross-variant checks).
     """
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -71,7 +71,8 @@ def check_ring(cfg: dict) -> list[str]:
     dev = device()
     q_loc = q[:, :, new_pos.to(dev)]
     k_loc, v_loc = k[:, :, (P + new_pos).to(dev)], v[:, :, (P + new_pos).to(dev)]
-    kw = {"causal": cfg["causal"], "pass_q_threshold": cfg.get("threshold", 0.05)}
+    kw = {"causal": cfg["causal"], "pass_q_threshold": cfg.get("threshold", 0.05),
+          "local_backend": cfg.get("local_backend", "auto")}
     if P:
         kw["k_cache"], kw["v_cache"] = k[:, :, cache_pos.to(dev)], v[:, :, cache_pos.to(dev)]
     if cfg["pass_pos"]:

@@ -56,6 +56,21 @@ def test_partial_prefill_with_cache(worlds, world_size, cfg):
 
 
 @pytest.mark.parametrize("world_size,cfg", [
+    # torch's CPU flash kernel for the chunk pairs: every block shape of the load-balanced
+    # layout (diagonal, key prefix of an earlier rank, row suffix for a later rank), uneven
+    # and empty shards (5 tokens in 8 chunks), a cache, non-causal; with explicit positions
+    # the masked pairs fall back to the Triton kernel.
+    (2, _cfg(local_backend="flash", Hq=4, Hkv=2, seed=12)),
+    (4, _cfg(T=5, local_backend="flash", seed=13)),
+    (3, _cfg(T=31, P=31, local_backend="flash", dtype="float16", variants=BOTH, seed=14)),
+    (2, _cfg(causal=False, T=9, P=6, local_backend="flash", seed=15)),
+    (3, _cfg(T=20, P=7, layout="random", pass_pos=True, local_backend="flash", seed=16)),
+])
+def test_ring_with_torch_local_kernel(worlds, world_size, cfg):
+    worlds(world_size).run(ring_checks.check_ring, cfg)
+
+
+@pytest.mark.parametrize("world_size,cfg", [
     (2, dict(B=1, Hq=2, Hkv=1, D=16, n=1, prefix=11, generated=5, causal=False, dtype="float32", seed=9)),
     # Speculative-decoding style: 3 query rows, causal among them; GQA; fp16.
     (3, dict(B=2, Hq=4, Hkv=2, D=16, n=3, prefix=13, generated=7, causal=True, dtype="float16", seed=10)),

@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+from shardkit.kernels.attention_sdpa import sdpa_backends
+
 from . import ring_checks
 
 NGPU = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -42,6 +44,18 @@ def test_ring_gpu(worlds, world_size, cfg):
     digests = worlds(world_size, "nccl").run(ring_checks.check_ring, cfg)
     if "auto" in cfg["variants"]:  # no cache: auto is pass-KV, bit for bit
         assert all(d[cfg["variants"].index("auto")] == d[0] for d in digests)
+
+
+@pytest.mark.parametrize("world_size", WORLDS)
+@pytest.mark.parametrize("backend", ["triton"] + list(sdpa_backends(torch.device("cuda"), torch.bfloat16))
+                         if NGPU else ["triton"])
+@pytest.mark.parametrize("cfg", [
+    _cfg(T=4099, seed=11),                                   # every block shape, uneven shards
+    _cfg(T=700, P=3001, variants=BOTH, seed=12),             # cache + new tokens
+    _cfg(T=2500, layout="random", pass_pos=True, variants=["pass_kv"], seed=13),  # position fallback
+])
+def test_ring_local_backends_gpu(worlds, world_size, backend, cfg):
+    worlds(world_size, "nccl").run(ring_checks.check_ring, dict(cfg, local_backend=backend))
 
 
 @pytest.mark.parametrize("world_size", WORLDS)
