@@ -4,9 +4,10 @@
 Chunk kernel (shardkit.kernels.attention_chunk) in TFLOP/s against, in the same run:
   * torch SDPA (F.scaled_dot_product_attention, enable_gqa when supported), which does
     not return the log-sum-exp;
-  * the SDPA backends that do return it, called directly: flash
-    (aten._scaled_dot_product_flash_attention) and cuDNN
-    (aten._scaled_dot_product_cudnn_attention), with kv heads expanded to the q heads.
+  * the SDPA kernels that do return it, flash and cuDNN, as ring attention calls them
+    (shardkit.kernels.attention_sdpa.sdpa_with_lse): the other local backends of the ring.
+    --write-thresholds stores the fastest of the three local backends (geometric mean over
+    the lengths and masks) as this GPU's ``local_backend="auto"`` choice.
 Merge kernels (shardkit.kernels.attention_merge) in GB/s against the measured bandwidth
 of a torch device copy of the same size, and against the eager torch merge a user
 would write.
@@ -17,12 +18,14 @@ Timing: triton.testing.do_bench (CUDA events, L2 flushed between runs), median.
 
 Usage:  python bench/attention_chunk_bench.py [--out bench/results] [--lengths 8192 16384 32768]
         [--no-sweep]    (skip the small tile-config sweep of the chunk kernel)
+        [--write-thresholds]
 Writes attention_chunk_<gpu>.json and .md into --out.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -38,6 +41,9 @@ import triton.testing
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from shardkit.kernels.attention_chunk import attention_chunk  # noqa: E402
 from shardkit.kernels.attention_merge import merge_attention, merge_attention_  # noqa: E402
+from shardkit.kernels import attention_sdpa  # noqa: E402
+from shardkit.kernels.attention_sdpa import sdpa_backends, sdpa_with_lse  # noqa: E402
+from shardkit.collectives import thresholds  # noqa: E402
 from shardkit.reference_attention import reference_attention  # noqa: E402
 
 DEV = "cuda"  # a module global so that the script logic can be smoke-tested on CPU
@@ -96,7 +102,7 @@ def chunk_section(lengths, results, failures):
         q = torch.randn(B, HQ, L, D, device=DEV, generator=gen).to(DTYPE)
         k = torch.randn(B, HKV, L, D, device=DEV, generator=gen).to(DTYPE)
         v = torch.randn(B, HKV, L, D, device=DEV, generator=gen).to(DTYPE)
-        k_exp = k.repeat_interleave(HQ // HKV, dim=1)  # for backends without native GQA
+        k_exp = k.repeat_interleave(HQ // HKV, dim=1)  # for an SDPA without native GQA
         v_exp = v.repeat_interleave(HQ // HKV, dim=1)
         for causal in (False, True):
             flops = attn_flops(L, causal)
@@ -121,12 +127,11 @@ def chunk_section(lengths, results, failures):
             except Exception:
                 baselines["sdpa (kv expanded)"] = (lambda: F.scaled_dot_product_attention(
                     q, k_exp, v_exp, is_causal=causal), None)
-            baselines["flash+lse (kv expanded)"] = (
-                lambda: torch.ops.aten._scaled_dot_product_flash_attention(
-                    q, k_exp, v_exp, 0.0, causal, False), 1)
-            baselines["cudnn+lse (kv expanded)"] = (
-                lambda: torch.ops.aten._scaled_dot_product_cudnn_attention(
-                    q, k_exp, v_exp, None, True, 0.0, causal, False), 1)
+            # ring attention's other local backends: torch's kernels that return the LSE
+            # (shardkit.kernels.attention_sdpa; native GQA where the op has it).
+            for backend in sdpa_backends(q.device, q.dtype):
+                baselines[f"{backend} (lse)"] = (
+                    lambda backend=backend: sdpa_with_lse(q, k, v, causal=causal, backend=backend), 1)
 
             ms = bench_ms(ours)
             row["impls"]["shardkit"] = {"ms": ms, "tflops": flops / ms / 1e9, "check": ok, "max_err": err}
@@ -248,6 +253,17 @@ def merge_section(lengths, results, failures):
         torch.cuda.empty_cache()
 
 
+def local_backend_scores(chunk) -> dict:
+    """Geometric-mean TFLOP/s of each ring local backend over the measured rows."""
+    keys = {"triton": "shardkit", **{b: f"{b} (lse)" for b in attention_sdpa.SDPA_BACKENDS}}
+    scores = {}
+    for backend, key in keys.items():
+        vals = [r["impls"].get(key, {}).get("tflops") for r in chunk]
+        if vals and all(vals):
+            scores[backend] = round(math.exp(sum(math.log(x) for x in vals) / len(vals)), 1)
+    return scores
+
+
 def write_outputs(out_dir, meta, chunk, sweep, merge, failures):
     os.makedirs(out_dir, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", meta["gpu"]).strip("-").lower()
@@ -259,7 +275,9 @@ def write_outputs(out_dir, meta, chunk, sweep, merge, failures):
           f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}; {meta['dtype']}, B={B}, "
           f"Hq={HQ}, Hkv={HKV}, D={D}, Lq = Lk = L; do_bench median (L2 flushed). "
           f"Checks: {'all passed' if not failures else 'FAILURES: ' + '; '.join(failures)}", "",
-          "## Chunk attention, TFLOP/s (causal counts half the score matrix)", ""]
+          f"Ring local backends, geometric-mean TFLOP/s: {meta.get('local_backend_scores')}; fastest: "
+          f"**{meta.get('fastest_local_backend')}** (kv heads expanded for: {meta.get('kv_expanded_for') or 'none'})",
+          "", "## Chunk attention, TFLOP/s (causal counts half the score matrix)", ""]
     names = []
     for r in chunk:
         for n in r["impls"]:
@@ -304,6 +322,8 @@ def main() -> int:
     ap.add_argument("--out", default=os.path.join("bench", "results"))
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768])
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--write-thresholds", action="store_true",
+                    help="store the fastest local backend for ring attention in thresholds.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("attention_chunk_bench: needs a CUDA GPU", file=sys.stderr)
@@ -327,6 +347,14 @@ def main() -> int:
     print("== merge (GB/s)", flush=True)
     merge_section(args.lengths, merge, failures)
     meta["seconds"] = time.time() - t0
+    meta["kv_expanded_for"] = list(attention_sdpa.kv_expanded_backends())
+    meta["local_backend_scores"] = local_backend_scores(chunk)
+    best = max(meta["local_backend_scores"], key=meta["local_backend_scores"].get)
+    meta["fastest_local_backend"] = best
+    print(f"local backends, geometric-mean TFLOP/s: {meta['local_backend_scores']} -> {best}")
+    if args.write_thresholds and not failures:
+        thresholds.write_chunk_backend(gpu, best)
+        print(f"wrote chunk_backend[{gpu!r}] = {best!r} to {thresholds.PATH}")
     base = write_outputs(args.out, meta, chunk, sweep, merge, failures)
     print(f"wrote {base}.json and {base}.md in {meta['seconds']:.0f} s")
     if failures:

@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# One device-machine call, most important first. Each step has its own time limit; after each step
-# the results so far are packed into OUTDIR/results.tgz, so a call cut off midway still returns them.
-#   bench/gpu_session.sh OUTDIR [quick]
+# Device-machine checks and benchmarks, most important first. Each step has its own time limit;
+# after each step the results so far are packed into OUTDIR/results.tgz, so a call cut off midway
+# still returns them.
+#   bench/gpu_session.sh OUTDIR [STEP...]      (default: every step, in this order)
+# Steps: install ctest gpu_tests bench_suites profile_eager sweep rmsnorm_bench chunk_bench
+#        ring_bench ring_transfer
 set -uo pipefail
-out=$1
+out=$1; shift
+steps=${*:-install ctest gpu_tests bench_suites profile_eager sweep rmsnorm_bench chunk_bench ring_bench ring_transfer}
 res=/tmp/shardkit-results/results
 rm -rf "$res" && mkdir -p "$res"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 n=$(python3 -c "import torch; print(torch.cuda.device_count())")
-{ nvidia-smi -L; python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"; } > "$res/env.txt" 2>&1
+run="python3 -m torch.distributed.run --standalone --nproc-per-node=$n"
+{ nvidia-smi -L; nvidia-smi topo -m; python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"; } \
+  > "$res/env.txt" 2>&1
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 secs=$2; shift 2
   echo "=== $name"
@@ -16,12 +22,27 @@ step() {  # step NAME SECONDS COMMAND...
   grep -vE "it/s\]|OMP_NUM_THREADS|^\*+$" "$res/$name.log" | tail -30
   tar czf "$out/results.tgz" -C "$(dirname "$res")" results
 }
-step install 45 python3 -m pip install --no-deps --no-build-isolation -e .
-step ctest 45 bash -c "cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release >/dev/null && cmake --build build/cmake -j 16 >/dev/null && ./build/cmake/test_dda_all_reduce"
-step "sweep_x$n" 90 python3 -m torch.distributed.run --standalone --nproc-per-node="$n" bench/all_reduce_sweep.py \
-  --out "$res" --sizes 1K-64M --write-thresholds
-cp shardkit/collectives/thresholds.json "$res/"
-step gpu_tests 130 python3 -m pytest -q -rs -x -p no:cacheprovider -k "not triton" tests/collectives/test_all_reduce_gpu.py \
-  tests/collectives/test_all_reduce_rmsnorm_gpu.py tests/attention/test_ring_attention_gpu.py
-step rmsnorm_bench 80 python3 -m torch.distributed.run --standalone --nproc-per-node="$n" bench/all_reduce_rmsnorm_bench.py --out "$res"
-step ring_bench 120 python3 -m torch.distributed.run --standalone --nproc-per-node="$n" bench/ring_attention_bench.py --out "$res"
+for s in $steps; do case $s in
+  install) step install 60 python3 -m pip install --no-deps --no-build-isolation -e . ;;
+  ctest) step ctest 60 bash -c "cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release >/dev/null && \
+    cmake --build build/cmake -j 16 >/dev/null && ./build/cmake/test_dda_all_reduce" ;;
+  gpu_tests) step gpu_tests 300 python3 -m pytest -q -rs -p no:cacheprovider -m gpu tests/
+    step gpu_kernel_tests 120 python3 -m pytest -q -rs -p no:cacheprovider tests/attention/test_attention_sdpa.py \
+      tests/attention/test_attention_chunk.py tests/attention/test_attention_merge.py tests/attention/test_attention_ops.py \
+      tests/kernels/test_launch.py ;;
+  bench_suites)
+    step bench_all_reduce 120 $run -m pytest -q -p no:cacheprovider bench/test_all_reduce_benchmark.py \
+      --benchmark-group-by=group --benchmark-json="$res/pytest_benchmark_all_reduce_x$n.json"
+    step bench_kernels 120 python3 -m pytest -q -p no:cacheprovider bench/test_kernels_benchmark.py \
+      --benchmark-json="$res/pytest_benchmark_kernels.json" ;;
+  profile_eager) step profile_eager 60 $run bench/profile_eager.py --out "$res" ;;
+  sweep) step "sweep_x$n" 120 $run bench/all_reduce_sweep.py --out "$res" --sizes 1K-64M --write-thresholds
+    cp shardkit/collectives/thresholds.json "$res/" ;;
+  rmsnorm_bench) step rmsnorm_bench 90 $run bench/all_reduce_rmsnorm_bench.py --out "$res" ;;
+  chunk_bench) step chunk_bench 150 python3 bench/attention_chunk_bench.py --out "$res" --no-sweep --write-thresholds
+    cp shardkit/collectives/thresholds.json "$res/" ;;
+  ring_bench) step ring_bench 240 $run bench/ring_attention_bench.py --out "$res" \
+      --lengths 32768 131072 262144 --budget-s 200 ;;
+  ring_transfer) step ring_transfer 60 $run bench/ring_transfer_bench.py --out "$res" ;;
+  *) echo "unknown step $s"; exit 2 ;;
+esac; done

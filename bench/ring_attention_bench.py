@@ -9,7 +9,9 @@ Run on one node under torchrun (one process per GPU):
    ``--lengths``, default 32K and 128K): ``T1`` = ``attention_chunk`` over the full sequence on one
    GPU (every rank runs it on its own GPU at the same time; the fastest rank counts, which is the
    conservative choice for the efficiency), ``TW`` = pass-KV ``ring_attention`` on the load-balanced
-   shards of ``W`` GPUs (``--worlds``, default 2 and all GPUs), max over ranks.
+   shards of ``W`` GPUs (``--worlds``, default 2 and all GPUs), max over ranks; both with the same
+   local kernel, for each of ``--local-backends`` (default: shardkit's Triton kernel and torch's
+   flash / cuDNN kernels with the LSE, where this torch has them).
    Parallel efficiency = ``T1 / (W * TW)`` (issue 5 target: >= 85% at 128K on 4 GPUs).
    Checks: every rank's ring output against its shard of the single-GPU output, and (first
    length only) 64 rows per rank against an fp32 torch reference over the full sequence.
@@ -52,6 +54,7 @@ from shardkit.collectives import thresholds  # noqa: E402
 from shardkit.collectives.ring_attention import choose_variant, ring_attention  # noqa: E402
 from shardkit.collectives.sharding import shard, shard_positions  # noqa: E402
 from shardkit.kernels.attention_chunk import attention_chunk  # noqa: E402
+from shardkit.kernels.attention_sdpa import sdpa_backends, sdpa_with_lse  # noqa: E402
 from shardkit.reference_attention import reference_attention  # noqa: E402
 
 ATOL = RTOL = 3.2e-2  # 2 x tests/tolerances.py ATTENTION[bf16]: the ring rounds partials twice
@@ -139,52 +142,90 @@ class Bench:
             f.write(self.markdown())
         self.stem = stem
 
+    def plot(self) -> None:
+        """PNG beside the JSON: efficiency vs tokens per (GPUs, local kernel); pass-Q / pass-KV vs miss rate."""
+        if self.rank != 0 or not self.results["scaling"] + self.results["miss_rate"]:
+            return
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+        series = {}
+        for s in self.results["scaling"]:
+            if "efficiency" in s:
+                series.setdefault((s["world"], s["local_backend"]), []).append((s["seq_len"], 100 * s["efficiency"]))
+        for (w, backend), pts in sorted(series.items()):
+            a.plot(*zip(*sorted(pts)), marker="o", label=f"{w} GPUs, {backend}")
+        a.axhline(85, color="grey", ls=":", label="target 85%")
+        a.set(xscale="log", xlabel="tokens (causal prefill)", ylabel="parallel efficiency T1/(W*TW) %",
+              title="pass-KV ring scaling")
+        a.legend(fontsize=8)
+        m = self.results["miss_rate"]
+        if m:
+            b.plot([r["miss_rate"] * 100 for r in m], [r["pass_q_ms"] / r["pass_kv_ms"] for r in m], marker="o")
+            b.axhline(1.0, color="grey", ls=":")
+            b.axvline(5, color="tab:red", ls="--", label="Meta's ~5%")
+            b.set(xscale="log", xlabel="KV-cache miss rate T/(T+P) %", ylabel="pass-Q time / pass-KV time",
+                  title=f"{self.world} GPUs, {m[0]['context']} tokens of context")
+            b.legend(fontsize=8)
+        fig.suptitle(f"Ring attention on {self.env.get('gpu', 'cpu')}, {self.dtype}".replace("torch.", ""))
+        fig.tight_layout()
+        fig.savefig(self.stem + ".png", dpi=110)
+        plt.close(fig)
+
     # ------------------------------------------------------------------ 1. scaling
 
     def scaling(self) -> None:
         Hq, Hkv, D = self.heads
         for L in self.args.lengths:
-            if self.over_budget(f"scaling L={L}"):
-                return
             gen = torch.Generator(device=self.dev).manual_seed(L)  # same full sequence on every rank
             q, k, v = self.rand(gen, 1, Hq, L, D), self.rand(gen, 1, Hkv, L, D), self.rand(gen, 1, Hkv, L, D)
-            full = {}
-
-            def single() -> None:
-                full["out"], _ = attention_chunk(q, k, v, causal=True)
-
-            t1 = self.time_ms(single, dist.group.WORLD)
-            # The fastest GPU's T1 (time_ms gives the max): the lower T1, the lower the efficiency.
-            t1_min = torch.tensor([t1], dtype=torch.float64, device=self.dev)
-            dist.all_reduce(t1_min, op=dist.ReduceOp.MIN)
-            t1 = t1_min.item()
             flops = 4.0 * Hq * L * L * D / 2  # causal: half of the score matrix
-            self.log(f"L={L}: 1 GPU {t1:.2f} ms ({flops / t1 / 1e9:.0f} TFLOP/s)")
-            for w, group in self.groups.items():
-                if self.over_budget(f"scaling L={L} W={w}"):
-                    break
-                row = {"seq_len": L, "world": w, "t1_ms": t1}
-                if self.rank < w:
-                    ql, kl, vl = (shard(t, self.rank, w) for t in (q, k, v))
-                    out = {}
+            for backend in self.args.local_backends:
+                if self.over_budget(f"scaling L={L} {backend}"):
+                    return
+                full = {}
 
-                    def ring() -> None:
-                        out["o"] = ring_attention(ql, kl, vl, group, variant="pass_kv", causal=True)
+                def single(backend=backend) -> None:  # T1: the same local kernel on the whole sequence
+                    if backend == "triton":
+                        full["out"], _ = attention_chunk(q, k, v, causal=True)
+                    else:
+                        full["out"], _ = sdpa_with_lse(q, k, v, causal=True, backend=backend)
 
-                    tw = self.time_ms(ring, group)
-                    self.check(f"ring L={L} W={w} vs 1-GPU kernel", out["o"], shard(full["out"], self.rank, w),
-                               group)
-                    if L == self.args.lengths[0]:
-                        self.reference_check(f"ring L={L} W={w} vs fp32 reference", q, k, v, out["o"], w, group)
-                    row.update(tw_ms=tw, efficiency=t1 / (w * tw), speedup=t1 / tw,
-                               ring_tflops=flops / tw / 1e9)
-                    self.log(f"  W={w}: pass-KV ring {tw:.2f} ms, speedup {t1 / tw:.2f}x, "
-                             f"efficiency {100 * t1 / (w * tw):.1f}%")
-                dist.barrier()
-                if self.rank == 0:
-                    self.results["scaling"].append(row)
-                self.save()
-            del q, k, v, full
+                t1 = self.time_ms(single, dist.group.WORLD)
+                # The fastest GPU's T1 (time_ms gives the max): the lower T1, the lower the efficiency.
+                t1_min = torch.tensor([t1], dtype=torch.float64, device=self.dev)
+                dist.all_reduce(t1_min, op=dist.ReduceOp.MIN)
+                t1 = t1_min.item()
+                self.log(f"L={L} {backend}: 1 GPU {t1:.2f} ms ({flops / t1 / 1e9:.0f} TFLOP/s)")
+                for w, group in self.groups.items():
+                    if self.over_budget(f"scaling L={L} W={w} {backend}"):
+                        break
+                    row = {"seq_len": L, "world": w, "local_backend": backend, "t1_ms": t1}
+                    if self.rank < w:
+                        ql, kl, vl = (shard(t, self.rank, w) for t in (q, k, v))
+                        out = {}
+
+                        def ring(backend=backend) -> None:
+                            out["o"] = ring_attention(ql, kl, vl, group, variant="pass_kv", causal=True,
+                                                      local_backend=backend)
+
+                        tw = self.time_ms(ring, group)
+                        self.check(f"ring L={L} W={w} {backend} vs 1-GPU kernel", out["o"],
+                                   shard(full["out"], self.rank, w), group)
+                        if L == self.args.lengths[0]:
+                            self.reference_check(f"ring L={L} W={w} {backend} vs fp32 reference", q, k, v,
+                                                 out["o"], w, group)
+                        row.update(tw_ms=tw, efficiency=t1 / (w * tw), speedup=t1 / tw,
+                                   ring_tflops=flops / tw / 1e9)
+                        self.log(f"  W={w}: pass-KV ring {tw:.2f} ms, speedup {t1 / tw:.2f}x, "
+                                 f"efficiency {100 * t1 / (w * tw):.1f}%")
+                    dist.barrier()
+                    if self.rank == 0:
+                        self.results["scaling"].append(row)
+                    self.save()
+                del full
+            del q, k, v
 
     def reference_check(self, name, q, k, v, out, w, group) -> None:
         """64 rows of this rank's shard against an fp32 torch reference over the whole sequence."""
@@ -242,12 +283,14 @@ class Bench:
         lines += ["", f"{self.dtype}, B=1, {Hq} q heads / {Hkv} kv heads, head dim {D}, causal; "
                   f"median of {self.args.reps} calls, max over ranks; eager.", "",
                   "## Pass-KV scaling (load-balanced shards)", "",
-                  "| tokens | GPUs | 1 GPU (ms) | ring (ms) | speedup | efficiency T1/(W*TW) |",
-                  "|---|---|---|---|---|---|"]
+                  "T1 and the ring use the same local kernel (triton: shardkit's attention_chunk; "
+                  "flash / cudnn: torch's SDPA kernels with the LSE).", "",
+                  "| tokens | GPUs | local kernel | 1 GPU (ms) | ring (ms) | speedup | efficiency T1/(W*TW) |",
+                  "|---|---|---|---|---|---|---|"]
         for s in r["scaling"]:
             if "tw_ms" in s:
-                lines.append(f"| {s['seq_len']} | {s['world']} | {s['t1_ms']:.2f} | {s['tw_ms']:.2f} | "
-                             f"{s['speedup']:.2f}x | {100 * s['efficiency']:.1f}% |")
+                lines.append(f"| {s['seq_len']} | {s['world']} | {s['local_backend']} | {s['t1_ms']:.2f} | "
+                             f"{s['tw_ms']:.2f} | {s['speedup']:.2f}x | {100 * s['efficiency']:.1f}% |")
         lines += ["", f"## Pass-Q vs pass-KV across KV-cache miss rates ({self.world} GPUs)", "",
                   "| miss rate | new T | cached P | pass-KV (ms) | pass-Q (ms) | pass-Q / pass-KV | auto picks |",
                   "|---|---|---|---|---|---|---|"]
@@ -280,6 +323,8 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=None)
     ap.add_argument("--head-dim", type=int, default=None)
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--local-backends", nargs="+", default=None,
+                    help="scaling: local kernels to compare (default: triton and torch's SDPA kernels available)")
     ap.add_argument("--budget-s", type=float, default=100.0)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (gloo, Triton interpreter)")
     ap.add_argument("--write-thresholds", action="store_true",
@@ -292,6 +337,9 @@ def main() -> None:
     args.kv_heads = args.kv_heads or (1 if small else 8)
     args.head_dim = args.head_dim or (16 if small else 128)
     args.reps = args.reps or (2 if small else 5)
+    dev = torch.device("cuda") if torch.cuda.is_available() and not small else torch.device("cpu")
+    args.local_backends = args.local_backends or \
+        ["triton"] + list(sdpa_backends(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32))
 
     cuda = torch.cuda.is_available() and not small
     if cuda:
@@ -314,6 +362,7 @@ def main() -> None:
         b.save()
         raise
     b.save()
+    b.plot()
     if b.rank == 0 and args.write_thresholds and not small and "pass_q_until" in b.results:
         thresholds.write_pass_q_miss_rate(b.env["gpu"], world, b.results["pass_q_until"])
         print(f"stored pass-Q threshold {b.results['pass_q_until']} for {b.env['gpu']} x{world}", flush=True)
