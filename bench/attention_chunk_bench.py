@@ -7,7 +7,8 @@ Chunk kernel (shardkit.kernels.attention_chunk) in TFLOP/s against, in the same 
   * the SDPA kernels that do return it, flash and cuDNN, as ring attention calls them
     (shardkit.kernels.attention_sdpa.sdpa_with_lse): the other local backends of the ring.
     --write-thresholds stores the fastest of the three local backends (geometric mean over
-    the lengths and masks) as this GPU's ``local_backend="auto"`` choice.
+    the lengths and masks) as this GPU's ``local_backend="auto"`` choice, and its TFLOP/s as
+    the compute rate of ring attention's pass-KV/pass-Q cost model (``ring_variant``).
 Merge kernels (shardkit.kernels.attention_merge) in GB/s against the measured bandwidth
 of a torch device copy of the same size, and against the eager torch merge a user
 would write.
@@ -354,7 +355,9 @@ def main() -> int:
     print(f"local backends, geometric-mean TFLOP/s: {meta['local_backend_scores']} -> {best}")
     if args.write_thresholds and not failures:
         thresholds.write_chunk_backend(gpu, best)
-        print(f"wrote chunk_backend[{gpu!r}] = {best!r} to {thresholds.PATH}")
+        # The cost model of ring_attention's auto variant uses the local kernel's rate.
+        thresholds.write_ring_costs(gpu, attention_tflops=meta["local_backend_scores"][best])
+        print(f"wrote chunk_backend[{gpu!r}] = {best!r} and its TFLOP/s to {thresholds.PATH}")
     base = write_outputs(args.out, meta, chunk, sweep, merge, failures)
     print(f"wrote {base}.json and {base}.md in {meta['seconds']:.0f} s")
     if failures:

@@ -3,11 +3,12 @@
 # after each step the results so far are packed into OUTDIR/results.tgz, so a call cut off midway
 # still returns them.
 #   bench/gpu_session.sh OUTDIR [STEP...]      (default: every step, in this order)
-# Steps: install ctest gpu_tests bench_suites profile_eager sweep rmsnorm_bench chunk_bench
-#        ring_bench ring_transfer
+# Steps: install ctest gpu_tests gpu_kernel_tests bench_suites profile_eager sweep rmsnorm_bench
+#        chunk_bench ring_bench ring_transfer
+# Environment overrides: GPU_TESTS_S, RING_S (step time limits), RING_ARGS (ring bench options).
 set -uo pipefail
 out=$1; shift
-steps=${*:-install ctest gpu_tests bench_suites profile_eager sweep rmsnorm_bench chunk_bench ring_bench ring_transfer}
+steps=${*:-install ctest gpu_tests gpu_kernel_tests bench_suites profile_eager sweep rmsnorm_bench chunk_bench ring_bench ring_transfer}
 res=/tmp/shardkit-results/results
 rm -rf "$res" && mkdir -p "$res"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -26,8 +27,8 @@ for s in $steps; do case $s in
   install) step install 60 python3 -m pip install --no-deps --no-build-isolation -e . ;;
   ctest) step ctest 60 bash -c "cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release >/dev/null && \
     cmake --build build/cmake -j 16 >/dev/null && ./build/cmake/test_dda_all_reduce" ;;
-  gpu_tests) step gpu_tests 300 python3 -m pytest -q -rs -p no:cacheprovider -m gpu tests/
-    step gpu_kernel_tests 120 python3 -m pytest -q -rs -p no:cacheprovider tests/attention/test_attention_sdpa.py \
+  gpu_tests) step gpu_tests "${GPU_TESTS_S:-300}" python3 -m pytest -q -rs -p no:cacheprovider -m gpu tests/ ;;
+  gpu_kernel_tests) step gpu_kernel_tests 120 python3 -m pytest -q -rs -p no:cacheprovider tests/attention/test_attention_sdpa.py \
       tests/attention/test_attention_chunk.py tests/attention/test_attention_merge.py tests/attention/test_attention_ops.py \
       tests/kernels/test_launch.py ;;
   bench_suites)
@@ -41,8 +42,8 @@ for s in $steps; do case $s in
   rmsnorm_bench) step rmsnorm_bench 90 $run bench/all_reduce_rmsnorm_bench.py --out "$res" ;;
   chunk_bench) step chunk_bench 150 python3 bench/attention_chunk_bench.py --out "$res" --no-sweep --write-thresholds
     cp shardkit/collectives/thresholds.json "$res/" ;;
-  ring_bench) step ring_bench 240 $run bench/ring_attention_bench.py --out "$res" \
-      --lengths 32768 131072 262144 --budget-s 200 ;;
+  ring_bench) step ring_bench "${RING_S:-240}" $run bench/ring_attention_bench.py --out "$res" \
+      ${RING_ARGS:---lengths 32768 131072 262144 --budget-s 200} ;;
   ring_transfer) step ring_transfer 60 $run bench/ring_transfer_bench.py --out "$res" ;;
   *) echo "unknown step $s"; exit 2 ;;
 esac; done

@@ -52,6 +52,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from bench.common import environment, header_lines, results_stem, write_json  # noqa: E402
 from shardkit.collectives import thresholds  # noqa: E402
 from shardkit.collectives.ring_attention import choose_variant, ring_attention  # noqa: E402
+from shardkit.collectives.ring_variant import choose_variant_by_model  # noqa: E402
 from shardkit.collectives.sharding import shard, shard_positions  # noqa: E402
 from shardkit.kernels.attention_chunk import attention_chunk  # noqa: E402
 from shardkit.kernels.attention_sdpa import sdpa_backends, sdpa_with_lse  # noqa: E402
@@ -70,8 +71,9 @@ class Bench:
         self.dtype = torch.bfloat16 if self.cuda else torch.float32  # interpreter: no bf16 dots
         self.heads = (args.q_heads, args.kv_heads, args.head_dim)
         self.env = environment()
-        self.pass_q_threshold = thresholds.pass_q_miss_rate(self.env.get("gpu", "cpu") if torch.cuda.is_available()
-                                                            and not args.smoke else "cpu", dist.get_world_size())
+        device_name = self.env.get("gpu", "cpu") if self.cuda else "cpu"
+        self.pass_q_threshold = thresholds.pass_q_miss_rate(device_name, dist.get_world_size())
+        self.costs = thresholds.ring_costs(device_name)
         self.results: dict = {"env": self.env, "config": vars(args), "scaling": [], "miss_rate": [],
                               "checks": [], "skipped": []}
         # Sub-groups for the smaller worlds; new_group must be called by every rank.
@@ -252,6 +254,8 @@ class Bench:
             kw = {"k_cache": self.rand(gen, 1, Hkv, lp, D), "v_cache": self.rand(gen, 1, Hkv, lp, D)} if P else {}
             row = {"context": N, "new_tokens": T, "cached_tokens": P, "miss_rate": T / N,
                    "auto_picks": choose_variant(T, P, pass_q_threshold=self.pass_q_threshold)}
+            if self.costs is not None:  # what Meta's cost model would pick, for comparison
+                row["model_picks"] = choose_variant_by_model(T, P, W, Hq, Hkv, D, self.dtype.itemsize, self.costs)
             outs = {}
             for variant in ("pass_kv", "pass_q"):
                 def call(variant=variant) -> None:
@@ -292,12 +296,13 @@ class Bench:
                 lines.append(f"| {s['seq_len']} | {s['world']} | {s['local_backend']} | {s['t1_ms']:.2f} | "
                              f"{s['tw_ms']:.2f} | {s['speedup']:.2f}x | {100 * s['efficiency']:.1f}% |")
         lines += ["", f"## Pass-Q vs pass-KV across KV-cache miss rates ({self.world} GPUs)", "",
-                  "| miss rate | new T | cached P | pass-KV (ms) | pass-Q (ms) | pass-Q / pass-KV | auto picks |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| miss rate | new T | cached P | pass-KV (ms) | pass-Q (ms) | pass-Q / pass-KV | auto picks | "
+                  "cost model picks |",
+                  "|---|---|---|---|---|---|---|---|"]
         for m in r["miss_rate"]:
             lines.append(f"| {100 * m['miss_rate']:.2f}% | {m['new_tokens']} | {m['cached_tokens']} | "
                          f"{m['pass_kv_ms']:.3f} | {m['pass_q_ms']:.3f} | {m['pass_q_ms'] / m['pass_kv_ms']:.2f} | "
-                         f"{m['auto_picks']} |")
+                         f"{m['auto_picks']} | {m.get('model_picks', 'n/a')} |")
         if "crossover_miss_rate" in r:
             lines += ["", f"Crossover (first miss rate at which pass-KV is faster): {r['crossover_miss_rate']}; "
                       f"auto's threshold in this run: {self.pass_q_threshold} (Meta: ~5%)."]

@@ -14,7 +14,9 @@ over 4 GPUs: k + v = 128 MiB per rank and step). Two ways:
   buffer that a real ring would need first is *not* counted, which favours peer_pull.
 
 Timing: CUDA events around ``--iters`` back-to-back steps, median of ``--reps``, max over ranks;
-GB/s = bytes received per rank per second. Run with torchrun on 2+ GPUs:
+GB/s = bytes received per rank per second. ``--write-thresholds`` stores the NCCL rate at 128 MiB
+as the transfer rate of ring attention's pass-KV/pass-Q cost model (``ring_variant``). Run with
+torchrun on 2+ GPUs:
 
     torchrun --standalone --nproc-per-node=2 bench/ring_transfer_bench.py --out bench/results
 """
@@ -60,6 +62,9 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", default=["1M", "8M", "32M", "128M", "512M"])
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--write-thresholds", action="store_true",
+                    help="store the NCCL P2P rate at 128 MiB (or the largest size below) as this GPU's ring "
+                         "transfer rate for ring attention's pass-KV/pass-Q cost model")
     args = ap.parse_args()
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dev = torch.device("cuda", torch.cuda.current_device())
@@ -114,6 +119,12 @@ def main() -> None:
         with open(stem + ".md", "w") as f:
             f.write("\n".join(md) + "\n")
         print(f"wrote {stem}.json / .md", flush=True)
+        if args.write_thresholds and all(r["check"] for r in rows):
+            from shardkit.collectives import thresholds
+            size = max((n for n in sizes if n <= 128 << 20), default=min(sizes))
+            gbps = next(r["gbps"] for r in rows if r["bytes"] == size and r["method"] == "nccl_p2p")
+            thresholds.write_ring_costs(env["gpu"], p2p_gbps=gbps)
+            print(f"stored p2p_gbps {gbps:.1f} (NCCL P2P, {size >> 20} MiB) for {env['gpu']}", flush=True)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -21,12 +21,13 @@ variants (Meta, "Context Parallelism for Scalable Million-Token Inference", arXi
   Pass-Q moves ``Hq`` query heads instead of ``2 * Hkv`` kv heads per token, plus the
   all-to-all; it wins when the queries are few next to the keys, i.e. when most of the
   context is already in a KV cache.
-* **auto**: Meta's rule (Algorithm 1): pass-KV unless the KV-cache miss rate
-  ``T / (T + P)`` (``T`` new tokens, ``P`` cached tokens, summed over the group) is below
-  ``pass_q_threshold``. By default that is the crossover ``bench/ring_attention_bench.py
-  --write-thresholds`` measured for this GPU and group size (``thresholds.json``; 50% on 4×H200
-  at 128K tokens), else ``PASS_Q_MISS_RATE`` = 5%, Meta's figure for H100 hosts. Without a cache
-  the miss rate is 1 and auto is pass-KV.
+* **auto**: pass-KV unless the KV-cache miss rate ``T / (T + P)`` (``T`` new tokens, ``P``
+  cached tokens, summed over the group) is below ``pass_q_threshold``. By default that is the
+  crossover ``bench/ring_attention_bench.py --write-thresholds`` measured for this GPU and group
+  size (``thresholds.json``; 50% on 4×H200 at 128K tokens, 20% on 2×H200); where none was
+  measured, Meta's cost model (Algorithms 1 and 5, ``ring_variant``) decides with the GPU's
+  measured attention and transfer rates; without those, ``PASS_Q_MISS_RATE`` = 5%, Meta's
+  figure for H100 hosts. Without a cache the miss rate is 1: the threshold rules pick pass-KV.
 
 Partial prefill with a KV cache: pass ``k_cache``/``v_cache`` (this rank's shard of the ``P``
 cached tokens, ``[B, Hkv, P_local, D]``) and ``cache_pos``; the new tokens' queries attend to
@@ -72,6 +73,7 @@ from ..kernels.attention_merge import merge_attention, merge_attention_
 from ..kernels.attention_sdpa import LOCAL_BACKENDS, sdpa_backends, sdpa_with_lse
 from .attention_partials import segment_bytes, segment_views, stacked_views
 from . import thresholds
+from .ring_variant import RingCosts, choose_variant_by_model
 from .sharding import chunk_bounds, shard_positions
 
 __all__ = ["ring_attention", "choose_variant", "PASS_Q_MISS_RATE", "VARIANTS"]
@@ -209,7 +211,7 @@ def _check_inputs(q, k, v, k_cache, v_cache, q_pos, kv_pos, cache_pos, causal, v
 # ----------------------------------------------------------------------------------
 
 _FIELDS = ("error", "device_cuda", "dtype", "batch", "q_heads", "kv_heads", "head_dim", "causal",
-           "variant", "scale_bits", "threshold_bits", "has_cache", "has_pos",
+           "variant", "scale_bits", "threshold_bits", "model_tflops_bits", "model_gbps_bits", "has_cache", "has_pos",
            "q_len", "kv_len", "cache_len",
            # Filled on the device from the position tensors (no host synchronisation before the gather).
            "q_pos_max", "kv_pos_min", "cache_pos_min", "unsorted")
@@ -232,7 +234,7 @@ def _meta_device(group) -> torch.device:
 
 
 def _gather_meta(group, world: int, error: bool, q, k, k_cache, local: Optional[_Local], causal, variant,
-                 scale, threshold) -> List[dict]:
+                 scale, threshold, costs: Optional[RingCosts]) -> List[dict]:
     dev = _meta_device(group)
     row = [0] * len(_FIELDS)
     row[_F["error"]] = int(error)
@@ -245,6 +247,9 @@ def _gather_meta(group, world: int, error: bool, q, k, k_cache, local: Optional[
         row[_F["variant"]] = VARIANTS.index(variant)
         row[_F["scale_bits"]] = _bits(scale)
         row[_F["threshold_bits"]] = _bits(threshold)
+        if costs is not None:
+            row[_F["model_tflops_bits"]] = _bits(costs.attention_tflops)
+            row[_F["model_gbps_bits"]] = _bits(costs.p2p_gbps)
         row[_F["has_cache"]] = int(k_cache is not None)
         row[_F["has_pos"]] = int(local.has_pos)
         row[_F["q_len"]], row[_F["kv_len"]] = Lq, k.shape[2]
@@ -291,7 +296,8 @@ class _Plan:
     cache_pos_min: List[int]
 
 
-def _plan(metas: List[dict], causal: bool, has_cache: bool, threshold: float) -> _Plan:
+def _plan(metas: List[dict], causal: bool, has_cache: bool, threshold: float,
+          costs: Optional[RingCosts] = None) -> _Plan:
     world = len(metas)
     bad = [r for r, m in enumerate(metas) if m["error"]]
     if bad:
@@ -302,6 +308,8 @@ def _plan(metas: List[dict], causal: bool, has_cache: bool, threshold: float) ->
                         ("kv_heads", "the number of k/v heads"), ("head_dim", "the head dim"),
                         ("causal", "causal"), ("variant", "variant"), ("scale_bits", "softmax_scale"),
                         ("threshold_bits", "pass_q_threshold"),
+                        ("model_tflops_bits", "the ring cost model (thresholds.json ring_model)"),
+                        ("model_gbps_bits", "the ring cost model (thresholds.json ring_model)"),
                         ("has_cache", "whether k_cache/v_cache are given"),
                         ("has_pos", "whether q_pos/kv_pos(/cache_pos) are given")):
         _agree(metas, field, what)
@@ -339,7 +347,10 @@ def _plan(metas: List[dict], causal: bool, has_cache: bool, threshold: float) ->
         q_max, kv_min, cache_min = [_NONE] * world, [-_NONE] * world, [-_NONE] * world  # nothing is skipped
     variant = VARIANTS[metas[0]["variant"]]
     if variant == "auto":  # T and P are the group's totals: every rank picks the same variant
-        variant = choose_variant(T, P, pass_q_threshold=threshold)
+        m = metas[0]
+        variant = (choose_variant_by_model(T, P, world, m["q_heads"], m["kv_heads"], m["head_dim"],
+                                           _DTYPES[m["dtype"]].itemsize, costs, causal)
+                   if costs is not None else choose_variant(T, P, pass_q_threshold=threshold))
     return _Plan(world, variant, q_len, kv_len, cache_len, q_max, kv_min, cache_min)
 
 
@@ -613,8 +624,10 @@ def ring_attention(
             (partial prefill); the new queries attend to all cached and all new keys.
         cache_pos: global positions ``[Lc]`` of the cached tokens (sorted ascending), or int.
         softmax_scale: multiplies the scores; default ``1 / sqrt(D)``.
-        pass_q_threshold: KV-cache miss rate below which ``"auto"`` picks pass-Q; default: the
-            measured crossover for this GPU and group size (``thresholds.pass_q_miss_rate``).
+        pass_q_threshold: KV-cache miss rate below which ``"auto"`` picks pass-Q. Default: the
+            crossover measured for this GPU and group size, else Meta's cost model with this GPU's
+            measured rates (``shardkit.collectives.ring_variant``), else ``PASS_Q_MISS_RATE`` (5%);
+            see ``thresholds.ring_variant_rule``.
         local_backend: the kernel of each chunk pair: ``"triton"`` (shardkit's
             ``attention_chunk``), ``"flash"`` or ``"cudnn"`` (torch's SDPA kernels with the LSE,
             ``sdpa_with_lse``; on CPU "flash" is torch's CPU flash kernel), or ``"auto"``: the
@@ -633,8 +646,9 @@ def ring_attention(
     group = group if group is not None else dist.group.WORLD
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     device_name = torch.cuda.get_device_name(q.device) if isinstance(q, torch.Tensor) and q.is_cuda else "cpu"
+    costs = None
     if pass_q_threshold is None:
-        pass_q_threshold = thresholds.pass_q_miss_rate(device_name, world)
+        pass_q_threshold, costs = thresholds.ring_variant_rule(device_name, world)
     local, error = None, None
     try:
         local = _check_inputs(q, k, v, k_cache, v_cache, q_pos, kv_pos, cache_pos, causal, variant,
@@ -643,11 +657,11 @@ def ring_attention(
         error = e
     scale = (1.0 / math.sqrt(q.shape[3])) if error is None and softmax_scale is None else (softmax_scale or 0.0)
     metas = _gather_meta(group, world, error is not None, q, k, k_cache, local, causal, variant, scale,
-                         pass_q_threshold)
+                         pass_q_threshold, costs)
     if error is not None:
         raise error
     has_cache = k_cache is not None
-    plan = _plan(metas, causal, has_cache, pass_q_threshold)
+    plan = _plan(metas, causal, has_cache, pass_q_threshold, costs)
 
     q_p, kv_p, cache_p = local.q_pos, local.kv_pos, local.cache_pos
     if causal and not local.has_pos:  # the default load-balanced layout (checked by _plan)

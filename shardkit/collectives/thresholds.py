@@ -4,7 +4,10 @@
   the entry of the GPU it ran on from measured crossovers.
 * ring attention: the KV-cache miss rate below which pass-Q beats pass-KV (key
   ``"ring_pass_q_miss_rate"``); ``bench/ring_attention_bench.py --write-thresholds`` stores it.
-  Unknown devices get Meta's 5%.
+  Where none was measured for a device and group size, Meta's cost model decides with the
+  device's measured rates (key ``"ring_model"``: ``attention_tflops`` from
+  ``bench/attention_chunk_bench.py``, ``p2p_gbps`` from ``bench/ring_transfer_bench.py``, both
+  ``--write-thresholds``); unknown devices get Meta's 5%.
 * ring attention's local chunk kernel: the fastest of the Triton kernel and torch's SDPA
   kernels with the LSE (key ``"chunk_backend"``); ``bench/attention_chunk_bench.py
   --write-thresholds`` stores it. Unknown GPUs get torch's flash kernel where available; CPU
@@ -15,6 +18,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+
+from .ring_variant import RingCosts
 
 PATH = os.path.join(os.path.dirname(__file__), "thresholds.json")
 ALGOS = ("flat", "tree", "nccl")
@@ -62,11 +67,52 @@ RING_KEY = "ring_pass_q_miss_rate"
 DEFAULT_PASS_Q_MISS_RATE = 0.05  # Meta (arXiv 2411.01783), H100 hosts
 
 
-def pass_q_miss_rate(device_name: str, world_size: int, table: dict | None = None) -> float:
-    """The measured pass-Q / pass-KV crossover for a device and world size, else Meta's 5%."""
+def measured_pass_q_miss_rate(device_name: str, world_size: int, table: dict | None = None) -> float | None:
+    """The measured pass-Q / pass-KV crossover for a device and world size, or None."""
     table = load_table() if table is None else table
     per_device = table.get(RING_KEY, {}).get(device_name, {})
-    return float(per_device.get(str(world_size), per_device.get("default", DEFAULT_PASS_Q_MISS_RATE)))
+    value = per_device.get(str(world_size), per_device.get("default"))
+    return None if value is None else float(value)
+
+
+def pass_q_miss_rate(device_name: str, world_size: int, table: dict | None = None) -> float:
+    """The measured pass-Q / pass-KV crossover for a device and world size, else Meta's 5%."""
+    value = measured_pass_q_miss_rate(device_name, world_size, table)
+    return DEFAULT_PASS_Q_MISS_RATE if value is None else value
+
+
+RING_MODEL_KEY = "ring_model"
+
+
+def ring_costs(device_name: str, table: dict | None = None) -> RingCosts | None:
+    """The measured rates of a device for Meta's ring cost model, or None if either is missing."""
+    table = load_table() if table is None else table
+    entry = table.get(RING_MODEL_KEY, {}).get(device_name, {})
+    if "attention_tflops" not in entry or "p2p_gbps" not in entry:
+        return None
+    return RingCosts(float(entry["attention_tflops"]), float(entry["p2p_gbps"]))
+
+
+def ring_variant_rule(device_name: str, world_size: int, table: dict | None = None) -> tuple[float, RingCosts | None]:
+    """How ``ring_attention(variant="auto")`` decides on a device and group size:
+    ``(threshold, None)`` for a measured crossover, ``(5%, costs)`` for Meta's cost model with the
+    device's measured rates (the threshold unused), ``(5%, None)`` for Meta's published rule."""
+    measured = measured_pass_q_miss_rate(device_name, world_size, table)
+    if measured is not None:
+        return measured, None
+    return DEFAULT_PASS_Q_MISS_RATE, ring_costs(device_name, table)
+
+
+def write_ring_costs(device_name: str, path: str = PATH, **rates: float) -> None:
+    """Store measured ``attention_tflops`` and/or ``p2p_gbps`` of a device for the ring cost model."""
+    unknown = set(rates) - {"attention_tflops", "p2p_gbps"}
+    if unknown:
+        raise ValueError(f"unknown ring_model rates {sorted(unknown)}")
+    table = dict(load_table(path))
+    models = dict(table.get(RING_MODEL_KEY, {}))
+    models[device_name] = {**models.get(device_name, {}), **{k: round(float(v), 1) for k, v in rates.items()}}
+    table[RING_MODEL_KEY] = models
+    _store(table, path)
 
 
 def write_pass_q_miss_rate(device_name: str, world_size: int, miss_rate: float, path: str = PATH) -> None:

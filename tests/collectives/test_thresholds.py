@@ -1,12 +1,17 @@
 """Auto-selection tables: lookups with fallbacks, and round trips through the writers."""
 import json
 
+import pytest
+
 from shardkit.collectives import thresholds
+from shardkit.collectives.ring_variant import RingCosts
 
 TABLE = {
     "default": {"default": [[1024, "flat"], [None, "nccl"]], "2": [[4096, "flat"], [None, "tree"]]},
     "GPU-X": {"4": [[2048, "flat"], [65536, "tree"], [None, "nccl"]]},
     "ring_pass_q_miss_rate": {"GPU-X": {"4": 0.3}},
+    "ring_model": {"GPU-X": {"attention_tflops": 500.0, "p2p_gbps": 250.0}, "GPU-Y": {"p2p_gbps": 100.0}},
+    "chunk_backend": {"GPU-X": "cudnn"},
 }
 
 
@@ -25,14 +30,41 @@ def test_pass_q_threshold_measured_or_meta_default():
     assert thresholds.pass_q_miss_rate("cpu", 4, TABLE) == 0.05
 
 
+def test_ring_variant_rule_precedence():
+    # A measured crossover first; else the cost model if both rates were measured; else Meta's 5%.
+    assert thresholds.ring_variant_rule("GPU-X", 4, TABLE) == (0.3, None)
+    assert thresholds.ring_variant_rule("GPU-X", 2, TABLE) == (0.05, RingCosts(500.0, 250.0))
+    assert thresholds.ring_variant_rule("GPU-Y", 2, TABLE) == (0.05, None)  # one rate only
+    assert thresholds.ring_variant_rule("cpu", 2, TABLE) == (0.05, None)
+
+
+def test_chunk_backend_choice():
+    assert thresholds.chunk_backend("GPU-X", ("flash", "cudnn"), TABLE) == "cudnn"
+    assert thresholds.chunk_backend("GPU-X", ("flash",), TABLE) == "flash"   # measured one not available
+    assert thresholds.chunk_backend("GPU-Y", ("flash", "cudnn"), TABLE) == "flash"
+    assert thresholds.chunk_backend("GPU-Y", (), TABLE) == "triton"
+    assert thresholds.chunk_backend("cpu", ("flash",), TABLE) == "triton"
+
+
 def test_writers_round_trip(tmp_path):
     path = str(tmp_path / "t.json")
     with open(path, "w") as f:
         json.dump(TABLE, f)
     thresholds.write_rules("GPU-Z", 2, [(512, "flat"), (None, "nccl")], path=path)
     thresholds.write_pass_q_miss_rate("GPU-Z", 2, 0.25, path=path)
+    thresholds.write_ring_costs("GPU-Z", path=path, attention_tflops=401.23)
+    assert thresholds.ring_costs("GPU-Z", thresholds.load_table(path)) is None  # one rate is not a model
+    thresholds.write_ring_costs("GPU-Z", path=path, p2p_gbps=99.0)
+    thresholds.write_chunk_backend("GPU-Z", "flash", path=path)
     table = thresholds.load_table(path)
     assert thresholds.select_rules("GPU-Z", 2, table) == [(512, "flat"), (None, "nccl")]
     assert thresholds.pass_q_miss_rate("GPU-Z", 2, table) == 0.25
+    assert thresholds.ring_costs("GPU-Z", table) == RingCosts(401.2, 99.0)
+    assert thresholds.chunk_backend("GPU-Z", ("flash", "cudnn"), table) == "flash"
     assert thresholds.select_rules("GPU-X", 4, table) == thresholds.select_rules("GPU-X", 4, TABLE)
     thresholds.load_table.cache_clear()
+
+
+def test_write_ring_costs_rejects_unknown_rates(tmp_path):
+    with pytest.raises(ValueError, match="unknown ring_model rates"):
+        thresholds.write_ring_costs("GPU-Z", path=str(tmp_path / "t.json"), tflops=1.0)
