@@ -21,6 +21,7 @@ step() {  # step NAME SECONDS COMMAND...
   echo "=== $name"
   timeout "$secs" "$@" > "$res/$name.log" 2>&1; echo "rc=$?" >> "$res/$name.log"
   grep -vE "it/s\]|OMP_NUM_THREADS|^\*+$" "$res/$name.log" | tail -30
+  cp shardkit/collectives/thresholds.json "$res/"  # benches with --write-thresholds update it
   tar czf "$out/results.tgz" -C "$(dirname "$res")" results
 }
 for s in $steps; do case $s in
@@ -37,11 +38,9 @@ for s in $steps; do case $s in
     step bench_kernels 120 python3 -m pytest -q -p no:cacheprovider bench/test_kernels_benchmark.py \
       --benchmark-json="$res/pytest_benchmark_kernels.json" ;;
   profile_eager) step profile_eager 60 $run bench/profile_eager.py --out "$res" ;;
-  sweep) step "sweep_x$n" 120 $run bench/all_reduce_sweep.py --out "$res" --sizes 1K-64M --write-thresholds
-    cp shardkit/collectives/thresholds.json "$res/" ;;
+  sweep) step "sweep_x$n" 120 $run bench/all_reduce_sweep.py --out "$res" --sizes 1K-64M --write-thresholds ;;
   rmsnorm_bench) step rmsnorm_bench 90 $run bench/all_reduce_rmsnorm_bench.py --out "$res" ;;
-  chunk_bench) step chunk_bench 150 python3 bench/attention_chunk_bench.py --out "$res" --no-sweep --write-thresholds
-    cp shardkit/collectives/thresholds.json "$res/" ;;
+  chunk_bench) step chunk_bench 150 python3 bench/attention_chunk_bench.py --out "$res" --no-sweep --write-thresholds ;;
   ring_bench) step ring_bench "${RING_S:-240}" $run bench/ring_attention_bench.py --out "$res" \
       ${RING_ARGS:---lengths 32768 131072 262144 --budget-s 200} ;;
   ring_transfer) step ring_transfer 60 $run bench/ring_transfer_bench.py --out "$res" ;;

@@ -17,10 +17,11 @@ Run on one node under torchrun (one process per GPU):
    length only) 64 rows per rank against an fp32 torch reference over the full sequence.
 2. **Cache miss rates** (all GPUs, context ``--context`` tokens, default 128K): ``P`` cached +
    ``T`` new tokens with ``T / (T + P)`` in ``--miss-rates``; pass-KV and pass-Q timed on the same
-   inputs (and checked against each other). The crossover (first miss rate at which pass-KV is
-   faster) is what ``ring_attention(variant="auto")`` should switch at; ``--write-thresholds``
-   stores it per GPU and world size (shardkit/collectives/thresholds.json) and auto then uses it
-   (Meta reports ~5% on their H100 hosts).
+   inputs (and checked against each other). The threshold that best separates the two
+   (``best_threshold``) is what ``ring_attention(variant="auto")`` should switch at;
+   ``--write-thresholds`` stores it per GPU and world size (shardkit/collectives/thresholds.json)
+   and auto then uses it (Meta reports ~5% on their H100 hosts). Each row also says what Meta's
+   cost model (``shardkit.collectives.ring_variant``) with this GPU's measured rates would pick.
 
 Timing: CUDA events around one call, group barrier before each repetition, median of ``--reps``
 after one untimed warm-up (which also compiles the kernels), max over ranks. Eager only: a
@@ -59,6 +60,30 @@ from shardkit.kernels.attention_sdpa import sdpa_backends, sdpa_with_lse  # noqa
 from shardkit.reference_attention import reference_attention  # noqa: E402
 
 ATOL = RTOL = 3.2e-2  # 2 x tests/tolerances.py ATTENTION[bf16]: the ring rounds partials twice
+
+
+def best_threshold(rows: list) -> float:
+    """The pass-Q miss-rate threshold that one rule ("pass-Q below it") would best fit to a sweep.
+
+    ``rows``: measured ``{"miss_rate", "pass_kv_ms", "pass_q_ms"}``. Every cut between two sorted
+    miss rates is scored by the summed relative loss ``chosen_ms / best_ms - 1`` over the rows;
+    the best cut's threshold is the midpoint of its two rates (0 = never pass-Q, 1 = always below
+    a miss rate of 1). One noisy point (pass-Q slower at the smallest miss rate only, say) no
+    longer pulls the threshold to 0, as "the first miss rate where pass-KV wins" did.
+    """
+    rows = sorted(rows, key=lambda r: r["miss_rate"])
+    rates = [r["miss_rate"] for r in rows]
+
+    def loss(cut: int) -> float:
+        return sum((r["pass_q_ms"] if i < cut else r["pass_kv_ms"]) / min(r["pass_q_ms"], r["pass_kv_ms"]) - 1
+                   for i, r in enumerate(rows))
+
+    cut = min(range(len(rows) + 1), key=lambda c: (loss(c), c))  # ties: the smaller (pass-KV) side
+    if cut == 0:
+        return 0.0
+    if cut == len(rows):
+        return 1.0
+    return round((rates[cut - 1] + rates[cut]) / 2, 4)
 
 
 class Bench:
@@ -271,11 +296,9 @@ class Bench:
         rows = self.results["miss_rate"]
         crossover = next((r["miss_rate"] for r in rows if r["pass_kv_ms"] <= r["pass_q_ms"]), None)
         self.results["crossover_miss_rate"] = crossover
-        # The threshold to store: the largest measured miss rate up to which pass-Q always won.
-        won = [r["miss_rate"] for r in rows if crossover is None or r["miss_rate"] < crossover]
-        self.results["pass_q_until"] = max(won) if won else 0.0
-        self.log(f"crossover (first miss rate at which pass-KV is faster): {crossover}; pass-Q won up to "
-                 f"{self.results['pass_q_until']}; auto's threshold in this run: {self.pass_q_threshold}")
+        self.results["pass_q_threshold"] = best_threshold(rows)
+        self.log(f"first miss rate at which pass-KV is faster: {crossover}; best single threshold: "
+                 f"{self.results['pass_q_threshold']}; auto's threshold in this run: {self.pass_q_threshold}")
 
     # ------------------------------------------------------------------ report
 
@@ -304,7 +327,8 @@ class Bench:
                          f"{m['pass_kv_ms']:.3f} | {m['pass_q_ms']:.3f} | {m['pass_q_ms'] / m['pass_kv_ms']:.2f} | "
                          f"{m['auto_picks']} | {m.get('model_picks', 'n/a')} |")
         if "crossover_miss_rate" in r:
-            lines += ["", f"Crossover (first miss rate at which pass-KV is faster): {r['crossover_miss_rate']}; "
+            lines += ["", f"First miss rate at which pass-KV is faster: {r['crossover_miss_rate']}; best single "
+                      f"threshold (least total relative loss, `best_threshold`): {r.get('pass_q_threshold')}; "
                       f"auto's threshold in this run: {self.pass_q_threshold} (Meta: ~5%)."]
         lines += ["", "## Checks", ""]
         lines += [f"- {c['name']}: max |err| {c['max_abs_err']:.2e} — {'ok' if c['ok'] else '**FAILED**'}"
@@ -368,9 +392,9 @@ def main() -> None:
         raise
     b.save()
     b.plot()
-    if b.rank == 0 and args.write_thresholds and not small and "pass_q_until" in b.results:
-        thresholds.write_pass_q_miss_rate(b.env["gpu"], world, b.results["pass_q_until"])
-        print(f"stored pass-Q threshold {b.results['pass_q_until']} for {b.env['gpu']} x{world}", flush=True)
+    if b.rank == 0 and args.write_thresholds and not small and "pass_q_threshold" in b.results:
+        thresholds.write_pass_q_miss_rate(b.env["gpu"], world, b.results["pass_q_threshold"])
+        print(f"stored pass-Q threshold {b.results['pass_q_threshold']} for {b.env['gpu']} x{world}", flush=True)
     if b.rank == 0:
         failed = [c["name"] for c in b.results["checks"] if not c["ok"]]
         print(f"wrote {b.stem}.json / .md in {time.monotonic() - b.t0:.0f} s"

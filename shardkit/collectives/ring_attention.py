@@ -24,7 +24,7 @@ variants (Meta, "Context Parallelism for Scalable Million-Token Inference", arXi
 * **auto**: pass-KV unless the KV-cache miss rate ``T / (T + P)`` (``T`` new tokens, ``P``
   cached tokens, summed over the group) is below ``pass_q_threshold``. By default that is the
   crossover ``bench/ring_attention_bench.py --write-thresholds`` measured for this GPU and group
-  size (``thresholds.json``; 50% on 4×H200 at 128K tokens, 20% on 2×H200); where none was
+  size (``thresholds.json``; 35% on 2×H200 and 4×H200 at 128K tokens); where none was
   measured, Meta's cost model (Algorithms 1 and 5, ``ring_variant``) decides with the GPU's
   measured attention and transfer rates; without those, ``PASS_Q_MISS_RATE`` = 5%, Meta's
   figure for H100 hosts. Without a cache the miss rate is 1: the threshold rules pick pass-KV.

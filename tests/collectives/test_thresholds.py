@@ -68,3 +68,18 @@ def test_writers_round_trip(tmp_path):
 def test_write_ring_costs_rejects_unknown_rates(tmp_path):
     with pytest.raises(ValueError, match="unknown ring_model rates"):
         thresholds.write_ring_costs("GPU-Z", path=str(tmp_path / "t.json"), tflops=1.0)
+
+
+def test_best_threshold_fit():
+    from bench.ring_attention_bench import best_threshold
+
+    def rows(q_wins):
+        return [{"miss_rate": r, "pass_kv_ms": 10.0, "pass_q_ms": 9.0 if w else 11.0} for r, w in q_wins]
+
+    assert best_threshold(rows([(0.01, True), (0.1, True), (0.5, False), (1.0, False)])) == 0.3
+    assert best_threshold(rows([(0.01, False), (1.0, False)])) == 0.0
+    assert best_threshold(rows([(0.01, True), (1.0, True)])) == 1.0
+    # One point against the trend (pass-Q slower at the smallest miss rate only) does not pull the
+    # threshold to 0 when pass-Q wins clearly at the next three.
+    noisy = rows([(0.005, False), (0.01, True), (0.05, True), (0.2, True), (0.5, False), (1.0, False)])
+    assert best_threshold(noisy) == 0.35
