@@ -31,12 +31,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench.all_reduce_sweep import parse_size  # noqa: E402
 from bench.common import environment, header_lines, max_over_ranks, results_stem, write_json  # noqa: E402
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    return int(float(text[:-1]) * units[text[-1].upper()]) if text[-1].upper() in units else int(text)
 
 
 def time_ms(fn, iters: int, reps: int) -> float:

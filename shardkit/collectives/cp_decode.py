@@ -22,7 +22,7 @@ from typing import Optional, Union
 import torch
 import torch.distributed as dist
 
-from ..kernels.attention_chunk import SUPPORTED_HEAD_DIMS, attention_chunk
+from ..kernels.attention_chunk import attention_chunk, check_qkv
 from ..kernels.attention_merge import merge_attention
 from .attention_partials import segment_bytes, segment_views, stacked_views
 
@@ -77,20 +77,15 @@ def cp_decode_attention(
         raise ValueError("q_pos and kv_pos must be given together (causal) or both left out")
     group = group if group is not None else dist.group.WORLD
     world = dist.get_world_size(group)
-    if not isinstance(q, torch.Tensor) or q.dim() != 4:
-        raise ValueError(f"q must be a 4-D tensor [batch, heads, n, head_dim], got "
-                         f"{list(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
-    if q.shape[3] not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"q head_dim (last dim) must be one of {SUPPORTED_HEAD_DIMS}, got {q.shape[3]}")
+    # Local checks only: a cross-rank check would cost a host synchronisation per token. A rank
+    # whose inputs are rejected raises here; its peers then wait in the all-gather until the
+    # group's timeout.
+    check_qkv(q, k_cache_shard, v_cache_shard, names=("k_cache_shard", "v_cache_shard"))
     shape = tuple(q.shape)
     seg = segment_bytes(shape, q.dtype)
     send = torch.empty(seg, dtype=torch.uint8, device=q.device)
     out_r, lse_r = segment_views(send, shape, q.dtype)
-    # attention_chunk checks the rest (kv heads, dtypes, positions) before any communication.
-    # No cross-rank check: it would cost a host synchronisation per token. A rank whose shard is
-    # rejected raises here; its peers then wait in the all-gather until the group's timeout.
+    # attention_chunk checks the positions before any communication.
     attention_chunk(q, k_cache_shard, v_cache_shard, causal=q_pos is not None, q_pos=q_pos, kv_pos=kv_pos,
                     softmax_scale=softmax_scale, out=out_r, lse=lse_r)
     recv = torch.empty(world * seg, dtype=torch.uint8, device=q.device)

@@ -63,12 +63,12 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
-from ..kernels.attention_chunk import SUPPORTED_HEAD_DIMS, attention_chunk, check_positions
+from ..kernels.attention_chunk import attention_chunk, check_positions, check_qkv
 from ..kernels.attention_merge import merge_attention, merge_attention_
 from ..kernels.attention_sdpa import LOCAL_BACKENDS, sdpa_backends, sdpa_with_lse
 from .attention_partials import segment_bytes, segment_views, stacked_views
@@ -109,35 +109,6 @@ def choose_variant(new_tokens: int, cached_tokens: int, *,
 # Local input checks
 # ----------------------------------------------------------------------------------
 
-def _check_tensor(name: str, t: torch.Tensor, ref: Optional[torch.Tensor]) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 4:
-        raise ValueError(f"{name} must be 4-D [batch, heads, seq, head_dim], got shape {list(t.shape)}")
-    if ref is None:
-        if t.dtype not in _DTYPES:
-            raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
-        return
-    if t.dtype != ref.dtype:
-        raise ValueError(f"{name} has dtype {t.dtype} but q has {ref.dtype}; they must match")
-    if t.device != ref.device:
-        raise ValueError(f"{name} is on {t.device} but q is on {ref.device}")
-
-
-def _check_kv(q: torch.Tensor, k_name: str, k: torch.Tensor, v_name: str, v: torch.Tensor) -> None:
-    _check_tensor(k_name, k, q)
-    _check_tensor(v_name, v, q)
-    B, Hq, _, D = q.shape
-    if k.shape[0] != B:
-        raise ValueError(f"{k_name} batch {k.shape[0]} does not match q batch {B}")
-    if k.shape[3] != D:
-        raise ValueError(f"{k_name} head_dim {k.shape[3]} does not match q head_dim {D}")
-    if tuple(v.shape) != tuple(k.shape):
-        raise ValueError(f"{v_name} shape {list(v.shape)} must equal {k_name} shape {list(k.shape)}")
-    if k.shape[1] == 0 or Hq % k.shape[1]:
-        raise ValueError(f"q heads ({Hq}) must be a multiple of {k_name}/{v_name} heads ({k.shape[1]})")
-
-
 def _positions(name: str, pos: Positions, length: int, device: torch.device) -> torch.Tensor:
     """``pos`` as an int64 tensor ``[length]`` (an int means ``pos + arange(length)``)."""
     if isinstance(pos, bool) or not isinstance(pos, (int, torch.Tensor)):
@@ -160,14 +131,11 @@ class _Local:
 
 def _check_inputs(q, k, v, k_cache, v_cache, q_pos, kv_pos, cache_pos, causal, variant,
                   softmax_scale, pass_q_threshold, local_backend) -> _Local:
-    _check_tensor("q", q, None)
-    if q.shape[3] not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"q head_dim (last dim) must be one of {SUPPORTED_HEAD_DIMS}, got {q.shape[3]}")
-    _check_kv(q, "k", k, "v", v)
+    check_qkv(q, k, v)
     if (k_cache is None) != (v_cache is None):
         raise ValueError("k_cache and v_cache must be given together")
     if k_cache is not None:
-        _check_kv(q, "k_cache", k_cache, "v_cache", v_cache)
+        check_qkv(q, k_cache, v_cache, names=("k_cache", "v_cache"))
         if k_cache.shape[1] != k.shape[1]:
             raise ValueError(f"k_cache has {k_cache.shape[1]} heads but k has {k.shape[1]}")
     if variant not in VARIANTS:
@@ -385,6 +353,36 @@ def _views(bufs: List[torch.Tensor], shapes: List[Tuple[int, ...]]) -> List[torc
     return [b[:math.prod(s)].view(s) for b, s in zip(bufs, shapes)]
 
 
+def _ring_pass(local: List[torch.Tensor], shapes: Callable[[int], List[Tuple[int, ...]]], world: int, rank: int,
+               group) -> Iterator[Tuple[int, List[torch.Tensor]]]:
+    """Pass this rank's tensors around the ring: yields ``(src, tensors of rank src)`` for the
+    ``world`` steps, starting with our own (``src = rank``).
+
+    ``shapes(src)`` gives the shapes of rank ``src``'s tensors (known to every rank from the
+    metadata gather). The transfer for the next step is posted before each yield and waited for
+    after the caller's compute, so the two overlap; two sets of receive buffers, each slot as large
+    as the largest rank's tensor, keep a receive from overwriting what is being computed on.
+    """
+    nxt, prv = dist.get_global_rank(group, (rank + 1) % world), dist.get_global_rank(group, (rank - 1) % world)
+    bufs = []
+    if world > 1:
+        max_numel = [max(math.prod(shapes(r)[i]) for r in range(world)) for i in range(len(local))]
+        bufs = [[torch.empty(n, dtype=t.dtype, device=t.device) for n, t in zip(max_numel, local)]
+                for _ in range(2)]
+    current = local
+    for step in range(world):
+        src = (rank - step) % world
+        reqs, incoming = [], None
+        if step < world - 1:
+            incoming = _views(bufs[(step + 1) % 2], shapes((src - 1) % world))
+            reqs = _post_ring(current, incoming, nxt, prv, group)
+        yield src, current
+        for r in reqs:
+            r.wait()
+        if incoming is not None:
+            current = incoming
+
+
 # ----------------------------------------------------------------------------------
 # One chunk pair: which rows see which keys, and the local kernel that computes it
 # ----------------------------------------------------------------------------------
@@ -462,7 +460,6 @@ def _pass_kv(q, parts, q_pos, plan: _Plan, rank: int, group, causal: bool, scale
     W = plan.world
     B, Hq, Lq, D = q.shape
     Hkv = parts[0][0].shape[1]
-    nxt, prv = dist.get_global_rank(group, (rank + 1) % W), dist.get_global_rank(group, (rank - 1) % W)
     is_cache = [True, False][-len(parts):]
 
     def shapes(src: int) -> List[Tuple[int, ...]]:
@@ -475,25 +472,12 @@ def _pass_kv(q, parts, q_pos, plan: _Plan, rank: int, group, causal: bool, scale
 
     per_part = 3 if causal else 2
     local = [t.contiguous() for (k, v, pos) in parts for t in ((k, v, pos) if causal else (k, v))]
-    # Two sets of flat receive buffers, each slot as large as the largest rank's tensor.
-    bufs = []
-    if W > 1:
-        max_numel = [max(math.prod(shapes(r)[i]) for r in range(W)) for i in range(len(local))]
-        bufs = [[torch.empty(n, dtype=t.dtype, device=q.device) for n, t in zip(max_numel, local)]
-                for _ in range(2)]
-
     acc = torch.zeros((B, Hq, Lq, D), dtype=torch.float32, device=q.device)
     acc_lse = torch.full((B, Hq, Lq), float("-inf"), dtype=torch.float32, device=q.device)
     part_o = torch.empty((B, Hq, Lq, D), dtype=q.dtype, device=q.device)
     part_l = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
 
-    current = local
-    for step in range(W):
-        src = (rank - step) % W
-        reqs, incoming = [], None
-        if step < W - 1:
-            incoming = _views(bufs[(step + 1) % 2], shapes((src - 1) % W))
-            reqs = _post_ring(current, incoming, nxt, prv, group)
+    for src, current in _ring_pass(local, shapes, W, rank, group):
         for i, cache in enumerate(is_cache):
             block = _pair_block(plan, kernel, causal, rank, src, cache)
             if block is None:
@@ -502,10 +486,6 @@ def _pass_kv(q, parts, q_pos, plan: _Plan, rank: int, group, causal: bool, scale
             row0, o, l = _attend(q, kc, vc, q_pos, current[i * per_part + 2] if causal else None, block,
                                  causal, scale, kernel.backend, part_o, part_l)
             merge_attention_(acc[:, :, row0:], acc_lse[:, :, row0:], o, l)
-        for r in reqs:
-            r.wait()
-        if incoming is not None:
-            current = incoming
     return acc if q.dtype == torch.float32 else acc.to(q.dtype)
 
 
@@ -517,18 +497,12 @@ def _pass_q(q, parts, q_pos, plan: _Plan, rank: int, group, causal: bool, scale:
             kernel: _LocalKernel) -> torch.Tensor:
     W = plan.world
     B, Hq, Lq, D = q.shape
-    nxt, prv = dist.get_global_rank(group, (rank + 1) % W), dist.get_global_rank(group, (rank - 1) % W)
     is_cache = [True, False][-len(parts):]
 
     def shapes(src: int) -> List[Tuple[int, ...]]:
         return [(B, Hq, plan.q_len[src], D)] + ([(plan.q_len[src],)] if causal else [])
 
     local = [q.contiguous()] + ([q_pos] if causal else [])
-    bufs = []
-    if W > 1:
-        max_numel = [max(math.prod(shapes(r)[i]) for r in range(W)) for i in range(len(local))]
-        bufs = [[torch.empty(n, dtype=t.dtype, device=q.device) for n, t in zip(max_numel, local)]
-                for _ in range(2)]
 
     # Send buffer: one segment per query owner, in rank order (the all-to-all's input splits).
     seg = [segment_bytes((B, Hq, plan.q_len[r], D), q.dtype) for r in range(W)]
@@ -537,13 +511,7 @@ def _pass_q(q, parts, q_pos, plan: _Plan, rank: int, group, causal: bool, scale:
     tmp_o = torch.empty(B * Hq * max(plan.q_len) * D, dtype=q.dtype, device=q.device)
     tmp_l = torch.empty(B * Hq * max(plan.q_len), dtype=torch.float32, device=q.device)
 
-    current = local
-    for step in range(W):
-        src = (rank - step) % W
-        reqs, incoming = [], None
-        if step < W - 1:
-            incoming = _views(bufs[(step + 1) % 2], shapes((src - 1) % W))
-            reqs = _post_ring(current, incoming, nxt, prv, group)
+    for src, current in _ring_pass(local, shapes, W, rank, group):
         q_src, q_src_pos = current[0], (current[1] if causal else None)
         out_s, lse_s = segment_views(send[offsets[src]:offsets[src] + seg[src]], (B, Hq, plan.q_len[src], D),
                                      q.dtype)
@@ -569,10 +537,6 @@ def _pass_q(q, parts, q_pos, plan: _Plan, rank: int, group, causal: bool, scale:
         if not written:  # nothing of this rank is visible to those queries: weight 0 in the merge
             out_s.zero_()
             lse_s.fill_(float("-inf"))
-        for r in reqs:
-            r.wait()
-        if incoming is not None:
-            current = incoming
 
     own = segment_bytes((B, Hq, Lq, D), q.dtype)
     recv = torch.empty(W * own, dtype=torch.uint8, device=q.device)

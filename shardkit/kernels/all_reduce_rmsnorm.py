@@ -41,15 +41,20 @@ MAX_HIDDEN = 32768  # one row lives in registers: BLOCK_H fp32 values per progra
 
 
 @triton.jit
-def _residual_rmsnorm_row(total, residual_ptr, row, hidden, weight, eps, cols, cmask, ok,
-                          DTYPE: tl.constexpr):
-    """(out, residual_out) of one row, in DTYPE, from its fp32 all-reduced values ``total``; both NaN
-    when ``ok`` is False (the call failed)."""
+def _reduce_norm_row(table_ptr, half, row, ws_stride, residual_ptr, weight, out_ptr, res_out_ptr, hidden, eps,
+                     cols, cmask, ok, WORLD: tl.constexpr, DTYPE: tl.constexpr):
+    """One row: sum the staged row of every rank (fp32, rank order), add the residual, RMSNorm;
+    stores ``out`` and ``residual_out`` (both NaN when ``ok`` is False: the call failed) and
+    returns them, in DTYPE."""
+    total = sum_tile(table_ptr, half, row * ws_stride + cols, cmask & ok, WORLD, DTYPE)
     res = tl.load(residual_ptr + row * hidden + cols, mask=cmask, other=0.0).to(tl.float32)
     h = (total + res).to(DTYPE).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(h * h, axis=0) / hidden + eps)
-    y = h * rstd * weight
-    return tl.where(ok, y, float("nan")).to(DTYPE), tl.where(ok, h, float("nan")).to(DTYPE)
+    y = tl.where(ok, h * rstd * weight, float("nan")).to(DTYPE)
+    h = tl.where(ok, h, float("nan")).to(DTYPE)
+    tl.store(out_ptr + row * hidden + cols, y, mask=cmask)
+    tl.store(res_out_ptr + row * hidden + cols, h, mask=cmask)
+    return y, h
 
 
 # Arguments whose values do not shape the code: Triton need not specialise (and recompile) on them.
@@ -88,10 +93,8 @@ def oneshot_rmsnorm_kernel(
     ok = peer_barrier(table_ptr, rank, 0, flag, ok, status_addr, timeout_iters, WORLD, WORLD_P2)
     weight = tl.load(weight_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     for row in range(pid, tokens, nprog):
-        total = sum_tile(table_ptr, half, row * ws_stride + cols, cmask & ok, WORLD, DTYPE)
-        y, h = _residual_rmsnorm_row(total, residual_ptr, row, hidden, weight, eps, cols, cmask, ok, DTYPE)
-        tl.store(out_ptr + row * hidden + cols, y, mask=cmask)
-        tl.store(res_out_ptr + row * hidden + cols, h, mask=cmask)
+        _reduce_norm_row(table_ptr, half, row, ws_stride, residual_ptr, weight, out_ptr, res_out_ptr, hidden, eps,
+                         cols, cmask, ok, WORLD, DTYPE)
     finish_call(own, epoch)
 
 
@@ -123,10 +126,8 @@ def twoshot_rmsnorm_kernel(
     hi = tl.minimum(lo + rows_per_rank, tokens)
     for j in range(pid, hi - lo, nprog):
         row = lo + j
-        total = sum_tile(table_ptr, half, row * ws_stride + cols, cmask & ok, WORLD, DTYPE)
-        y, h = _residual_rmsnorm_row(total, residual_ptr, row, hidden, weight, eps, cols, cmask, ok, DTYPE)
-        tl.store(out_ptr + row * hidden + cols, y, mask=cmask)
-        tl.store(res_out_ptr + row * hidden + cols, h, mask=cmask)
+        y, h = _reduce_norm_row(table_ptr, half, row, ws_stride, residual_ptr, weight, out_ptr, res_out_ptr,
+                                hidden, eps, cols, cmask, ok, WORLD, DTYPE)
         tl.store(mine + row * ws_stride + cols, y, mask=cmask & ok)
         tl.store(mine + (tokens + row) * ws_stride + cols, h, mask=cmask & ok)
     ok = peer_barrier(table_ptr, rank, 1, flag, ok, status_addr, timeout_iters, WORLD, WORLD_P2)

@@ -298,18 +298,20 @@ def check_positions(name: str, pos: Union[int, torch.Tensor, None], length: int,
     return pos.contiguous()
 
 
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, names: Tuple[str, str] = ("k", "v")) -> None:
     """Validate a (q, k, v) chunk triple: 4-D ``[B, H, L, D]``, one float dtype and device,
     matching batch and head dim, ``v`` shaped as ``k``, q heads a multiple of kv heads, and a
-    head dim in ``SUPPORTED_HEAD_DIMS``. Raises TypeError/ValueError naming the argument."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
+    head dim in ``SUPPORTED_HEAD_DIMS``. ``names``: how errors call k and v (e.g. a cache's).
+    Raises TypeError/ValueError naming the argument."""
+    k_name, v_name = names
+    for name, t in (("q", q), (k_name, k), (v_name, v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D [batch, heads, seq, head_dim], got shape {list(t.shape)}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
-    for name, t in (("k", k), ("v", v)):
+    for name, t in ((k_name, k), (v_name, v)):
         if t.dtype != q.dtype:
             raise ValueError(f"{name} has dtype {t.dtype} but q has {q.dtype}; they must match")
         if t.device != q.device:
@@ -319,13 +321,13 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if D not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"q head_dim (last dim) must be one of {SUPPORTED_HEAD_DIMS}, got {D}")
     if Bk != B:
-        raise ValueError(f"k batch {Bk} does not match q batch {B}")
+        raise ValueError(f"{k_name} batch {Bk} does not match q batch {B}")
     if Dk != D:
-        raise ValueError(f"k head_dim {Dk} does not match q head_dim {D}")
+        raise ValueError(f"{k_name} head_dim {Dk} does not match q head_dim {D}")
     if tuple(v.shape) != tuple(k.shape):
-        raise ValueError(f"v shape {list(v.shape)} must equal k shape {list(k.shape)}")
+        raise ValueError(f"{v_name} shape {list(v.shape)} must equal {k_name} shape {list(k.shape)}")
     if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv})")
+        raise ValueError(f"q heads ({Hq}) must be a multiple of {k_name}/{v_name} heads ({Hkv})")
 
 
 def attention_chunk(
