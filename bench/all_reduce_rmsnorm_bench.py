@@ -1,8 +1,8 @@
 """Fused all-reduce + residual add + RMSNorm against what a user would write instead, at decode shapes.
 
 GPUs (one process per GPU):
-    torchrun --standalone --nproc-per-node=4 bench/all_reduce_rmsnorm_bench.py [--tokens 1,8,16,32,64]
-             [--hidden 4096,8192] [--out DIR]
+    torchrun --standalone --nproc-per-node=4 bench/all_reduce_rmsnorm_bench.py [--tokens 1,8,16,32,64,128,256]
+             [--hidden 4096,8192] [--out DIR] [--write-thresholds]
 No GPU: the same code on a CPU world, Triton kernels in the interpreter (a functional run; the
 numbers are the interpreter's):
     python bench/all_reduce_rmsnorm_bench.py --cpu-world 2
@@ -16,7 +16,9 @@ residual [tokens, hidden] and weight [hidden], bf16:
 Every variant's result is checked against a float64 reference before it is timed; a wrong answer is
 reported as an error, not a time. Times: CUDA events around ``iters`` calls, median of ``reps``
 repetitions, max over ranks; "graph" captures the ``iters`` calls in one CUDA graph.
-Writes <out>/all_reduce_rmsnorm_<card>_x<world>_<date>.{json,md}.
+Writes <out>/all_reduce_rmsnorm_<card>_x<world>_<date>.{json,md}. The one-shot / two-shot crossover
+that one rule fits best to the graph-mode times (``best_cut``) is reported, and stored in
+shardkit/collectives/thresholds.json for fused_auto with ``--write-thresholds``.
 """
 from __future__ import annotations
 
@@ -30,8 +32,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import (environment, header_lines, max_over_ranks, results_stem, run_distributed,  # noqa: E402
-                          summarize, time_cuda, time_host, write_json)
+from bench.common import (best_cut, environment, header_lines, max_over_ranks, results_stem,  # noqa: E402
+                          run_distributed, summarize, time_cuda, time_host, write_json)
 
 EPS = 1e-6
 VARIANTS = ("nccl_torch", "shardkit_torch", "fused_auto", "fused_oneshot", "fused_twoshot")
@@ -71,7 +73,6 @@ def check(got: Pair, ref: Pair) -> str | None:
 def bench_rank(args: argparse.Namespace) -> tuple[dict, list[dict]] | None:
     """Run every shape and variant on this rank; rank 0 returns (environment, records)."""
     import shardkit
-    from shardkit.collectives import thresholds
     from shardkit.reference import all_reduce_residual_rmsnorm_reference, rank_inputs
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -97,7 +98,7 @@ def bench_rank(args: argparse.Namespace) -> tuple[dict, list[dict]] | None:
             weight = rank_inputs(1, hidden, torch.bfloat16, 300, device)[0]
             ref = all_reduce_residual_rmsnorm_reference(xs, residual, weight, EPS)
             nbytes = xs[rank].numel() * xs[rank].element_size()
-            picked = "oneshot" if thresholds.choose(comm.rules, nbytes) == "flat" else "twoshot"
+            picked = comm._rmsnorm_auto(nbytes)
             for name, fn in make_variants(comm, xs[rank], residual, weight).items():
                 error = check(fn(), ref)
                 bad = torch.tensor([error is not None], dtype=torch.int32, device=device)
@@ -130,6 +131,20 @@ def add_speedups(records: list[dict]) -> None:
                 r[f"speedup_vs_{base}"] = b / r["us_median"]
 
 
+def twoshot_min_bytes(records: list[dict]) -> int | None:
+    """x bytes from which two-shot should be used, fitted to the graph-mode times of both fused
+    kernels (``best_cut``); twice the largest size if two-shot never wins. None without such times."""
+    times = {}
+    for r in records:
+        if r["mode"] == "graph" and r["variant"] in ("fused_oneshot", "fused_twoshot") and "us_median" in r:
+            times.setdefault((r["tokens"], r["hidden"]), {"bytes": r["bytes"]})[r["variant"]] = r["us_median"]
+    rows = [t for t in times.values() if len(t) == 3]
+    if not rows:
+        return None
+    sizes, cut = best_cut(rows, "bytes", "fused_oneshot", "fused_twoshot")
+    return sizes[cut] if cut < len(sizes) else 2 * sizes[-1]
+
+
 def markdown(env: dict, records: list[dict], world: int, functional: bool) -> str:
     lines = [f"# Fused all-reduce + residual + RMSNorm: {env['gpu']}, {world} ranks, bf16", ""]
     if functional:
@@ -160,6 +175,10 @@ def markdown(env: dict, records: list[dict], world: int, functional: bool) -> st
                     row.append(cell)
             lines.append(f"| {tokens} x {hidden} | " + " | ".join(row) + f" | {picked} |")
         lines.append("")
+    crossover = twoshot_min_bytes(records)
+    if crossover is not None:
+        lines += [f"Fused one-shot / two-shot crossover fitted to the graph-mode times (`best_cut`): two-shot from "
+                  f"{crossover} bytes of x.", ""]
     return "\n".join(lines)
 
 
@@ -173,20 +192,27 @@ def report(args: argparse.Namespace, env: dict, records: list[dict], world: int,
         f.write(text + "\n")
     print(text)
     print(f"\nwrote {stem}.json, .md")
+    crossover = twoshot_min_bytes(records)
+    if args.write_thresholds and crossover is not None and not functional:
+        from shardkit.collectives import thresholds
+        thresholds.write_rmsnorm_twoshot_min_bytes(env["gpu"], world, crossover)
+        print(f"stored rmsnorm_twoshot_min_bytes[{env['gpu']!r}][{world}] = {crossover}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", default=None, help="comma-separated token counts (default 1,8,16,32,64; CPU 1,5)")
+    p.add_argument("--tokens", default=None, help="comma-separated token counts (default 1,8,16,32,64,128,256; CPU 1,5)")
     p.add_argument("--hidden", default=None, help="comma-separated hidden sizes (default 4096,8192; CPU 96)")
     p.add_argument("--modes", default="eager,graph")
     p.add_argument("--iters", type=int, default=None, help="calls per repetition (default 100; CPU 2)")
     p.add_argument("--reps", type=int, default=None, help="repetitions (default 7; CPU 2)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--cpu-world", type=int, default=0, help="no GPUs: run a CPU world of this many processes")
+    p.add_argument("--write-thresholds", action="store_true",
+                   help="store the fitted one-shot / two-shot crossover in shardkit/collectives/thresholds.json")
     args = p.parse_args()
     cpu = args.cpu_world > 0
-    args.tokens = [int(t) for t in (args.tokens or ("1,5" if cpu else "1,8,16,32,64")).split(",")]
+    args.tokens = [int(t) for t in (args.tokens or ("1,5" if cpu else "1,8,16,32,64,128,256")).split(",")]
     args.hidden = [int(h) for h in (args.hidden or ("96" if cpu else "4096,8192")).split(",")]
     args.iters = args.iters or (2 if cpu else 100)
     args.reps = args.reps or (2 if cpu else 7)

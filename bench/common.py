@@ -151,6 +151,23 @@ def summarize(samples: list[float]) -> dict:
     return {"us_median": statistics.median(samples), "us_min": min(samples), "us_max": max(samples)}
 
 
+def best_cut(rows: list[dict], key: str, low: str, high: str) -> tuple[list, int]:
+    """Fit one rule, "variant ``low`` below a threshold of ``key``, ``high`` from it on", to measurements.
+
+    rows: dicts with ``key`` and the two variants' times under the names ``low`` and ``high``. Every
+    cut between two distinct sorted key values is scored by the summed relative loss
+    ``chosen / best - 1`` over the rows; returns (the distinct key values, sorted; how many of them go
+    to ``low``), ties to fewer. One noisy point does not drag the threshold to an end, as "the first
+    value where ``high`` wins" would.
+    """
+    values = sorted({r[key] for r in rows})
+
+    def loss(cut: int) -> float:
+        return sum((r[low] if values.index(r[key]) < cut else r[high]) / min(r[low], r[high]) - 1 for r in rows)
+
+    return values, min(range(len(values) + 1), key=lambda c: (loss(c), c))
+
+
 def results_stem(out_dir: str, what: str, env: dict, world: int) -> str:
     card = env.get("gpu", "cpu").replace("NVIDIA ", "").replace(" ", "-").replace("(", "").replace(")", "")
     day = datetime.date.today().isoformat()

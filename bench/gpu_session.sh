@@ -5,7 +5,8 @@
 #   bench/gpu_session.sh OUTDIR [STEP...]      (default: every step, in this order)
 # Steps: install ctest gpu_tests gpu_kernel_tests bench_suites profile_eager sweep rmsnorm_bench
 #        chunk_bench ring_bench ring_transfer
-# Environment overrides: GPU_TESTS_S, RING_S (step time limits), RING_ARGS (ring bench options).
+# Environment overrides: GPU_TESTS_S, RING_S, RMSNORM_S (step time limits), GPU_TESTS (test paths),
+# RING_ARGS (ring bench options).
 set -uo pipefail
 out=$1; shift
 steps=${*:-install ctest gpu_tests gpu_kernel_tests bench_suites profile_eager sweep rmsnorm_bench chunk_bench ring_bench ring_transfer}
@@ -28,7 +29,7 @@ for s in $steps; do case $s in
   install) step install 60 python3 -m pip install --no-deps --no-build-isolation -e . ;;
   ctest) step ctest 60 bash -c "cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release >/dev/null && \
     cmake --build build/cmake -j 16 >/dev/null && ./build/cmake/test_dda_all_reduce" ;;
-  gpu_tests) step gpu_tests "${GPU_TESTS_S:-300}" python3 -m pytest -q -rs -p no:cacheprovider -m gpu tests/ ;;
+  gpu_tests) step gpu_tests "${GPU_TESTS_S:-300}" python3 -m pytest -q -rs -p no:cacheprovider -m gpu ${GPU_TESTS:-tests/} ;;
   gpu_kernel_tests) step gpu_kernel_tests 120 python3 -m pytest -q -rs -p no:cacheprovider tests/attention/test_attention_sdpa.py \
       tests/attention/test_attention_chunk.py tests/attention/test_attention_merge.py tests/attention/test_attention_ops.py \
       tests/kernels/test_launch.py ;;
@@ -39,7 +40,8 @@ for s in $steps; do case $s in
       --benchmark-json="$res/pytest_benchmark_kernels.json" ;;
   profile_eager) step profile_eager 60 $run bench/profile_eager.py --out "$res" ;;
   sweep) step "sweep_x$n" 120 $run bench/all_reduce_sweep.py --out "$res" --sizes 1K-64M --write-thresholds ;;
-  rmsnorm_bench) step rmsnorm_bench 90 $run bench/all_reduce_rmsnorm_bench.py --out "$res" ;;
+  rmsnorm_bench) step rmsnorm_bench "${RMSNORM_S:-200}" $run bench/all_reduce_rmsnorm_bench.py --out "$res" \
+      --write-thresholds ;;
   chunk_bench) step chunk_bench 150 python3 bench/attention_chunk_bench.py --out "$res" --no-sweep --write-thresholds ;;
   ring_bench) step ring_bench "${RING_S:-240}" $run bench/ring_attention_bench.py --out "$res" \
       ${RING_ARGS:---lengths 32768 131072 262144 --budget-s 200} ;;

@@ -50,7 +50,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from bench.common import environment, header_lines, results_stem, write_json  # noqa: E402
+from bench.common import best_cut, environment, header_lines, results_stem, write_json  # noqa: E402
 from shardkit.collectives import thresholds  # noqa: E402
 from shardkit.collectives.ring_attention import choose_variant, ring_attention  # noqa: E402
 from shardkit.collectives.ring_variant import choose_variant_by_model  # noqa: E402
@@ -63,25 +63,13 @@ ATOL = RTOL = 3.2e-2  # 2 x tests/tolerances.py ATTENTION[bf16]: the ring rounds
 
 
 def best_threshold(rows: list) -> float:
-    """The pass-Q miss-rate threshold that one rule ("pass-Q below it") would best fit to a sweep.
-
-    ``rows``: measured ``{"miss_rate", "pass_kv_ms", "pass_q_ms"}``. Every cut between two sorted
-    miss rates is scored by the summed relative loss ``chosen_ms / best_ms - 1`` over the rows;
-    the best cut's threshold is the midpoint of its two rates (0 = never pass-Q, 1 = always below
-    a miss rate of 1). One noisy point (pass-Q slower at the smallest miss rate only, say) no
-    longer pulls the threshold to 0, as "the first miss rate where pass-KV wins" did.
-    """
-    rows = sorted(rows, key=lambda r: r["miss_rate"])
-    rates = [r["miss_rate"] for r in rows]
-
-    def loss(cut: int) -> float:
-        return sum((r["pass_q_ms"] if i < cut else r["pass_kv_ms"]) / min(r["pass_q_ms"], r["pass_kv_ms"]) - 1
-                   for i, r in enumerate(rows))
-
-    cut = min(range(len(rows) + 1), key=lambda c: (loss(c), c))  # ties: the smaller (pass-KV) side
+    """The pass-Q miss-rate threshold that one rule ("pass-Q below it") would best fit to a sweep of
+    measured ``{"miss_rate", "pass_kv_ms", "pass_q_ms"}`` (``best_cut``): the midpoint of the two
+    rates around the best cut (0 = never pass-Q, 1 = always below a miss rate of 1)."""
+    rates, cut = best_cut(rows, "miss_rate", "pass_q_ms", "pass_kv_ms")
     if cut == 0:
         return 0.0
-    if cut == len(rows):
+    if cut == len(rates):
         return 1.0
     return round((rates[cut - 1] + rates[cut]) / 2, 4)
 

@@ -37,52 +37,98 @@ __device__ __forceinline__ Pack<T, VEC> load_pack(const char* base, int64_t byte
   }
 }
 
-// Stage packs [lo, hi) of x into `dst` with the block -> pack map used by the reduction that
-// follows: block b only ever reads what the peers' block b staged (it only waits for block b).
+// The block -> pack map of every loop below: a tile is blockDim.x * unroll packs, block b takes
+// tiles b, b + G, ... of [lo, hi), and thread t the packs first + u * blockDim.x (u < unroll) of a
+// tile. Staging and reduction must use the same map: block b only waits for the peers' block b, so
+// it may only read what the peers' block b staged.
+__device__ __forceinline__ int64_t tile_stride(int unroll) { return int64_t(blockDim.x) * unroll; }
+__device__ __forceinline__ int64_t first_pack(int64_t lo, int unroll) {
+  return lo + int64_t(blockIdx.x) * tile_stride(unroll) + threadIdx.x;
+}
+
 template <typename T, int VEC>
-__device__ void stage(const T* x, char* dst, int64_t lo, int64_t hi) {
-  const Pack<T, VEC>* src = reinterpret_cast<const Pack<T, VEC>*>(x);
-  Pack<T, VEC>* d = reinterpret_cast<Pack<T, VEC>*>(dst);
-  for (int64_t i = lo + int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < hi; i += int64_t(gridDim.x) * blockDim.x) {
-    d[i] = src[i];
+__device__ __forceinline__ Pack<T, VEC> nan_pack() {
+  Pack<T, VEC> v;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) v.v[k] = from_float<T>(NAN);
+  return v;
+}
+
+// Copy packs [lo, hi) of src to dst (NaN when !ok: the call failed), all of a tile's loads issued
+// before its stores.
+template <typename T, int VEC, int U>
+__device__ void copy_packs(const Pack<T, VEC>* src, Pack<T, VEC>* dst, int64_t lo, int64_t hi, int unroll, bool ok) {
+  for (int64_t first = first_pack(lo, unroll); first < hi; first += int64_t(gridDim.x) * tile_stride(unroll)) {
+    Pack<T, VEC> v[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t i = first + int64_t(u) * blockDim.x;
+      if (u < unroll && i < hi) {
+        v[u] = ok ? load_pack<T, VEC>(reinterpret_cast<const char*>(src), 0, i) : nan_pack<T, VEC>();
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t i = first + int64_t(u) * blockDim.x;
+      if (u < unroll && i < hi) dst[i] = v[u];
+    }
   }
 }
 
-// Sum of pack i over ranks 0..WORLD-1 in rank order (fp32), or NaN when the call failed.
+// Packs [lo, hi) of the sum over ranks 0..WORLD-1 (fp32, rank order) of the copies at byte offset
+// `src` of every workspace, into out and, when `publish` is set and the call is ok, into publish.
+// All WORLD * unroll loads of a tile are in flight before the adds: the copies are latency-bound.
 template <typename T, int VEC, int WORLD>
-__device__ __forceinline__ Pack<T, VEC> sum_pack(const PeerTable& t, int64_t byte_off, int64_t i, bool ok) {
-  float acc[VEC];
+__device__ void reduce_packs(const PeerTable& t, int64_t src, int64_t lo, int64_t hi, int unroll, bool ok,
+                             Pack<T, VEC>* out, Pack<T, VEC>* publish) {
+  constexpr int U = max_unroll(WORLD);
+  for (int64_t first = first_pack(lo, unroll); first < hi; first += int64_t(gridDim.x) * tile_stride(unroll)) {
+    Pack<T, VEC> in[U][WORLD];
 #pragma unroll
-  for (int k = 0; k < VEC; ++k) acc[k] = ok ? 0.f : NAN;
-  if (ok) {
-    Pack<T, VEC> in[WORLD];
+    for (int u = 0; u < U; ++u) {
+      const int64_t i = first + int64_t(u) * blockDim.x;
+      if (ok && u < unroll && i < hi) {
 #pragma unroll
-    for (int r = 0; r < WORLD; ++r) in[r] = load_pack<T, VEC>(t.base[r], byte_off, i);  // all loads in flight
+        for (int r = 0; r < WORLD; ++r) in[u][r] = load_pack<T, VEC>(t.base[r], src, i);
+      }
+    }
 #pragma unroll
-    for (int r = 0; r < WORLD; ++r) {
+    for (int u = 0; u < U; ++u) {
+      const int64_t i = first + int64_t(u) * blockDim.x;
+      if (u < unroll && i < hi) {
+        Pack<T, VEC> v = nan_pack<T, VEC>();
+        if (ok) {
+          float acc[VEC] = {};
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) acc[k] += to_float(in[r].v[k]);
+          for (int r = 0; r < WORLD; ++r) {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) acc[k] += to_float(in[u][r].v[k]);
+          }
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) v.v[k] = from_float<T>(acc[k]);
+          if (publish != nullptr) publish[i] = v;
+        }
+        out[i] = v;
+      }
     }
   }
-  Pack<T, VEC> out;
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) out.v[k] = from_float<T>(acc[k]);
-  return out;
 }
 
 template <typename T, int VEC, int WORLD>
 __global__ void flat_kernel(AllReduceArgs a) {
+  using P = Pack<T, VEC>;
   const CallState cs = start_call(a.table, a.rank, a.sig);
   const int64_t half = kSignalBytes + a.half_bytes * (1 + (cs.epoch & 1));
   const int64_t src = a.zero_copy ? a.x_offset : half;
   const int64_t packs = a.numel / VEC;
   bool ok = cs.ok;
-  if (ok && !a.zero_copy) stage<T, VEC>(static_cast<const T*>(a.x), a.table.base[a.rank] + half, 0, packs);
-  if (ok) ok = block_barrier(a.table, a.rank, WORLD, blockIdx.x, cs, a.host_status, a.timeout_iters);
-  Pack<T, VEC>* out = static_cast<Pack<T, VEC>*>(a.out);
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < packs; i += int64_t(gridDim.x) * blockDim.x) {
-    out[i] = sum_pack<T, VEC, WORLD>(a.table, src, i, ok);
+  if (ok && !a.zero_copy) {
+    copy_packs<T, VEC, max_unroll(WORLD)>(static_cast<const P*>(a.x),
+                                            reinterpret_cast<P*>(a.table.base[a.rank] + half), 0, packs, a.unroll,
+                                            true);
   }
+  if (ok) ok = block_barrier(a.table, a.rank, WORLD, blockIdx.x, cs, a.host_status, a.timeout_iters);
+  reduce_packs<T, VEC, WORLD>(a.table, src, 0, packs, a.unroll, ok, static_cast<P*>(a.out), nullptr);
   if (ok && a.zero_copy) {
     block_barrier(a.table, a.rank, WORLD, kMaxPrograms + blockIdx.x, cs, a.host_status, a.timeout_iters);
   }
@@ -91,44 +137,30 @@ __global__ void flat_kernel(AllReduceArgs a) {
 
 template <typename T, int VEC, int WORLD>
 __global__ void tree_kernel(AllReduceArgs a, int64_t shard) {
+  using P = Pack<T, VEC>;
+  constexpr int U = max_unroll(WORLD);
   const CallState cs = start_call(a.table, a.rank, a.sig);
   const int64_t half = kSignalBytes + a.half_bytes * (1 + (cs.epoch & 1));
   const int64_t src = a.zero_copy ? a.x_offset : half;
   const int64_t packs = a.numel / VEC, shard_packs = shard / VEC;
-  char* own = a.table.base[a.rank];
+  P* own = reinterpret_cast<P*>(a.table.base[a.rank] + half);
+  P* out = static_cast<P*>(a.out);
+  auto shard_lo = [&](int s) { return min(int64_t(s) * shard_packs, packs); };
+  auto shard_hi = [&](int s) { return min(int64_t(s + 1) * shard_packs, packs); };
   bool ok = cs.ok;
   if (ok && !a.zero_copy) {
     for (int s = 0; s < WORLD; ++s) {  // shard by shard, with the reduction's block map
-      const int64_t lo = s * shard_packs, hi = min(lo + shard_packs, packs);
-      for (int64_t i = lo + int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < hi; i += int64_t(gridDim.x) * blockDim.x) {
-        reinterpret_cast<Pack<T, VEC>*>(own + half)[i] = reinterpret_cast<const Pack<T, VEC>*>(a.x)[i];
-      }
+      copy_packs<T, VEC, U>(static_cast<const P*>(a.x), own, shard_lo(s), shard_hi(s), a.unroll, true);
     }
   }
   if (ok) ok = block_barrier(a.table, a.rank, WORLD, blockIdx.x, cs, a.host_status, a.timeout_iters);
-  Pack<T, VEC>* out = static_cast<Pack<T, VEC>*>(a.out);
-  {  // reduce-scatter: our shard, summed over all ranks, into out and into our half
-    const int64_t lo = a.rank * shard_packs, hi = min(lo + shard_packs, packs);
-    for (int64_t i = lo + int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < hi; i += int64_t(gridDim.x) * blockDim.x) {
-      const Pack<T, VEC> v = sum_pack<T, VEC, WORLD>(a.table, src, i, ok);
-      out[i] = v;
-      if (ok) reinterpret_cast<Pack<T, VEC>*>(own + half)[i] = v;
-    }
-  }
+  // Reduce-scatter: our shard, summed over all ranks, into out and into our half.
+  reduce_packs<T, VEC, WORLD>(a.table, src, shard_lo(a.rank), shard_hi(a.rank), a.unroll, ok, out, own);
   if (ok) ok = block_barrier(a.table, a.rank, WORLD, kMaxPrograms + blockIdx.x, cs, a.host_status, a.timeout_iters);
   for (int j = 1; j < WORLD; ++j) {  // all-gather: the peers' reduced shards
     const int s = (a.rank + j) % WORLD;
-    const int64_t lo = s * shard_packs, hi = min(lo + shard_packs, packs);
-    for (int64_t i = lo + int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < hi; i += int64_t(gridDim.x) * blockDim.x) {
-      Pack<T, VEC> v;
-      if (ok) {
-        v = load_pack<T, VEC>(a.table.base[s], half, i);
-      } else {
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) v.v[k] = from_float<T>(NAN);
-      }
-      out[i] = v;
-    }
+    copy_packs<T, VEC, U>(reinterpret_cast<const P*>(a.table.base[s] + half), out, shard_lo(s), shard_hi(s),
+                          a.unroll, ok);
   }
   finish_call(a.table, a.rank, cs.epoch);
 }
@@ -172,7 +204,7 @@ template <typename T, int VEC, int WORLD> struct TreeLaunch {
 bool valid(const AllReduceArgs& a) {
   return a.world >= 2 && a.world <= kMaxWorld && a.rank >= 0 && a.rank < a.world && a.programs >= 1 &&
          a.programs <= kMaxPrograms && a.threads >= a.world && a.threads % 32 == 0 && a.threads <= 1024 &&
-         a.numel >= 0;
+         a.unroll >= 1 && a.unroll <= max_unroll(a.world) && a.numel >= 0;
 }
 
 }  // namespace

@@ -7,6 +7,10 @@
 
 namespace shardkit {
 
+// Largest AllReduceArgs::unroll for `world` ranks: a thread keeps world * unroll 16-byte loads in
+// registers, so larger worlds get fewer packs per tile.
+__host__ __device__ constexpr int max_unroll(int world) { return world <= 4 ? 8 : 4; }
+
 // Every rank reads every rank's staged copy and sums locally in fixed rank order (fp32).
 cudaError_t flat_all_reduce(const AllReduceArgs& args, cudaStream_t stream);
 

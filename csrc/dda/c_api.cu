@@ -9,7 +9,8 @@ namespace {
 
 shardkit::AllReduceArgs make_args(uintptr_t x, uintptr_t out, const int64_t* table, int world, uintptr_t host_status,
                                   int64_t numel, int rank, uint32_t sig, int64_t x_offset, int64_t half_bytes,
-                                  int64_t timeout_iters, int zero_copy, int programs, int threads, int dtype) {
+                                  int64_t timeout_iters, int zero_copy, int programs, int threads, int unroll,
+                                  int dtype) {
   shardkit::AllReduceArgs a{};
   a.x = reinterpret_cast<const void*>(x);
   a.out = reinterpret_cast<void*>(out);
@@ -25,6 +26,7 @@ shardkit::AllReduceArgs make_args(uintptr_t x, uintptr_t out, const int64_t* tab
   a.zero_copy = zero_copy != 0;
   a.programs = programs;
   a.threads = threads;
+  a.unroll = unroll;
   a.dtype = static_cast<shardkit::DType>(dtype);
   return a;
 }
@@ -36,21 +38,23 @@ extern "C" {
 // table: host array of `world` workspace addresses; stream: a cudaStream_t (0 = legacy default).
 int shardkit_flat_all_reduce(uintptr_t x, uintptr_t out, const int64_t* table, int world, uintptr_t host_status,
                              int64_t numel, int rank, uint32_t sig, int64_t x_offset, int64_t half_bytes,
-                             int64_t timeout_iters, int zero_copy, int programs, int threads, int dtype,
+                             int64_t timeout_iters, int zero_copy, int programs, int threads, int unroll, int dtype,
                              uintptr_t stream) {
   const auto a = make_args(x, out, table, world, host_status, numel, rank, sig, x_offset, half_bytes, timeout_iters,
-                           zero_copy, programs, threads, dtype);
+                           zero_copy, programs, threads, unroll, dtype);
   return shardkit::flat_all_reduce(a, reinterpret_cast<cudaStream_t>(stream));
 }
 
 int shardkit_tree_all_reduce(uintptr_t x, uintptr_t out, const int64_t* table, int world, uintptr_t host_status,
                              int64_t numel, int rank, uint32_t sig, int64_t x_offset, int64_t half_bytes,
-                             int64_t timeout_iters, int zero_copy, int programs, int threads, int dtype,
+                             int64_t timeout_iters, int zero_copy, int programs, int threads, int unroll, int dtype,
                              int64_t shard, uintptr_t stream) {
   const auto a = make_args(x, out, table, world, host_status, numel, rank, sig, x_offset, half_bytes, timeout_iters,
-                           zero_copy, programs, threads, dtype);
+                           zero_copy, programs, threads, unroll, dtype);
   return shardkit::tree_all_reduce(a, shard, reinterpret_cast<cudaStream_t>(stream));
 }
+
+int shardkit_max_unroll(int world) { return shardkit::max_unroll(world); }
 
 const char* shardkit_error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
 

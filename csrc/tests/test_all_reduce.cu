@@ -41,7 +41,7 @@ template <> DType dtype_of<__half>() { return DType::kFloat16; }
 template <> DType dtype_of<__nv_bfloat16>() { return DType::kBFloat16; }
 
 template <typename T>
-int check(int world, bool tree, int64_t numel, int calls, double tol, std::mt19937& gen) {
+int check(int world, bool tree, int64_t numel, int unroll, int calls, double tol, std::mt19937& gen) {
   const int64_t half_bytes = 1 << 20;
   const int64_t ws_bytes = kSignalBytes + 3 * half_bytes;
   PeerTable table{};
@@ -74,7 +74,7 @@ int check(int world, bool tree, int64_t numel, int calls, double tol, std::mt199
     const int64_t shard = (numel + 16 * world - 1) / (16 * world) * 16;
     for (int r = 0; r < world; ++r) {
       AllReduceArgs a{x[r], out[r], table, status[r], numel, r, world, 12345u + uint32_t(numel),
-                      0, half_bytes, 1 << 26, false, 3, 128, dtype_of<T>()};
+                      0, half_bytes, 1 << 26, false, 3, 128, unroll, dtype_of<T>()};
       CHECK(tree ? tree_all_reduce(a, shard, streams[r]) : flat_all_reduce(a, streams[r]));
     }
     CHECK(cudaDeviceSynchronize());
@@ -89,8 +89,8 @@ int check(int world, bool tree, int64_t numel, int calls, double tol, std::mt199
       for (int64_t i = 0; i < numel; ++i) {
         const double g = back(got[i]);
         if (!(std::fabs(g - ref[i]) <= tol * (1.0 + std::fabs(ref[i])))) {
-          std::fprintf(stderr, "%s world=%d numel=%lld call=%d rank=%d i=%lld: got %g want %g\n",
-                       tree ? "tree" : "flat", world, (long long)numel, call, r, (long long)i, g, ref[i]);
+          std::fprintf(stderr, "%s world=%d numel=%lld unroll=%d call=%d rank=%d i=%lld: got %g want %g\n",
+                       tree ? "tree" : "flat", world, (long long)numel, unroll, call, r, (long long)i, g, ref[i]);
           ++failures;
           break;
         }
@@ -120,12 +120,14 @@ int main() {
   }
   std::mt19937 gen(7);
   int failures = 0;
-  for (int world : {2, 3, 4}) {
+  for (int world : {2, 3, 4, 5}) {  // 5: the smaller max_unroll
     for (bool tree : {false, true}) {
       for (int64_t numel : {1, 7, 1000, 4099, 65536 + 8}) {
-        failures += check<float>(world, tree, numel, 3, 1e-5, gen);
-        failures += check<__half>(world, tree, numel, 3, 2e-3, gen);
-        failures += check<__nv_bfloat16>(world, tree, numel, 3, 1.6e-2, gen);
+        for (int unroll : {1, 3, max_unroll(world)}) {  // 3 programs: tiles wrap around the grid
+          failures += check<float>(world, tree, numel, unroll, 3, 1e-5, gen);
+          failures += check<__half>(world, tree, numel, unroll, 3, 2e-3, gen);
+          failures += check<__nv_bfloat16>(world, tree, numel, unroll, 3, 1.6e-2, gen);
+        }
       }
     }
   }

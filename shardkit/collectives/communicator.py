@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from ..errors import CollectiveError, ShardkitError
 from ..kernels import cuda_dda
 from ..kernels.all_reduce_flat import launch_flat_all_reduce
-from ..kernels.all_reduce_rmsnorm import MAX_HIDDEN, default_warps, launch_all_reduce_rmsnorm, max_rows
+from ..kernels.all_reduce_rmsnorm import (MAX_HIDDEN, chunk_columns, chunk_warps, default_warps,
+                                          launch_all_reduce_rmsnorm, max_rows)
 from ..kernels.all_reduce_rmsnorm import call_signature as rmsnorm_signature
 from ..kernels.all_reduce_tree import launch_tree_all_reduce
 from ..kernels.sync import MAX_PROGRAMS, MISMATCH, TIMEOUT
@@ -306,19 +307,35 @@ class Communicator:
 
     def _launch_cuda(self, algo: str, x: torch.Tensor, out: torch.Tensor, x_offset: int, zero_copy: bool,
                      sig: int) -> None:
-        """The CUDA C++ kernels: one 16-byte pack per thread per step, 512 threads, up to one program per SM."""
-        mem, threads = self.memory, 512
-        pack = 16 // x.element_size()
+        """The CUDA C++ kernels, launched through ctypes with the grid of ``_cuda_shape``."""
+        mem = self.memory
         common = dict(table=self._host_table, status_addr=mem.status_addr, rank=self.rank, sig=sig,
                       x_offset=x_offset, half_bytes=mem.half_bytes, timeout_iters=self._timeout_iters,
-                      zero_copy=zero_copy, threads=threads)
+                      zero_copy=zero_copy)
         if algo == "flat":
-            programs = max(1, min(self._max_programs, -(-x.numel() // (pack * threads))))
-            cuda_dda.launch_flat_all_reduce(x, out, programs=programs, **common)
+            programs, threads, unroll = self._cuda_shape(algo, x.numel(), x.element_size())
+            cuda_dda.launch_flat_all_reduce(x, out, programs=programs, threads=threads, unroll=unroll, **common)
         else:
             shard = -(-x.numel() // (16 * self.world_size)) * 16
-            programs = max(1, min(self._max_programs, -(-shard // (pack * threads))))
-            cuda_dda.launch_tree_all_reduce(x, out, programs=programs, shard=shard, **common)
+            programs, threads, unroll = self._cuda_shape(algo, shard, x.element_size())
+            cuda_dda.launch_tree_all_reduce(x, out, programs=programs, threads=threads, unroll=unroll, shard=shard,
+                                            **common)
+
+    def _cuda_shape(self, algo: str, elements: int, element_size: int) -> tuple[int, int, int]:
+        """(programs, threads, unroll) of a CUDA launch over ``elements`` per rank (flat) or per shard (tree).
+
+        Flat: 512 threads, one 16-byte pack each per tile (measured faster than Triton's flat grid).
+        Tree, and any grid set for tuning: Triton's tile (``_launch_shape``) with its warps as
+        threads and the rest of the tile as packs in flight per thread (``unroll``).
+        """
+        pack = 16 // element_size
+        if algo == "flat" and self._block is None:
+            threads, unroll = 512, 1
+        else:
+            block, _, warps = self._launch_shape(algo, elements)
+            threads = 32 * warps
+            unroll = max(1, min(cuda_dda.max_unroll(self.world_size), block // (threads * pack)))
+        return max(1, min(self._max_programs, -(-elements // (threads * pack * unroll)))), threads, unroll
 
     def all_reduce_residual_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                                     eps: float = 1e-6, algo: str = "auto", *, out: torch.Tensor | None = None,
@@ -332,8 +349,9 @@ class Communicator:
         weight: [hidden] RMSNorm weight, x's dtype, equal on every rank. Not modified.
         eps: RMSNorm epsilon (>= 0).
         algo: "oneshot" (every rank reduces every row, one barrier), "twoshot" (reduce-scatter by
-           rows, norm, all-gather), "nccl" (dist.all_reduce + add + F.rms_norm), or "auto": one-shot
-           where the all-reduce rules pick flat for x's bytes, two-shot beyond, nccl without peer memory.
+           rows, norm, all-gather), "nccl" (dist.all_reduce + add + F.rms_norm), or "auto": two-shot
+           from the measured crossover for this GPU and world size (thresholds.json), one-shot
+           below; without one, one-shot where the all-reduce rules pick flat; nccl without peer memory.
         out, residual_out: optional contiguous buffers of x's shape and dtype (e.g. static buffers for
            CUDA graphs); each may be x or residual itself, but not overlap anything else.
         Returns (out, residual_out) with residual_out = residual + sum over ranks of x and
@@ -346,8 +364,7 @@ class Communicator:
         residual_out = torch.empty_like(x) if residual_out is None else residual_out
         if algo == "auto":
             nbytes = x.numel() * x.element_size()
-            algo = ("nccl" if self.memory is None
-                    else "oneshot" if thresholds.choose(self.rules, nbytes) == "flat" else "twoshot")
+            algo = "nccl" if self.memory is None else self._rmsnorm_auto(nbytes)
         if x.numel() == 0:
             return out, residual_out
         if algo == "nccl":
@@ -361,24 +378,48 @@ class Communicator:
                                 f"lacks: {self.fallback_reason}")
         mem = self.memory
         two_shot = algo == "twoshot"
-        step = max_rows(hidden, x.element_size(), mem.half_bytes, two_shot)
+        rows = [t.view(-1, hidden) for t in (x, residual, out, residual_out)]
+        tokens = rows[0].shape[0]
+        if two_shot:
+            block_c, warps, programs = self._twoshot_shape(tokens, hidden)
+        else:
+            block_c, warps, programs = 0, self._warps or default_warps(hidden), min(self._max_programs, tokens)
+        step = max_rows(hidden, x.element_size(), mem.half_bytes, two_shot, block_c)
         if step == 0:
             raise ValueError(f"all_reduce_residual_rmsnorm: one row of x ({hidden} x {x.dtype}) does not fit the "
                              f"workspace half ({mem.half_bytes} bytes): use a larger half_bytes or algo='nccl'")
-        rows = [t.view(-1, hidden) for t in (x, residual, out, residual_out)]
-        tokens = rows[0].shape[0]
-        warps = self._warps or default_warps(hidden)
         for lo in range(0, tokens, step):
             xc, rc, oc, roc = (t[lo:lo + step] for t in rows)
             n = xc.shape[0]
-            busy = -(-n // self.world_size) if two_shot else n  # rows a rank's programs share out
+            busy = -(-n // self.world_size) * -(-hidden // block_c) if two_shot else n  # work items
+            sig = rmsnorm_signature(two_shot, n, hidden, _DTYPE_CODE[x.dtype], block_c)
             launch_all_reduce_rmsnorm(xc, rc, weight, oc, roc, mem.table, mem.status_addr, self.rank,
-                                      self.world_size, rmsnorm_signature(two_shot, n, hidden, _DTYPE_CODE[x.dtype]),
-                                      eps, mem.half_bytes, self._timeout_iters, two_shot,
-                                      programs=min(self._max_programs, busy), num_warps=warps)
+                                      self.world_size, sig, eps, mem.half_bytes, self._timeout_iters, two_shot,
+                                      programs=min(programs, busy), num_warps=warps, block_c=block_c)
         if self.backend == "cpu":
             self._raise_if_failed()
         return out, residual_out
+
+    def _rmsnorm_auto(self, nbytes: int) -> str:
+        """one-shot or two-shot for x of ``nbytes``: the measured crossover of the fused kernels on
+        this GPU and world size, else the all-reduce rule (flat -> one-shot)."""
+        min_bytes = thresholds.rmsnorm_twoshot_min_bytes(self.device_name, self.world_size)
+        if min_bytes is None:
+            return "oneshot" if thresholds.choose(self.rules, nbytes) == "flat" else "twoshot"
+        return "twoshot" if nbytes >= min_bytes else "oneshot"
+
+    def _twoshot_shape(self, tokens: int, hidden: int) -> tuple[int, int, int]:
+        """(BLOCK_C, warps, programs) of the two-shot fused kernel for [tokens, hidden].
+
+        GPU: about one chunk of a row per SM (``chunk_columns``). Interpreter: one program, since a
+        program waits for the other chunks of its row and interpreted programs run one after
+        another; chunks of 32 columns, so that the CPU tests cover rows split into chunks.
+        """
+        rows_per_rank = -(-tokens // self.world_size)
+        if self.backend == "cpu":
+            return 32, 1, 1
+        block_c = chunk_columns(hidden, rows_per_rank, self._max_programs)
+        return block_c, chunk_warps(block_c), min(self._max_programs, rows_per_rank * -(-hidden // block_c))
 
     def _check_rmsnorm_args(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                             algo: str, out: torch.Tensor | None, residual_out: torch.Tensor | None) -> int:

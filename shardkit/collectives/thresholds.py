@@ -2,6 +2,10 @@
 
 * all-reduce: algorithm by message size; ``bench/all_reduce_sweep.py --write-thresholds`` rewrites
   the entry of the GPU it ran on from measured crossovers.
+* fused all-reduce + residual + RMSNorm: the x size from which the two-shot kernel beats the
+  one-shot one (key ``"rmsnorm_twoshot_min_bytes"``); ``bench/all_reduce_rmsnorm_bench.py
+  --write-thresholds`` stores it. Where none was measured, the all-reduce rule decides (flat ->
+  one-shot).
 * ring attention: the KV-cache miss rate below which pass-Q beats pass-KV (key
   ``"ring_pass_q_miss_rate"``); ``bench/ring_attention_bench.py --write-thresholds`` stores it.
   Where none was measured for a device and group size, Meta's cost model decides with the
@@ -67,12 +71,25 @@ RING_KEY = "ring_pass_q_miss_rate"
 DEFAULT_PASS_Q_MISS_RATE = 0.05  # Meta (arXiv 2411.01783), H100 hosts
 
 
-def measured_pass_q_miss_rate(device_name: str, world_size: int, table: dict | None = None) -> float | None:
-    """The measured pass-Q / pass-KV crossover for a device and world size, or None."""
+def _per_world(key: str, device_name: str, world_size: int, table: dict | None) -> float | None:
+    """table[key][device_name][world_size] (or its "default"), or None."""
     table = load_table() if table is None else table
-    per_device = table.get(RING_KEY, {}).get(device_name, {})
+    per_device = table.get(key, {}).get(device_name, {})
     value = per_device.get(str(world_size), per_device.get("default"))
     return None if value is None else float(value)
+
+
+def _write_per_world(key: str, device_name: str, world_size: int, value: float, path: str) -> None:
+    table = dict(load_table(path))
+    entries = dict(table.get(key, {}))
+    entries[device_name] = {**entries.get(device_name, {}), str(world_size): value}
+    table[key] = entries
+    _store(table, path)
+
+
+def measured_pass_q_miss_rate(device_name: str, world_size: int, table: dict | None = None) -> float | None:
+    """The measured pass-Q / pass-KV crossover for a device and world size, or None."""
+    return _per_world(RING_KEY, device_name, world_size, table)
 
 
 def pass_q_miss_rate(device_name: str, world_size: int, table: dict | None = None) -> float:
@@ -117,11 +134,22 @@ def write_ring_costs(device_name: str, path: str = PATH, **rates: float) -> None
 
 def write_pass_q_miss_rate(device_name: str, world_size: int, miss_rate: float, path: str = PATH) -> None:
     """Store a measured pass-Q / pass-KV crossover."""
-    table = dict(load_table(path))
-    ring = dict(table.get(RING_KEY, {}))
-    ring[device_name] = {**ring.get(device_name, {}), str(world_size): float(miss_rate)}
-    table[RING_KEY] = ring
-    _store(table, path)
+    _write_per_world(RING_KEY, device_name, world_size, float(miss_rate), path)
+
+
+RMSNORM_KEY = "rmsnorm_twoshot_min_bytes"
+
+
+def rmsnorm_twoshot_min_bytes(device_name: str, world_size: int, table: dict | None = None) -> int | None:
+    """Bytes of x from which the fused all-reduce + RMSNorm's two-shot kernel was measured faster
+    than its one-shot kernel on a device and world size, or None if not measured."""
+    value = _per_world(RMSNORM_KEY, device_name, world_size, table)
+    return None if value is None else int(value)
+
+
+def write_rmsnorm_twoshot_min_bytes(device_name: str, world_size: int, nbytes: int, path: str = PATH) -> None:
+    """Store the measured one-shot / two-shot crossover of the fused kernels."""
+    _write_per_world(RMSNORM_KEY, device_name, world_size, int(nbytes), path)
 
 
 CHUNK_KEY = "chunk_backend"

@@ -9,20 +9,26 @@ all equal-shaped on every rank (residual and weight replicated)::
     out          = residual_out * rsqrt(mean(residual_out**2) + eps) * weight   (fp32, rounded)
 
 The norm is taken of the *rounded* residual_out, so ``out`` is exactly the RMSNorm of the residual
-stream that the next layer receives (as in vLLM's fused_add_rms_norm). Every program handles whole
-rows (BLOCK_H = next_pow2(hidden) columns), since the norm needs the whole row.
+stream that the next layer receives (as in vLLM's fused_add_rms_norm).
 
-One-shot (decode sizes), per rank, program p handling rows p, p + G, p + 2G, ...:
+One-shot (decode sizes), per rank, program p handling whole rows p, p + G, p + 2G, ...
+(BLOCK_H = next_pow2(hidden) columns: the norm needs the whole row):
   1. stage its x rows into this call's half of the double-buffered workspace,
   2. barrier with the peers' program p (which staged the same rows),
   3. sum each row over the ranks, add the residual, normalise, write out and residual_out.
-Two-shot (larger token counts): rank r owns rows [r*R, (r+1)*R), R = ceil(tokens / W):
-  1. stage x shard by shard, program p taking rows p, p + G, ... of every shard (the map that the
-     owners' program p reduces with),
-  2. barrier (stage 0); reduce the own rows, add the residual, normalise, write both outputs and
-     publish them in our half: out over our own staged x rows (read only by this program, just
-     before), residual_out in a second region after the staged rows,
-  3. barrier (stage 1); copy the other ranks' published rows of out and residual_out.
+Two-shot (larger token counts): rank r owns rows [r*R, (r+1)*R), R = ceil(tokens / W). A work item
+is one chunk of BLOCK_C columns of one row, so that R * hidden / BLOCK_C programs pull data instead
+of R (with whole rows, 64 tokens on 4 GPUs kept 16 SMs busy). Program p takes items p, p + G, ...:
+  1. stage x item by item for every shard (the map that the owners' program p reduces with),
+  2. barrier (stage 0); reduce our items: residual_out into the output and over our own staged x
+     (read only by this program, just before), and each chunk's sum of squares into a local 64-bit
+     slot tagged with the call's epoch,
+  3. per item, wait for the slots of all chunks of its row (programs of this launch: ``wait_tagged``),
+     rstd from them in chunk order, write ``out`` and publish rstd per chunk,
+  4. barrier (stage 1); gather the other ranks' items: residual_out and rstd, and normalise locally
+     with the same fp32 products as the owner (``_normalise``), so out is bitwise equal everywhere
+     and the all-gather moves residual_out only.
+Step 3 needs all G programs resident at once, as the peer barriers do (G <= SMs).
 Like the flat and tree all-reduce, no end barrier: call n+2 reuses call n's half only after every
 peer signalled in call n+1 (see docs/ARCHITECTURE.md).
 
@@ -35,26 +41,31 @@ import triton.language as tl
 
 from .launch import CachedLauncher, int_key, ptr_key
 from .peer_tiles import peer_ptr, stage_rows, sum_tile
-from .sync import finish_call, peer_barrier, start_call
+from .sync import finish_call, peer_barrier, start_call, wait_tagged
 
 MAX_HIDDEN = 32768  # one row lives in registers: BLOCK_H fp32 values per program
 
 
 @triton.jit
+def _normalise(h, rstd, weight):
+    """RMSNorm's last step, in one place: the owner of a row and every rank that gathers it compute
+    exactly the same fp32 products, so ``out`` is bitwise equal on all ranks."""
+    return h * rstd * weight
+
+
+@triton.jit
 def _reduce_norm_row(table_ptr, half, row, ws_stride, residual_ptr, weight, out_ptr, res_out_ptr, hidden, eps,
                      cols, cmask, ok, WORLD: tl.constexpr, DTYPE: tl.constexpr):
-    """One row: sum the staged row of every rank (fp32, rank order), add the residual, RMSNorm;
-    stores ``out`` and ``residual_out`` (both NaN when ``ok`` is False: the call failed) and
-    returns them, in DTYPE."""
+    """One-shot, one row: sum the staged row of every rank (fp32, rank order), add the residual,
+    RMSNorm; stores ``out`` and ``residual_out`` (both NaN when ``ok`` is False: the call failed)."""
     total = sum_tile(table_ptr, half, row * ws_stride + cols, cmask & ok, WORLD, DTYPE)
     res = tl.load(residual_ptr + row * hidden + cols, mask=cmask, other=0.0).to(tl.float32)
     h = (total + res).to(DTYPE).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(h * h, axis=0) / hidden + eps)
-    y = tl.where(ok, h * rstd * weight, float("nan")).to(DTYPE)
+    y = tl.where(ok, _normalise(h, rstd, weight), float("nan")).to(DTYPE)
     h = tl.where(ok, h, float("nan")).to(DTYPE)
     tl.store(out_ptr + row * hidden + cols, y, mask=cmask)
     tl.store(res_out_ptr + row * hidden + cols, h, mask=cmask)
-    return y, h
 
 
 # Arguments whose values do not shape the code: Triton need not specialise (and recompile) on them.
@@ -98,52 +109,93 @@ def oneshot_rmsnorm_kernel(
     finish_call(own, epoch)
 
 
+@triton.jit
+def _row_rstd(slots, row, C, epoch, hidden, eps, own, status_addr, timeout_iters, C_P2: tl.constexpr):
+    """rsqrt(mean square + eps) of ``row`` from the partial sums of squares of its C chunks, once all
+    are published in this call (NaN if the wait failed). Summed in chunk order: deterministic."""
+    idx = tl.arange(0, C_P2)
+    words, arrived = wait_tagged(slots + row * C + idx, idx < C, epoch, own, status_addr, timeout_iters)
+    partial = (words >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    ssq = tl.sum(tl.where(idx < C, partial, 0.0), axis=0)
+    return tl.where(arrived, tl.rsqrt(ssq / hidden + eps), float("nan"))
+
+
 @triton.jit(do_not_specialize=_NOT_SPECIALISED)
 def twoshot_rmsnorm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, res_out_ptr,  # as in oneshot_rmsnorm_kernel
     table_ptr, status_addr, tokens, hidden, ws_stride, eps, rank, sig, half_bytes, timeout_iters,
     rows_per_rank,  # R: rank r owns rows [r*R, min((r+1)*R, tokens)) (the last ones short or empty)
-    WORLD: tl.constexpr, WORLD_P2: tl.constexpr, BLOCK_H: tl.constexpr,
+    WORLD: tl.constexpr, WORLD_P2: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # columns of one chunk: a work item is one chunk of one row
+    C_P2: tl.constexpr,     # next_pow2(cdiv(hidden, BLOCK_C)): chunks per row, rounded up
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     DTYPE: tl.constexpr = out_ptr.dtype.element_ty
     own, epoch, flag, ok, half = start_call(table_ptr, rank, sig, half_bytes)
-    cols = tl.arange(0, BLOCK_H)
-    cmask = cols < hidden
-    # Our half: staged x rows (row i at i*ws_stride; our own rows are overwritten with out), then the
-    # published residual_out rows (row i at (tokens + i)*ws_stride).
+    C = tl.cdiv(hidden, BLOCK_C)
+    chunk = tl.arange(0, BLOCK_C)
+    # Our half: the staged x rows (row i at i*ws_stride; our own rows are overwritten with
+    # residual_out), then int64 slots[tokens * C] (partial sums of squares, local), then fp32
+    # rstd[tokens * C] (one copy per chunk, read by the peers' program that gathers the chunk).
     mine = peer_ptr(table_ptr, rank, half, DTYPE)
+    rows_bytes = tokens * ws_stride * DTYPE.primitive_bitwidth // 8
+    slots = (own + half + rows_bytes).to(tl.pointer_type(tl.int64))
+    rstd_off = half + rows_bytes + tl.cdiv(tokens * C * 8, 16) * 16
     if ok:
-        for s in tl.static_range(WORLD):
-            stage_rows(x_ptr, mine, s * rows_per_rank, tl.minimum((s + 1) * rows_per_rank, tokens), hidden,
-                       ws_stride, cols, cmask, pid, nprog)
+        for s in tl.static_range(WORLD):  # with the map the owner of shard s reduces with
+            n_items = tl.maximum(tl.minimum(rows_per_rank, tokens - s * rows_per_rank), 0) * C
+            for q in range(pid, n_items, nprog):
+                row = s * rows_per_rank + q // C
+                cols = (q % C) * BLOCK_C + chunk
+                m = cols < hidden
+                tl.store(mine + row * ws_stride + cols, tl.load(x_ptr + row * hidden + cols, mask=m), mask=m)
     ok = peer_barrier(table_ptr, rank, 0, flag, ok, status_addr, timeout_iters, WORLD, WORLD_P2)
 
-    # Reduce-scatter + residual + norm of our rows.
-    weight = tl.load(weight_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    # Reduce-scatter of our rows, chunk by chunk: residual_out, and each chunk's sum of squares
+    # published with this call's epoch in one 64-bit word (no flag to order it after).
     lo = rank * rows_per_rank
-    hi = tl.minimum(lo + rows_per_rank, tokens)
-    for j in range(pid, hi - lo, nprog):
-        row = lo + j
-        y, h = _reduce_norm_row(table_ptr, half, row, ws_stride, residual_ptr, weight, out_ptr, res_out_ptr,
-                                hidden, eps, cols, cmask, ok, WORLD, DTYPE)
-        tl.store(mine + row * ws_stride + cols, y, mask=cmask & ok)
-        tl.store(mine + (tokens + row) * ws_stride + cols, h, mask=cmask & ok)
+    n_own = tl.maximum(tl.minimum(rows_per_rank, tokens - lo), 0) * C
+    for q in range(pid, n_own, nprog):
+        row = lo + q // C
+        cols = (q % C) * BLOCK_C + chunk
+        m = cols < hidden
+        total = sum_tile(table_ptr, half, row * ws_stride + cols, m & ok, WORLD, DTYPE)
+        res = tl.load(residual_ptr + row * hidden + cols, mask=m, other=0.0).to(tl.float32)
+        h = tl.where(ok, total + res, float("nan")).to(DTYPE)
+        tl.store(res_out_ptr + row * hidden + cols, h, mask=m)
+        tl.store(mine + row * ws_stride + cols, h, mask=m)
+        h32 = h.to(tl.float32)
+        partial = tl.sum(tl.where(m, h32 * h32, 0.0), axis=0)
+        bits = partial.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+        tl.atomic_xchg(slots + row * C + q % C, (bits << 32) | epoch, sem="relaxed", scope="gpu")
+    # Normalise our rows once every chunk of the row is in (the chunks of a row are other programs').
+    for q in range(pid, n_own, nprog):
+        row = lo + q // C
+        cols = (q % C) * BLOCK_C + chunk
+        m = cols < hidden
+        rstd = _row_rstd(slots, row, C, epoch, hidden, eps, own, status_addr, timeout_iters, C_P2)
+        h = tl.load(mine + row * ws_stride + cols, mask=m, other=0.0).to(tl.float32)
+        w = tl.load(weight_ptr + cols, mask=m, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * hidden + cols, _normalise(h, rstd, w).to(DTYPE), mask=m)
+        tl.store(peer_ptr(table_ptr, rank, rstd_off, tl.float32) + row * C + q % C, rstd)
     ok = peer_barrier(table_ptr, rank, 1, flag, ok, status_addr, timeout_iters, WORLD, WORLD_P2)
 
-    # All-gather: the other ranks' rows, written there by their program p.
+    # All-gather: the chunks that the other ranks' program p published.
     for i in tl.static_range(1, WORLD):
         s = (rank + i) % WORLD
         theirs = peer_ptr(table_ptr, s, half, DTYPE)
-        s_lo = s * rows_per_rank
-        s_hi = tl.minimum(s_lo + rows_per_rank, tokens)
-        for j in range(pid, s_hi - s_lo, nprog):
-            row = s_lo + j
-            y = tl.load(theirs + row * ws_stride + cols, mask=cmask & ok, other=float("nan"))
-            h = tl.load(theirs + (tokens + row) * ws_stride + cols, mask=cmask & ok, other=float("nan"))
-            tl.store(out_ptr + row * hidden + cols, y, mask=cmask)
-            tl.store(res_out_ptr + row * hidden + cols, h, mask=cmask)
+        their_rstd = peer_ptr(table_ptr, s, rstd_off, tl.float32)
+        n_items = tl.maximum(tl.minimum(rows_per_rank, tokens - s * rows_per_rank), 0) * C
+        for q in range(pid, n_items, nprog):
+            row = s * rows_per_rank + q // C
+            cols = (q % C) * BLOCK_C + chunk
+            m = cols < hidden
+            h = tl.load(theirs + row * ws_stride + cols, mask=m & ok, other=float("nan"))
+            rstd = tl.load(their_rstd + row * C + q % C, mask=ok, other=float("nan"))
+            w = tl.load(weight_ptr + cols, mask=m, other=0.0).to(tl.float32)
+            tl.store(res_out_ptr + row * hidden + cols, h, mask=m)
+            tl.store(out_ptr + row * hidden + cols, _normalise(h.to(tl.float32), rstd, w).to(DTYPE), mask=m)
     finish_call(own, epoch)
 
 
@@ -156,16 +208,29 @@ def workspace_stride(hidden: int) -> int:
     return -(-hidden // 16) * 16
 
 
-def max_rows(hidden: int, element_size: int, half_bytes: int, two_shot: bool) -> int:
-    """Rows one call can take: the one-shot kernel stages x, the two-shot kernel also publishes
-    residual_out, in one workspace half. 0 when not even one row fits."""
-    return half_bytes // (workspace_stride(hidden) * element_size * (2 if two_shot else 1))
+def max_rows(hidden: int, element_size: int, half_bytes: int, two_shot: bool, block_c: int = 0) -> int:
+    """Rows one call can take: the one-shot kernel stages x; the two-shot kernel also keeps a 64-bit
+    slot and an fp32 rstd per chunk of ``block_c`` columns (plus 16 bytes of alignment), in one
+    workspace half. 0 when not even one row fits."""
+    row_bytes = workspace_stride(hidden) * element_size
+    if not two_shot:
+        return half_bytes // row_bytes
+    return max(0, half_bytes - 16) // (row_bytes + 12 * -(-hidden // block_c))
 
 
-def call_signature(two_shot: bool, tokens: int, hidden: int, dtype_code: int) -> int:
-    """31-bit fingerprint of a fused call (op codes 3/4, distinct from the all-reduce's 1/2)."""
+def chunk_columns(hidden: int, rows_per_rank: int, programs: int) -> int:
+    """Columns per work item of the two-shot kernel (a power of two): rows_per_rank * hidden split
+    into about one chunk per program, so that all SMs pull data, but at least 512 columns (16-byte
+    loads for 4 warps) and at most the whole row."""
+    full = triton.next_power_of_2(hidden)
+    return min(full, max(512, triton.next_power_of_2(-(-rows_per_rank * hidden // max(1, programs)))))
+
+
+def call_signature(two_shot: bool, tokens: int, hidden: int, dtype_code: int, block_c: int = 0) -> int:
+    """31-bit fingerprint of a fused call (op codes 3/4, distinct from the all-reduce's 1/2); the
+    two-shot chunk width is part of it, since the ranks' work maps must agree."""
     h = ((4 if two_shot else 3) * 1_000_003 + dtype_code) * 2_147_483_629
-    h = ((h ^ tokens) * 1_000_000_007 + hidden) * 998_244_353
+    h = ((h ^ tokens) * 1_000_000_007 + hidden) * 998_244_353 + block_c
     return h % 2_147_483_647
 
 
@@ -174,26 +239,35 @@ def default_warps(hidden: int) -> int:
     return min(16, max(4, triton.next_power_of_2(hidden) // 512))
 
 
+def chunk_warps(block_c: int) -> int:
+    """GPU warps for a two-shot chunk: 8 elements per thread (one 16-byte load in 16-bit dtypes)."""
+    return max(1, min(16, block_c // 256))
+
+
 def launch_all_reduce_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                               out: torch.Tensor, residual_out: torch.Tensor, table: torch.Tensor,
                               status_addr: int, rank: int, world: int, sig: int, eps: float, half_bytes: int,
-                              timeout_iters: int, two_shot: bool, programs: int, num_warps: int) -> None:
+                              timeout_iters: int, two_shot: bool, programs: int, num_warps: int,
+                              block_c: int = 0) -> None:
     """Launch one fused call on contiguous [tokens, hidden] x, residual, out, residual_out and [hidden]
-    weight; ``tokens`` at most ``max_rows(hidden, x.element_size(), half_bytes, two_shot)``.
+    weight; ``tokens`` at most ``max_rows(hidden, x.element_size(), half_bytes, two_shot, block_c)``.
 
-    programs: the grid; at most ``tokens`` (one-shot) or ``ceil(tokens / world)`` (two-shot) do work.
+    programs: the grid; at most ``tokens`` (one-shot) or ``ceil(tokens / world) * cdiv(hidden, block_c)``
+    (two-shot) do work. block_c: two-shot only, columns per work item (a power of two, see
+    ``chunk_columns``).
     """
     tokens, hidden = x.shape
     eps = float(eps)  # an int would make Triton compile an integer argument
     ws_stride = workspace_stride(hidden)
     args = (x, residual, weight, out, residual_out, table, status_addr, tokens, hidden, ws_stride, eps, rank, sig,
             half_bytes, timeout_iters)
-    consts = {"WORLD": world, "WORLD_P2": triton.next_power_of_2(world), "BLOCK_H": triton.next_power_of_2(hidden)}
+    consts = {"WORLD": world, "WORLD_P2": triton.next_power_of_2(world)}
     key = (*(ptr_key(t) for t in (x, residual, weight, out, residual_out)), int_key(tokens), int_key(hidden),
-           int_key(ws_stride), int_key(status_addr), int_key(half_bytes), int_key(timeout_iters), world,
-           consts["BLOCK_H"], num_warps)
+           int_key(ws_stride), int_key(status_addr), int_key(half_bytes), int_key(timeout_iters), world, num_warps)
     if two_shot:
         rows_per_rank = -(-tokens // world)
-        _launch_twoshot((*key, int_key(rows_per_rank)), programs, (*args, rows_per_rank), consts, num_warps)
+        consts.update(BLOCK_C=block_c, C_P2=triton.next_power_of_2(-(-hidden // block_c)))
+        _launch_twoshot((*key, int_key(rows_per_rank), block_c), programs, (*args, rows_per_rank), consts, num_warps)
     else:
-        _launch_oneshot(key, programs, args, consts, num_warps)
+        consts["BLOCK_H"] = triton.next_power_of_2(hidden)
+        _launch_oneshot((*key, consts["BLOCK_H"]), programs, args, consts, num_warps)

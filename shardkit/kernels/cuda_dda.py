@@ -24,10 +24,11 @@ def _load():
         lib = ctypes.CDLL(_PATH)
         common = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64), ctypes.c_int, ctypes.c_void_p,
                   ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                  ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+                  ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
         lib.shardkit_flat_all_reduce.argtypes = common + [ctypes.c_void_p]
         lib.shardkit_tree_all_reduce.argtypes = common + [ctypes.c_int64, ctypes.c_void_p]
         lib.shardkit_flat_all_reduce.restype = lib.shardkit_tree_all_reduce.restype = ctypes.c_int
+        lib.shardkit_max_unroll.argtypes, lib.shardkit_max_unroll.restype = [ctypes.c_int], ctypes.c_int
         lib.shardkit_error_string.argtypes, lib.shardkit_error_string.restype = [ctypes.c_int], ctypes.c_char_p
         _lib = lib
     return _lib
@@ -39,6 +40,11 @@ def available() -> bool:
         return _load() is not None
     except OSError:
         return False
+
+
+def max_unroll(world: int) -> int:
+    """Largest ``unroll`` (16-byte packs per thread per tile) the kernels take for ``world`` ranks."""
+    return _lib.shardkit_max_unroll(world)
 
 
 class HostTable:
@@ -56,17 +62,20 @@ def _check(code: int, what: str) -> None:
 
 def launch_flat_all_reduce(x: torch.Tensor, out: torch.Tensor, table: HostTable, status_addr: int, rank: int,
                            sig: int, x_offset: int, half_bytes: int, timeout_iters: int, zero_copy: bool,
-                           programs: int, threads: int) -> None:
+                           programs: int, threads: int, unroll: int) -> None:
+    """Launch the CUDA flat all-reduce; arguments as the Triton launcher's, with ``threads`` per
+    program and ``unroll`` 16-byte packs per thread per tile (1..max_unroll(world))."""
     stream = torch._C._cuda_getCurrentRawStream(x.device.index)
     _check(_lib.shardkit_flat_all_reduce(x.data_ptr(), out.data_ptr(), table.array, table.world, status_addr,
                                          x.numel(), rank, sig, x_offset, half_bytes, timeout_iters, int(zero_copy),
-                                         programs, threads, _DTYPES[x.dtype], stream), "flat all-reduce launch")
+                                         programs, threads, unroll, _DTYPES[x.dtype], stream), "flat all-reduce launch")
 
 
 def launch_tree_all_reduce(x: torch.Tensor, out: torch.Tensor, table: HostTable, status_addr: int, rank: int,
                            sig: int, x_offset: int, half_bytes: int, timeout_iters: int, zero_copy: bool,
-                           programs: int, threads: int, shard: int) -> None:
+                           programs: int, threads: int, unroll: int, shard: int) -> None:
+    """Launch the CUDA tree all-reduce; as launch_flat_all_reduce, plus ``shard`` elements per rank."""
     stream = torch._C._cuda_getCurrentRawStream(x.device.index)
     _check(_lib.shardkit_tree_all_reduce(x.data_ptr(), out.data_ptr(), table.array, table.world, status_addr,
                                          x.numel(), rank, sig, x_offset, half_bytes, timeout_iters, int(zero_copy),
-                                         programs, threads, _DTYPES[x.dtype], shard, stream), "tree all-reduce launch")
+                                         programs, threads, unroll, _DTYPES[x.dtype], shard, stream), "tree all-reduce launch")

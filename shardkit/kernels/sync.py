@@ -53,6 +53,9 @@ MISMATCH = 2
 TIMEOUT = 3
 ABORTED = 4  # another program of this rank failed first
 
+# Error-record slot of a wait among the programs of one launch (wait_tagged), past the barrier slots.
+LOCAL_WAIT_SLOT = NUM_STAGES * MAX_PROGRAMS
+
 assert SLOTS_OFF + NUM_STAGES * MAX_PROGRAMS * MAX_WORLD * 8 <= SIGNAL_BYTES
 
 _SLOTS_OFF = tl.constexpr(SLOTS_OFF)
@@ -68,6 +71,7 @@ _STATUS_POLL_EVERY = tl.constexpr(1024)
 # peers read it through our L2, so a GPU-scope fence orders it before the flag; "sys" is the
 # textbook choice. Selectable for measurement (SHARDKIT_RELEASE_SCOPE=gpu|sys).
 _RELEASE_SCOPE = tl.constexpr(os.environ.get("SHARDKIT_RELEASE_SCOPE", "sys"))
+_LOCAL_WAIT_SLOT = tl.constexpr(LOCAL_WAIT_SLOT)
 _ARRIVED = tl.constexpr(ARRIVED)
 _MISMATCH = tl.constexpr(MISMATCH)
 _TIMEOUT = tl.constexpr(TIMEOUT)
@@ -155,6 +159,28 @@ def _wait_for_peers(table_ptr, rank, slot, flag, status_addr, timeout_iters,
     if (state == _MISMATCH) | (state == _TIMEOUT):
         record_error(own, status_addr, state, slot, culprits, epoch)
     return state == _ARRIVED
+
+
+@triton.jit
+def wait_tagged(ptrs, mask, epoch, own, status_addr, timeout_iters):
+    """Wait until every int64 word ``ptrs[mask]`` carries this call's ``epoch`` in its low 32 bits,
+    written by other programs of this launch on this GPU (a value and its validity in one word, so
+    no flag has to be ordered after it); returns (the words, ok). Gives up like ``peer_barrier``:
+    after ``timeout_iters`` polls (recorded at slot LOCAL_WAIT_SLOT) or when another program failed.
+    The words live in the call's workspace half, so an old word carries the epoch of call n-2."""
+    state = 0
+    iters = 0
+    while state == 0:
+        seen = tl.load(ptrs, mask=mask, other=0, volatile=True)
+        missing = tl.sum((mask & ((seen & 0xFFFFFFFF) != epoch)).to(tl.int32), axis=0)
+        iters += 1
+        state = tl.where(missing == 0, _ARRIVED, tl.where(iters > timeout_iters, _TIMEOUT, 0))
+        if iters % _STATUS_POLL_EVERY == 0:
+            if tl.load((own + _ERROR_OFF).to(tl.pointer_type(tl.int32)), volatile=True) != 0:
+                state = _ABORTED
+    if state == _TIMEOUT:
+        record_error(own, status_addr, state, _LOCAL_WAIT_SLOT, 0, epoch)
+    return tl.load(ptrs, mask=mask, other=0, volatile=True), state == _ARRIVED
 
 
 @triton.jit

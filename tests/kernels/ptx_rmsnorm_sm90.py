@@ -10,12 +10,14 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from shardkit.kernels.all_reduce_rmsnorm import default_warps, oneshot_rmsnorm_kernel, twoshot_rmsnorm_kernel
+from shardkit.kernels.all_reduce_rmsnorm import (chunk_columns, chunk_warps, default_warps,
+                                                 oneshot_rmsnorm_kernel, twoshot_rmsnorm_kernel)
 
 from .ptx_for_sm90 import features
 
 KERNELS = {"oneshot": oneshot_rmsnorm_kernel, "twoshot": twoshot_rmsnorm_kernel}
-# (kernel, dtype, world, hidden): decode hidden sizes, 16 warps at 8192.
+# (kernel, dtype, world, hidden): decode hidden sizes, 16 warps at 8192 (one-shot); the two-shot chunk
+# of 64 tokens on 132 SMs.
 CONFIGS = [(k, d, w, h) for k in KERNELS for d in ("bf16", "fp32") for w, h in ((2, 4096), (8, 8192))]
 INT_ARGS = {"tokens", "hidden", "ws_stride", "rank", "sig", "half_bytes", "timeout_iters", "rows_per_rank"}
 TENSORS = ("x_ptr", "residual_ptr", "weight_ptr", "out_ptr", "res_out_ptr")
@@ -26,11 +28,18 @@ ALIGNED = TENSORS + ("table_ptr", "hidden", "ws_stride")
 def compile_ptx(kernel, dtype: str, world: int, hidden: int) -> str:
     names = list(kernel.arg_names)
     types = {**{n: f"*{dtype}" for n in TENSORS}, "table_ptr": "*i64", "status_addr": "i64", "eps": "fp32"}
-    consts = {"WORLD": world, "WORLD_P2": triton.next_power_of_2(world), "BLOCK_H": triton.next_power_of_2(hidden)}
+    consts = {"WORLD": world, "WORLD_P2": triton.next_power_of_2(world)}
+    if kernel is twoshot_rmsnorm_kernel:
+        block_c = chunk_columns(hidden, -(-64 // world), 132)
+        consts.update(BLOCK_C=block_c, C_P2=triton.next_power_of_2(-(-hidden // block_c)))
+        warps = chunk_warps(block_c)
+    else:
+        consts["BLOCK_H"] = triton.next_power_of_2(hidden)
+        warps = default_warps(hidden)
     signature = {n: types.get(n, "i32" if n in INT_ARGS else "constexpr") for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ALIGNED}
     src = ASTSource(kernel, signature, consts, attrs=attrs)
-    options = {"num_warps": default_warps(hidden)}
+    options = {"num_warps": warps}
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
 
 
