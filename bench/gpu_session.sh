@@ -4,9 +4,9 @@
 # still returns them.
 #   bench/gpu_session.sh OUTDIR [STEP...]      (default: every step, in this order)
 # Steps: install ctest gpu_tests gpu_kernel_tests bench_suites profile_eager sweep rmsnorm_bench
-#        chunk_bench ring_bench ring_transfer
-# Environment overrides: GPU_TESTS_S, RING_S, RMSNORM_S (step time limits), GPU_TESTS (test paths),
-# RING_ARGS (ring bench options).
+#        chunk_bench ring_bench ring_transfer tune (tune is not in the default list)
+# Environment overrides: GPU_TESTS_S, RING_S, RMSNORM_S, TUNE_S (step time limits), GPU_TESTS (test paths),
+# RING_ARGS, TUNE_ARGS (ring bench and tuning options).
 set -uo pipefail
 out=$1; shift
 steps=${*:-install ctest gpu_tests gpu_kernel_tests bench_suites profile_eager sweep rmsnorm_bench chunk_bench ring_bench ring_transfer}
@@ -27,7 +27,7 @@ step() {  # step NAME SECONDS COMMAND...
 }
 for s in $steps; do case $s in
   install) step install 60 python3 -m pip install --no-deps --no-build-isolation -e . ;;
-  ctest) step ctest 60 bash -c "cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release >/dev/null && \
+  ctest) step ctest 120 bash -c "cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release >/dev/null && \
     cmake --build build/cmake -j 16 >/dev/null && ./build/cmake/test_dda_all_reduce" ;;
   gpu_tests) step gpu_tests "${GPU_TESTS_S:-300}" python3 -m pytest -q -rs -p no:cacheprovider -m gpu ${GPU_TESTS:-tests/} ;;
   gpu_kernel_tests) step gpu_kernel_tests 120 python3 -m pytest -q -rs -p no:cacheprovider tests/attention/test_attention_sdpa.py \
@@ -46,5 +46,6 @@ for s in $steps; do case $s in
   ring_bench) step ring_bench "${RING_S:-240}" $run bench/ring_attention_bench.py --out "$res" \
       ${RING_ARGS:---lengths 32768 131072 262144 --budget-s 200} ;;
   ring_transfer) step ring_transfer 60 $run bench/ring_transfer_bench.py --out "$res" ;;
+  tune) step tune "${TUNE_S:-200}" $run bench/tune_all_reduce.py --out "$res" ${TUNE_ARGS:-} ;;
   *) echo "unknown step $s"; exit 2 ;;
 esac; done

@@ -1,6 +1,11 @@
-"""Tile/grid tuning for the DDA kernels: time flat and tree over (BLOCK, max programs, warps).
+"""Tile/grid tuning for the DDA kernels: time flat and tree over their launch grids.
 
     torchrun --standalone --nproc-per-node=4 bench/tune_all_reduce.py --out bench/results
+    torchrun --standalone --nproc-per-node=4 bench/tune_all_reduce.py --kernels cuda --algos tree
+
+Triton kernels: (BLOCK, max programs, warps). CUDA kernels: (threads, unroll, programs), unroll
+being the 16-byte packs per thread per tile. The shipped rule (``Communicator._launch_shape`` /
+``_cuda_shape``) is timed too, as "default".
 
 CUDA-graph mode (``iters`` calls captured in one graph), bf16, median of reps, max over ranks,
 NCCL measured in the same run. Each result is checked against NCCL before it is timed.
@@ -20,6 +25,36 @@ from bench.all_reduce_sweep import human, parse_sizes  # noqa: E402
 from bench.common import environment, max_over_ranks, results_stem, summarize, time_cuda, write_json  # noqa: E402
 
 
+def configs(args: argparse.Namespace, numel: int, world: int) -> list[tuple[str, object]]:
+    """(algo, grid) pairs to time: Triton (BLOCK, programs, warps); CUDA (threads, unroll, programs)
+    and "default". Grids with more programs than tiles are left out (the same as fewer)."""
+    out = []
+    for algo in args.algos.split(","):
+        elements = -(-numel // world) if algo == "tree" else numel
+        out.append((algo, "default"))
+        if args.kernels == "triton":
+            for block, progs, warps in itertools.product(map(int, args.blocks.split(",")),
+                                                         map(int, args.programs.split(",")),
+                                                         map(int, args.warps.split(","))):
+                if progs <= max(1, -(-elements // block)):
+                    out.append((algo, (block, progs, warps)))
+            continue
+        for threads, unroll, progs in itertools.product(map(int, args.threads.split(",")),
+                                                        map(int, args.unrolls.split(",")),
+                                                        map(int, args.programs.split(","))):
+            if (algo == "flat" and unroll > 1) or (algo == "tree" and unroll > 16 // world):
+                continue
+            if progs <= max(1, -(-elements // (threads * 8 * unroll))):
+                out.append((algo, (threads, unroll, progs)))
+    return out
+
+
+def cuda_grid(config: tuple[int, int, int], elements: int, element_size: int) -> tuple[int, int, int]:
+    """(programs, threads, unroll) for Communicator._cuda_shape from a tuning grid."""
+    threads, unroll, progs = config
+    return max(1, min(progs, -(-elements // (threads * (16 // element_size) * unroll)))), threads, unroll
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="4K,64K,256K,1M,4M,16M")
@@ -27,6 +62,9 @@ def main() -> None:
     p.add_argument("--programs", default="1,4,8,16,32,64,132")
     p.add_argument("--warps", default="4,8,16")
     p.add_argument("--algos", default="flat,tree")
+    p.add_argument("--kernels", default="triton", choices=("triton", "cuda"))
+    p.add_argument("--threads", default="128,256", help="CUDA: threads per program")
+    p.add_argument("--unrolls", default="1,2,4", help="CUDA: 16-byte packs per thread per tile")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -38,7 +76,9 @@ def main() -> None:
     dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", local_rank)
-    comm = shardkit.Communicator()
+    comm = shardkit.Communicator(kernels=args.kernels)
+    shipped_cuda_shape = comm._cuda_shape
+    shipped_grid = (comm._block, comm._max_programs, comm._warps)
 
     def sync() -> None:
         dist.barrier()
@@ -55,18 +95,17 @@ def main() -> None:
             time_cuda(lambda: dist.all_reduce(scratch), args.iters, args.reps, True, sync), device))
         records.append({"algo": "nccl", "bytes": nbytes, **nccl})
         best: dict[str, tuple] = {}
-        for algo, block, progs, warps in itertools.product(args.algos.split(","), map(int, args.blocks.split(",")),
-                                                          map(int, args.programs.split(",")),
-                                                          map(int, args.warps.split(","))):
-            tiles = -(-numel // (world if algo == "tree" else 1) // block)
-            if progs > max(1, tiles):  # more programs than tiles: same as fewer
-                continue
-            comm._block, comm._max_programs, comm._warps = block, progs, warps
+        for algo, config in configs(args, numel, world):
+            if args.kernels == "triton":
+                comm._block, comm._max_programs, comm._warps = shipped_grid if config == "default" else config
+            else:
+                comm._cuda_shape = (shipped_cuda_shape if config == "default" else
+                                    lambda algo, elements, element_size, c=config: cuda_grid(c, elements, element_size))
             out = torch.full_like(x, float("nan"))
             comm.all_reduce(x, algo=algo, out=out)
             torch.cuda.synchronize()
             rel = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-            rec = {"algo": algo, "bytes": nbytes, "block": block, "programs": progs, "warps": warps}
+            rec = {"algo": algo, "bytes": nbytes, "kernels": args.kernels, "config": config}
             bad = torch.tensor([not rel < 1e-2], dtype=torch.int32, device=device)
             dist.all_reduce(bad)
             if bad.item():
@@ -77,15 +116,16 @@ def main() -> None:
                 device))
             records.append({**rec, **t})
             if algo not in best or t["us_median"] < best[algo][0]:
-                best[algo] = (t["us_median"], block, progs, warps)
+                best[algo] = (t["us_median"], config)
+            if config == "default":
+                best[algo + " default"] = (t["us_median"], config)
         if rank == 0:
-            line = "  ".join(f"{a}: {b[0]:.1f} us (BLOCK {b[1]}, programs {b[2]}, warps {b[3]})"
-                             for a, b in best.items())
+            line = "  ".join(f"{a}: {b[0]:.1f} us ({b[1]})" for a, b in best.items())
             print(f"{human(nbytes):>8}  nccl {nccl['us_median']:.1f} us  {line}", flush=True)
     comm.close()
     if rank == 0:
         env = environment()
-        stem = results_stem(args.out, "tune_all_reduce", env, world)
+        stem = results_stem(args.out, f"tune_all_reduce_{args.kernels}", env, world)
         write_json(stem + ".json", {"env": env, "args": vars(args), "mode": "graph", "dtype": "bf16",
                                     "records": records})
         print(f"wrote {stem}.json")

@@ -78,10 +78,10 @@ __device__ void copy_packs(const Pack<T, VEC>* src, Pack<T, VEC>* dst, int64_t l
 // Packs [lo, hi) of the sum over ranks 0..WORLD-1 (fp32, rank order) of the copies at byte offset
 // `src` of every workspace, into out and, when `publish` is set and the call is ok, into publish.
 // All WORLD * unroll loads of a tile are in flight before the adds: the copies are latency-bound.
-template <typename T, int VEC, int WORLD>
+// U (>= unroll) sizes the registers that hold them.
+template <typename T, int VEC, int WORLD, int U>
 __device__ void reduce_packs(const PeerTable& t, int64_t src, int64_t lo, int64_t hi, int unroll, bool ok,
                              Pack<T, VEC>* out, Pack<T, VEC>* publish) {
-  constexpr int U = max_unroll(WORLD);
   for (int64_t first = first_pack(lo, unroll); first < hi; first += int64_t(gridDim.x) * tile_stride(unroll)) {
     Pack<T, VEC> in[U][WORLD];
 #pragma unroll
@@ -114,6 +114,8 @@ __device__ void reduce_packs(const PeerTable& t, int64_t src, int64_t lo, int64_
   }
 }
 
+// Flat: one pack per thread per tile (unroll 1) and up to 1024 threads; measured faster than
+// fewer threads with more packs each, and it keeps the registers of a 1024-thread block in budget.
 template <typename T, int VEC, int WORLD>
 __global__ void flat_kernel(AllReduceArgs a) {
   using P = Pack<T, VEC>;
@@ -123,22 +125,24 @@ __global__ void flat_kernel(AllReduceArgs a) {
   const int64_t packs = a.numel / VEC;
   bool ok = cs.ok;
   if (ok && !a.zero_copy) {
-    copy_packs<T, VEC, max_unroll(WORLD)>(static_cast<const P*>(a.x),
-                                            reinterpret_cast<P*>(a.table.base[a.rank] + half), 0, packs, a.unroll,
-                                            true);
+    copy_packs<T, VEC, 1>(static_cast<const P*>(a.x), reinterpret_cast<P*>(a.table.base[a.rank] + half), 0, packs,
+                          1, true);
   }
   if (ok) ok = block_barrier(a.table, a.rank, WORLD, blockIdx.x, cs, a.host_status, a.timeout_iters);
-  reduce_packs<T, VEC, WORLD>(a.table, src, 0, packs, a.unroll, ok, static_cast<P*>(a.out), nullptr);
+  reduce_packs<T, VEC, WORLD, 1>(a.table, src, 0, packs, 1, ok, static_cast<P*>(a.out), nullptr);
   if (ok && a.zero_copy) {
     block_barrier(a.table, a.rank, WORLD, kMaxPrograms + blockIdx.x, cs, a.host_status, a.timeout_iters);
   }
   finish_call(a.table, a.rank, cs.epoch);
 }
 
+// Tree: up to kMaxTreeThreads threads with up to max_unroll(WORLD) packs each in flight.
 template <typename T, int VEC, int WORLD>
-__global__ void tree_kernel(AllReduceArgs a, int64_t shard) {
+__global__ void __launch_bounds__(kMaxTreeThreads) tree_kernel(AllReduceArgs a, int64_t shard) {
   using P = Pack<T, VEC>;
-  constexpr int U = max_unroll(WORLD);
+  // Unaligned calls (VEC 1, element by element) are a slow path anyway: no unroll, no spills.
+  constexpr int U = VEC == 1 ? 1 : max_unroll(WORLD);
+  const int unroll = min(a.unroll, U);
   const CallState cs = start_call(a.table, a.rank, a.sig);
   const int64_t half = kSignalBytes + a.half_bytes * (1 + (cs.epoch & 1));
   const int64_t src = a.zero_copy ? a.x_offset : half;
@@ -150,17 +154,17 @@ __global__ void tree_kernel(AllReduceArgs a, int64_t shard) {
   bool ok = cs.ok;
   if (ok && !a.zero_copy) {
     for (int s = 0; s < WORLD; ++s) {  // shard by shard, with the reduction's block map
-      copy_packs<T, VEC, U>(static_cast<const P*>(a.x), own, shard_lo(s), shard_hi(s), a.unroll, true);
+      copy_packs<T, VEC, U>(static_cast<const P*>(a.x), own, shard_lo(s), shard_hi(s), unroll, true);
     }
   }
   if (ok) ok = block_barrier(a.table, a.rank, WORLD, blockIdx.x, cs, a.host_status, a.timeout_iters);
   // Reduce-scatter: our shard, summed over all ranks, into out and into our half.
-  reduce_packs<T, VEC, WORLD>(a.table, src, shard_lo(a.rank), shard_hi(a.rank), a.unroll, ok, out, own);
+  reduce_packs<T, VEC, WORLD, U>(a.table, src, shard_lo(a.rank), shard_hi(a.rank), unroll, ok, out, own);
   if (ok) ok = block_barrier(a.table, a.rank, WORLD, kMaxPrograms + blockIdx.x, cs, a.host_status, a.timeout_iters);
   for (int j = 1; j < WORLD; ++j) {  // all-gather: the peers' reduced shards
     const int s = (a.rank + j) % WORLD;
     copy_packs<T, VEC, U>(reinterpret_cast<const P*>(a.table.base[s] + half), out, shard_lo(s), shard_hi(s),
-                          a.unroll, ok);
+                          unroll, ok);
   }
   finish_call(a.table, a.rank, cs.epoch);
 }
@@ -201,16 +205,17 @@ template <typename T, int VEC, int WORLD> struct TreeLaunch {
   }
 };
 
-bool valid(const AllReduceArgs& a) {
+bool valid(const AllReduceArgs& a, bool tree) {
   return a.world >= 2 && a.world <= kMaxWorld && a.rank >= 0 && a.rank < a.world && a.programs >= 1 &&
-         a.programs <= kMaxPrograms && a.threads >= a.world && a.threads % 32 == 0 && a.threads <= 1024 &&
-         a.unroll >= 1 && a.unroll <= max_unroll(a.world) && a.numel >= 0;
+         a.programs <= kMaxPrograms && a.threads >= a.world && a.threads % 32 == 0 &&
+         a.threads <= (tree ? kMaxTreeThreads : 1024) && a.unroll >= 1 &&
+         a.unroll <= (tree ? max_unroll(a.world) : 1) && a.numel >= 0;
 }
 
 }  // namespace
 
 cudaError_t flat_all_reduce(const AllReduceArgs& a, cudaStream_t stream) {
-  if (!valid(a)) return cudaErrorInvalidValue;
+  if (!valid(a, false)) return cudaErrorInvalidValue;
   switch (a.dtype) {
     case DType::kFloat32: return dispatch<float, FlatLaunch>(a, stream);
     case DType::kFloat16: return dispatch<__half, FlatLaunch>(a, stream);
@@ -220,7 +225,7 @@ cudaError_t flat_all_reduce(const AllReduceArgs& a, cudaStream_t stream) {
 }
 
 cudaError_t tree_all_reduce(const AllReduceArgs& a, int64_t shard, cudaStream_t stream) {
-  if (!valid(a) || shard % 16 != 0 || shard * a.world < a.numel) return cudaErrorInvalidValue;
+  if (!valid(a, true) || shard % 16 != 0 || shard * a.world < a.numel) return cudaErrorInvalidValue;
   switch (a.dtype) {
     case DType::kFloat32: return dispatch<float, TreeLaunch>(a, stream, shard);
     case DType::kFloat16: return dispatch<__half, TreeLaunch>(a, stream, shard);

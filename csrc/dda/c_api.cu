@@ -56,6 +56,8 @@ int shardkit_tree_all_reduce(uintptr_t x, uintptr_t out, const int64_t* table, i
 
 int shardkit_max_unroll(int world) { return shardkit::max_unroll(world); }
 
+int shardkit_max_tree_threads() { return shardkit::kMaxTreeThreads; }
+
 const char* shardkit_error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
 
 }  // extern "C"

@@ -42,7 +42,7 @@ struct AllReduceArgs {
   bool zero_copy;
   int programs;           // grid size, 1..kMaxPrograms
   int threads;            // threads per program, a multiple of 32 and >= world
-  int unroll;             // 16-byte packs per thread per tile, all in flight: 1..max_unroll(world)
+  int unroll;             // 16-byte packs per thread per tile, all in flight: tree 1..max_unroll(world), flat 1
   DType dtype;
 };
 

@@ -58,11 +58,14 @@ def get_communicator(group_name: str) -> "Communicator":
             f"shardkit.Communicator(group) on every rank first") from None
 
 
-def call_signature(algo: str, kernels: str, numel: int, dtype: torch.dtype, x_offset: int) -> int:
-    """31-bit fingerprint of a call; ranks compare it at the first barrier."""
+def call_signature(algo: str, kernels: str, numel: int, dtype: torch.dtype, x_offset: int,
+                   packed: bool = True) -> int:
+    """31-bit fingerprint of a call; ranks compare it at the first barrier. ``packed``: the CUDA
+    kernels move 16-byte packs (x and out 16-byte aligned, numel a multiple of a pack) or single
+    elements, which maps elements to blocks differently, so ranks must agree on it too."""
     h = (_ALGO_CODE[algo, kernels] * 1_000_003 + _DTYPE_CODE[dtype]) * 2_147_483_629
     h = (h ^ numel) * 1_000_000_007 + x_offset + 1
-    return h % 2_147_483_647
+    return (h + (0 if packed else 7919)) % 2_147_483_647
 
 
 class Communicator:
@@ -285,7 +288,9 @@ class Communicator:
     def _launch(self, algo: str, x: torch.Tensor, out: torch.Tensor, x_offset: int, zero_copy: bool) -> None:
         mem = self.memory
         numel = x.numel()
-        sig = call_signature(algo, self.kernels, numel, x.dtype, x_offset if zero_copy else -1)
+        packed = self.kernels != "cuda" or (x.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0
+                                            and numel % (16 // x.element_size()) == 0)
+        sig = call_signature(algo, self.kernels, numel, x.dtype, x_offset if zero_copy else -1, packed)
         if self.kernels == "cuda":
             self._launch_cuda(algo, x, out, x_offset, zero_copy, sig)
             return
@@ -324,16 +329,16 @@ class Communicator:
     def _cuda_shape(self, algo: str, elements: int, element_size: int) -> tuple[int, int, int]:
         """(programs, threads, unroll) of a CUDA launch over ``elements`` per rank (flat) or per shard (tree).
 
-        Flat: 512 threads, one 16-byte pack each per tile (measured faster than Triton's flat grid).
-        Tree, and any grid set for tuning: Triton's tile (``_launch_shape``) with its warps as
-        threads and the rest of the tile as packs in flight per thread (``unroll``).
+        Flat: one 16-byte pack per thread per tile, 512 threads (measured faster than Triton's flat
+        grid); tuning may set the threads through ``_warps``. Tree: Triton's tile (``_launch_shape``)
+        with its warps as threads and the rest of the tile as packs in flight per thread (``unroll``).
         """
         pack = 16 // element_size
-        if algo == "flat" and self._block is None:
-            threads, unroll = 512, 1
+        block, _, warps = self._launch_shape(algo, elements)
+        if algo == "flat":
+            threads, unroll = (512 if self._block is None else min(1024, 32 * warps)), 1
         else:
-            block, _, warps = self._launch_shape(algo, elements)
-            threads = 32 * warps
+            threads = min(cuda_dda.max_tree_threads(), 32 * warps)
             unroll = max(1, min(cuda_dda.max_unroll(self.world_size), block // (threads * pack)))
         return max(1, min(self._max_programs, -(-elements // (threads * pack * unroll)))), threads, unroll
 

@@ -29,6 +29,7 @@ def _load():
         lib.shardkit_tree_all_reduce.argtypes = common + [ctypes.c_int64, ctypes.c_void_p]
         lib.shardkit_flat_all_reduce.restype = lib.shardkit_tree_all_reduce.restype = ctypes.c_int
         lib.shardkit_max_unroll.argtypes, lib.shardkit_max_unroll.restype = [ctypes.c_int], ctypes.c_int
+        lib.shardkit_max_tree_threads.argtypes, lib.shardkit_max_tree_threads.restype = [], ctypes.c_int
         lib.shardkit_error_string.argtypes, lib.shardkit_error_string.restype = [ctypes.c_int], ctypes.c_char_p
         _lib = lib
     return _lib
@@ -43,8 +44,14 @@ def available() -> bool:
 
 
 def max_unroll(world: int) -> int:
-    """Largest ``unroll`` (16-byte packs per thread per tile) the kernels take for ``world`` ranks."""
-    return _lib.shardkit_max_unroll(world)
+    """Largest ``unroll`` (16-byte packs per thread per tile) of the tree kernel for ``world`` ranks
+    (the flat kernel takes 1)."""
+    return _load().shardkit_max_unroll(world)
+
+
+def max_tree_threads() -> int:
+    """Largest block of the tree kernel (its registers hold unroll * world packs per thread)."""
+    return _load().shardkit_max_tree_threads()
 
 
 class HostTable:
@@ -64,7 +71,7 @@ def launch_flat_all_reduce(x: torch.Tensor, out: torch.Tensor, table: HostTable,
                            sig: int, x_offset: int, half_bytes: int, timeout_iters: int, zero_copy: bool,
                            programs: int, threads: int, unroll: int) -> None:
     """Launch the CUDA flat all-reduce; arguments as the Triton launcher's, with ``threads`` per
-    program and ``unroll`` 16-byte packs per thread per tile (1..max_unroll(world))."""
+    program (up to 1024) and ``unroll`` 16-byte packs per thread per tile (1)."""
     stream = torch._C._cuda_getCurrentRawStream(x.device.index)
     _check(_lib.shardkit_flat_all_reduce(x.data_ptr(), out.data_ptr(), table.array, table.world, status_addr,
                                          x.numel(), rank, sig, x_offset, half_bytes, timeout_iters, int(zero_copy),
@@ -74,7 +81,8 @@ def launch_flat_all_reduce(x: torch.Tensor, out: torch.Tensor, table: HostTable,
 def launch_tree_all_reduce(x: torch.Tensor, out: torch.Tensor, table: HostTable, status_addr: int, rank: int,
                            sig: int, x_offset: int, half_bytes: int, timeout_iters: int, zero_copy: bool,
                            programs: int, threads: int, unroll: int, shard: int) -> None:
-    """Launch the CUDA tree all-reduce; as launch_flat_all_reduce, plus ``shard`` elements per rank."""
+    """Launch the CUDA tree all-reduce; as launch_flat_all_reduce but up to ``max_tree_threads()``
+    threads and ``max_unroll(world)`` packs per thread, plus ``shard`` elements per rank."""
     stream = torch._C._cuda_getCurrentRawStream(x.device.index)
     _check(_lib.shardkit_tree_all_reduce(x.data_ptr(), out.data_ptr(), table.array, table.world, status_addr,
                                          x.numel(), rank, sig, x_offset, half_bytes, timeout_iters, int(zero_copy),

@@ -43,6 +43,10 @@ class CachedLauncher:
 
     args: the non-constexpr arguments in declaration order; constexprs: the constexpr arguments,
     in declaration order (they follow the others in every kernel that uses this).
+    key: whatever about ``args`` shapes the compiled code (dtypes, alignment: ``ptr_key``/``int_key``);
+    the constexprs and num_warps are part of the cache key here, so a caller cannot forget one (a
+    constexpr derived from an argument, missing from the key, once reused a kernel compiled for
+    another hidden size).
     """
 
     def __init__(self, kernel) -> None:
@@ -51,6 +55,7 @@ class CachedLauncher:
         self.enabled = os.environ.get("TRITON_INTERPRET", "0") != "1" and os.environ.get("SHARDKIT_FAST_LAUNCH", "1") == "1"
 
     def __call__(self, key: tuple, programs: int, args: tuple, constexprs: dict, num_warps: int) -> None:
+        key = (key, *constexprs.values(), num_warps)
         compiled = self.compiled.get(key) if self.enabled else None
         if compiled is None or launch_hooks_installed():
             compiled = self.kernel[(programs,)](*args, **constexprs, num_warps=num_warps)

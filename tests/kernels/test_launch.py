@@ -55,3 +55,19 @@ def test_direct_path_taken_and_correct(monkeypatch):
         torch.testing.assert_close(out, x * scale)
     # n = 1000 and 777: neither divisible by 16 nor 1, so one key (one compile) serves every call.
     assert len(calls) == len(launcher.compiled) == 1, (len(calls), launcher.compiled.keys())
+
+
+def test_constexprs_and_warps_are_part_of_the_cache_key():
+    """A kernel compiled for one constexpr value (or warp count) must not serve another under the
+    same caller key: the two-shot RMSNorm's chunk count once came from hidden, not from its key."""
+    compiled = []
+
+    class FakeKernel:  # records compiles; a cache hit would need a GPU stream and fail here
+        def __getitem__(self, grid):
+            return lambda *args, **kw: compiled.append(kw) or object()
+
+    launcher = CachedLauncher(FakeKernel())
+    launcher.enabled = True
+    for consts, warps in (({"BLOCK": 256}, 4), ({"BLOCK": 512}, 4), ({"BLOCK": 256}, 8)):
+        launcher(("same key",), 1, (torch.empty(1),), consts, warps)
+    assert [(kw["BLOCK"], kw["num_warps"]) for kw in compiled] == [(256, 4), (512, 4), (256, 8)]
