@@ -330,16 +330,20 @@ class Communicator:
         """(programs, threads, unroll) of a CUDA launch over ``elements`` per rank (flat) or per shard (tree).
 
         Flat: one 16-byte pack per thread per tile, 512 threads (measured faster than Triton's flat
-        grid); tuning may set the threads through ``_warps``. Tree: Triton's tile (``_launch_shape``)
-        with its warps as threads and the rest of the tile as packs in flight per thread (``unroll``).
+        grid); tuning may set the threads through ``_warps``. Tree (bench/tune_all_reduce.py
+        --kernels cuda, 2xH200, ``tune_all_reduce_cuda_H200_x2_*``): 256 threads, every tile at once
+        up to one program per SM, and more packs in flight per thread as the shard grows
+        (1 up to 128 KiB per shard, 2 up to 2 MiB, then the most the kernel takes).
         """
         pack = 16 // element_size
-        block, _, warps = self._launch_shape(algo, elements)
         if algo == "flat":
-            threads, unroll = (512 if self._block is None else min(1024, 32 * warps)), 1
+            threads, unroll = (512 if self._block is None else min(1024, 32 * self._warps)), 1
         else:
-            threads = min(cuda_dda.max_tree_threads(), 32 * warps)
-            unroll = max(1, min(cuda_dda.max_unroll(self.world_size), block // (threads * pack)))
+            shard_bytes = elements * element_size
+            threads = cuda_dda.max_tree_threads()
+            unroll = (1 if shard_bytes <= 128 << 10 else 2 if shard_bytes <= 2 << 20
+                      else cuda_dda.max_unroll(self.world_size))
+            unroll = min(unroll, cuda_dda.max_unroll(self.world_size))
         return max(1, min(self._max_programs, -(-elements // (threads * pack * unroll)))), threads, unroll
 
     def all_reduce_residual_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
