@@ -13,7 +13,6 @@ raising at once would need a host synchronisation on every call.
 """
 from __future__ import annotations
 
-import os
 import socket
 import warnings
 
@@ -121,9 +120,6 @@ class Communicator:
         else:  # the interpreter runs programs one after another: few, large ones are fastest
             self._max_programs, self._block, self._warps = 2, 512, 1
         self._timeout_iters = int(self.timeout_s * _POLLS_PER_S[self.backend])
-        # Fused RMSNorm kernels: write into the peers' workspaces and read locally, or the reverse.
-        # Under measurement (SHARDKIT_RMSNORM_PUSH=0|1); every rank must use the same.
-        self._push = os.environ.get("SHARDKIT_RMSNORM_PUSH", "1") == "1"
         self._host_table = (cuda_dda.HostTable(self.memory.table.tolist())
                             if self.memory is not None and self.kernels == "cuda" else None)
         self._error: str | None = None
@@ -397,7 +393,7 @@ class Communicator:
             block_c, warps, programs = self._twoshot_shape(tokens, hidden)
         else:
             block_c, warps, programs = 0, self._warps or default_warps(hidden), min(self._max_programs, tokens)
-        step = max_rows(hidden, x.element_size(), mem.half_bytes, two_shot, block_c, self.world_size, self._push)
+        step = max_rows(hidden, x.element_size(), mem.half_bytes, two_shot, block_c)
         if step == 0:
             raise ValueError(f"all_reduce_residual_rmsnorm: one row of x ({hidden} x {x.dtype}) does not fit the "
                              f"workspace half ({mem.half_bytes} bytes): use a larger half_bytes or algo='nccl'")
@@ -405,11 +401,10 @@ class Communicator:
             xc, rc, oc, roc = (t[lo:lo + step] for t in rows)
             n = xc.shape[0]
             busy = -(-n // self.world_size) * -(-hidden // block_c) if two_shot else n  # work items
-            sig = rmsnorm_signature(two_shot, n, hidden, _DTYPE_CODE[x.dtype], block_c, self._push)
+            sig = rmsnorm_signature(two_shot, n, hidden, _DTYPE_CODE[x.dtype], block_c)
             launch_all_reduce_rmsnorm(xc, rc, weight, oc, roc, mem.table, mem.status_addr, self.rank,
                                       self.world_size, sig, eps, mem.half_bytes, self._timeout_iters, two_shot,
-                                      programs=min(programs, busy), num_warps=warps, block_c=block_c,
-                                      push=self._push)
+                                      programs=min(programs, busy), num_warps=warps, block_c=block_c)
         if self.backend == "cpu":
             self._raise_if_failed()
         return out, residual_out

@@ -54,20 +54,11 @@ def _normalise(h, rstd, weight):
 
 
 @triton.jit
-def _slot_sum(base, offs, slot_elems, m, WORLD: tl.constexpr):
-    """fp32 sum over q = 0..WORLD-1, in that order, of ``base[q * slot_elems + offs]``: the copies
-    that the ranks pushed into this rank's workspace (slot q from rank q)."""
-    acc = tl.zeros(offs.shape, tl.float32)
-    for q in tl.static_range(WORLD):
-        acc += tl.load(base + q * slot_elems + offs, mask=m, other=0.0).to(tl.float32)
-    return acc
-
-
-@triton.jit
-def _norm_row(total, row, residual_ptr, weight, out_ptr, res_out_ptr, hidden, eps, cols, cmask, ok,
-              DTYPE: tl.constexpr):
-    """One-shot, one row from its fp32 sum over the ranks: add the residual, RMSNorm; stores ``out``
-    and ``residual_out`` (both NaN when ``ok`` is False: the call failed)."""
+def _reduce_norm_row(table_ptr, half, row, ws_stride, residual_ptr, weight, out_ptr, res_out_ptr, hidden, eps,
+                     cols, cmask, ok, WORLD: tl.constexpr, DTYPE: tl.constexpr):
+    """One-shot, one row: sum the staged row of every rank (fp32, rank order), add the residual,
+    RMSNorm; stores ``out`` and ``residual_out`` (both NaN when ``ok`` is False: the call failed)."""
+    total = sum_tile(table_ptr, half, row * ws_stride + cols, cmask & ok, WORLD, DTYPE)
     res = tl.load(residual_ptr + row * hidden + cols, mask=cmask, other=0.0).to(tl.float32)
     h = (total + res).to(DTYPE).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(h * h, axis=0) / hidden + eps)
@@ -99,7 +90,6 @@ def oneshot_rmsnorm_kernel(
     half_bytes,     # bytes of one half of the double-buffered staging area
     timeout_iters,  # barrier polls before giving up
     WORLD: tl.constexpr, WORLD_P2: tl.constexpr, BLOCK_H: tl.constexpr,
-    PUSH: tl.constexpr,  # write x rows into every rank's workspace (slot = our rank), read locally
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -107,25 +97,15 @@ def oneshot_rmsnorm_kernel(
     own, epoch, flag, ok, half = start_call(table_ptr, rank, sig, half_bytes)
     cols = tl.arange(0, BLOCK_H)
     cmask = cols < hidden
-    mine = peer_ptr(table_ptr, rank, half, DTYPE)
     if ok:
-        # Rows p, p + G, ...: the rows that this program reads back below.
-        if PUSH:
-            for row in range(pid, tokens, nprog):
-                v = tl.load(x_ptr + row * hidden + cols, mask=cmask)
-                for q in tl.static_range(WORLD):
-                    dst = peer_ptr(table_ptr, q, half, DTYPE) + (rank * tokens + row) * ws_stride
-                    tl.store(dst + cols, v, mask=cmask)
-        else:
-            stage_rows(x_ptr, mine, 0, tokens, hidden, ws_stride, cols, cmask, pid, nprog)
+        # Rows p, p + G, ...: the rows that this program reads back from every rank below.
+        stage_rows(x_ptr, peer_ptr(table_ptr, rank, half, DTYPE), 0, tokens, hidden, ws_stride, cols, cmask,
+                   pid, nprog)
     ok = peer_barrier(table_ptr, rank, 0, flag, ok, status_addr, timeout_iters, WORLD, WORLD_P2)
     weight = tl.load(weight_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     for row in range(pid, tokens, nprog):
-        if PUSH:
-            total = _slot_sum(mine, row * ws_stride + cols, tokens * ws_stride, cmask & ok, WORLD)
-        else:
-            total = sum_tile(table_ptr, half, row * ws_stride + cols, cmask & ok, WORLD, DTYPE)
-        _norm_row(total, row, residual_ptr, weight, out_ptr, res_out_ptr, hidden, eps, cols, cmask, ok, DTYPE)
+        _reduce_norm_row(table_ptr, half, row, ws_stride, residual_ptr, weight, out_ptr, res_out_ptr, hidden, eps,
+                         cols, cmask, ok, WORLD, DTYPE)
     finish_call(own, epoch)
 
 
@@ -148,88 +128,71 @@ def twoshot_rmsnorm_kernel(
     WORLD: tl.constexpr, WORLD_P2: tl.constexpr,
     BLOCK_C: tl.constexpr,  # columns of one chunk: a work item is one chunk of one row
     C_P2: tl.constexpr,     # next_pow2(cdiv(hidden, BLOCK_C)): chunks per row, rounded up
-    PUSH: tl.constexpr,     # write x chunks to their owner and reduced chunks to every rank; read locally
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     DTYPE: tl.constexpr = out_ptr.dtype.element_ty
     own, epoch, flag, ok, half = start_call(table_ptr, rank, sig, half_bytes)
-    R = rows_per_rank
     C = tl.cdiv(hidden, BLOCK_C)
     chunk = tl.arange(0, BLOCK_C)
-    # Our half, rows ws_stride elements apart. Pull: x staged at its row index (our own rows then
-    # hold residual_out). Push: x of our rows as sent by rank q at row q*R + j, then residual_out
-    # rows at W*R + row (ours, and the ones the owners sent). Then int64 slots[tokens * C]
-    # (partial sums of squares, local) and fp32 rstd[tokens * C] (one per chunk, for the gatherers).
+    # Our half: the staged x rows (row i at i*ws_stride; our own rows are overwritten with
+    # residual_out), then int64 slots[tokens * C] (partial sums of squares, local), then fp32
+    # rstd[tokens * C] (one copy per chunk, read by the peers' program that gathers the chunk).
     mine = peer_ptr(table_ptr, rank, half, DTYPE)
-    h_row0 = WORLD * R if PUSH else 0
-    rows_bytes = (h_row0 + tokens) * ws_stride * DTYPE.primitive_bitwidth // 8
+    rows_bytes = tokens * ws_stride * DTYPE.primitive_bitwidth // 8
     slots = (own + half + rows_bytes).to(tl.pointer_type(tl.int64))
     rstd_off = half + rows_bytes + tl.cdiv(tokens * C * 8, 16) * 16
     if ok:
         for s in tl.static_range(WORLD):  # with the map the owner of shard s reduces with
-            n_items = tl.maximum(tl.minimum(R, tokens - s * R), 0) * C
+            n_items = tl.maximum(tl.minimum(rows_per_rank, tokens - s * rows_per_rank), 0) * C
             for q in range(pid, n_items, nprog):
-                row = s * R + q // C
+                row = s * rows_per_rank + q // C
                 cols = (q % C) * BLOCK_C + chunk
                 m = cols < hidden
-                v = tl.load(x_ptr + row * hidden + cols, mask=m)
-                if PUSH:
-                    tl.store(peer_ptr(table_ptr, s, half, DTYPE) + (rank * R + q // C) * ws_stride + cols, v, mask=m)
-                else:
-                    tl.store(mine + row * ws_stride + cols, v, mask=m)
+                tl.store(mine + row * ws_stride + cols, tl.load(x_ptr + row * hidden + cols, mask=m), mask=m)
     ok = peer_barrier(table_ptr, rank, 0, flag, ok, status_addr, timeout_iters, WORLD, WORLD_P2)
 
     # Reduce-scatter of our rows, chunk by chunk: residual_out, and each chunk's sum of squares
     # published with this call's epoch in one 64-bit word (no flag to order it after).
-    lo = rank * R
-    n_own = tl.maximum(tl.minimum(R, tokens - lo), 0) * C
+    lo = rank * rows_per_rank
+    n_own = tl.maximum(tl.minimum(rows_per_rank, tokens - lo), 0) * C
     for q in range(pid, n_own, nprog):
         row = lo + q // C
         cols = (q % C) * BLOCK_C + chunk
         m = cols < hidden
-        if PUSH:
-            total = _slot_sum(mine, (q // C) * ws_stride + cols, R * ws_stride, m & ok, WORLD)
-        else:
-            total = sum_tile(table_ptr, half, row * ws_stride + cols, m & ok, WORLD, DTYPE)
+        total = sum_tile(table_ptr, half, row * ws_stride + cols, m & ok, WORLD, DTYPE)
         res = tl.load(residual_ptr + row * hidden + cols, mask=m, other=0.0).to(tl.float32)
         h = tl.where(ok, total + res, float("nan")).to(DTYPE)
         tl.store(res_out_ptr + row * hidden + cols, h, mask=m)
-        tl.store(mine + (h_row0 + row) * ws_stride + cols, h, mask=m)
+        tl.store(mine + row * ws_stride + cols, h, mask=m)
         h32 = h.to(tl.float32)
         partial = tl.sum(tl.where(m, h32 * h32, 0.0), axis=0)
         bits = partial.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
         tl.atomic_xchg(slots + row * C + q % C, (bits << 32) | epoch, sem="relaxed", scope="gpu")
-    # Normalise our rows once every chunk of the row is in (the chunks of a row are other programs'),
-    # and publish rstd (push: with the residual_out chunk, to every rank).
+    # Normalise our rows once every chunk of the row is in (the chunks of a row are other programs').
     for q in range(pid, n_own, nprog):
         row = lo + q // C
         cols = (q % C) * BLOCK_C + chunk
         m = cols < hidden
         rstd = _row_rstd(slots, row, C, epoch, hidden, eps, own, status_addr, timeout_iters, C_P2)
-        h = tl.load(mine + (h_row0 + row) * ws_stride + cols, mask=m, other=0.0)
+        h = tl.load(mine + row * ws_stride + cols, mask=m, other=0.0).to(tl.float32)
         w = tl.load(weight_ptr + cols, mask=m, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * hidden + cols, _normalise(h.to(tl.float32), rstd, w).to(DTYPE), mask=m)
-        if PUSH:
-            for r in tl.static_range(WORLD):
-                tl.store(peer_ptr(table_ptr, r, half, DTYPE) + (h_row0 + row) * ws_stride + cols, h, mask=m & ok)
-                tl.store(peer_ptr(table_ptr, r, rstd_off, tl.float32) + row * C + q % C, rstd)
-        else:
-            tl.store(peer_ptr(table_ptr, rank, rstd_off, tl.float32) + row * C + q % C, rstd)
+        tl.store(out_ptr + row * hidden + cols, _normalise(h, rstd, w).to(DTYPE), mask=m)
+        tl.store(peer_ptr(table_ptr, rank, rstd_off, tl.float32) + row * C + q % C, rstd)
     ok = peer_barrier(table_ptr, rank, 1, flag, ok, status_addr, timeout_iters, WORLD, WORLD_P2)
 
-    # All-gather: the chunks that the other ranks' program p reduced (push: already here).
+    # All-gather: the chunks that the other ranks' program p published.
     for i in tl.static_range(1, WORLD):
         s = (rank + i) % WORLD
-        src = peer_ptr(table_ptr, rank if PUSH else s, half, DTYPE)
-        src_rstd = peer_ptr(table_ptr, rank if PUSH else s, rstd_off, tl.float32)
-        n_items = tl.maximum(tl.minimum(R, tokens - s * R), 0) * C
+        theirs = peer_ptr(table_ptr, s, half, DTYPE)
+        their_rstd = peer_ptr(table_ptr, s, rstd_off, tl.float32)
+        n_items = tl.maximum(tl.minimum(rows_per_rank, tokens - s * rows_per_rank), 0) * C
         for q in range(pid, n_items, nprog):
-            row = s * R + q // C
+            row = s * rows_per_rank + q // C
             cols = (q % C) * BLOCK_C + chunk
             m = cols < hidden
-            h = tl.load(src + (h_row0 + row) * ws_stride + cols, mask=m & ok, other=float("nan"))
-            rstd = tl.load(src_rstd + row * C + q % C, mask=ok, other=float("nan"))
+            h = tl.load(theirs + row * ws_stride + cols, mask=m & ok, other=float("nan"))
+            rstd = tl.load(their_rstd + row * C + q % C, mask=ok, other=float("nan"))
             w = tl.load(weight_ptr + cols, mask=m, other=0.0).to(tl.float32)
             tl.store(res_out_ptr + row * hidden + cols, h, mask=m)
             tl.store(out_ptr + row * hidden + cols, _normalise(h.to(tl.float32), rstd, w).to(DTYPE), mask=m)
@@ -245,16 +208,13 @@ def workspace_stride(hidden: int) -> int:
     return -(-hidden // 16) * 16
 
 
-def max_rows(hidden: int, element_size: int, half_bytes: int, two_shot: bool, block_c: int = 0, world: int = 1,
-             push: bool = False) -> int:
-    """Rows one call can take in one workspace half. One-shot: x rows (push: one copy per rank).
-    Two-shot: x rows (push: up to R per rank, then the residual_out rows), and a 64-bit slot and an
-    fp32 rstd per chunk of ``block_c`` columns, plus 16 bytes of alignment. 0 when one row does not fit."""
+def max_rows(hidden: int, element_size: int, half_bytes: int, two_shot: bool, block_c: int = 0) -> int:
+    """Rows one call can take: the one-shot kernel stages x; the two-shot kernel also keeps a 64-bit
+    slot and an fp32 rstd per chunk of ``block_c`` columns (plus 16 bytes of alignment), in one
+    workspace half. 0 when not even one row fits."""
     row_bytes = workspace_stride(hidden) * element_size
     if not two_shot:
-        return half_bytes // (row_bytes * (world if push else 1))
-    if push:  # (W*R + tokens) rows with W*R <= tokens + W - 1
-        return max(0, half_bytes - 16 - (world - 1) * row_bytes) // (2 * row_bytes + 12 * -(-hidden // block_c))
+        return half_bytes // row_bytes
     return max(0, half_bytes - 16) // (row_bytes + 12 * -(-hidden // block_c))
 
 
@@ -266,11 +226,10 @@ def chunk_columns(hidden: int, rows_per_rank: int, programs: int) -> int:
     return min(full, max(512, triton.next_power_of_2(-(-rows_per_rank * hidden // max(1, programs)))))
 
 
-def call_signature(two_shot: bool, tokens: int, hidden: int, dtype_code: int, block_c: int = 0,
-                   push: bool = False) -> int:
+def call_signature(two_shot: bool, tokens: int, hidden: int, dtype_code: int, block_c: int = 0) -> int:
     """31-bit fingerprint of a fused call (op codes 3/4, distinct from the all-reduce's 1/2); the
-    two-shot chunk width and push/pull are part of it, since the ranks' work maps must agree."""
-    h = ((4 if two_shot else 3) * 1_000_003 + dtype_code + (7 if push else 0)) * 2_147_483_629
+    two-shot chunk width is part of it, since the ranks' work maps must agree."""
+    h = ((4 if two_shot else 3) * 1_000_003 + dtype_code) * 2_147_483_629
     h = ((h ^ tokens) * 1_000_000_007 + hidden) * 998_244_353 + block_c
     return h % 2_147_483_647
 
@@ -289,14 +248,13 @@ def launch_all_reduce_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: t
                               out: torch.Tensor, residual_out: torch.Tensor, table: torch.Tensor,
                               status_addr: int, rank: int, world: int, sig: int, eps: float, half_bytes: int,
                               timeout_iters: int, two_shot: bool, programs: int, num_warps: int,
-                              block_c: int = 0, push: bool = False) -> None:
+                              block_c: int = 0) -> None:
     """Launch one fused call on contiguous [tokens, hidden] x, residual, out, residual_out and [hidden]
     weight; ``tokens`` at most ``max_rows(hidden, x.element_size(), half_bytes, two_shot, block_c)``.
 
     programs: the grid; at most ``tokens`` (one-shot) or ``ceil(tokens / world) * cdiv(hidden, block_c)``
     (two-shot) do work. block_c: two-shot only, columns per work item (a power of two, see
-    ``chunk_columns``). push: write into the peers' workspaces and read locally (else stage locally
-    and read the peers'); every rank must pass the same.
+    ``chunk_columns``).
     """
     tokens, hidden = x.shape
     eps = float(eps)  # an int would make Triton compile an integer argument
@@ -304,13 +262,12 @@ def launch_all_reduce_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: t
     args = (x, residual, weight, out, residual_out, table, status_addr, tokens, hidden, ws_stride, eps, rank, sig,
             half_bytes, timeout_iters)
     consts = {"WORLD": world, "WORLD_P2": triton.next_power_of_2(world)}
-    extra = {"PUSH": push}
     key = (*(ptr_key(t) for t in (x, residual, weight, out, residual_out)), int_key(tokens), int_key(hidden),
            int_key(ws_stride), int_key(status_addr), int_key(half_bytes), int_key(timeout_iters), world, num_warps)
     if two_shot:
         rows_per_rank = -(-tokens // world)
-        consts.update(BLOCK_C=block_c, C_P2=triton.next_power_of_2(-(-hidden // block_c)), **extra)
+        consts.update(BLOCK_C=block_c, C_P2=triton.next_power_of_2(-(-hidden // block_c)))
         _launch_twoshot((*key, int_key(rows_per_rank), block_c), programs, (*args, rows_per_rank), consts, num_warps)
     else:
-        consts.update(BLOCK_H=triton.next_power_of_2(hidden), **extra)
+        consts["BLOCK_H"] = triton.next_power_of_2(hidden)
         _launch_oneshot((*key, consts["BLOCK_H"]), programs, args, consts, num_warps)

@@ -16,20 +16,19 @@ from shardkit.kernels.all_reduce_rmsnorm import (chunk_columns, chunk_warps, def
 from .ptx_for_sm90 import features
 
 KERNELS = {"oneshot": oneshot_rmsnorm_kernel, "twoshot": twoshot_rmsnorm_kernel}
-# (kernel, dtype, world, hidden, push): decode hidden sizes, 16 warps at 8192 (one-shot); the two-shot chunk
+# (kernel, dtype, world, hidden): decode hidden sizes, 16 warps at 8192 (one-shot); the two-shot chunk
 # of 64 tokens on 132 SMs.
-CONFIGS = [(k, d, w, h, push) for k in KERNELS for d in ("bf16", "fp32") for w, h in ((2, 4096), (8, 8192))
-           for push in (True, False)]
+CONFIGS = [(k, d, w, h) for k in KERNELS for d in ("bf16", "fp32") for w, h in ((2, 4096), (8, 8192))]
 INT_ARGS = {"tokens", "hidden", "ws_stride", "rank", "sig", "half_bytes", "timeout_iters", "rows_per_rank"}
 TENSORS = ("x_ptr", "residual_ptr", "weight_ptr", "out_ptr", "res_out_ptr")
 # Hidden sizes that are multiples of 16 (every model's) are specialised as such by Triton at launch.
 ALIGNED = TENSORS + ("table_ptr", "hidden", "ws_stride")
 
 
-def compile_ptx(kernel, dtype: str, world: int, hidden: int, push: bool) -> str:
+def compile_ptx(kernel, dtype: str, world: int, hidden: int) -> str:
     names = list(kernel.arg_names)
     types = {**{n: f"*{dtype}" for n in TENSORS}, "table_ptr": "*i64", "status_addr": "i64", "eps": "fp32"}
-    consts = {"WORLD": world, "WORLD_P2": triton.next_power_of_2(world), "PUSH": push}
+    consts = {"WORLD": world, "WORLD_P2": triton.next_power_of_2(world)}
     if kernel is twoshot_rmsnorm_kernel:
         block_c = chunk_columns(hidden, -(-64 // world), 132)
         consts.update(BLOCK_C=block_c, C_P2=triton.next_power_of_2(-(-hidden // block_c)))
