@@ -331,9 +331,9 @@ class Communicator:
 
         Flat: one 16-byte pack per thread per tile, 512 threads (measured faster than Triton's flat
         grid); tuning may set the threads through ``_warps``. Tree (bench/tune_all_reduce.py
-        --kernels cuda, 2xH200, ``tune_all_reduce_cuda_H200_x2_*``): 256 threads, every tile at once
-        up to one program per SM, and more packs in flight per thread as the shard grows
-        (1 up to 128 KiB per shard, 2 up to 2 MiB, then the most the kernel takes).
+        --kernels cuda on 2 and 4 H200s, ``tune_all_reduce_cuda_H200_x{2,4}_*``): 256 threads, every
+        tile at once up to one program per SM, and more packs in flight per thread as the shard
+        grows: 1 up to 256 KiB per shard, 2 up to 2 MiB, then 4 (8 on 2 GPUs was not measured).
         """
         pack = 16 // element_size
         if algo == "flat":
@@ -341,9 +341,8 @@ class Communicator:
         else:
             shard_bytes = elements * element_size
             threads = cuda_dda.max_tree_threads()
-            unroll = (1 if shard_bytes <= 128 << 10 else 2 if shard_bytes <= 2 << 20
-                      else cuda_dda.max_unroll(self.world_size))
-            unroll = min(unroll, cuda_dda.max_unroll(self.world_size))
+            unroll = min(1 if shard_bytes <= 256 << 10 else 2 if shard_bytes <= 2 << 20 else 4,
+                         cuda_dda.max_unroll(self.world_size))
         return max(1, min(self._max_programs, -(-elements // (threads * pack * unroll)))), threads, unroll
 
     def all_reduce_residual_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
