@@ -29,7 +29,7 @@ from ..kernels.all_reduce_rmsnorm import (MAX_HIDDEN, chunk_columns, chunk_warps
                                           launch_all_reduce_rmsnorm, max_rows)
 from ..kernels.all_reduce_rmsnorm import call_signature as rmsnorm_signature
 from ..kernels.all_reduce_tree import launch_tree_all_reduce
-from ..kernels.sync import MAX_PROGRAMS, MISMATCH, TIMEOUT
+from ..kernels.sync import LOCAL_WAIT_SLOT, MAX_PROGRAMS, MISMATCH, TIMEOUT
 from ..memory.peer_memory import PeerMemory, in_interpreter
 from . import thresholds
 
@@ -228,7 +228,11 @@ class Communicator:
         ranks = [r for r in range(self.world_size) if culprits >> r & 1]
         stage = slot // MAX_PROGRAMS
         where = f"barrier {stage} of call {epoch}"
-        if code == MISMATCH:
+        if slot == LOCAL_WAIT_SLOT and code == TIMEOUT:
+            what = (f"the programs of this rank's own launch did not all run within {self.timeout_s:g} s (call "
+                    f"{epoch}; they wait for each other, so they must all fit on the GPU at once: is other "
+                    f"work holding its SMs?)")
+        elif code == MISMATCH:
             what = (f"rank(s) {ranks} called with a different element count, dtype, algorithm or "
                     f"buffer than this rank ({where}); every rank must make the same calls")
         elif code == TIMEOUT:
@@ -357,7 +361,7 @@ class Communicator:
         weight: [hidden] RMSNorm weight, x's dtype, equal on every rank. Not modified.
         eps: RMSNorm epsilon (>= 0).
         algo: "oneshot" (every rank reduces every row, one barrier), "twoshot" (reduce-scatter by
-           rows, norm, all-gather), "nccl" (dist.all_reduce + add + F.rms_norm), or "auto": two-shot
+           rows, in chunks over all SMs, norm, all-gather), "nccl" (dist.all_reduce + add + F.rms_norm), or "auto": two-shot
            from the measured crossover for this GPU and world size (thresholds.json), one-shot
            below; without one, one-shot where the all-reduce rules pick flat; nccl without peer memory.
         out, residual_out: optional contiguous buffers of x's shape and dtype (e.g. static buffers for

@@ -137,6 +137,25 @@ def mismatched_tokens(algo: str) -> str:
         comm.close()
 
 
+def programs_that_cannot_all_run() -> str:
+    """The two-shot kernel's programs wait for the other chunks of their row. Launched with two
+    programs in the interpreter (which runs programs one after another), program 0 waits for
+    program 1 forever: the wait must give up and raise a CollectiveError that says why."""
+    comm = Communicator(timeout_s=0.5)
+    comm._twoshot_shape = lambda tokens, hidden: (32, 1, 2)  # rows of 3 chunks, split over 2 programs
+    try:
+        x, r, w = (torch.randn(4, 96, device=device()), torch.randn(4, 96, device=device()),
+                   torch.ones(96, device=device()))
+        try:
+            comm.all_reduce_residual_rmsnorm(x, r, w, algo="twoshot")
+            comm.check()
+        except CollectiveError as e:
+            return str(e)
+        raise AssertionError("a two-shot call whose programs cannot all run returned")
+    finally:
+        comm.close()
+
+
 def op_matches_method(tokens: int, hidden: int, seed: int) -> float:
     """torch.ops.shardkit.all_reduce_residual_rmsnorm, eager and under torch.compile, against the method."""
     import shardkit.ops  # noqa: F401  (registers the ops)

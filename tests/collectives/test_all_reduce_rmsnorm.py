@@ -40,6 +40,11 @@ def test_ranks_disagreeing_all_raise(worlds, algo):
         assert "different element count" in m and "Create a new Communicator" in m, m
 
 
+def test_row_wait_that_cannot_finish_raises_instead_of_hanging(worlds):
+    for m in worlds(2).run(rmsnorm_checks.programs_that_cannot_all_run, timeout=120):
+        assert "programs of this rank's own launch did not all run" in m, m
+
+
 def test_op_matches_method_and_compiles(worlds):
     assert max(worlds(2).run(rmsnorm_checks.op_matches_method, 5, 96, 9)) == 0.0
 
