@@ -51,8 +51,9 @@ def configs(args: argparse.Namespace, numel: int, world: int) -> list[tuple[str,
 
 def cuda_grid(config: tuple[int, int, int], elements: int, element_size: int) -> tuple[int, int, int]:
     """(programs, threads, unroll) for Communicator._cuda_shape from a tuning grid."""
+    from shardkit.kernels import cuda_dda
     threads, unroll, progs = config
-    return max(1, min(progs, -(-elements // (threads * (16 // element_size) * unroll)))), threads, unroll
+    return cuda_dda.grid(elements, element_size, threads, unroll, progs), threads, unroll
 
 
 def main() -> None:

@@ -106,6 +106,7 @@ class Communicator:
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "cuda" else torch.device("cpu")
         self.device_name = torch.cuda.get_device_name(self.device) if self.backend == "cuda" else "cpu"
         self.rules = rules if rules is not None else thresholds.select_rules(self.device_name, self.world_size)
+        self._rmsnorm_twoshot_min_bytes = thresholds.rmsnorm_twoshot_min_bytes(self.device_name, self.world_size)
         self.memory: PeerMemory | None = None
         self.fallback_reason = self._peer_access_problem()
         if self.fallback_reason is None:
@@ -295,8 +296,10 @@ class Communicator:
         packed = self.kernels != "cuda" or (x.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0
                                             and numel % (16 // x.element_size()) == 0)
         sig = call_signature(algo, self.kernels, numel, x.dtype, x_offset if zero_copy else -1, packed)
+        # Tree shards of a multiple of 16 elements keep every shard start 16-byte aligned (vector loads).
+        shard = -(-numel // (16 * self.world_size)) * 16 if algo == "tree" else 0
         if self.kernels == "cuda":
-            self._launch_cuda(algo, x, out, x_offset, zero_copy, sig)
+            self._launch_cuda(algo, x, out, x_offset, zero_copy, sig, shard)
             return
         common = dict(table=mem.table, status_addr=mem.status_addr, rank=self.rank, world=self.world_size,
                       sig=sig, x_offset=x_offset, half_bytes=mem.half_bytes,
@@ -305,17 +308,12 @@ class Communicator:
             block, programs, warps = self._launch_shape(algo, numel)
             launch_flat_all_reduce(x, out, programs=programs, block=block, num_warps=warps, **common)
         else:
-            # Shards of a multiple of 16 elements keep every shard start 16-byte aligned (vector loads).
-            shard = -(-numel // (16 * self.world_size)) * 16
             block, programs, warps = self._launch_shape(algo, shard)
             launch_tree_all_reduce(x, out, programs=programs, shard=shard, block=block, num_warps=warps,
                                    **common)
 
-    # ------------------------------------------------------------------ fused all-reduce + residual + RMSNorm
-    RMSNORM_ALGOS = ("auto", "oneshot", "twoshot", "nccl")
-
     def _launch_cuda(self, algo: str, x: torch.Tensor, out: torch.Tensor, x_offset: int, zero_copy: bool,
-                     sig: int) -> None:
+                     sig: int, shard: int) -> None:
         """The CUDA C++ kernels, launched through ctypes with the grid of ``_cuda_shape``."""
         mem = self.memory
         common = dict(table=self._host_table, status_addr=mem.status_addr, rank=self.rank, sig=sig,
@@ -325,7 +323,6 @@ class Communicator:
             programs, threads, unroll = self._cuda_shape(algo, x.numel(), x.element_size())
             cuda_dda.launch_flat_all_reduce(x, out, programs=programs, threads=threads, unroll=unroll, **common)
         else:
-            shard = -(-x.numel() // (16 * self.world_size)) * 16
             programs, threads, unroll = self._cuda_shape(algo, shard, x.element_size())
             cuda_dda.launch_tree_all_reduce(x, out, programs=programs, threads=threads, unroll=unroll, shard=shard,
                                             **common)
@@ -339,7 +336,6 @@ class Communicator:
         tile at once up to one program per SM, and more packs in flight per thread as the shard
         grows: 1 up to 256 KiB per shard, 2 up to 2 MiB, then 4 (8 on 2 GPUs was not measured).
         """
-        pack = 16 // element_size
         if algo == "flat":
             threads, unroll = (512 if self._block is None else min(1024, 32 * self._warps)), 1
         else:
@@ -347,7 +343,10 @@ class Communicator:
             threads = cuda_dda.max_tree_threads()
             unroll = min(1 if shard_bytes <= 256 << 10 else 2 if shard_bytes <= 2 << 20 else 4,
                          cuda_dda.max_unroll(self.world_size))
-        return max(1, min(self._max_programs, -(-elements // (threads * pack * unroll)))), threads, unroll
+        return cuda_dda.grid(elements, element_size, threads, unroll, self._max_programs), threads, unroll
+
+    # ------------------------------------------------------------------ fused all-reduce + residual + RMSNorm
+    RMSNORM_ALGOS = ("auto", "oneshot", "twoshot", "nccl")
 
     def all_reduce_residual_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                                     eps: float = 1e-6, algo: str = "auto", *, out: torch.Tensor | None = None,
@@ -395,7 +394,7 @@ class Communicator:
         if two_shot:
             block_c, warps, programs = self._twoshot_shape(tokens, hidden)
         else:
-            block_c, warps, programs = 0, self._warps or default_warps(hidden), min(self._max_programs, tokens)
+            block_c, warps, programs = 0, self._warps or default_warps(hidden), self._max_programs
         step = max_rows(hidden, x.element_size(), mem.half_bytes, two_shot, block_c)
         if step == 0:
             raise ValueError(f"all_reduce_residual_rmsnorm: one row of x ({hidden} x {x.dtype}) does not fit the "
@@ -415,23 +414,22 @@ class Communicator:
     def _rmsnorm_auto(self, nbytes: int) -> str:
         """one-shot or two-shot for x of ``nbytes``: the measured crossover of the fused kernels on
         this GPU and world size, else the all-reduce rule (flat -> one-shot)."""
-        min_bytes = thresholds.rmsnorm_twoshot_min_bytes(self.device_name, self.world_size)
-        if min_bytes is None:
+        if self._rmsnorm_twoshot_min_bytes is None:
             return "oneshot" if thresholds.choose(self.rules, nbytes) == "flat" else "twoshot"
-        return "twoshot" if nbytes >= min_bytes else "oneshot"
+        return "twoshot" if nbytes >= self._rmsnorm_twoshot_min_bytes else "oneshot"
 
     def _twoshot_shape(self, tokens: int, hidden: int) -> tuple[int, int, int]:
-        """(BLOCK_C, warps, programs) of the two-shot fused kernel for [tokens, hidden].
+        """(BLOCK_C, warps, most programs) of the two-shot fused kernel for [tokens, hidden].
 
         GPU: about one chunk of a row per SM (``chunk_columns``). Interpreter: one program, since a
         program waits for the other chunks of its row and interpreted programs run one after
         another; chunks of 32 columns, so that the CPU tests cover rows split into chunks.
         """
-        rows_per_rank = -(-tokens // self.world_size)
         if self.backend == "cpu":
             return 32, 1, 1
+        rows_per_rank = -(-tokens // self.world_size)
         block_c = chunk_columns(hidden, rows_per_rank, self._max_programs)
-        return block_c, chunk_warps(block_c), min(self._max_programs, rows_per_rank * -(-hidden // block_c))
+        return block_c, chunk_warps(block_c), self._max_programs
 
     def _check_rmsnorm_args(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                             algo: str, out: torch.Tensor | None, residual_out: torch.Tensor | None) -> int:

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .launch import CachedLauncher, int_key, ptr_key
-from .peer_tiles import peer_ptr, stage_tiles, sum_tile
+from .peer_tiles import copy_tiles, peer_ptr, sum_tile
 from .sync import finish_call, peer_barrier, start_call
 
 
@@ -45,7 +45,7 @@ def flat_all_reduce_kernel(
     else:
         src = half
         if ok:
-            stage_tiles(x_ptr, peer_ptr(table_ptr, rank, half, DTYPE), 0, numel, pid, nprog, BLOCK)
+            copy_tiles(x_ptr, peer_ptr(table_ptr, rank, half, DTYPE), 0, numel, pid, nprog, True, BLOCK)
     ok = peer_barrier(table_ptr, rank, 0, flag, ok, status_addr, timeout_iters, WORLD, WORLD_P2)
     for t in range(pid, tl.cdiv(numel, BLOCK), nprog):
         offs = t * BLOCK + tl.arange(0, BLOCK)
@@ -67,7 +67,6 @@ def launch_flat_all_reduce(x: torch.Tensor, out: torch.Tensor, table: torch.Tens
     """Launch one flat all-reduce over ``x.numel()`` elements (at most ``half_bytes`` of them)."""
     numel = x.numel()
     consts = {"WORLD": world, "WORLD_P2": triton.next_power_of_2(world), "BLOCK": block, "ZERO_COPY": zero_copy}
-    key = (ptr_key(x), ptr_key(out), int_key(numel), int_key(timeout_iters), int_key(half_bytes), int_key(status_addr),
-           block, world, zero_copy, num_warps)
+    key = (ptr_key(x), ptr_key(out), int_key(numel), int_key(timeout_iters), int_key(half_bytes), int_key(status_addr))
     _launch(key, programs, (x, out, table, status_addr, numel, rank, sig, x_offset, half_bytes, timeout_iters),
             consts, num_warps)

@@ -120,6 +120,19 @@ def _row_rstd(slots, row, C, epoch, hidden, eps, own, status_addr, timeout_iters
     return tl.where(arrived, tl.rsqrt(ssq / hidden + eps), float("nan"))
 
 
+@triton.jit
+def _shard_items(s, R, tokens, C):
+    """Work items of shard s (rows [s*R, min((s+1)*R, tokens)), C chunks each; none if empty)."""
+    return tl.maximum(tl.minimum(R, tokens - s * R), 0) * C
+
+
+@triton.jit
+def _item(q, first_row, C, hidden, BLOCK_C: tl.constexpr):
+    """Work item q of the shard that starts at ``first_row``: (its row, its columns, their bound)."""
+    cols = (q % C) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return first_row + q // C, cols, cols < hidden
+
+
 @triton.jit(do_not_specialize=_NOT_SPECIALISED)
 def twoshot_rmsnorm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, res_out_ptr,  # as in oneshot_rmsnorm_kernel
@@ -134,7 +147,6 @@ def twoshot_rmsnorm_kernel(
     DTYPE: tl.constexpr = out_ptr.dtype.element_ty
     own, epoch, flag, ok, half = start_call(table_ptr, rank, sig, half_bytes)
     C = tl.cdiv(hidden, BLOCK_C)
-    chunk = tl.arange(0, BLOCK_C)
     # Our half: the staged x rows (row i at i*ws_stride; our own rows are overwritten with
     # residual_out), then int64 slots[tokens * C] (partial sums of squares, local), then fp32
     # rstd[tokens * C] (one copy per chunk, read by the peers' program that gathers the chunk).
@@ -144,22 +156,17 @@ def twoshot_rmsnorm_kernel(
     rstd_off = half + rows_bytes + tl.cdiv(tokens * C * 8, 16) * 16
     if ok:
         for s in tl.static_range(WORLD):  # with the map the owner of shard s reduces with
-            n_items = tl.maximum(tl.minimum(rows_per_rank, tokens - s * rows_per_rank), 0) * C
-            for q in range(pid, n_items, nprog):
-                row = s * rows_per_rank + q // C
-                cols = (q % C) * BLOCK_C + chunk
-                m = cols < hidden
+            for q in range(pid, _shard_items(s, rows_per_rank, tokens, C), nprog):
+                row, cols, m = _item(q, s * rows_per_rank, C, hidden, BLOCK_C)
                 tl.store(mine + row * ws_stride + cols, tl.load(x_ptr + row * hidden + cols, mask=m), mask=m)
     ok = peer_barrier(table_ptr, rank, 0, flag, ok, status_addr, timeout_iters, WORLD, WORLD_P2)
 
     # Reduce-scatter of our rows, chunk by chunk: residual_out, and each chunk's sum of squares
     # published with this call's epoch in one 64-bit word (no flag to order it after).
     lo = rank * rows_per_rank
-    n_own = tl.maximum(tl.minimum(rows_per_rank, tokens - lo), 0) * C
+    n_own = _shard_items(rank, rows_per_rank, tokens, C)
     for q in range(pid, n_own, nprog):
-        row = lo + q // C
-        cols = (q % C) * BLOCK_C + chunk
-        m = cols < hidden
+        row, cols, m = _item(q, lo, C, hidden, BLOCK_C)
         total = sum_tile(table_ptr, half, row * ws_stride + cols, m & ok, WORLD, DTYPE)
         res = tl.load(residual_ptr + row * hidden + cols, mask=m, other=0.0).to(tl.float32)
         h = tl.where(ok, total + res, float("nan")).to(DTYPE)
@@ -171,9 +178,7 @@ def twoshot_rmsnorm_kernel(
         tl.atomic_xchg(slots + row * C + q % C, (bits << 32) | epoch, sem="relaxed", scope="gpu")
     # Normalise our rows once every chunk of the row is in (the chunks of a row are other programs').
     for q in range(pid, n_own, nprog):
-        row = lo + q // C
-        cols = (q % C) * BLOCK_C + chunk
-        m = cols < hidden
+        row, cols, m = _item(q, lo, C, hidden, BLOCK_C)
         rstd = _row_rstd(slots, row, C, epoch, hidden, eps, own, status_addr, timeout_iters, C_P2)
         h = tl.load(mine + row * ws_stride + cols, mask=m, other=0.0).to(tl.float32)
         w = tl.load(weight_ptr + cols, mask=m, other=0.0).to(tl.float32)
@@ -186,11 +191,8 @@ def twoshot_rmsnorm_kernel(
         s = (rank + i) % WORLD
         theirs = peer_ptr(table_ptr, s, half, DTYPE)
         their_rstd = peer_ptr(table_ptr, s, rstd_off, tl.float32)
-        n_items = tl.maximum(tl.minimum(rows_per_rank, tokens - s * rows_per_rank), 0) * C
-        for q in range(pid, n_items, nprog):
-            row = s * rows_per_rank + q // C
-            cols = (q % C) * BLOCK_C + chunk
-            m = cols < hidden
+        for q in range(pid, _shard_items(s, rows_per_rank, tokens, C), nprog):
+            row, cols, m = _item(q, s * rows_per_rank, C, hidden, BLOCK_C)
             h = tl.load(theirs + row * ws_stride + cols, mask=m & ok, other=float("nan"))
             rstd = tl.load(their_rstd + row * C + q % C, mask=ok, other=float("nan"))
             w = tl.load(weight_ptr + cols, mask=m, other=0.0).to(tl.float32)
@@ -263,11 +265,11 @@ def launch_all_reduce_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: t
             half_bytes, timeout_iters)
     consts = {"WORLD": world, "WORLD_P2": triton.next_power_of_2(world)}
     key = (*(ptr_key(t) for t in (x, residual, weight, out, residual_out)), int_key(tokens), int_key(hidden),
-           int_key(ws_stride), int_key(status_addr), int_key(half_bytes), int_key(timeout_iters), world, num_warps)
+           int_key(ws_stride), int_key(status_addr), int_key(half_bytes), int_key(timeout_iters))
     if two_shot:
         rows_per_rank = -(-tokens // world)
         consts.update(BLOCK_C=block_c, C_P2=triton.next_power_of_2(-(-hidden // block_c)))
-        _launch_twoshot((*key, int_key(rows_per_rank), block_c), programs, (*args, rows_per_rank), consts, num_warps)
+        _launch_twoshot((*key, int_key(rows_per_rank)), programs, (*args, rows_per_rank), consts, num_warps)
     else:
         consts["BLOCK_H"] = triton.next_power_of_2(hidden)
-        _launch_oneshot((*key, consts["BLOCK_H"]), programs, args, consts, num_warps)
+        _launch_oneshot(key, programs, args, consts, num_warps)

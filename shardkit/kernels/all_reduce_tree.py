@@ -19,24 +19,16 @@ import triton
 import triton.language as tl
 
 from .launch import CachedLauncher, int_key, ptr_key
-from .peer_tiles import peer_ptr, stage_tiles, sum_tile
+from .peer_tiles import copy_tiles, peer_ptr, sum_tile
 from .sync import finish_call, peer_barrier, start_call
 
 
 
 @triton.jit(do_not_specialize=["status_addr", "rank", "sig", "x_offset", "half_bytes", "timeout_iters"])
 def tree_all_reduce_kernel(
-    x_ptr,          # [numel] this rank's input
-    out_ptr,        # [numel] this rank's output; may alias x_ptr
-    table_ptr,      # int64[WORLD]: every rank's workspace base address, in this process
-    status_addr,    # int64: address of this rank's int32[4] error record
-    numel,          # elements to reduce
+    x_ptr, out_ptr, table_ptr, status_addr, numel,  # as in flat_all_reduce_kernel (out may alias x)
     shard,          # elements per shard (a multiple of 16), shard s = [s*shard, (s+1)*shard)
-    rank,           # this rank
-    sig,            # 31-bit call signature
-    x_offset,       # zero-copy: byte offset of the input inside every rank's workspace
-    half_bytes,     # bytes of one half of the double-buffered staging area
-    timeout_iters,  # barrier polls before giving up
+    rank, sig, x_offset, half_bytes, timeout_iters,  # as in flat_all_reduce_kernel
     WORLD: tl.constexpr, WORLD_P2: tl.constexpr, BLOCK: tl.constexpr, ZERO_COPY: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -52,7 +44,7 @@ def tree_all_reduce_kernel(
             # pairs our program p only with the peers' program p, so p must read what p staged.
             staged = peer_ptr(table_ptr, rank, half, DTYPE)
             for s in tl.static_range(WORLD):
-                stage_tiles(x_ptr, staged, s * shard, tl.minimum((s + 1) * shard, numel), pid, nprog, BLOCK)
+                copy_tiles(x_ptr, staged, s * shard, tl.minimum((s + 1) * shard, numel), pid, nprog, True, BLOCK)
     ok = peer_barrier(table_ptr, rank, 0, flag, ok, status_addr, timeout_iters, WORLD, WORLD_P2)
 
     # Reduce-scatter: our shard, summed over all ranks.
@@ -71,13 +63,8 @@ def tree_all_reduce_kernel(
     for i in tl.static_range(1, WORLD):
         s = (rank + i) % WORLD
         s_lo = tl.multiple_of(s * shard, 16)
-        s_hi = tl.minimum(s_lo + shard, numel)
-        theirs = peer_ptr(table_ptr, s, half, DTYPE)
-        for t in range(pid, tl.cdiv(s_hi - s_lo, BLOCK), nprog):
-            offs = s_lo + t * BLOCK + tl.arange(0, BLOCK)
-            m = offs < s_hi
-            v = tl.load(theirs + offs, mask=m & ok, other=float("nan"))
-            tl.store(out_ptr + offs, v, mask=m)
+        copy_tiles(peer_ptr(table_ptr, s, half, DTYPE), out_ptr, s_lo, tl.minimum(s_lo + shard, numel), pid, nprog,
+                   ok, BLOCK)
     finish_call(own, epoch)
 
 
@@ -92,6 +79,6 @@ def launch_tree_all_reduce(x: torch.Tensor, out: torch.Tensor, table: torch.Tens
     numel = x.numel()
     consts = {"WORLD": world, "WORLD_P2": triton.next_power_of_2(world), "BLOCK": block, "ZERO_COPY": zero_copy}
     key = (ptr_key(x), ptr_key(out), int_key(numel), int_key(shard), int_key(timeout_iters), int_key(half_bytes),
-           int_key(status_addr), block, world, zero_copy, num_warps)
+           int_key(status_addr))
     _launch(key, programs, (x, out, table, status_addr, numel, shard, rank, sig, x_offset, half_bytes,
                             timeout_iters), consts, num_warps)

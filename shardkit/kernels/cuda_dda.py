@@ -7,6 +7,7 @@ A ctypes call costs about a microsecond: in eager mode this path avoids Triton's
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 
 import torch
@@ -43,15 +44,23 @@ def available() -> bool:
         return False
 
 
+@functools.cache
 def max_unroll(world: int) -> int:
     """Largest ``unroll`` (16-byte packs per thread per tile) of the tree kernel for ``world`` ranks
     (the flat kernel takes 1)."""
     return _load().shardkit_max_unroll(world)
 
 
+@functools.cache
 def max_tree_threads() -> int:
     """Largest block of the tree kernel (its registers hold unroll * world packs per thread)."""
     return _load().shardkit_max_tree_threads()
+
+
+def grid(elements: int, element_size: int, threads: int, unroll: int, max_programs: int) -> int:
+    """Programs for ``elements`` in tiles of ``threads * unroll`` 16-byte packs: one per tile, at
+    most ``max_programs``."""
+    return max(1, min(max_programs, -(-elements // (threads * (16 // element_size) * unroll))))
 
 
 class HostTable:

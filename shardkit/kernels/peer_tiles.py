@@ -1,5 +1,4 @@
-"""Tile helpers shared by the peer-memory kernels: stage an input into the workspace (flat tiles or
-rows), and sum one tile over all ranks in a fixed rank order (so every rank computes bitwise the same
+"""Tile helpers shared by the peer-memory kernels: copy flat tiles (staging, all-gather), stage rows, and sum one tile over all ranks in a fixed rank order (so every rank computes bitwise the same
 result)."""
 import triton
 import triton.language as tl
@@ -17,13 +16,13 @@ def peer_ptr(table_ptr, r, byte_offset, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def stage_tiles(src_ptr, dst_ptr, start, stop, pid, nprog, BLOCK: tl.constexpr):
-    """Copy elements [start, stop) of src to the same indices of dst; program pid takes every
-    nprog-th tile of BLOCK elements."""
+def copy_tiles(src_ptr, dst_ptr, start, stop, pid, nprog, ok, BLOCK: tl.constexpr):
+    """Copy elements [start, stop) of src to the same indices of dst (NaN where ``ok`` is False:
+    the call failed); program pid takes every nprog-th tile of BLOCK elements."""
     for t in range(pid, tl.cdiv(stop - start, BLOCK), nprog):
         offs = start + t * BLOCK + tl.arange(0, BLOCK)
         m = offs < stop
-        tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=m), mask=m)
+        tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=m & ok, other=float("nan")), mask=m)
 
 
 @triton.jit
