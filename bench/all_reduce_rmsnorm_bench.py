@@ -18,7 +18,7 @@ reported as an error, not a time. Times: CUDA events around ``iters`` calls, med
 repetitions, max over ranks; "graph" captures the ``iters`` calls in one CUDA graph.
 Writes <out>/all_reduce_rmsnorm_<card>_x<world>_<date>.{json,md}. The one-shot / two-shot crossover
 that one rule fits best to the graph-mode times (``best_cut``) is reported, and stored in
-shardkit/collectives/thresholds.json for fused_auto with ``--write-thresholds``.
+shardkit/thresholds.json for fused_auto with ``--write-thresholds``.
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def check(got: Pair, ref: Pair) -> str | None:
 def bench_rank(args: argparse.Namespace) -> tuple[dict, list[dict]] | None:
     """Run every shape and variant on this rank; rank 0 returns (environment, records)."""
     import shardkit
-    from shardkit.reference import all_reduce_residual_rmsnorm_reference, rank_inputs
+    from shardkit.reference.all_reduce import all_reduce_residual_rmsnorm_reference, rank_inputs
 
     rank, world = dist.get_rank(), dist.get_world_size()
     cpu = dist.get_backend() != "nccl"
@@ -194,7 +194,7 @@ def report(args: argparse.Namespace, env: dict, records: list[dict], world: int,
     print(f"\nwrote {stem}.json, .md")
     crossover = twoshot_min_bytes(records)
     if args.write_thresholds and crossover is not None and not functional:
-        from shardkit.collectives import thresholds
+        from shardkit import thresholds
         thresholds.write_rmsnorm_twoshot_min_bytes(env["gpu"], world, crossover)
         print(f"stored rmsnorm_twoshot_min_bytes[{env['gpu']!r}][{world}] = {crossover}")
 
@@ -209,7 +209,7 @@ def main() -> None:
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--cpu-world", type=int, default=0, help="no GPUs: run a CPU world of this many processes")
     p.add_argument("--write-thresholds", action="store_true",
-                   help="store the fitted one-shot / two-shot crossover in shardkit/collectives/thresholds.json")
+                   help="store the fitted one-shot / two-shot crossover in shardkit/thresholds.json")
     args = p.parse_args()
     cpu = args.cpu_world > 0
     args.tokens = [int(t) for t in (args.tokens or ("1,5" if cpu else "1,8,16,32,64,128,256")).split(",")]

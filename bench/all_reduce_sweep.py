@@ -286,7 +286,7 @@ def report(args: argparse.Namespace, env: dict, records: list[dict], world: int,
     print(text)
     print(f"\nwrote {stem}.json, .md, .png")
     if args.write_thresholds and not functional:
-        from shardkit.collectives import thresholds
+        from shardkit import thresholds
         rules = derive_rules(records)
         thresholds.write_rules(env["gpu"], world, rules)
         print(f"thresholds for {env['gpu']} x{world}: {rules} -> {thresholds.PATH}")

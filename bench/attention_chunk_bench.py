@@ -1,15 +1,15 @@
 #!/usr/bin/env python
 """Benchmark of the attention chunk and merge kernels on one GPU, against torch.
 
-Chunk kernel (shardkit.kernels.attention_chunk) in TFLOP/s against, in the same run:
+Chunk kernel (shardkit.kernels.attention.chunk) in TFLOP/s against, in the same run:
   * torch SDPA (F.scaled_dot_product_attention, enable_gqa when supported), which does
     not return the log-sum-exp;
   * the SDPA kernels that do return it, flash and cuDNN, as ring attention calls them
-    (shardkit.kernels.attention_sdpa.sdpa_with_lse): the other local backends of the ring.
+    (shardkit.kernels.attention.sdpa.sdpa_with_lse): the other local backends of the ring.
     --write-thresholds stores the fastest of the three local backends (geometric mean over
     the lengths and masks) as this GPU's ``local_backend="auto"`` choice, and its TFLOP/s as
     the compute rate of ring attention's pass-KV/pass-Q cost model (``ring_variant``).
-Merge kernels (shardkit.kernels.attention_merge) in GB/s against the measured bandwidth
+Merge kernels (shardkit.kernels.attention.merge) in GB/s against the measured bandwidth
 of a torch device copy of the same size, and against the eager torch merge a user
 would write.
 
@@ -40,12 +40,12 @@ import triton
 import triton.testing
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from shardkit.kernels.attention_chunk import attention_chunk  # noqa: E402
-from shardkit.kernels.attention_merge import merge_attention, merge_attention_  # noqa: E402
-from shardkit.kernels import attention_sdpa  # noqa: E402
-from shardkit.kernels.attention_sdpa import sdpa_backends, sdpa_with_lse  # noqa: E402
-from shardkit.collectives import thresholds  # noqa: E402
-from shardkit.reference_attention import reference_attention  # noqa: E402
+from shardkit.kernels.attention.chunk import attention_chunk  # noqa: E402
+from shardkit.kernels.attention.merge import merge_attention, merge_attention_  # noqa: E402
+from shardkit.kernels.attention import sdpa as attention_sdpa  # noqa: E402
+from shardkit.kernels.attention.sdpa import sdpa_backends, sdpa_with_lse  # noqa: E402
+from shardkit import thresholds  # noqa: E402
+from shardkit.reference.attention import reference_attention  # noqa: E402
 
 DEV = "cuda"  # a module global so that the script logic can be smoke-tested on CPU
 DTYPE = torch.bfloat16
@@ -129,7 +129,7 @@ def chunk_section(lengths, results, failures):
                 baselines["sdpa (kv expanded)"] = (lambda: F.scaled_dot_product_attention(
                     q, k_exp, v_exp, is_causal=causal), None)
             # ring attention's other local backends: torch's kernels that return the LSE
-            # (shardkit.kernels.attention_sdpa; native GQA where the op has it).
+            # (shardkit.kernels.attention.sdpa; native GQA where the op has it).
             for backend in sdpa_backends(q.device, q.dtype):
                 baselines[f"{backend} (lse)"] = (
                     lambda backend=backend: sdpa_with_lse(q, k, v, causal=causal, backend=backend), 1)

@@ -22,7 +22,7 @@ step() {  # step NAME SECONDS COMMAND...
   echo "=== $name"
   timeout "$secs" "$@" > "$res/$name.log" 2>&1; echo "rc=$?" >> "$res/$name.log"
   grep -vE "it/s\]|OMP_NUM_THREADS|^\*+$" "$res/$name.log" | tail -30
-  cp shardkit/collectives/thresholds.json "$res/"  # benches with --write-thresholds update it
+  cp shardkit/thresholds.json "$res/"  # benches with --write-thresholds update it
   tar czf "$out/results.tgz" -C "$(dirname "$res")" results
 }
 for s in $steps; do case $s in

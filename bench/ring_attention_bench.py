@@ -19,9 +19,9 @@ Run on one node under torchrun (one process per GPU):
    ``T`` new tokens with ``T / (T + P)`` in ``--miss-rates``; pass-KV and pass-Q timed on the same
    inputs (and checked against each other). The threshold that best separates the two
    (``best_threshold``) is what ``ring_attention(variant="auto")`` should switch at;
-   ``--write-thresholds`` stores it per GPU and world size (shardkit/collectives/thresholds.json)
+   ``--write-thresholds`` stores it per GPU and world size (shardkit/thresholds.json)
    and auto then uses it (Meta reports ~5% on their H100 hosts). Each row also says what Meta's
-   cost model (``shardkit.collectives.ring_variant``) with this GPU's measured rates would pick.
+   cost model (``shardkit.collectives.attention.variant``) with this GPU's measured rates would pick.
 
 Timing: CUDA events around one call, group barrier before each repetition, median of ``--reps``
 after one untimed warm-up (which also compiles the kernels), max over ranks. Eager only: a
@@ -51,13 +51,13 @@ import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench.common import best_cut, environment, header_lines, results_stem, write_json  # noqa: E402
-from shardkit.collectives import thresholds  # noqa: E402
-from shardkit.collectives.ring_attention import choose_variant, ring_attention  # noqa: E402
-from shardkit.collectives.ring_variant import choose_variant_by_model  # noqa: E402
-from shardkit.collectives.sharding import shard, shard_positions  # noqa: E402
-from shardkit.kernels.attention_chunk import attention_chunk  # noqa: E402
-from shardkit.kernels.attention_sdpa import sdpa_backends, sdpa_with_lse  # noqa: E402
-from shardkit.reference_attention import reference_attention  # noqa: E402
+from shardkit import thresholds  # noqa: E402
+from shardkit.collectives.attention.ring import choose_variant, ring_attention  # noqa: E402
+from shardkit.collectives.attention.variant import RingCosts, choose_variant_by_model  # noqa: E402
+from shardkit.collectives.attention.sharding import shard, shard_positions  # noqa: E402
+from shardkit.kernels.attention.chunk import attention_chunk  # noqa: E402
+from shardkit.kernels.attention.sdpa import sdpa_backends, sdpa_with_lse  # noqa: E402
+from shardkit.reference.attention import reference_attention  # noqa: E402
 
 ATOL = RTOL = 3.2e-2  # 2 x tests/tolerances.py ATTENTION[bf16]: the ring rounds partials twice
 
@@ -86,7 +86,8 @@ class Bench:
         self.env = environment()
         device_name = self.env.get("gpu", "cpu") if self.cuda else "cpu"
         self.pass_q_threshold = thresholds.pass_q_miss_rate(device_name, dist.get_world_size())
-        self.costs = thresholds.ring_costs(device_name)
+        rates = thresholds.ring_costs(device_name)
+        self.costs = RingCosts(**rates) if rates is not None else None
         self.results: dict = {"env": self.env, "config": vars(args), "scaling": [], "miss_rate": [],
                               "checks": [], "skipped": []}
         # Sub-groups for the smaller worlds; new_group must be called by every rank.

@@ -6,7 +6,7 @@ rank's, as one pass-KV step does with a KV shard (128K tokens, 8 kv heads, head 
 over 4 GPUs: k + v = 128 MiB per rank and step). Two ways:
 
 * ``nccl_p2p``: ``dist.batch_isend_irecv`` (isend to next, irecv from previous), as
-  ``shardkit.collectives.ring_attention._post_ring``;
+  ``shardkit.collectives.attention.transport.post_ring``;
 * ``peer_pull``: the source already sits in a symmetric-memory buffer (torch symm_mem, the
   allocator under ``shardkit.memory.PeerMemory``); a barrier says it is ready, each rank copies
   the previous rank's buffer over NVLink into its own receive buffer (``Tensor.copy_`` of a peer
@@ -116,7 +116,7 @@ def main() -> None:
             f.write("\n".join(md) + "\n")
         print(f"wrote {stem}.json / .md", flush=True)
         if args.write_thresholds and all(r["check"] for r in rows):
-            from shardkit.collectives import thresholds
+            from shardkit import thresholds
             size = max((n for n in sizes if n <= 128 << 20), default=min(sizes))
             gbps = next(r["gbps"] for r in rows if r["bytes"] == size and r["method"] == "nccl_p2p")
             thresholds.write_ring_costs(env["gpu"], p2p_gbps=gbps)

@@ -15,7 +15,7 @@ B, HQ, HKV, D = 1, 32, 8, 128
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("impl", ["shardkit", "sdpa"])
 def test_attention_chunk(benchmark, impl, causal):
-    from shardkit.kernels.attention_chunk import attention_chunk
+    from shardkit.kernels.attention.chunk import attention_chunk
 
     L = 8192
     benchmark.group = f"attention_chunk L={L} {'causal' if causal else 'full'} bf16"
@@ -37,7 +37,7 @@ def test_attention_chunk(benchmark, impl, causal):
 
 @pytest.mark.parametrize("impl", ["shardkit_merge", "torch_copy"])
 def test_merge(benchmark, impl):
-    from shardkit.kernels.attention_merge import merge_attention_
+    from shardkit.kernels.attention.merge import merge_attention_
 
     L = 16384
     benchmark.group = f"merge two partials L={L} bf16"

@@ -51,7 +51,7 @@ def configs(args: argparse.Namespace, numel: int, world: int) -> list[tuple[str,
 
 def cuda_grid(config: tuple[int, int, int], elements: int, element_size: int) -> tuple[int, int, int]:
     """(programs, threads, unroll) for Communicator._cuda_shape from a tuning grid."""
-    from shardkit.kernels import cuda_dda
+    from shardkit.kernels.all_reduce import cuda as cuda_dda
     threads, unroll, progs = config
     return cuda_dda.grid(elements, element_size, threads, unroll, progs), threads, unroll
 

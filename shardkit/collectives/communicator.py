@@ -23,15 +23,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..errors import CollectiveError, ShardkitError
-from ..kernels import cuda_dda
-from ..kernels.all_reduce_flat import launch_flat_all_reduce
-from ..kernels.all_reduce_rmsnorm import (MAX_HIDDEN, chunk_columns, chunk_warps, default_warps,
+from ..kernels.all_reduce import cuda as cuda_dda
+from ..kernels.all_reduce.flat import launch_flat_all_reduce
+from ..kernels.all_reduce.rmsnorm import (MAX_HIDDEN, chunk_columns, chunk_warps, default_warps,
                                           launch_all_reduce_rmsnorm, max_rows)
-from ..kernels.all_reduce_rmsnorm import call_signature as rmsnorm_signature
-from ..kernels.all_reduce_tree import launch_tree_all_reduce
+from ..kernels.all_reduce.rmsnorm import call_signature as rmsnorm_signature
+from ..kernels.all_reduce.tree import launch_tree_all_reduce
 from ..kernels.sync import LOCAL_WAIT_SLOT, MAX_PROGRAMS, MISMATCH, TIMEOUT
 from ..memory.peer_memory import PeerMemory, in_interpreter
-from . import thresholds
+from .. import thresholds
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_CODE = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}

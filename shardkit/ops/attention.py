@@ -12,8 +12,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..kernels import attention_chunk as _chunk
-from ..kernels import attention_merge as _merge
+from ..kernels.attention import chunk as _chunk
+from ..kernels.attention import merge as _merge
 
 
 @torch.library.custom_op("shardkit::attention_chunk", mutates_args=())
@@ -32,7 +32,7 @@ def attention_chunk(
 
     Causal masking by global positions: ``q_pos`` / ``kv_pos`` (int tensors ``[Lq]`` / ``[Lk]``,
     ``kv_pos`` sorted) or, where absent, contiguous positions from ``q_start`` / ``kv_start``.
-    See ``shardkit.kernels.attention_chunk``.
+    See ``shardkit.kernels.attention.chunk``.
     """
     return _chunk.attention_chunk(
         q, k, v, causal=causal,
@@ -52,7 +52,7 @@ def merge_attention(outs: torch.Tensor, lses: torch.Tensor) -> Tuple[torch.Tenso
     """N-way merge of stacked partials ``outs [S, B, H, L, D]``, ``lses [S, B, H, L]`` fp32.
 
     Returns ``(out [B, H, L, D] in outs' dtype, lse [B, H, L] fp32)``; see
-    ``shardkit.kernels.attention_merge``.
+    ``shardkit.kernels.attention.merge``.
     """
     return _merge.merge_attention(outs, lses)
 

@@ -12,10 +12,10 @@ import hashlib
 import torch
 import torch.distributed as dist
 
-from shardkit.collectives.cp_decode import cp_decode_attention, decode_cache_rank
-from shardkit.collectives.ring_attention import ring_attention
-from shardkit.collectives.sharding import shard_positions
-from shardkit.reference_attention import reference_attention
+from shardkit.collectives.attention.cp_decode import cp_decode_attention, decode_cache_rank
+from shardkit.collectives.attention.ring import ring_attention
+from shardkit.collectives.attention.sharding import shard_positions
+from shardkit.reference.attention import reference_attention
 
 from ..tolerances import ATTENTION
 

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from shardkit.collectives.sharding import shard_positions
-from shardkit.kernels.attention_chunk import attention_chunk
-from shardkit.reference_attention import reference_attention
+from shardkit.collectives.attention.sharding import shard_positions
+from shardkit.kernels.attention.chunk import attention_chunk
+from shardkit.reference.attention import reference_attention
 
 from ._common import ATTENTION, assert_close_inf, randn, tol
 

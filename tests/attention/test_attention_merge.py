@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from shardkit.collectives.sharding import shard, shard_positions, unshard
-from shardkit.kernels.attention_chunk import attention_chunk
-from shardkit.kernels.attention_merge import merge_attention, merge_attention_
-from shardkit.reference_attention import reference_attention, reference_merge
+from shardkit.collectives.attention.sharding import shard, shard_positions, unshard
+from shardkit.kernels.attention.chunk import attention_chunk
+from shardkit.kernels.attention.merge import merge_attention, merge_attention_
+from shardkit.reference.attention import reference_attention, reference_merge
 
 from ._common import ATTENTION, ROUNDING, assert_close_inf, randn, tol
 

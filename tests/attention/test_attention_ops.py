@@ -2,8 +2,8 @@
 import torch
 
 import shardkit.ops  # noqa: F401  (registers the ops)
-from shardkit.kernels.attention_chunk import attention_chunk
-from shardkit.kernels.attention_merge import merge_attention
+from shardkit.kernels.attention.chunk import attention_chunk
+from shardkit.kernels.attention.merge import merge_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -7,8 +7,8 @@ sequence slices of q (the ring hands over row ranges of its shards).
 import pytest
 import torch
 
-from shardkit.kernels.attention_sdpa import sdpa_backends, sdpa_with_lse
-from shardkit.reference_attention import reference_attention
+from shardkit.kernels.attention.sdpa import sdpa_backends, sdpa_with_lse
+from shardkit.reference.attention import reference_attention
 
 from ._common import ATTENTION, assert_close_inf, randn, tol
 

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from shardkit.collectives.cp_decode import decode_cache_rank
-from shardkit.collectives.ring_attention import PASS_Q_MISS_RATE, choose_variant
+from shardkit.collectives.attention.cp_decode import decode_cache_rank
+from shardkit.collectives.attention.ring import PASS_Q_MISS_RATE, choose_variant
 
 from . import ring_checks
 

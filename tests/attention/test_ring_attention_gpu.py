@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from shardkit.kernels.attention_sdpa import sdpa_backends
+from shardkit.kernels.attention.sdpa import sdpa_backends
 
 from . import ring_checks
 

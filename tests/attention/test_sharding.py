@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from shardkit.collectives.sharding import chunk_bounds, shard, shard_positions, shard_ranges, unshard
+from shardkit.collectives.attention.sharding import chunk_bounds, shard, shard_positions, shard_ranges, unshard
 
 LENGTHS = [0, 1, 3, 8, 37, 64, 101]
 WORLDS = [1, 2, 3, 4, 8]

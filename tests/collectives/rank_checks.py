@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from shardkit import CollectiveError, Communicator, ShardkitError
-from shardkit.reference import all_reduce_reference, rank_inputs
+from shardkit.reference.all_reduce import all_reduce_reference, rank_inputs
 
 from ..tolerances import ROUNDING, tol
 

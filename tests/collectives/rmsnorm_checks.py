@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from shardkit import CollectiveError, Communicator
-from shardkit.reference import all_reduce_residual_rmsnorm_reference, rank_inputs
+from shardkit.reference.all_reduce import all_reduce_residual_rmsnorm_reference, rank_inputs
 
 from ..tolerances import ROUNDING, tol
 from .rank_checks import DTYPES, device, digest, error_messages

@@ -11,7 +11,7 @@ WORLDS = sorted({2, min(4, gpu_count())}) if gpu_count() >= 2 else []
 
 
 def _cuda_kernels_built() -> bool:
-    from shardkit.kernels import cuda_dda
+    from shardkit.kernels.all_reduce import cuda as cuda_dda
     return cuda_dda.available()
 
 

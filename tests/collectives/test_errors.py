@@ -90,7 +90,7 @@ def test_call_signatures_tell_apart_what_changes_the_work_map():
     differently (algorithm, kernel family, 16-byte packs or elements, two-shot chunk width) must
     give another signature, so that disagreeing ranks fail instead of mixing data."""
     from shardkit.collectives.communicator import call_signature
-    from shardkit.kernels.all_reduce_rmsnorm import call_signature as rmsnorm_signature
+    from shardkit.kernels.all_reduce.rmsnorm import call_signature as rmsnorm_signature
 
     base = call_signature("tree", "cuda", 4096, torch.bfloat16, -1)
     variants = [call_signature("flat", "cuda", 4096, torch.bfloat16, -1),

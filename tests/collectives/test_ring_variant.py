@@ -1,10 +1,10 @@
-"""Meta's pass-KV / pass-Q cost model (shardkit.collectives.ring_variant) and its use by auto."""
+"""Meta's pass-KV / pass-Q cost model (shardkit.collectives.attention.variant) and its use by auto."""
 import math
 
 import pytest
 
-from shardkit.collectives.ring_attention import _plan
-from shardkit.collectives.ring_variant import RingCosts, choose_variant_by_model, predicted_ms
+from shardkit.collectives.attention.plan import make_plan
+from shardkit.collectives.attention.variant import RingCosts, choose_variant_by_model, predicted_ms
 
 COSTS = RingCosts(attention_tflops=500.0, p2p_gbps=250.0)
 LLAMA = dict(world=4, q_heads=32, kv_heads=8, head_dim=128, elem_bytes=2, costs=COSTS)
@@ -66,8 +66,8 @@ def test_auto_uses_the_model_when_given():
     # and a threshold of 0 (never pass-Q) is ignored when the model decides.
     q_len, cache_len = [128, 128], [10 ** 6, 10 ** 6]
     metas = _metas(2, q_len, cache_len)
-    assert _plan(metas, True, True, 0.0, COSTS).variant == "pass_q"
-    assert _plan(metas, True, True, 0.0, None).variant == "pass_kv"
+    assert make_plan(metas, True, True, 0.0, COSTS).variant == "pass_q"
+    assert make_plan(metas, True, True, 0.0, None).variant == "pass_kv"
     # A large prefill with little cached: pass-KV by the model.
     metas = _metas(2, [64000, 64000], [10, 10])
-    assert _plan(metas, True, True, 1.0, COSTS).variant == "pass_kv"
+    assert make_plan(metas, True, True, 1.0, COSTS).variant == "pass_kv"

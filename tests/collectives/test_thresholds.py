@@ -3,8 +3,7 @@ import json
 
 import pytest
 
-from shardkit.collectives import thresholds
-from shardkit.collectives.ring_variant import RingCosts
+from shardkit import thresholds
 
 TABLE = {
     "default": {"default": [[1024, "flat"], [None, "nccl"]], "2": [[4096, "flat"], [None, "tree"]]},
@@ -34,7 +33,7 @@ def test_pass_q_threshold_measured_or_meta_default():
 def test_ring_variant_rule_precedence():
     # A measured crossover first; else the cost model if both rates were measured; else Meta's 5%.
     assert thresholds.ring_variant_rule("GPU-X", 4, TABLE) == (0.3, None)
-    assert thresholds.ring_variant_rule("GPU-X", 2, TABLE) == (0.05, RingCosts(500.0, 250.0))
+    assert thresholds.ring_variant_rule("GPU-X", 2, TABLE) == (0.05, {"attention_tflops": 500.0, "p2p_gbps": 250.0})
     assert thresholds.ring_variant_rule("GPU-Y", 2, TABLE) == (0.05, None)  # one rate only
     assert thresholds.ring_variant_rule("cpu", 2, TABLE) == (0.05, None)
 
@@ -68,7 +67,7 @@ def test_writers_round_trip(tmp_path):
     assert thresholds.rmsnorm_twoshot_min_bytes("GPU-Z", 2, table) == 1 << 20
     assert thresholds.select_rules("GPU-Z", 2, table) == [(512, "flat"), (None, "nccl")]
     assert thresholds.pass_q_miss_rate("GPU-Z", 2, table) == 0.25
-    assert thresholds.ring_costs("GPU-Z", table) == RingCosts(401.2, 99.0)
+    assert thresholds.ring_costs("GPU-Z", table) == {"attention_tflops": 401.2, "p2p_gbps": 99.0}
     assert thresholds.chunk_backend("GPU-Z", ("flash", "cudnn"), table) == "flash"
     assert thresholds.select_rules("GPU-X", 4, table) == thresholds.select_rules("GPU-X", 4, TABLE)
     thresholds.load_table.cache_clear()

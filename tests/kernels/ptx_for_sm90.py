@@ -13,8 +13,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from shardkit.kernels.all_reduce_flat import flat_all_reduce_kernel
-from shardkit.kernels.all_reduce_tree import tree_all_reduce_kernel
+from shardkit.kernels.all_reduce.flat import flat_all_reduce_kernel
+from shardkit.kernels.all_reduce.tree import tree_all_reduce_kernel
 
 KERNELS = {"flat": flat_all_reduce_kernel, "tree": tree_all_reduce_kernel}
 CONFIGS = [(k, d, w, zc) for k in KERNELS for d in ("bf16", "fp32") for w, zc in ((2, False), (4, True), (8, False))]

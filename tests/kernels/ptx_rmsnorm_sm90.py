@@ -10,7 +10,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from shardkit.kernels.all_reduce_rmsnorm import (chunk_columns, chunk_warps, default_warps,
+from shardkit.kernels.all_reduce.rmsnorm import (chunk_columns, chunk_warps, default_warps,
                                                  oneshot_rmsnorm_kernel, twoshot_rmsnorm_kernel)
 
 from .ptx_for_sm90 import features

@@ -3,7 +3,7 @@ import torch
 import torch.distributed as dist
 
 from shardkit import Communicator
-from shardkit.reference import all_reduce_reference, rank_inputs
+from shardkit.reference.all_reduce import all_reduce_reference, rank_inputs
 
 from ..collectives.rank_checks import device
 

@@ -14,7 +14,7 @@ dispatches to compute the LSE anyway, and torch exposes them as aten ops that re
 These kernels know no global positions, only "no mask" and the aligned lower-triangular mask
 of a square block. That is enough for the load-balanced ring layout, where every chunk pair
 is one rectangle of fully visible keys or one square causal diagonal (see
-``shardkit.collectives.ring_attention``); any other mask uses the Triton kernel
+``shardkit.collectives.attention.ring``); any other mask uses the Triton kernel
 ``attention_chunk``, which masks by global position.
 
 Semantics match ``attention_chunk``: ``lse`` is the fp32 natural-log log-sum-exp of the scaled
@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .attention_chunk import check_qkv
+from .chunk import check_qkv
 
 __all__ = ["LOCAL_BACKENDS", "SDPA_BACKENDS", "sdpa_backends", "sdpa_with_lse", "kv_expanded_backends"]
 

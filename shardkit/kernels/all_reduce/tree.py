@@ -18,9 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import CachedLauncher, int_key, ptr_key
-from .peer_tiles import copy_tiles, peer_ptr, sum_tile
-from .sync import finish_call, peer_barrier, start_call
+from ..launch import CachedLauncher, int_key, ptr_key
+from ..peer_tiles import copy_tiles, peer_ptr, sum_tile
+from ..sync import finish_call, peer_barrier, start_call
 
 
 

@@ -23,8 +23,6 @@ import functools
 import json
 import os
 
-from .ring_variant import RingCosts
-
 PATH = os.path.join(os.path.dirname(__file__), "thresholds.json")
 ALGOS = ("flat", "tree", "nccl")
 
@@ -101,16 +99,18 @@ def pass_q_miss_rate(device_name: str, world_size: int, table: dict | None = Non
 RING_MODEL_KEY = "ring_model"
 
 
-def ring_costs(device_name: str, table: dict | None = None) -> RingCosts | None:
-    """The measured rates of a device for Meta's ring cost model, or None if either is missing."""
+def ring_costs(device_name: str, table: dict | None = None) -> dict | None:
+    """The measured rates of a device for Meta's ring cost model (``{"attention_tflops": ...,
+    "p2p_gbps": ...}``, the fields of ``collectives.attention.variant.RingCosts``), or None if
+    either is missing."""
     table = load_table() if table is None else table
     entry = table.get(RING_MODEL_KEY, {}).get(device_name, {})
     if "attention_tflops" not in entry or "p2p_gbps" not in entry:
         return None
-    return RingCosts(float(entry["attention_tflops"]), float(entry["p2p_gbps"]))
+    return {"attention_tflops": float(entry["attention_tflops"]), "p2p_gbps": float(entry["p2p_gbps"])}
 
 
-def ring_variant_rule(device_name: str, world_size: int, table: dict | None = None) -> tuple[float, RingCosts | None]:
+def ring_variant_rule(device_name: str, world_size: int, table: dict | None = None) -> tuple[float, dict | None]:
     """How ``ring_attention(variant="auto")`` decides on a device and group size:
     ``(threshold, None)`` for a measured crossover, ``(5%, costs)`` for Meta's cost model with the
     device's measured rates (the threshold unused), ``(5%, None)`` for Meta's published rule."""

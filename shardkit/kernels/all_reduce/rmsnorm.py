@@ -39,9 +39,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import CachedLauncher, int_key, ptr_key
-from .peer_tiles import peer_ptr, stage_rows, sum_tile
-from .sync import finish_call, peer_barrier, start_call, wait_tagged
+from ..launch import CachedLauncher, int_key, ptr_key
+from ..peer_tiles import peer_ptr, stage_rows, sum_tile
+from ..sync import finish_call, peer_barrier, start_call, wait_tagged
 
 MAX_HIDDEN = 32768  # one row lives in registers: BLOCK_H fp32 values per program
 

@@ -2,13 +2,13 @@
 
 This is the building block of ring attention (pass-KV / pass-Q): every rank attends
 its local queries to one KV chunk at a time and merges the partial results with
-``shardkit.kernels.attention_merge``. The kernel therefore returns, next to the
+``shardkit.kernels.attention.merge``. The kernel therefore returns, next to the
 normalised output, the log-sum-exp (natural log) of every query row's scores, which
 is what a merge needs.
 
 Causal masking is decided by *global* token positions, not by row indices, so that a
 chunk can sit anywhere in the sequence (and can be made of two non-contiguous pieces,
-as in the load-balanced layout of ``shardkit.collectives.sharding``). Query row ``i``
+as in the load-balanced layout of ``shardkit.collectives.attention.sharding``). Query row ``i``
 may see key ``j`` iff ``kv_pos[j] <= q_pos[i]``.
 
 Positions are given either as an ``int`` (the global position of row 0; the chunk is
@@ -24,7 +24,7 @@ Rows that see no key at all get ``lse = -inf`` and ``out = 0`` (never NaN), so t
 merging them with other partials is exact.
 
 Structure (Triton-tutorial style): the kernel, then the launcher ``attention_chunk``;
-the float64 reference lives in ``shardkit.reference_attention``.
+the float64 reference lives in ``shardkit.reference.attention``.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ and lse packed in one byte buffer, one collective; see ``attention_partials``) a
 exactly (``merge_attention``, in rank order, so every rank gets bitwise the same output).
 
 Placement: the prefill leaves the prompt's KV in the load-balanced layout of
-``shardkit.collectives.sharding``; every token generated afterwards is appended to the cache
+``shardkit.collectives.attention.sharding``; every token generated afterwards is appended to the cache
 of rank ``decode_cache_rank(position, world)`` (round-robin), so the shards stay balanced
 within one token.
 
@@ -22,9 +22,9 @@ from typing import Optional, Union
 import torch
 import torch.distributed as dist
 
-from ..kernels.attention_chunk import attention_chunk, check_qkv
-from ..kernels.attention_merge import merge_attention
-from .attention_partials import segment_bytes, segment_views, stacked_views
+from ...kernels.attention.chunk import attention_chunk, check_qkv
+from ...kernels.attention.merge import merge_attention
+from .partials import segment_bytes, segment_views, stacked_views
 
 __all__ = ["cp_decode_attention", "decode_cache_rank"]
 

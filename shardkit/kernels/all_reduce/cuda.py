@@ -12,9 +12,9 @@ import os
 
 import torch
 
-from ..errors import ShardkitError
+from ...errors import ShardkitError
 
-_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_dda.so")
+_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "_dda.so")
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _lib = None
 
