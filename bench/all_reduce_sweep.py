@@ -9,20 +9,25 @@ performance one; the numbers are the interpreter's):
 Every algorithm's result is checked against NCCL's (gloo's on CPU) before it is timed; a wrong
 answer is reported as an error, not a time. Times: CUDA events around ``iters`` calls, median of
 ``reps`` repetitions, max over ranks; "graph" mode captures the ``iters`` calls in one CUDA graph.
-Writes bench/results/all_reduce_<card>_x<world>_<date>.{json,md,png}.
+Prints the table; a GPU run appends its records to the store (bench/results/records.jsonl, or
+``--out DIR``/records.jsonl) and rewrites the sweep's table and plot there
+(``all_reduce_<card>_x<world>.md``/``.png``, bench/report.py). A CPU run writes records and tables
+only with ``--out``.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import (environment, header_lines, max_over_ranks, results_stem, run_distributed,  # noqa: E402
-                          summarize, time_cuda, time_host, write_json)
+from bench.common import (environment, header_lines, max_over_ranks, run_distributed, time_cuda,  # noqa: E402
+                          time_host)
+from bench.records import current_commit, record  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 OURS = ("flat", "tree", "auto")
@@ -79,9 +84,15 @@ def symm_mem_algos(group_name: str):
     return {"symm_1shot": make("symm_1shot"), "symm_2shot": make("symm_2shot")}
 
 
-def sweep_rank(args: argparse.Namespace) -> list[dict] | None:
-    """Run the sweep on this rank; rank 0 returns the records."""
+def impl_name(algo: str, kernels: str) -> str:
+    """The store's name of an algorithm: shardkit's carry their kernel family (flat_cuda, auto_triton)."""
+    return f"{algo}_{kernels}" if algo in OURS else algo
+
+
+def sweep_rank(args: argparse.Namespace) -> tuple[dict, list[dict]] | None:
+    """Run the sweep on this rank; rank 0 returns (environment, store records)."""
     import shardkit
+    from shardkit import thresholds
 
     rank, world = dist.get_rank(), dist.get_world_size()
     cpu = dist.get_backend() != "nccl"
@@ -89,6 +100,7 @@ def sweep_rank(args: argparse.Namespace) -> list[dict] | None:
     dtype = DTYPES[args.dtype]
     env = environment()
     comm = shardkit.Communicator()
+    env["kernels"] = comm.kernels  # flat/tree/auto's kernel family (the rules are fitted to it)
     triton_comm = shardkit.Communicator(kernels="triton") if comm.kernels != "triton" else None
     group_name = dist.group.WORLD.group_name
     extra = {} if cpu else symm_mem_algos(group_name)
@@ -103,6 +115,7 @@ def sweep_rank(args: argparse.Namespace) -> list[dict] | None:
         if not cpu:
             torch.cuda.synchronize()
 
+    commit = current_commit()
     steps = [(s, a, m) for s in sizes for a in algos for m in modes]
     bar = None
     if rank == 0:
@@ -156,22 +169,21 @@ def sweep_rank(args: argparse.Namespace) -> list[dict] | None:
             bad = torch.tensor([error is not None], dtype=torch.int32, device=device)
             dist.all_reduce(bad)
             for mode in modes:
-                rec = {"gpu": env["gpu"], "world": world, "dtype": args.dtype, "algo": algo, "mode": mode,
-                       "bytes": numel * elt, "kernels": comm.kernels if algo in OURS else
-                       ("triton" if algo in TRITON else None)}
-                if bad.item():
-                    rec["error"] = error or "wrong result on another rank"
-                else:
+                metrics, samples = {}, None
+                if algo == "auto":  # the Communicator's own rule: thresholds, or NCCL without peer memory
+                    metrics["auto_picked"] = thresholds.choose(comm.rules, numel * elt) if comm.memory else "nccl"
+                if not bad.item():
                     if cpu:
                         samples = time_host(fn, iters, args.reps, sync)
                     else:
                         samples = time_cuda(fn, iters, args.reps, mode == "graph", sync)
                     samples = max_over_ranks(samples, device)  # each repetition: the slowest rank
-                    rec.update(summarize(samples))
-                    t = rec["us_median"] * 1e-6
-                    rec["algbw_gbps"] = rec["bytes"] / t / 1e9
-                    rec["busbw_gbps"] = rec["algbw_gbps"] * 2 * (world - 1) / world
-                records.append(rec)
+                    busbw = numel * elt / (statistics.median(samples) * 1e-6) / 1e9 * 2 * (world - 1) / world
+                    metrics["busbw_gbps"] = round(busbw, 2)
+                records.append(record("all_reduce", impl_name(algo, comm.kernels), gpu=env["gpu"], world=world,
+                                      dtype=dtype, mode="cpu" if cpu else mode, params={"bytes": numel * elt},
+                                      us=samples, metrics=metrics, commit=commit,
+                                      error=None if samples else error or "wrong result on another rank"))
                 if bar:
                     bar.update(1)
         sync()
@@ -183,85 +195,17 @@ def sweep_rank(args: argparse.Namespace) -> list[dict] | None:
     return (env, records) if rank == 0 else None
 
 
-def add_speedups(records: list[dict]) -> None:
-    base = {(r["mode"], r["bytes"]): r["us_median"] for r in records if r["algo"] == "nccl" and "us_median" in r}
-    for r in records:
-        b = base.get((r["mode"], r["bytes"]))
-        if b and "us_median" in r:
-            r["speedup_vs_nccl"] = b / r["us_median"]
-
-
-def markdown(env: dict, records: list[dict], world: int, dtype: str, functional: bool) -> str:
-    lines = [f"# All-reduce sweep: {env['gpu']}, {world} ranks, {dtype}", ""]
-    if functional:
-        lines += ["**Functional run**: Triton kernels in the CPU interpreter on shared memory; the times "
-                  "are the interpreter's and say nothing about GPU performance.", ""]
-    lines += ["```"] + header_lines(env) + ["```", ""]
-    lines += ["Median µs per call, max over ranks (speedup vs NCCL in the same mode in brackets); "
-              "busbw = bytes/time * 2(W-1)/W. nccl and auto run in place, flat/tree/symm out of place.", ""]
-    algos = list(dict.fromkeys(r["algo"] for r in records))
-    for mode in dict.fromkeys(r["mode"] for r in records):
-        lines += [f"## {mode}", "", "| size | " + " | ".join(algos) + " | best busbw GB/s |",
-                  "|---|" + "---|" * (len(algos) + 1)]
-        for nbytes in sorted({r["bytes"] for r in records}):
-            row, best = [], 0.0
-            for a in algos:
-                r = next((r for r in records if r["algo"] == a and r["mode"] == mode and r["bytes"] == nbytes), None)
-                if r is None:
-                    row.append("-")
-                elif "error" in r:
-                    row.append(f"ERROR: {r['error']}")
-                else:
-                    sp = f" ({r['speedup_vs_nccl']:.2f}x)" if a != "nccl" and "speedup_vs_nccl" in r else ""
-                    row.append(f"{r['us_median']:.1f}{sp}")
-                    best = max(best, r["busbw_gbps"])
-            lines.append(f"| {human(nbytes)} | " + " | ".join(row) + f" | {best:.1f} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def plot(path: str, env: dict, records: list[dict], world: int, dtype: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot", file=sys.stderr)
-        return
-    modes = list(dict.fromkeys(r["mode"] for r in records))
-    algos = list(dict.fromkeys(r["algo"] for r in records))
-    color = {a: f"C{i}" for i, a in enumerate(algos)}  # one colour per algorithm in every panel
-    fig, axes = plt.subplots(2, len(modes), figsize=(6.5 * len(modes), 8), squeeze=False)
-    for col, mode in enumerate(modes):
-        for algo in algos:
-            rs = sorted((r for r in records if r["algo"] == algo and r["mode"] == mode and "us_median" in r),
-                        key=lambda r: r["bytes"])
-            if not rs:
-                continue
-            xs = [r["bytes"] for r in rs]
-            axes[0][col].plot(xs, [r["us_median"] for r in rs], marker="o", label=algo, color=color[algo])
-            if algo != "nccl":
-                axes[1][col].plot(xs, [r.get("speedup_vs_nccl", float("nan")) for r in rs], marker="o", label=algo,
-                                  color=color[algo])
-        axes[0][col].set(xscale="log", yscale="log", ylabel="µs per call (median, max over ranks)",
-                         title=f"{mode}: {env['gpu']} x{world}, {dtype}")
-        axes[1][col].set(xscale="log", xlabel="message size (bytes)", ylabel="speedup vs NCCL")
-        axes[1][col].axhline(1.0, color="gray", lw=0.8)
-        for ax in axes[:, col]:
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-def derive_rules(records: list[dict]) -> list[tuple[int | None, str]]:
-    """Fastest of flat/tree/nccl per measured size (graph mode if measured), as threshold rules."""
+def derive_rules(records: list[dict], kernels: str) -> list[tuple[int | None, str]]:
+    """Fastest of flat/tree (of the given kernel family) and nccl per measured size (graph mode if
+    measured), as threshold rules."""
     mode = "graph" if any(r["mode"] == "graph" for r in records) else "eager"
+    candidates = {impl_name(a, kernels): a for a in ("flat", "tree", "nccl")}
     best = {}
     for r in records:
-        if r["mode"] == mode and r["algo"] in ("flat", "tree", "nccl") and "us_median" in r:
-            if r["bytes"] not in best or r["us_median"] < best[r["bytes"]][0]:
-                best[r["bytes"]] = (r["us_median"], r["algo"])
+        nbytes = r["params"]["bytes"]
+        if r["mode"] == mode and r["impl"] in candidates and r["us_median"] is not None:
+            if nbytes not in best or r["us_median"] < best[nbytes][0]:
+                best[nbytes] = (r["us_median"], candidates[r["impl"]])
     rules: list[tuple[int | None, str]] = []
     for nbytes in sorted(best):
         algo = best[nbytes][1]
@@ -275,19 +219,16 @@ def derive_rules(records: list[dict]) -> list[tuple[int | None, str]]:
 
 
 def report(args: argparse.Namespace, env: dict, records: list[dict], world: int, functional: bool) -> None:
-    add_speedups(records)
-    what = "all_reduce_functional" if functional else "all_reduce"
-    stem = results_stem(args.out, what, env, world)
-    write_json(stem + ".json", {"env": env, "functional": functional, "args": vars(args), "records": records})
-    text = markdown(env, records, world, args.dtype, functional)
-    with open(stem + ".md", "w") as f:
-        f.write(text + "\n")
-    plot(stem + ".png", env, records, world, args.dtype)
-    print(text)
-    print(f"\nwrote {stem}.json, .md, .png")
+    from bench.report import publish
+
+    print("\n".join(header_lines(env)))
+    if functional:
+        print("Functional run: Triton kernels in the CPU interpreter on shared memory; the times are the "
+              "interpreter's and say nothing about GPU performance.")
+    publish(records, args.out, on_gpu=not functional)
     if args.write_thresholds and not functional:
         from shardkit import thresholds
-        rules = derive_rules(records)
+        rules = derive_rules(records, env["kernels"])
         thresholds.write_rules(env["gpu"], world, rules)
         print(f"thresholds for {env['gpu']} x{world}: {rules} -> {thresholds.PATH}")
 
@@ -301,7 +242,9 @@ def main() -> None:
     p.add_argument("--modes", default="eager,graph")
     p.add_argument("--iters", type=int, default=None, help="calls per repetition (default 100; CPU 3)")
     p.add_argument("--reps", type=int, default=None, help="repetitions (default 7; CPU 3)")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--out", default=None,
+                   help="directory for records.jsonl and the tables (default: the store, bench/results, on GPUs; "
+                        "nothing on CPU)")
     p.add_argument("--write-thresholds", action="store_true", help="store the measured crossovers for algo='auto'")
     p.add_argument("--cpu-world", type=int, default=0, help="no GPUs: run a CPU world of this many processes")
     args = p.parse_args()

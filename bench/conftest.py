@@ -7,7 +7,10 @@ Kernel benchmarks run on one GPU:
     python -m pytest bench/test_kernels_benchmark.py
 Each benchmarked call replays a CUDA graph of CALLS captured calls and synchronises once, so the
 per-round time divided by CALLS is a GPU time, not a Python launch time; rounds are fixed
-(``pedantic``) so that every rank runs the same number of collectives. Only rank 0 saves results.
+(``pedantic``) so that every rank runs the same number of collectives. Only rank 0 saves results:
+its records go to the store at the end of the session (bench/results/records.jsonl, or
+``--records-out DIR``/records.jsonl) with the suites' tables (bench/report.py). The suites run only
+on GPUs, so CPU sessions write nothing.
 """
 import os
 
@@ -15,8 +18,15 @@ import pytest
 import torch
 
 from bench.common import capture_graph
+from bench.records import record
 
 CALLS = 50
+RECORDS: list[dict] = []  # this session's store records, published by rank 0 at its end
+
+
+def pytest_addoption(parser):
+    parser.addoption("--records-out", default=None,
+                     help="directory for records.jsonl and the tables (default: the store, bench/results)")
 
 
 def graph_of(fn, calls: int = CALLS):
@@ -29,10 +39,24 @@ def graph_of(fn, calls: int = CALLS):
     return replay
 
 
-def run_pedantic(benchmark, replay, calls: int = CALLS, rounds: int = 30) -> None:
+def run_pedantic(benchmark, replay, calls: int = CALLS, rounds: int = 30) -> list[float]:
+    """Time ``rounds`` replays; returns the microseconds per call of each round."""
     benchmark.extra_info["calls_per_round"] = calls
     benchmark.pedantic(replay, rounds=rounds, warmup_rounds=3, iterations=1)
     benchmark.extra_info["us_per_call_median"] = benchmark.stats.stats.median * 1e6 / calls
+    return [t * 1e6 / calls for t in benchmark.stats.stats.data]
+
+
+def keep(bench: str, impl: str, params: dict, us: list[float], world: int = 1, metrics: dict | None = None) -> None:
+    """Add a measurement (bf16, CUDA graph) to the records this session publishes."""
+    RECORDS.append(record(bench, impl, gpu=torch.cuda.get_device_name(), world=world, dtype=torch.bfloat16,
+                          mode="graph", params=params, us=us, metrics=metrics))
+
+
+def pytest_sessionfinish(session):
+    if RECORDS and int(os.environ.get("RANK", "0")) == 0:
+        from bench.report import publish
+        publish(RECORDS, session.config.getoption("--records-out"), on_gpu=True)
 
 
 def pytest_configure(config):

@@ -6,9 +6,12 @@ For each (algo, kernels) at a decode size (``--bytes``, default 32 KiB bf16):
   * ``eager_us``: wall time per call of the same loop including the final synchronize;
   * ``launch_us`` (shardkit only): time of the launch call alone (``Communicator._launch``),
     and ``pre_launch_us``: the rest of ``all_reduce`` before it.
-Then, on rank 0, a cProfile of the Triton path's calls (top functions by total time).
+Then, on rank 0, a cProfile of the Triton path's calls (top functions by total time), printed.
+The records (``eager_us`` as the time, the rest as metrics) go to the store
+(bench/results/records.jsonl, or ``--out DIR``/records.jsonl) with the table
+``profile_eager_<card>_x<world>.md`` (bench/report.py).
 
-    torchrun --standalone --nproc-per-node=2 bench/profile_eager.py --out bench/results
+    torchrun --standalone --nproc-per-node=2 bench/profile_eager.py
 """
 from __future__ import annotations
 
@@ -24,7 +27,9 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from bench.common import environment, header_lines, results_stem, write_json  # noqa: E402
+from bench.common import environment, header_lines  # noqa: E402
+from bench.records import record  # noqa: E402
+from bench.report import publish  # noqa: E402
 from shardkit.collectives.communicator import Communicator  # noqa: E402
 
 
@@ -41,7 +46,7 @@ def per_call_us(fn, calls: int, sync: bool) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--out", default=None, help="directory for records.jsonl and the tables (default: the store)")
     ap.add_argument("--bytes", type=int, default=32 * 1024)
     ap.add_argument("--calls", type=int, default=400)
     args = ap.parse_args()
@@ -64,9 +69,8 @@ def main() -> None:
 
         for _ in range(20):
             call()
-        row = {"algo": algo, "kernels": kernels if algo != "nccl" else "-", "bytes": args.bytes,
-               "host_us": per_call_us(call, args.calls, sync=False),
-               "eager_us": per_call_us(call, args.calls, sync=True)}
+        row = {"host_us": per_call_us(call, args.calls, sync=False)}
+        eager_us = per_call_us(call, args.calls, sync=True)
         if algo != "nccl":  # split the host path: everything before the launch, and the launch
             launch, spent = comm._launch, []
 
@@ -81,11 +85,14 @@ def main() -> None:
             row["launch_us"] = sum(spent) / len(spent) * 1e6
             row["pre_launch_us"] = host - row["launch_us"]
         torch.cuda.synchronize()
-        ref = x.float() * world
-        row["check"] = bool(torch.allclose(out.float(), ref, rtol=2e-2, atol=1e-2))
-        rows.append(row)
+        ok = bool(torch.allclose(out.float(), x.float() * world, rtol=2e-2, atol=1e-2))
+        rows.append(record("profile_eager", algo if algo == "nccl" else f"{algo}_{kernels}", gpu=env["gpu"],
+                           world=world, dtype=x.dtype, mode="eager", params={"bytes": args.bytes, "calls": args.calls},
+                           us=[eager_us], metrics={k: round(v, 2) for k, v in row.items()},
+                           error=None if ok else "wrong result"))
         if rank == 0:
-            print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+            print(f"{rows[-1]['impl']}: eager {eager_us:.2f} us, " +
+                  ", ".join(f"{k} {v:.2f}" for k, v in row.items()), flush=True)
         if kernels == "triton" and algo == "flat":
             prof = cProfile.Profile()
             dist.barrier()
@@ -100,20 +107,10 @@ def main() -> None:
     for c in comms.values():
         c.check()
     if rank == 0:
+        print("\n".join(header_lines(env)))
+        print("cProfile of the Triton flat path (top 25 by own time):")
         print(profile_text)
-        stem = results_stem(args.out, "profile_eager", env, world)
-        write_json(stem + ".json", {"env": env, "config": vars(args), "rows": rows, "cprofile_flat_triton": profile_text})
-        md = ["# Eager all-reduce: host path vs GPU", ""] + [f"    {line}" for line in header_lines(env)] + [
-            "", f"bf16, {args.bytes} bytes, {args.calls} calls back to back; microseconds per call, rank 0.", "",
-            "| algo | kernels | host enqueue | eager (with sync) | pre-launch | launch | check |",
-            "|---|---|---|---|---|---|---|"]
-        for r in rows:
-            md.append(f"| {r['algo']} | {r['kernels']} | {r['host_us']:.1f} | {r['eager_us']:.1f} | "
-                      f"{r.get('pre_launch_us', float('nan')):.1f} | {r.get('launch_us', float('nan')):.1f} | "
-                      f"{'ok' if r['check'] else 'WRONG'} |")
-        md += ["", "cProfile of the Triton flat path (top 25 by own time):", "", "```", profile_text.strip(), "```"]
-        with open(stem + ".md", "w") as f:
-            f.write("\n".join(md) + "\n")
+        publish(rows, args.out, on_gpu=True)
     for c in comms.values():
         c.close()
     dist.barrier()

@@ -3,13 +3,14 @@
 
 Run on one node under torchrun (one process per GPU):
 
-    torchrun --standalone --nproc-per-node=4 bench/ring_attention_bench.py --out bench/results
+    torchrun --standalone --nproc-per-node=4 bench/ring_attention_bench.py
 
 1. **Scaling** (causal prefill, bf16, B=1, 32 q heads / 8 kv heads, head dim 128, lengths
    ``--lengths``, default 32K and 128K): ``T1`` = ``attention_chunk`` over the full sequence on one
-   GPU (every rank runs it on its own GPU at the same time; the fastest rank counts, which is the
-   conservative choice for the efficiency), ``TW`` = pass-KV ``ring_attention`` on the load-balanced
-   shards of ``W`` GPUs (``--worlds``, default 2 and all GPUs), max over ranks; both with the same
+   GPU (every rank runs it on its own GPU at the same time; each repetition counts the fastest
+   rank, the conservative choice for the efficiency), ``TW`` = pass-KV ``ring_attention`` on the
+   load-balanced shards of ``W`` GPUs (``--worlds``, default 2 and all GPUs), each repetition the
+   slowest rank; both with the same
    local kernel, for each of ``--local-backends`` (default: shardkit's Triton kernel and torch's
    flash / cuDNN kernels with the LSE, where this torch has them).
    Parallel efficiency = ``T1 / (W * TW)`` (issue 5 target: >= 85% at 128K on 4 GPUs).
@@ -24,14 +25,17 @@ Run on one node under torchrun (one process per GPU):
    cost model (``shardkit.collectives.attention.variant``) with this GPU's measured rates would pick.
 
 Timing: CUDA events around one call, group barrier before each repetition, median of ``--reps``
-after one untimed warm-up (which also compiles the kernels), max over ranks. Eager only: a
-ring-attention call reads its metadata on the host, so it is not CUDA-graph capturable.
-Each call is a full prefill of one attention layer; nothing is overlapped across calls.
-The run stops starting new measurements after ``--budget-s`` seconds (default 100) and writes
-what it has; results are rewritten after every measurement, so a crash keeps the earlier ones.
+after one untimed warm-up (which also compiles the kernels). Eager only: a ring-attention call
+reads its metadata on the host, so it is not CUDA-graph capturable. Each call is a full prefill
+of one attention layer; nothing is overlapped across calls. The run stops starting new
+measurements after ``--budget-s`` seconds (default 100) and keeps what it has; a run that fails
+midway still stores the measurements made before. The records go to the store
+(bench/results/records.jsonl, or ``--out DIR``/records.jsonl) with the table and plot
+``ring_attention_<card>_x<world>.md``/``.png`` (bench/report.py).
 
 ``--smoke``: tiny shapes on CPU with gloo and the Triton interpreter, to check the script's logic
-without a GPU (``torchrun --nproc-per-node=2 bench/ring_attention_bench.py --smoke --out /tmp/x``).
+without a GPU (``torchrun --nproc-per-node=2 bench/ring_attention_bench.py --smoke``; records and
+tables only with ``--out DIR``).
 """
 from __future__ import annotations
 
@@ -50,7 +54,9 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from bench.common import best_cut, environment, header_lines, results_stem, write_json  # noqa: E402
+from bench.common import best_cut, environment, header_lines  # noqa: E402
+from bench.records import record  # noqa: E402
+from bench.report import publish  # noqa: E402
 from shardkit import thresholds  # noqa: E402
 from shardkit.collectives.attention.ring import choose_variant, ring_attention  # noqa: E402
 from shardkit.collectives.attention.variant import RingCosts, choose_variant_by_model  # noqa: E402
@@ -88,8 +94,10 @@ class Bench:
         self.pass_q_threshold = thresholds.pass_q_miss_rate(device_name, dist.get_world_size())
         rates = thresholds.ring_costs(device_name)
         self.costs = RingCosts(**rates) if rates is not None else None
-        self.results: dict = {"env": self.env, "config": vars(args), "scaling": [], "miss_rate": [],
-                              "checks": [], "skipped": []}
+        self.shape = {"q_heads": args.q_heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim}
+        self.records: list[dict] = []  # store records (rank 0's are the ones published)
+        self.checks: list[dict] = []
+        self.pass_q_fit: float | None = None
         # Sub-groups for the smaller worlds; new_group must be called by every rank.
         self.groups = {w: (dist.group.WORLD if w == self.world else dist.new_group(list(range(w))))
                        for w in args.worlds}
@@ -101,7 +109,6 @@ class Bench:
         flag = torch.tensor([time.monotonic() - self.t0 > self.args.budget_s], dtype=torch.int32, device=self.dev)
         dist.broadcast(flag, 0)
         if flag.item():
-            self.results["skipped"].append(what)
             self.log(f"  skipped (budget of {self.args.budget_s:g} s spent): {what}")
         return bool(flag.item())
 
@@ -113,8 +120,9 @@ class Bench:
         if self.cuda:
             torch.cuda.synchronize()
 
-    def time_ms(self, fn, group) -> float:
-        """Median milliseconds of ``fn()`` after one warm-up call, max over the group's ranks."""
+    def time_us(self, fn, group, reduce=dist.ReduceOp.MAX) -> list[float]:
+        """Microseconds of each of ``--reps`` calls of ``fn()`` after one warm-up call, each the
+        slowest of the group's ranks (``reduce=MIN``: the fastest)."""
         fn()
         samples = []
         for _ in range(self.args.reps):
@@ -126,68 +134,34 @@ class Bench:
                 fn()
                 end.record()
                 end.synchronize()
-                samples.append(start.elapsed_time(end))
+                samples.append(start.elapsed_time(end) * 1e3)
             else:
                 t = time.perf_counter()
                 fn()
-                samples.append((time.perf_counter() - t) * 1e3)
-        med = torch.tensor([statistics.median(samples)], dtype=torch.float64, device=self.dev)
-        dist.all_reduce(med, op=dist.ReduceOp.MAX, group=group)
-        return med.item()
+                samples.append((time.perf_counter() - t) * 1e6)
+        t = torch.tensor(samples, dtype=torch.float64, device=self.dev)
+        dist.all_reduce(t, op=reduce, group=group)
+        return t.tolist()
+
+    def record(self, impl: str, world: int, params: dict, samples: list[float], metrics: dict | None = None) -> dict:
+        self.records.append(record("ring_attention", impl, gpu=self.env["gpu"], world=world, dtype=self.dtype,
+                                   mode="eager" if self.cuda else "cpu", params={**params, **self.shape}, us=samples,
+                                   metrics=metrics))
+        return self.records[-1]
 
     def check(self, name: str, got: torch.Tensor, want: torch.Tensor, group=None) -> None:
-        """Records the worst error over the group's ranks; a failed check marks the results."""
+        """Records the worst error over the group's ranks; a failed check fails the run (exit status 1)."""
         err = (got.float() - want.float()).abs()
         bad = (err > ATOL + RTOL * want.float().abs()) | torch.isnan(got.float())
         stats = torch.tensor([err.max().item() if err.numel() else 0.0, float(bad.sum().item())],
                              dtype=torch.float64, device=self.dev)
         dist.all_reduce(stats, op=dist.ReduceOp.MAX, group=group)
         ok = stats[1].item() == 0
-        self.results["checks"].append({"name": name, "max_abs_err": stats[0].item(), "ok": ok})
+        self.checks.append({"name": name, "max_abs_err": stats[0].item(), "ok": ok})
         self.log(f"  check {name}: max |err| {stats[0].item():.2e} {'ok' if ok else 'FAILED'}")
 
     def rand(self, gen: torch.Generator, *shape) -> torch.Tensor:
         return torch.randn(*shape, generator=gen, device=self.dev, dtype=torch.float32).to(self.dtype)
-
-    def save(self) -> None:
-        if self.rank != 0:
-            return
-        stem = results_stem(self.args.out, "ring_attention", self.env, self.world)
-        write_json(stem + ".json", self.results)
-        with open(stem + ".md", "w") as f:
-            f.write(self.markdown())
-        self.stem = stem
-
-    def plot(self) -> None:
-        """PNG beside the JSON: efficiency vs tokens per (GPUs, local kernel); pass-Q / pass-KV vs miss rate."""
-        if self.rank != 0 or not self.results["scaling"] + self.results["miss_rate"]:
-            return
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
-        series = {}
-        for s in self.results["scaling"]:
-            if "efficiency" in s:
-                series.setdefault((s["world"], s["local_backend"]), []).append((s["seq_len"], 100 * s["efficiency"]))
-        for (w, backend), pts in sorted(series.items()):
-            a.plot(*zip(*sorted(pts)), marker="o", label=f"{w} GPUs, {backend}")
-        a.axhline(85, color="grey", ls=":", label="target 85%")
-        a.set(xscale="log", xlabel="tokens (causal prefill)", ylabel="parallel efficiency T1/(W*TW) %",
-              title="pass-KV ring scaling")
-        a.legend(fontsize=8)
-        m = self.results["miss_rate"]
-        if m:
-            b.plot([r["miss_rate"] * 100 for r in m], [r["pass_q_ms"] / r["pass_kv_ms"] for r in m], marker="o")
-            b.axhline(1.0, color="grey", ls=":")
-            b.axvline(5, color="tab:red", ls="--", label="Meta's ~5%")
-            b.set(xscale="log", xlabel="KV-cache miss rate T/(T+P) %", ylabel="pass-Q time / pass-KV time",
-                  title=f"{self.world} GPUs, {m[0]['context']} tokens of context")
-            b.legend(fontsize=8)
-        fig.suptitle(f"Ring attention on {self.env.get('gpu', 'cpu')}, {self.dtype}".replace("torch.", ""))
-        fig.tight_layout()
-        fig.savefig(self.stem + ".png", dpi=110)
-        plt.close(fig)
 
     # ------------------------------------------------------------------ 1. scaling
 
@@ -208,16 +182,15 @@ class Bench:
                     else:
                         full["out"], _ = sdpa_with_lse(q, k, v, causal=True, backend=backend)
 
-                t1 = self.time_ms(single, dist.group.WORLD)
-                # The fastest GPU's T1 (time_ms gives the max): the lower T1, the lower the efficiency.
-                t1_min = torch.tensor([t1], dtype=torch.float64, device=self.dev)
-                dist.all_reduce(t1_min, op=dist.ReduceOp.MIN)
-                t1 = t1_min.item()
-                self.log(f"L={L} {backend}: 1 GPU {t1:.2f} ms ({flops / t1 / 1e9:.0f} TFLOP/s)")
+                # The fastest GPU's T1: the lower T1, the lower (more conservative) the efficiency.
+                case = {"study": "scaling", "seq_len": L, "local_backend": backend}
+                single_us = self.time_us(single, dist.group.WORLD, reduce=dist.ReduceOp.MIN)
+                t1 = statistics.median(single_us)
+                self.record("single_gpu", 1, case, single_us, {"tflops": round(flops / t1 / 1e6, 1)})
+                self.log(f"L={L} {backend}: 1 GPU {t1 / 1e3:.2f} ms ({flops / t1 / 1e6:.0f} TFLOP/s)")
                 for w, group in self.groups.items():
                     if self.over_budget(f"scaling L={L} W={w} {backend}"):
                         break
-                    row = {"seq_len": L, "world": w, "local_backend": backend, "t1_ms": t1}
                     if self.rank < w:
                         ql, kl, vl = (shard(t, self.rank, w) for t in (q, k, v))
                         out = {}
@@ -226,20 +199,19 @@ class Bench:
                             out["o"] = ring_attention(ql, kl, vl, group, variant="pass_kv", causal=True,
                                                       local_backend=backend)
 
-                        tw = self.time_ms(ring, group)
+                        ring_us = self.time_us(ring, group)
                         self.check(f"ring L={L} W={w} {backend} vs 1-GPU kernel", out["o"],
                                    shard(full["out"], self.rank, w), group)
                         if L == self.args.lengths[0]:
                             self.reference_check(f"ring L={L} W={w} {backend} vs fp32 reference", q, k, v,
                                                  out["o"], w, group)
-                        row.update(tw_ms=tw, efficiency=t1 / (w * tw), speedup=t1 / tw,
-                                   ring_tflops=flops / tw / 1e9)
-                        self.log(f"  W={w}: pass-KV ring {tw:.2f} ms, speedup {t1 / tw:.2f}x, "
+                        tw = statistics.median(ring_us)
+                        self.record("ring_pass_kv", w, case, ring_us,
+                                    {"efficiency": round(t1 / (w * tw), 4), "speedup": round(t1 / tw, 3),
+                                     "tflops": round(flops / tw / 1e6, 1)})
+                        self.log(f"  W={w}: pass-KV ring {tw / 1e3:.2f} ms, speedup {t1 / tw:.2f}x, "
                                  f"efficiency {100 * t1 / (w * tw):.1f}%")
                     dist.barrier()
-                    if self.rank == 0:
-                        self.results["scaling"].append(row)
-                    self.save()
                 del full
             del q, k, v
 
@@ -258,6 +230,7 @@ class Bench:
         N, W = self.args.context, self.world
         # At least 2 new tokens per rank; rates that round to the same T are measured once.
         sizes = sorted({min(N, max(2 * W, round(rate * N))) for rate in self.args.miss_rates})
+        rows = []
         for T in sizes:
             if self.over_budget(f"miss rate {T / N:.4f}"):
                 return
@@ -266,72 +239,34 @@ class Bench:
             lt, lp = shard_positions(T, self.rank, W).numel(), shard_positions(P, self.rank, W).numel()
             q, k, v = self.rand(gen, 1, Hq, lt, D), self.rand(gen, 1, Hkv, lt, D), self.rand(gen, 1, Hkv, lt, D)
             kw = {"k_cache": self.rand(gen, 1, Hkv, lp, D), "v_cache": self.rand(gen, 1, Hkv, lp, D)} if P else {}
-            row = {"context": N, "new_tokens": T, "cached_tokens": P, "miss_rate": T / N,
-                   "auto_picks": choose_variant(T, P, pass_q_threshold=self.pass_q_threshold)}
+            case = {"study": "miss_rate", "context": N, "new_tokens": T, "cached_tokens": P,
+                    "miss_rate": round(T / N, 6), "local_backend": "auto"}
+            picks = {"auto_picks": choose_variant(T, P, pass_q_threshold=self.pass_q_threshold)}
             if self.costs is not None:  # what Meta's cost model would pick, for comparison
-                row["model_picks"] = choose_variant_by_model(T, P, W, Hq, Hkv, D, self.dtype.itemsize, self.costs)
-            outs = {}
+                picks["model_picks"] = choose_variant_by_model(T, P, W, Hq, Hkv, D, self.dtype.itemsize, self.costs)
+            outs, row = {}, {"miss_rate": T / N}
             for variant in ("pass_kv", "pass_q"):
                 def call(variant=variant) -> None:
                     outs[variant] = ring_attention(q, k, v, variant=variant, causal=True, **kw)
 
-                row[f"{variant}_ms"] = self.time_ms(call, dist.group.WORLD)
+                rec = self.record(f"ring_{variant}", W, case, self.time_us(call, dist.group.WORLD), picks)
+                row[f"{variant}_ms"] = rec["us_median"] / 1e3
             self.check(f"pass-Q vs pass-KV at miss rate {T / N:.4f}", outs["pass_q"], outs["pass_kv"])
             self.log(f"miss rate {100 * T / N:6.2f}% (T={T}, P={P}): pass-KV {row['pass_kv_ms']:.3f} ms, "
                      f"pass-Q {row['pass_q_ms']:.3f} ms")
-            if self.rank == 0:
-                self.results["miss_rate"].append(row)
-            self.save()
-        rows = self.results["miss_rate"]
+            rows.append(row)
+        if not rows:
+            return
         crossover = next((r["miss_rate"] for r in rows if r["pass_kv_ms"] <= r["pass_q_ms"]), None)
-        self.results["crossover_miss_rate"] = crossover
-        self.results["pass_q_threshold"] = best_threshold(rows)
+        self.pass_q_fit = best_threshold(rows)
         self.log(f"first miss rate at which pass-KV is faster: {crossover}; best single threshold: "
-                 f"{self.results['pass_q_threshold']}; auto's threshold in this run: {self.pass_q_threshold}")
-
-    # ------------------------------------------------------------------ report
-
-    def markdown(self) -> str:
-        r = self.results
-        lines = [f"# Ring attention ({datetime.date.today().isoformat()})", ""]
-        lines += [f"    {line}" for line in header_lines(self.env)]
-        Hq, Hkv, D = self.heads
-        lines += ["", f"{self.dtype}, B=1, {Hq} q heads / {Hkv} kv heads, head dim {D}, causal; "
-                  f"median of {self.args.reps} calls, max over ranks; eager.", "",
-                  "## Pass-KV scaling (load-balanced shards)", "",
-                  "T1 and the ring use the same local kernel (triton: shardkit's attention_chunk; "
-                  "flash / cudnn: torch's SDPA kernels with the LSE).", "",
-                  "| tokens | GPUs | local kernel | 1 GPU (ms) | ring (ms) | speedup | efficiency T1/(W*TW) |",
-                  "|---|---|---|---|---|---|---|"]
-        for s in r["scaling"]:
-            if "tw_ms" in s:
-                lines.append(f"| {s['seq_len']} | {s['world']} | {s['local_backend']} | {s['t1_ms']:.2f} | "
-                             f"{s['tw_ms']:.2f} | {s['speedup']:.2f}x | {100 * s['efficiency']:.1f}% |")
-        lines += ["", f"## Pass-Q vs pass-KV across KV-cache miss rates ({self.world} GPUs)", "",
-                  "| miss rate | new T | cached P | pass-KV (ms) | pass-Q (ms) | pass-Q / pass-KV | auto picks | "
-                  "cost model picks |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for m in r["miss_rate"]:
-            lines.append(f"| {100 * m['miss_rate']:.2f}% | {m['new_tokens']} | {m['cached_tokens']} | "
-                         f"{m['pass_kv_ms']:.3f} | {m['pass_q_ms']:.3f} | {m['pass_q_ms'] / m['pass_kv_ms']:.2f} | "
-                         f"{m['auto_picks']} | {m.get('model_picks', 'n/a')} |")
-        if "crossover_miss_rate" in r:
-            lines += ["", f"First miss rate at which pass-KV is faster: {r['crossover_miss_rate']}; best single "
-                      f"threshold (least total relative loss, `best_threshold`): {r.get('pass_q_threshold')}; "
-                      f"auto's threshold in this run: {self.pass_q_threshold} (Meta: ~5%)."]
-        lines += ["", "## Checks", ""]
-        lines += [f"- {c['name']}: max |err| {c['max_abs_err']:.2e} — {'ok' if c['ok'] else '**FAILED**'}"
-                  for c in r["checks"]]
-        if r["skipped"]:
-            lines += ["", "Skipped (time budget): " + ", ".join(r["skipped"])]
-        if r.get("error"):
-            lines += ["", "**Error:**", "", "```", r["error"], "```"]
-        return "\n".join(lines) + "\n"
+                 f"{self.pass_q_fit}; auto's threshold in this run: {self.pass_q_threshold}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--out", default=None, help="directory for records.jsonl and the tables "
+                    "(default: the store on GPUs; nothing with --smoke)")
     ap.add_argument("--lengths", type=int, nargs="+", default=None, help="scaling: total tokens (default 32K 128K)")
     ap.add_argument("--worlds", type=int, nargs="+", default=None, help="scaling: GPU counts (default 2 and all)")
     ap.add_argument("--context", type=int, default=None, help="miss-rate sweep: P + T (default 128K)")
@@ -375,22 +310,22 @@ def main() -> None:
         b.scaling()
         b.miss_rates()
     except Exception:
-        b.results["error"] = traceback.format_exc()
-        print(f"rank {b.rank}: {b.results['error']}", file=sys.stderr, flush=True)
-        b.save()
+        print(f"rank {b.rank}: {traceback.format_exc()}", file=sys.stderr, flush=True)
+        if b.rank == 0 and b.records:
+            publish(b.records, args.out, on_gpu=b.cuda)  # what was measured before the failure
         raise
-    b.save()
-    b.plot()
-    if b.rank == 0 and args.write_thresholds and not small and "pass_q_threshold" in b.results:
-        thresholds.write_pass_q_miss_rate(b.env["gpu"], world, b.results["pass_q_threshold"])
-        print(f"stored pass-Q threshold {b.results['pass_q_threshold']} for {b.env['gpu']} x{world}", flush=True)
+    failed = [c["name"] for c in b.checks if not c["ok"]]
     if b.rank == 0:
-        failed = [c["name"] for c in b.results["checks"] if not c["ok"]]
-        print(f"wrote {b.stem}.json / .md in {time.monotonic() - b.t0:.0f} s"
+        if b.records:
+            publish(b.records, args.out, on_gpu=b.cuda)
+        print(f"finished in {time.monotonic() - b.t0:.0f} s"
               + (f"; FAILED checks: {failed}" if failed else "; all checks ok"), flush=True)
+    if b.rank == 0 and args.write_thresholds and not small and b.pass_q_fit is not None and not failed:
+        thresholds.write_pass_q_miss_rate(b.env["gpu"], world, b.pass_q_fit)
+        print(f"stored pass-Q threshold {b.pass_q_fit} for {b.env['gpu']} x{world}", flush=True)
     dist.barrier()
     dist.destroy_process_group()
-    if b.rank == 0 and any(not c["ok"] for c in b.results["checks"]):
+    if b.rank == 0 and failed:
         sys.exit(1)
 
 

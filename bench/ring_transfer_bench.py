@@ -13,12 +13,14 @@ over 4 GPUs: k + v = 128 MiB per rank and step). Two ways:
   view), and a second barrier says the source may be reused. The copy into the symmetric
   buffer that a real ring would need first is *not* counted, which favours peer_pull.
 
-Timing: CUDA events around ``--iters`` back-to-back steps, median of ``--reps``, max over ranks;
-GB/s = bytes received per rank per second. ``--write-thresholds`` stores the NCCL rate at 128 MiB
+Timing: CUDA events around ``--iters`` back-to-back steps, each of ``--reps`` repetitions the
+slowest rank's, median; GB/s = bytes received per rank per second. The records go to the store
+(bench/results/records.jsonl, or ``--out DIR``/records.jsonl) with the table and plot
+``ring_transfer_<card>_x<world>.md``/``.png`` (bench/report.py). ``--write-thresholds`` stores the NCCL rate at 128 MiB
 as the transfer rate of ring attention's pass-KV/pass-Q cost model (``ring_variant``). Run with
 torchrun on 2+ GPUs:
 
-    torchrun --standalone --nproc-per-node=2 bench/ring_transfer_bench.py --out bench/results
+    torchrun --standalone --nproc-per-node=2 bench/ring_transfer_bench.py
 """
 from __future__ import annotations
 
@@ -32,29 +34,19 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench.all_reduce_sweep import parse_size  # noqa: E402
-from bench.common import environment, header_lines, max_over_ranks, results_stem, write_json  # noqa: E402
+from bench.common import environment, header_lines, max_over_ranks, time_cuda  # noqa: E402
+from bench.records import record  # noqa: E402
+from bench.report import publish  # noqa: E402
 
 
-def time_ms(fn, iters: int, reps: int) -> float:
-    fn()
+def sync() -> None:
+    dist.barrier()
     torch.cuda.synchronize()
-    samples = []
-    for _ in range(reps):
-        dist.barrier()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / iters)
-    return statistics.median(samples)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--out", default=None, help="directory for records.jsonl and the tables (default: the store)")
     ap.add_argument("--sizes", nargs="+", default=["1M", "8M", "32M", "128M", "512M"])
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--reps", type=int, default=5)
@@ -94,31 +86,22 @@ def main() -> None:
 
         for name, fn in (("nccl_p2p", nccl_p2p), ("peer_pull", peer_pull)):
             recv[:n].zero_()
-            ms = max_over_ranks([time_ms(fn, args.iters, args.reps)], dev)[0]
-            ok = bool((recv[:n] == prv + 1).all().item())
-            row = {"bytes": n, "method": name, "ms": ms, "gbps": n / ms / 1e6, "check": ok}
-            rows.append(row)
+            samples = max_over_ranks(time_cuda(fn, args.iters, args.reps, False, sync), dev)
+            ok = torch.tensor([int((recv[:n] == prv + 1).all().item())], device=dev)
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+            gbps = n / (statistics.median(samples) * 1e-6) / 1e9
+            rows.append(record("ring_transfer", name, gpu=env["gpu"], world=world, dtype="uint8", mode="eager",
+                               params={"bytes": n}, us=samples, metrics={"gbps": round(gbps, 2)},
+                               error=None if ok.item() else "wrong data received"))
             if rank == 0:
-                print(f"{n / 2**20:8.1f} MiB  {name:10s} {ms * 1e3:9.1f} us  {row['gbps']:7.1f} GB/s  "
-                      f"{'ok' if ok else 'WRONG DATA'}", flush=True)
+                print(f"{n / 2**20:8.1f} MiB  {name:10s} {rows[-1]['us_median']:9.1f} us  {gbps:7.1f} GB/s  "
+                      f"{'ok' if ok.item() else 'WRONG DATA'}", flush=True)
     if rank == 0:
-        stem = results_stem(args.out, "ring_transfer", env, world)
-        write_json(stem + ".json", {"env": env, "config": vars(args), "rows": rows})
-        md = ["# One ring step's transfer: NCCL P2P vs a pull from peer memory", ""]
-        md += [f"    {line}" for line in header_lines(env)]
-        md += ["", "Bytes received per rank per step; median of reps, max over ranks.", "",
-               "| MiB | NCCL P2P (us) | GB/s | peer pull (us) | GB/s | NCCL / pull time |", "|---|---|---|---|---|---|"]
-        for n in sizes:
-            a, b = (next(r for r in rows if r["bytes"] == n and r["method"] == m) for m in ("nccl_p2p", "peer_pull"))
-            md.append(f"| {n / 2**20:.0f} | {a['ms'] * 1e3:.1f} | {a['gbps']:.1f} | {b['ms'] * 1e3:.1f} | "
-                      f"{b['gbps']:.1f} | {a['ms'] / b['ms']:.2f} |")
-        with open(stem + ".md", "w") as f:
-            f.write("\n".join(md) + "\n")
-        print(f"wrote {stem}.json / .md", flush=True)
-        if args.write_thresholds and all(r["check"] for r in rows):
+        publish(rows, args.out, on_gpu=True)
+        if args.write_thresholds and not any(r.get("error") for r in rows):
             from shardkit import thresholds
             size = max((n for n in sizes if n <= 128 << 20), default=min(sizes))
-            gbps = next(r["gbps"] for r in rows if r["bytes"] == size and r["method"] == "nccl_p2p")
+            gbps = next(r["metrics"]["gbps"] for r in rows if r["params"]["bytes"] == size and r["impl"] == "nccl_p2p")
             thresholds.write_ring_costs(env["gpu"], p2p_gbps=gbps)
             print(f"stored p2p_gbps {gbps:.1f} (NCCL P2P, {size >> 20} MiB) for {env['gpu']}", flush=True)
     dist.barrier()

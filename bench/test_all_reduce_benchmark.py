@@ -1,16 +1,17 @@
 """pytest-benchmark: shardkit all-reduce (flat, tree, auto) vs NCCL and torch symm_mem, per size.
 
     torchrun --standalone --nproc-per-node=4 -m pytest bench/test_all_reduce_benchmark.py \
-        --benchmark-group-by=group --benchmark-save=all_reduce
-Groups are "all_reduce <size> bf16", so each group's table puts shardkit next to NCCL;
-``--benchmark-compare`` compares saved runs the same way. Results are verified against NCCL first.
+        --benchmark-group-by=group [--records-out DIR]
+Groups are "all_reduce <size> bf16", so each group's table puts shardkit next to NCCL. Results are
+verified against NCCL first. Records: bench "pytest_all_reduce" (table
+``pytest_all_reduce_<card>_x<world>.md``).
 """
 import pytest
 import torch
 import torch.distributed as dist
 
 from bench.all_reduce_sweep import human, symm_mem_algos
-from bench.conftest import graph_of, run_pedantic
+from bench.conftest import graph_of, keep, run_pedantic
 
 SIZES = [4 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20]
 ALGOS = ["nccl", "flat", "tree", "auto", "symm_1shot", "symm_2shot"]
@@ -48,4 +49,6 @@ def test_all_reduce(benchmark, comm, algo, nbytes):
         torch.cuda.synchronize()
         rel = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
         assert rel < 1e-2, f"{algo} differs from NCCL (relative error {rel:.3g})"
-    run_pedantic(benchmark, graph_of(fn))
+    us = run_pedantic(benchmark, graph_of(fn))
+    impl = f"{algo}_{comm.kernels}" if algo in ("flat", "tree", "auto") else algo
+    keep("pytest_all_reduce", impl, {"bytes": nbytes}, us, world=comm.world_size)
