@@ -1,0 +1,223 @@
+"""A token-dimension pipeline over ``torch.distributed`` point-to-point (HPipe, Ma et al. 2024).
+
+One process per stage: rank ``m`` of the group runs a ``LlamaStage`` holding a contiguous run of
+layers and the KV cache of those layers. The prompt's slices flow through the stages in order;
+stage ``m`` receives slice ``j``'s activations from stage ``m - 1``, runs its layers over them
+(attending to the cached positions of slices ``0..j-1``), and sends the result on with an
+asynchronous ``isend``, so the transfer overlaps the next slice's compute; the receive of slice
+``j + 1`` is posted before slice ``j`` is computed. The last stage computes the LM head on the
+final slice only. Greedy decode then continues on the same stages: each new token goes from the
+last stage back to the first, and one token at a time passes through the stages, each reading
+and extending its own cache.
+
+Links: between two CUDA stages tensors travel as they are (NCCL); otherwise, or with
+``wire="host"`` (a slow link, as between hosts), through host memory over gloo (the sender copies
+to the CPU, the receiver back to its device). A process group with both (``"cpu:gloo,cuda:nccl"``)
+serves every mix; CPU-only groups use gloo.
+"""
+from __future__ import annotations
+
+import time
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .llama import LlamaStage
+from .slicing import check_slices
+
+__all__ = ["PipelineRuntime"]
+
+WIRES = ("auto", "host")
+
+
+class _Clock:
+    """Per-slice compute start/end on this rank: CUDA events, or the wall clock on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: List[object] = []
+
+    def now(self) -> object:
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def seconds(self) -> List[float]:
+        """Marks in seconds after the first one."""
+        if not self.marks:
+            return []
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return [self.marks[0].elapsed_time(e) * 1e-3 for e in self.marks]
+        return [t - self.marks[0] for t in self.marks]
+
+
+class PipelineRuntime:
+    """The pipeline over the ranks of ``group`` (default: the world), rank ``m`` running ``stage``.
+
+    Construction is collective: the ranks exchange their stages' layers, devices and shapes, and
+    every rank raises the same ValueError if the stages do not form one model in rank order (first
+    stage first, layers contiguous, same shape, dtype, batch and cache length).
+
+    Args:
+        stage: this rank's stage.
+        group: the process group (one rank per stage, in pipeline order).
+        wire: ``"auto"`` (CUDA-to-CUDA links carry device tensors, others go through host memory)
+            or ``"host"`` (every link through host memory over gloo).
+    """
+
+    def __init__(self, stage: LlamaStage, group: Optional[dist.ProcessGroup] = None, wire: str = "auto") -> None:
+        if wire not in WIRES:
+            raise ValueError(f"wire must be one of {WIRES}, got {wire!r}")
+        self.stage, self.group = stage, group if group is not None else dist.group.WORLD
+        self.index, self.stages = dist.get_rank(self.group), dist.get_world_size(self.group)
+        mine = (stage.device.type, stage.layers.start, stage.layers.stop, stage.first, stage.last, stage.config,
+                str(stage.dtype), stage.batch, stage.max_tokens)
+        infos: List[tuple] = [None] * self.stages  # type: ignore[list-item]
+        dist.all_gather_object(infos, mine, group=self.group)
+        problem = self._check_stages(infos)
+        if problem:
+            raise ValueError(f"PipelineRuntime: the stages do not form one model: {problem}")
+        self.devices = [info[0] for info in infos]
+        self.layers = [range(info[1], info[2]) for info in infos]
+        self.wire = wire
+        # Collectives (the final token broadcast) need one backend on every rank.
+        self._coll_device = stage.device if wire == "auto" and all(d == "cuda" for d in self.devices) else \
+            torch.device("cpu")
+        self._clock = _Clock(stage.device)
+
+    @staticmethod
+    def _check_stages(infos: List[tuple]) -> str:
+        n = len(infos)
+        for m, (_, start, stop, first, last, config, *_rest) in enumerate(infos):
+            if first != (m == 0) or last != (m == n - 1):
+                return (f"rank {m} has first={first}, last={last}; the first rank must hold the embedding "
+                        f"and only it, the last the LM head and only it")
+            if (infos[m - 1][2] if m else 0) != start:
+                return f"rank {m} starts at layer {start}, the rank before ends at {infos[m - 1][2] if m else 0}"
+            if stop - start < 1 and n > 1:
+                return f"rank {m} holds no layer"
+        if infos[-1][2] != infos[0][5].layers:
+            return f"the last rank ends at layer {infos[-1][2]}, the model has {infos[0][5].layers}"
+        for m, info in enumerate(infos):
+            if info[5:] != infos[0][5:]:
+                return (f"rank {m} has config/dtype/batch/max_tokens {info[5:]}, rank 0 has {infos[0][5:]}")
+        return ""
+
+    # --- links -------------------------------------------------------------------------------
+    def _wire_device(self, peer: int) -> torch.device:
+        if self.wire == "auto" and self.devices[peer] == "cuda" and self.stage.device.type == "cuda":
+            return self.stage.device
+        return torch.device("cpu")
+
+    def send(self, t: torch.Tensor, peer: int) -> Tuple[dist.Work, torch.Tensor]:
+        """Start sending ``t`` to stage ``peer``; returns the work and the tensor on the wire (keep
+        both until the work is waited for)."""
+        wire = t.to(self._wire_device(peer)).contiguous()
+        return dist.isend(wire, dist.get_global_rank(self.group, peer), group=self.group), wire
+
+    def post_recv(self, shape: Tuple[int, ...], dtype: torch.dtype, peer: int) -> Tuple[dist.Work, torch.Tensor]:
+        """Post the receive of a tensor from stage ``peer``; ``finish_recv`` returns it."""
+        buf = torch.empty(shape, dtype=dtype, device=self._wire_device(peer))
+        return dist.irecv(buf, dist.get_global_rank(self.group, peer), group=self.group), buf
+
+    def finish_recv(self, pending: Tuple[dist.Work, torch.Tensor]) -> torch.Tensor:
+        work, buf = pending
+        work.wait()
+        return buf.to(self.stage.device)
+
+    # --- prefill and decode ------------------------------------------------------------------
+    def _check_ids(self, ids: torch.Tensor, extra: int) -> None:
+        st = self.stage
+        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.dim() != 2 or ids.shape[0] != st.batch:
+            raise ValueError(f"ids must be an int64 tensor [batch={st.batch}, tokens], the same on every rank, "
+                             f"got {getattr(ids, 'dtype', type(ids))} {tuple(getattr(ids, 'shape', ()))}")
+        if ids.shape[1] + extra > st.max_tokens:
+            raise ValueError(f"ids: {ids.shape[1]} prompt tokens + {extra} generated exceed the KV cache of "
+                             f"{st.max_tokens} tokens")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= st.config.vocab):
+            raise ValueError(f"ids must lie in 0..{st.config.vocab - 1}")
+
+    def prefill(self, ids: torch.Tensor, slices: Sequence[int]) -> Optional[torch.Tensor]:
+        """Run the prompt ``ids`` through the pipeline in ``slices`` (token counts, in order).
+
+        Args:
+            ids: ``[B, L]`` int64 token ids, the same on every rank (only the first stage reads them).
+            slices: positive ints summing to ``L``, the same on every rank.
+
+        Returns:
+            On the last stage the logits of the final slice ``[B, slices[-1], vocab]``, else None.
+            The stages' KV caches then hold the whole prompt; ``timeline()`` gives this rank's
+            per-slice compute times.
+        """
+        slices = check_slices(slices)
+        self._check_ids(ids, 0)
+        if sum(slices) != ids.shape[1]:
+            raise ValueError(f"slices must sum to the prompt length {ids.shape[1]}, got {sum(slices)}")
+        st, m, n = self.stage, self.index, len(slices)
+        st.reset()
+        self._clock.marks = [self._clock.now()]
+        sends = []
+        hidden_shape = lambda s: (st.batch, s, st.config.hidden)  # noqa: E731
+        pending = None if st.first else self.post_recv(hidden_shape(slices[0]), st.dtype, m - 1)
+        pos, out = 0, None
+        for j, s in enumerate(slices):
+            if st.first:
+                x = ids[:, pos:pos + s].to(st.device)
+            else:
+                x = self.finish_recv(pending)
+                if j + 1 < n:  # the next slice's transfer proceeds while this one computes
+                    pending = self.post_recv(hidden_shape(slices[j + 1]), st.dtype, m - 1)
+            self._clock.marks.append(self._clock.now())
+            out = st.forward(x, pos, head=j == n - 1)
+            self._clock.marks.append(self._clock.now())
+            if not st.last:
+                sends.append(self.send(out, m + 1))
+            pos += s
+        for work, _ in sends:
+            work.wait()
+        return out if st.last else None
+
+    def timeline(self) -> List[Tuple[float, float]]:
+        """(start, end) seconds of each slice's compute on this rank in the last prefill, from its start."""
+        t = self._clock.seconds()
+        return [(t[1 + 2 * j], t[2 + 2 * j]) for j in range((len(t) - 1) // 2)]
+
+    def generate(self, ids: torch.Tensor, slices: Sequence[int], new_tokens: int
+                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Prefill ``ids`` in ``slices``, then greedily generate ``new_tokens`` tokens on the same stages.
+
+        Returns ``(tokens, logits)``: the generated ids ``[B, new_tokens]`` on every rank (on the
+        stage's device) and, on the last stage, the prefill's final-slice logits (else None).
+        """
+        if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
+            raise ValueError(f"new_tokens must be an int >= 1, got {new_tokens!r}")
+        self._check_ids(ids, new_tokens - 1)
+        logits = self.prefill(ids, slices)
+        st, m, last = self.stage, self.index, self.stages - 1
+        token = logits[:, -1].argmax(dim=-1, keepdim=True) if st.last else None
+        tokens = [token]
+        pos = ids.shape[1]
+        sends = []
+        for _ in range(new_tokens - 1):
+            if self.stages > 1 and st.last:
+                sends.append(self.send(token, 0))
+            if self.stages > 1 and st.first:
+                token = self.finish_recv(self.post_recv((st.batch, 1), torch.int64, last))
+            x = token if st.first else self.finish_recv(self.post_recv((st.batch, 1, st.config.hidden), st.dtype, m - 1))
+            y = st.forward(x, pos)
+            if st.last:
+                token = y[:, -1].argmax(dim=-1, keepdim=True)
+                tokens.append(token)
+            else:
+                sends.append(self.send(y, m + 1))
+            pos += 1
+        for work, _ in sends:
+            work.wait()
+        out = torch.cat(tokens, dim=1).to(self._coll_device) if st.last else \
+            torch.empty((st.batch, new_tokens), dtype=torch.int64, device=self._coll_device)
+        dist.broadcast(out, dist.get_global_rank(self.group, last), group=self.group)
+        return out.to(st.device), logits
