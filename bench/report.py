@@ -4,6 +4,7 @@
     python bench/report.py --bench all_reduce   # one benchmark
     python bench/report.py --merge FILE ...     # first add a device session's records.jsonl to the store
     python bench/report.py --store DIR/records.jsonl --out DIR    # the tables of another records file
+    python bench/report.py --commit 807a870 [--note v8-push]      # print an older run's tables
 
 One markdown table (and, where a picture helps, one PNG plot) per benchmark, GPU and world size:
 ``<bench>_<card>_x<world>.md`` / ``.png``, e.g. ``all_reduce_H200_x4.md``. Each shows the newest run
@@ -666,10 +667,16 @@ def main() -> None:
     p.add_argument("--out", default=None, help="directory for the tables (default: the records file's)")
     p.add_argument("--merge", nargs="+", default=[], metavar="FILE",
                    help="first append these records files (device sessions) to --store, skipping records it has")
+    p.add_argument("--commit", help="only runs of this commit (prefix); prints their tables unless --out is given")
+    p.add_argument("--note", help="only runs whose note starts with this text (e.g. an old version tag: v8-push)")
     args = p.parse_args()
     for fragment in args.merge:
         print(f"{fragment}: {store.merge(fragment, args.store)} new records -> {args.store}")
-    records = store.load(args.store)
+    records = [r for r in store.load(args.store) if (args.bench is None or r["bench"] == args.bench)
+               and r["commit"].startswith(args.commit or "") and r.get("note", "").startswith(args.note or "")]
+    if (args.commit or args.note) and not args.out:
+        print("\n\n".join(render(records)) or "no such run")
+        return
     written = write_reports(records, args.out or os.path.dirname(os.path.abspath(args.store)),
                             None if args.bench is None else {args.bench})
     print("wrote " + "\n      ".join(written))
