@@ -626,7 +626,7 @@ def update_readme(records: Records, path: str = README) -> list[str]:
     def block(m: re.Match) -> str:
         name, want_card, want_world = m.group(2), m.group(3), m.group(4)
         bench, renderer = README_BLOCKS[name]
-        chosen = [recs for (b, gpu, world), recs in newest(records, bench).items()
+        chosen = [recs for (b, gpu, world), recs in sorted(newest(records, bench).items(), key=lambda kv: kv[0][2])
                   if card(gpu) == want_card and (want_world is None or world == int(want_world))]
         if not chosen:
             return m.group(0)
