@@ -1,0 +1,211 @@
+"""The peer-memory transport of the MoE dispatcher: the Triton kernels of ``shardkit/kernels/moe``
+on the dispatcher's own PeerMemory (sized for the worst case of its configuration).
+
+A round, per rank, on one stream: layout -> counts exchange (barrier) -> [exact mode: the host reads
+the receive sizes] -> dispatch (barrier) -> the user's experts -> combine (barrier). The round's
+state (the layout's buffers, the counts' offsets, the received rows and metadata in the workspace)
+lives until the next dispatch, so the dispatcher runs one round at a time: dispatch, then combine.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import triton
+
+from ...errors import CollectiveError, ShardkitError
+from ...kernels.moe.combine import launch_combine
+from ...kernels.moe.counts import launch_counts
+from ...kernels.moe.dispatch import launch_dispatch, row_chunk
+from ...kernels.moe.layout import launch_layout, layout_programs
+from ...kernels.moe.workspace import BAD_EXPERT_ID, BAD_INPUT, RECV_OVERFLOW, moe_workspace
+from ...memory import protocol
+from ...memory.peer_memory import PeerMemory
+from ...memory.protocol import MAX_PROGRAMS, MISMATCH, SIGNAL_BYTES, call_signature, describe_failure
+from .config import MoeConfig, MoeHandle, SUPPORTED_DTYPES
+
+# Op codes of the MoE launches in the call fingerprints (protocol.OP_CODES holds one per kind of call).
+for _op, _code in (("moe_counts", 21), ("moe_dispatch", 22), ("moe_combine", 23)):
+    assert protocol.OP_CODES.get(_op, _code) == _code and _code not in (
+        v for k, v in protocol.OP_CODES.items() if k != _op), f"op code {_code} of {_op} taken"
+    protocol.OP_CODES[_op] = _code
+
+
+class PeerTransport:
+    """Dispatch/combine over peer memory for the ranks of ``group`` (see the module)."""
+
+    name = "peer"
+
+    def __init__(self, cfg: MoeConfig, group: dist.ProcessGroup, rank: int, backend: str, device: torch.device,
+                 timeout_iters: int, timeout_s: float, programs: int) -> None:
+        self.cfg, self.group, self.rank, self.device = cfg, group, rank, device
+        self.timeout_iters, self.timeout_s = timeout_iters, timeout_s
+        self.interpret = backend == "cpu"
+        ws = self.ws = moe_workspace(cfg.world, cfg.max_tokens, cfg.hidden, cfg.topk, cfg.num_experts, cfg.recv_rows,
+                                     cfg.expert_rows, cfg.dtype, cfg.fp8)
+        # The workspace uses everything past the signal area (staging + both epoch buffers) as one region.
+        self.memory = PeerMemory(group, buffer_bytes=-(-(ws.nbytes - SIGNAL_BYTES) // 3), backend=backend,
+                                 device=device)
+        self.programs = programs
+        elt = torch.empty((), dtype=cfg.dtype).element_size()
+        self.block_h, self.warps = row_chunk(cfg.hidden, elt, cfg.fp8, self.interpret)
+        self.combine_block_h, self.combine_warps = row_chunk(cfg.hidden, elt, False, self.interpret)
+        # Layout: chunks of >= 64 tokens over up to one program per SM (16 and 4 in the interpreter,
+        # so that the CPU tests' token counts span several chunks and blocks).
+        self.layout_min_chunk, self.layout_block_t, self.layout_max_programs, self.layout_warps = (
+            (16, 8, 4, 1) if self.interpret else (64, 64, programs, 4))
+        max_chunks = layout_programs(cfg.max_tokens, self.layout_min_chunk, self.layout_max_programs)[0]
+        fp = cfg.fingerprint()
+        self.sig_counts = call_signature("moe_counts", *fp)
+        self.sig_dispatch = call_signature("moe_dispatch", *fp, programs, self.block_h)
+        self.sig_combine = call_signature("moe_combine", *fp, programs, self.combine_block_h)
+
+        i32 = dict(dtype=torch.int32, device=device)
+        w, e, t, k = cfg.world, cfg.num_experts, cfg.max_tokens, cfg.topk
+        self.expert_rank = torch.tensor(cfg.expert_rank, **i32)
+        self.expert_local = torch.tensor(cfg.expert_local, **i32)
+        l_p2 = triton.next_power_of_2(cfg.max_local_experts)
+        l2g = torch.full((w, l_p2), -1, dtype=torch.int32)
+        for r, experts in enumerate(cfg.local_experts):
+            l2g[r, :len(experts)] = torch.tensor(experts, dtype=torch.int32)
+        self.l2g = l2g.to(device)
+        self.n_local = len(cfg.local_experts[rank])
+        # The round's local state (layout -> counts -> dispatch -> combine).
+        self.mask = torch.zeros(t, **i32)
+        self.chunk_pos = torch.zeros(t, w, **i32)
+        self.slot_pos = torch.zeros(t, k, **i32)
+        self.cursor = torch.zeros(e, **i32)
+        self.chunk_counts = torch.zeros(max_chunks, w, **i32)
+        self.chunk_bad = torch.zeros(max_chunks, **i32)
+        self.chunk_base = torch.zeros(max_chunks, w, **i32)
+        self.send_base = torch.zeros(w, **i32)
+        self.expert_base = torch.zeros(e, **i32)
+        self.recv_counts = torch.zeros(w, **i32)
+        self.recv_offsets = torch.zeros(w, **i32)
+        self.expert_offsets = torch.zeros(l_p2 + 1, **i32)
+        self.expert_counts = torch.zeros(l_p2, **i32)
+        self.recv_info = torch.zeros(2, **i32)
+        self._views(ws)
+        self.error: str | None = None
+
+    def _views(self, ws) -> None:
+        """Tensors over this rank's workspace regions (the received rows and their metadata)."""
+        buf = self.memory.buffer
+        cfg = self.cfg
+
+        def region(off: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+            nbytes = n * torch.empty((), dtype=dtype).element_size()
+            return buf[off:off + nbytes].view(dtype)
+
+        r, k = ws.recv_rows, ws.topk
+        payload = torch.float8_e4m3fn if cfg.fp8 else cfg.dtype
+        self.recv_x = region(ws.recv_x_off, r * ws.row_elems, payload).view(r, ws.row_elems)[:, :cfg.hidden]
+        self.scales = (region(ws.recv_scales_off, r * ws.scale_groups, torch.float32).view(r, ws.scale_groups)
+                       if cfg.fp8 else None)
+        self.src_rank = region(ws.src_rank_off, r, torch.int32)
+        self.src_token = region(ws.src_token_off, r, torch.int32)
+        self.local_expert = region(ws.local_expert_off, r * k, torch.int32).view(r, k)
+        self.weights = region(ws.weight_off, r * k, torch.float32).view(r, k)
+        self.expert_row = region(ws.expert_row_off, r * k, torch.int32).view(r, k)
+        self.expert_index = region(ws.expert_index_off, ws.expert_rows, torch.int32)
+
+    # ------------------------------------------------------------------ errors
+    def raise_if_failed(self) -> None:
+        if self.error is None and self.memory.error_record[0] != 0:
+            self.error = self._describe(self.memory.error_record)
+        if self.error is not None:
+            raise CollectiveError(self.error)
+
+    def _describe(self, record) -> str:
+        code, wanted, culprits, epoch = (int(v) for v in record)
+        ranks = [r for r in range(self.cfg.world) if culprits >> r & 1]
+        tail = (f" This dispatcher is unusable now; its outputs from this round on are NaN or stale. "
+                f"Create a new MoeDispatcher.")
+        head = f"shardkit MoE dispatch failed on rank {self.rank}: "
+        if code == BAD_EXPERT_ID:
+            return head + (f"rank(s) {ranks} passed expert ids outside [-1, {self.cfg.num_experts}) in topk_idx "
+                           f"(call {epoch}).") + tail
+        if code == BAD_INPUT:
+            return head + f"rank(s) {ranks} rejected their input to dispatch (see the error raised there)." + tail
+        if code == RECV_OVERFLOW:
+            return head + (f"rank(s) {ranks} would receive more rows than max_recv_tokens={self.cfg.recv_rows} "
+                           f"(up to {wanted}).") + tail
+        if code == MISMATCH:
+            return head + (f"rank(s) {ranks} disagree about this round (one rank rejected its combine input, or "
+                           f"the ranks' calls differ; call {epoch}).") + tail
+        return describe_failure(record, self.rank, self.cfg.world, self.timeout_s).replace(
+            "Create a new Communicator", "Create a new MoeDispatcher")
+
+    def poison_round(self) -> None:
+        """This rank rejected its dispatch input: take part in the counts exchange with no tokens and the
+        BAD_INPUT flag, so that every rank fails this round together instead of waiting for us."""
+        self._counts(tokens=0, n_chunks=0, input_error=1)
+
+    # ------------------------------------------------------------------ a round
+    def _counts(self, tokens: int, n_chunks: int, input_error: int) -> None:
+        mem, ws = self.memory, self.ws
+        launch_counts(mem.table, mem.error_record_addr, self.rank, self.cfg.world, self.sig_counts, mem.buffer_bytes,
+                      self.timeout_iters, self.chunk_counts, self.chunk_bad, self.cursor, self.l2g, self.chunk_base,
+                      self.send_base, self.expert_base, self.recv_counts, self.recv_offsets, self.expert_offsets,
+                      self.expert_counts, self.recv_info, n_chunks, tokens, input_error, self.cfg.align,
+                      ws.recv_rows, ws.expert_rows, ws.counts_off, ws.counts_row, ws.expert_index_off,
+                      num_warps=self.layout_warps)
+
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                 round_id: int) -> tuple[torch.Tensor, MoeHandle]:
+        cfg, mem, ws = self.cfg, self.memory, self.ws
+        self.raise_if_failed()
+        tokens = x.shape[0]
+        programs, chunk = layout_programs(tokens, self.layout_min_chunk, self.layout_max_programs)
+        launch_layout(topk_idx, self.expert_rank, self.mask, self.chunk_pos, self.slot_pos, self.cursor,
+                      self.chunk_counts, self.chunk_bad, cfg.world, programs, chunk, self.layout_block_t,
+                      self.layout_warps)
+        self._counts(tokens, programs, 0)
+        num_recv = num_expert_rows = None
+        if cfg.mode == "exact":
+            num_recv, num_expert_rows = self.recv_info.tolist()  # the host waits for the sizes here
+        if self.interpret or cfg.mode == "exact":
+            self.raise_if_failed()
+        launch_dispatch(x, topk_idx, topk_weights, self.expert_rank, self.expert_local, self.mask, self.chunk_pos,
+                        self.slot_pos, self.chunk_base, self.send_base, self.expert_base, mem.table,
+                        mem.error_record_addr, self.rank, cfg.world, self.sig_dispatch, mem.buffer_bytes,
+                        self.timeout_iters, chunk, ws, cfg.fp8, self.programs, self.block_h, self.warps)
+        if self.interpret:
+            self.raise_if_failed()
+        n = ws.recv_rows if num_recv is None else num_recv
+        x_rows = ws.expert_rows if num_expert_rows is None else num_expert_rows
+        handle = MoeHandle(round=round_id, tokens=tokens, hidden=cfg.hidden, dtype=cfg.dtype,
+                           src_rank=self.src_rank[:n], src_token=self.src_token[:n],
+                           local_expert=self.local_expert[:n], weights=self.weights[:n],
+                           expert_row=self.expert_row[:n], expert_index=self.expert_index[:x_rows],
+                           expert_offsets=self.expert_offsets[:self.n_local + 1],
+                           expert_counts=self.expert_counts[:self.n_local], recv_counts=self.recv_counts,
+                           recv_offsets=self.recv_offsets, recv_info=self.recv_info,
+                           scales=self.scales[:n] if self.scales is not None else None,
+                           num_recv=num_recv, num_expert_rows=num_expert_rows)
+        return self.recv_x[:n], handle
+
+    def combine(self, expert_out: torch.Tensor, handle: MoeHandle, residual: torch.Tensor | None,
+                out: torch.Tensor) -> torch.Tensor:
+        self.raise_if_failed()
+        self._combine(expert_out, residual, out, poisoned=False)
+        if self.interpret:
+            self.raise_if_failed()
+        return out
+
+    def poison_combine(self) -> None:
+        """This rank rejected its combine input: arrive at the combine barrier with another signature
+        and no work, so that the peers fail this round instead of waiting for us (ranks that all
+        rejected their input agree, and the dispatcher stays usable)."""
+        dummy = torch.empty(0, self.cfg.hidden, dtype=self.cfg.dtype, device=self.device)
+        self._combine(torch.empty(1, self.cfg.hidden, dtype=self.cfg.dtype, device=self.device), None, dummy,
+                      poisoned=True)
+
+    def _combine(self, expert_out: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor,
+                 poisoned: bool) -> None:
+        mem = self.memory
+        launch_combine(expert_out, residual, out, self.mask, mem.table, mem.error_record_addr, self.rank,
+                       self.cfg.world, self.sig_combine ^ int(poisoned), mem.buffer_bytes, self.timeout_iters,
+                       self.ws, poisoned, self.programs, self.combine_block_h, self.combine_warps)
+
+    def close(self) -> None:
+        self.memory.close()

@@ -1,0 +1,100 @@
+"""MoE combine: each received token's local experts reduced once on the expert side, one row per
+(token, source rank) pushed back, and the source's sum over ranks in rank order.
+
+Program p of G (G equal on every rank; items are (token, chunk of BLOCK_H channels), numbered
+``t * n_chunks + c``, program p taking items p, p + G, ...):
+  1. as a receiver, for every source s and each of s's items of program p whose token was sent
+     here (``inv[s][t] >= 0``, row i): ``sum over k in order of weight[i, k] * expert_out[expert_row[i, k]]``
+     in fp32, over the slots whose expert lives here; pushed in x's dtype to row (rank, t) of s's
+     ``comb`` region;
+  2. barrier with the peers' program p, which pushed to us exactly the items that we read next;
+  3. as the source, for its own items of program p: ``residual + sum over ranks r in mask[t], in
+     order 0..W-1, of comb[r][t]`` (fp32), stored in x's dtype.
+Every rank reduces in a fixed order whatever the arrival order, so the output is bitwise the same
+from run to run. A token with no expert gets the residual (or zeros). NaN where the round failed.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ..launch import CachedLauncher, int_key, ptr_key
+from ..peer_tiles import peer_ptr
+from ..sync import finish_call, peer_barrier, start_call
+
+
+@triton.jit(do_not_specialize=["error_record_addr", "rank", "sig", "buffer_bytes", "timeout_iters", "tokens",
+                               "skip"])
+def moe_combine_kernel(
+    expert_out_ptr,   # [rows, hidden] expert outputs in this rank's expert-major order (row stride hidden)
+    residual_ptr,     # [T, hidden] added to the output (read only when HAS_RESIDUAL)
+    out_ptr,          # out [T, hidden]
+    mask_ptr,         # int32[T] from this round's layout
+    table_ptr, error_record_addr, rank, sig, buffer_bytes, timeout_iters,  # the protocol's
+    tokens,           # T (this rank's)
+    skip,             # 1: do no work, only arrive (this rank rejected its input; see ``sig``)
+    hidden, max_tokens,
+    counts_off, counts_row, inv_off, weight_off, expert_row_off, comb_off, comb_elems,  # workspace.py
+    K: tl.constexpr, WORLD: tl.constexpr, WORLD_P2: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    DTYPE: tl.constexpr = out_ptr.dtype.element_ty
+    own, epoch, flag, ok, _ = start_call(table_ptr, rank, sig, buffer_bytes)
+    n_chunks = tl.cdiv(hidden, BLOCK_H)
+    offs = tl.arange(0, BLOCK_H)
+    if ok & (skip == 0):
+        counts = peer_ptr(table_ptr, rank, counts_off, tl.int32)
+        inv = peer_ptr(table_ptr, rank, inv_off, tl.int32)
+        weights = peer_ptr(table_ptr, rank, weight_off, tl.float32)
+        expert_rows = peer_ptr(table_ptr, rank, expert_row_off, tl.int32)
+        for s in tl.static_range(WORLD):
+            back = peer_ptr(table_ptr, s, comb_off, DTYPE) + rank * max_tokens * comb_elems
+            for item in range(pid, tl.load(counts + s * counts_row) * n_chunks, nprog):
+                t = item // n_chunks
+                i = tl.load(inv + s * max_tokens + t)
+                if i >= 0:
+                    cols = (item - t * n_chunks) * BLOCK_H + offs
+                    cmask = cols < hidden
+                    acc = tl.zeros([BLOCK_H], tl.float32)
+                    for k in tl.static_range(K):
+                        row = tl.load(expert_rows + i * K + k)
+                        w = tl.where(row >= 0, tl.load(weights + i * K + k), 0.0)
+                        v = tl.load(expert_out_ptr + row.to(tl.int64) * hidden + cols, mask=cmask & (row >= 0),
+                                    other=0.0)
+                        acc += w * v.to(tl.float32)
+                    tl.store(back + t * comb_elems + cols, acc.to(DTYPE), mask=cmask)
+    ok = peer_barrier(table_ptr, rank, 0, flag, ok, error_record_addr, timeout_iters, WORLD, WORLD_P2)
+    comb = peer_ptr(table_ptr, rank, comb_off, DTYPE)
+    for item in range(pid, tokens * n_chunks, nprog):
+        t = item // n_chunks
+        cols = (item - t * n_chunks) * BLOCK_H + offs
+        cmask = cols < hidden
+        bits = tl.load(mask_ptr + t)
+        if HAS_RESIDUAL:
+            acc = tl.load(residual_ptr + t * hidden + cols, mask=cmask, other=0.0).to(tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_H], tl.float32)
+        for r in tl.static_range(WORLD):
+            got = ok & (((bits >> r) & 1) != 0)
+            acc += tl.load(comb + (r * max_tokens + t) * comb_elems + cols, mask=cmask & got, other=0.0).to(tl.float32)
+        tl.store(out_ptr + t * hidden + cols, tl.where(ok, acc, float("nan")).to(DTYPE), mask=cmask)
+    finish_call(own, epoch)
+
+
+_launch = CachedLauncher(moe_combine_kernel)
+
+
+def launch_combine(expert_out: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor, mask: torch.Tensor,
+                   table: torch.Tensor, error_record_addr: int, rank: int, world: int, sig: int, buffer_bytes: int,
+                   timeout_iters: int, ws, skip: bool, programs: int, block_h: int, num_warps: int) -> None:
+    """Combine into ``out [T, hidden]``; ``ws``: the MoeWorkspace (see the module)."""
+    tokens, hidden = out.shape
+    consts = {"K": ws.topk, "WORLD": world, "WORLD_P2": triton.next_power_of_2(world), "BLOCK_H": block_h,
+              "HAS_RESIDUAL": residual is not None}
+    ints = (hidden, ws.max_tokens, ws.counts_off, ws.counts_row, ws.inv_off, ws.weight_off, ws.expert_row_off,
+            ws.comb_off, ws.comb_elems)
+    res = residual if residual is not None else out
+    key = (ptr_key(expert_out), ptr_key(res), ptr_key(out), *(int_key(v) for v in ints))
+    _launch(key, programs, (expert_out, res, out, mask, table, error_record_addr, rank, sig, buffer_bytes,
+                            timeout_iters, tokens, int(skip), *ints), consts, num_warps)

@@ -1,0 +1,112 @@
+"""The MoE workspace: where each region lives in every rank's peer memory, and the MoE error codes.
+
+The dispatcher owns its PeerMemory. The protocol's signal area (epoch, arrival flags, error record:
+``shardkit/memory/protocol.py``) stays where it is; everything after it is laid out here as one
+region (the staging / epoch-buffer split of the all-reduce does not apply: a dispatch + combine
+round is ordered by its own barriers, see below). Offsets are equal on every rank, because peers
+write into them; they are a pure function of the dispatcher's configuration.
+
+Regions (bytes from the workspace base, each 128-byte aligned)::
+
+    counts        int32[WORLD][counts_row]: row s is written by rank s in the counts launch:
+                  [tokens, flags, 0, 0, tokens to rank 0..W-1, (token, k) pairs to expert 0..E-1]
+    recv_x        [recv_rows][row_elems] received rows (x's dtype, or fp8 e4m3 bytes), rank-major:
+                  rows of source 0 first, each source's rows in token order
+    recv_scales   fp32[recv_rows][scale_groups] (fp8 only): one scale per 128 channels
+    src_rank      int32[recv_rows]
+    src_token     int32[recv_rows]
+    local_expert  int32[recv_rows][K]: this rank's local index of each top-k slot's expert, -1 if elsewhere
+    weight        fp32[recv_rows][K]: the top-k weights as the source passed them
+    expert_row    int32[recv_rows][K]: the slot's row in the expert-major order, -1 if elsewhere
+    inv           int32[WORLD][max_tokens]: receive row of (source, token), -1 if it was not sent here
+    expert_index  int32[expert_rows]: expert-major row -> receive row, -1 for alignment padding
+    comb          [WORLD][max_tokens][comb_elems] x's dtype: row (r, t) = rank r's sum for our token t
+
+Why one buffer suffices (no epoch parity): every region written by a peer in round n+1 is written
+after that peer passed the counts barrier of round n+1, which this rank reaches only after its
+combine of round n has finished reading. A round must therefore be dispatch then combine, each
+dispatch's outputs valid until the next dispatch (the dispatcher enforces the order).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...memory.protocol import SIGNAL_BYTES
+
+# Error codes of the MoE launches (first word of the error record), beside the protocol's 0..4.
+BAD_EXPERT_ID = 16   # an expert id outside [-1, experts) on the culprit ranks
+BAD_INPUT = 17       # the culprit ranks' hosts rejected their input (they raised with the reason)
+RECV_OVERFLOW = 18   # the culprit ranks would receive more rows than their capacity (slot = rows wanted)
+
+# Flag bits a rank puts in its counts row.
+FLAG_BAD_IDS = 1
+FLAG_BAD_INPUT = 2
+
+SCALE_GROUP = 128  # fp8 dispatch: channels per scale
+_ALIGN = 128
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+@dataclass(frozen=True)
+class MoeWorkspace:
+    """Byte offsets of the regions (see the module docstring) and the sizes that shape them."""
+
+    world: int
+    max_tokens: int
+    hidden: int
+    topk: int
+    experts: int
+    recv_rows: int
+    expert_rows: int
+    row_elems: int       # payload elements per receive row (hidden rounded up to 16 bytes)
+    comb_elems: int      # x's-dtype elements per comb row
+    scale_groups: int    # fp8 scales per row (0 without fp8)
+    counts_row: int      # int32 words per counts row
+    counts_off: int
+    recv_x_off: int
+    recv_scales_off: int
+    src_rank_off: int
+    src_token_off: int
+    local_expert_off: int
+    weight_off: int
+    expert_row_off: int
+    inv_off: int
+    expert_index_off: int
+    comb_off: int
+    nbytes: int          # end of the last region
+
+
+def moe_workspace(world: int, max_tokens: int, hidden: int, topk: int, experts: int, recv_rows: int,
+                  expert_rows: int, dtype: torch.dtype, fp8: bool) -> MoeWorkspace:
+    """The workspace layout for a dispatcher configuration (equal on every rank)."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    payload_elt = 1 if fp8 else elt
+    row_elems = _round_up(hidden, 16 // payload_elt)
+    comb_elems = _round_up(hidden, 16 // elt)
+    scale_groups = -(-hidden // SCALE_GROUP) if fp8 else 0
+    counts_row = _round_up(4 + world + experts, 4)
+    sizes = [
+        ("counts_off", world * counts_row * 4),
+        ("recv_x_off", recv_rows * row_elems * payload_elt),
+        ("recv_scales_off", recv_rows * scale_groups * 4),
+        ("src_rank_off", recv_rows * 4),
+        ("src_token_off", recv_rows * 4),
+        ("local_expert_off", recv_rows * topk * 4),
+        ("weight_off", recv_rows * topk * 4),
+        ("expert_row_off", recv_rows * topk * 4),
+        ("inv_off", world * max_tokens * 4),
+        ("expert_index_off", expert_rows * 4),
+        ("comb_off", world * max_tokens * comb_elems * elt),
+    ]
+    offsets, at = {}, _round_up(SIGNAL_BYTES, _ALIGN)
+    for name, size in sizes:
+        offsets[name] = at
+        at = _round_up(at + size, _ALIGN)
+    return MoeWorkspace(world=world, max_tokens=max_tokens, hidden=hidden, topk=topk, experts=experts,
+                        recv_rows=recv_rows, expert_rows=expert_rows, row_elems=row_elems, comb_elems=comb_elems,
+                        scale_groups=scale_groups, counts_row=counts_row, nbytes=at, **offsets)

@@ -1,0 +1,147 @@
+"""Functions that run on every rank of a ProcessWorld, shared by the CPU and GPU MoE tests.
+
+Each rank draws every rank's input from a seeded generator, so it can build the float64 reference
+and the list of rows it must receive by itself; results come back as small picklable summaries.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from shardkit import CollectiveError, ShardkitError
+from shardkit.collectives.moe import MoeDispatcher
+from shardkit.reference.moe import affine_experts, moe_inputs, moe_reference, received_tokens
+
+from ..collectives.rank_checks import DTYPES, device, digest, error_messages
+from ..tolerances import ROUNDING
+
+EXPERT_SEED = 99
+
+
+def moe_tol(dtype: torch.dtype, fp8: bool = False) -> dict:
+    """Tolerance of a combine output against float64: the expert output, each rank's partial sum and the
+    final sum are each rounded to the dtype once (three roundings of values ~ the output's size);
+    fp8 dispatch adds e4m3's 2**-4 relative rounding of the input."""
+    atol, rtol = ROUNDING[dtype]
+    if fp8:
+        return {"atol": 0.15, "rtol": 0.08}
+    return {"atol": 4 * atol, "rtol": 4 * rtol}
+
+
+def all_inputs(world: int, tokens: list[int], hidden: int, experts: int, topk: int, dtype: torch.dtype, seed: int,
+               routing: str, expert_rank: list[int]) -> list[tuple[torch.Tensor, ...]]:
+    return [moe_inputs(tokens[s], hidden, experts, topk, dtype, seed * 100 + s, routing, expert_rank)
+            for s in range(world)]
+
+
+def apply_experts(disp: MoeDispatcher, recv_x: torch.Tensor, handle, scale: torch.Tensor, bias: torch.Tensor,
+                  poison: bool = True) -> torch.Tensor:
+    """The test experts on this rank's expert-major rows: rows of local expert l (global g) become
+    ``rows * scale[g] + bias[g]``; padding and rows past the used ones are NaN (must never be read)."""
+    rows = handle.expert_major(recv_x).float()
+    out = torch.full_like(rows, float("nan")) if poison else torch.zeros_like(rows)
+    offsets = handle.expert_offsets.tolist()
+    counts = handle.expert_counts.tolist()
+    for l, g in enumerate(disp.local_experts):
+        lo, n = offsets[l], counts[l]
+        out[lo:lo + n] = rows[lo:lo + n] * float(scale[g]) + bias[g].to(rows.device)
+    return out.to(disp.cfg.dtype)
+
+
+def check_dispatch(disp: MoeDispatcher, recv_x: torch.Tensor, handle, inputs: list, fp8: bool) -> None:
+    """The received rows and metadata against the per-token expectation."""
+    cfg, rank = disp.cfg, disp.rank
+    idxs = [inp[1] for inp in inputs]
+    expected = received_tokens(idxs, list(cfg.expert_rank), rank)
+    n, x_rows = (int(v) for v in handle.recv_info.tolist())
+    assert n == len(expected), f"rank {rank}: received {n} rows, expected {len(expected)}"
+    if handle.num_recv is not None:
+        assert handle.num_recv == n and recv_x.shape[0] == n
+    counts = [sum(1 for s, _ in expected if s == src) for src in range(cfg.world)]
+    assert handle.recv_counts.tolist() == counts
+    assert handle.recv_offsets.tolist() == [sum(counts[:s]) for s in range(cfg.world)]
+    src_rank, src_token = handle.src_rank[:n].tolist(), handle.src_token[:n].tolist()
+    assert list(zip(src_rank, src_token)) == expected, f"rank {rank}: rows not in rank-major token order"
+    local = handle.local_expert[:n].cpu()
+    weights = handle.weights[:n].cpu()
+    expert_row = handle.expert_row[:n].cpu()
+    index = handle.expert_index[:x_rows].cpu()
+    offsets, per_expert = handle.expert_offsets.tolist(), handle.expert_counts.tolist()
+    assert offsets[-1] == x_rows
+    if n:
+        got = handle.dequantize(recv_x[:n]) if fp8 else recv_x[:n]
+        sent = torch.stack([inputs[s][0][t] for s, t in expected]).to(got.device)
+        if fp8:
+            torch.testing.assert_close(got.float(), sent.float(), atol=0.1, rtol=0.07)
+        else:
+            assert torch.equal(got, sent), f"rank {rank}: received rows differ from the sent ones"
+    seen = torch.zeros(x_rows, dtype=torch.int32)
+    for i, (s, t) in enumerate(expected):
+        ids, w = idxs[s][t], inputs[s][2][t]
+        for k in range(cfg.topk):
+            e = int(ids[k])
+            mine = e >= 0 and cfg.expert_rank[e] == rank
+            assert int(local[i, k]) == (cfg.expert_local[e] if mine else -1), (rank, i, k)
+            assert float(weights[i, k]) == float(w[k].float())
+            j = int(expert_row[i, k])
+            if mine:
+                l = cfg.expert_local[e]
+                assert offsets[l] <= j < offsets[l] + per_expert[l], (rank, i, k, j)
+                assert int(index[j]) == i
+                seen[j] += 1
+            else:
+                assert j == -1
+    # Every used expert-major row belongs to exactly one slot; padding rows are -1.
+    for l in range(len(disp.local_experts)):
+        lo, used = offsets[l], per_expert[l]
+        assert bool((seen[lo:lo + used] == 1).all())
+        assert bool((index[lo + used:offsets[l + 1]] == -1).all())
+        assert (offsets[l + 1] - lo) % cfg.align == 0
+
+
+def check_round(kwargs: dict, cases: list[tuple], seed: int) -> list[str]:
+    """Dispatch + experts + combine for each case ``(tokens per rank, routing, with residual)`` on one
+    dispatcher; every output against the float64 loop. Returns the outputs' digests."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    kwargs = dict(kwargs)
+    dtype = DTYPES[kwargs.pop("dtype", "bfloat16")]
+    disp = MoeDispatcher(dtype=dtype, **kwargs)
+    cfg = disp.cfg
+    scale, bias = affine_experts(cfg.num_experts, cfg.hidden, EXPERT_SEED)
+    digests = []
+    try:
+        for i, (tokens, routing, with_residual) in enumerate(cases):
+            inputs = all_inputs(world, tokens, cfg.hidden, cfg.num_experts, cfg.topk, dtype, seed + i, routing,
+                                list(cfg.expert_rank))
+            x, idx, w = (t.to(device()) for t in inputs[rank])
+            before = [t.clone() for t in (x, idx, w)]
+            recv_x, handle = disp.dispatch(x, idx, w)
+            check_dispatch(disp, recv_x, handle, inputs, cfg.fp8)
+            expert_out = apply_experts(disp, recv_x, handle, scale, bias)
+            if handle.num_expert_rows is None:  # graph mode: capacity rows, the rest poisoned
+                full = torch.full((disp.expert_capacity, cfg.hidden), float("nan"), dtype=dtype, device=device())
+                full[:expert_out.shape[0]] = expert_out
+                expert_out = full
+            residual = torch.randn(tokens[rank], cfg.hidden, generator=torch.Generator().manual_seed(seed + i)).to(
+                dtype).to(device()) if with_residual else None
+            out = torch.full((tokens[rank], cfg.hidden), float("nan"), dtype=dtype, device=device())
+            got = disp.combine(expert_out, handle, residual=residual, out=out)
+            assert got is out
+            for a, b in zip(before, (x, idx, w)):
+                assert torch.equal(a, b), "dispatch/combine modified an input"
+
+            def expert(e: int, row: torch.Tensor) -> torch.Tensor:
+                return row * float(scale[e]) + bias[e].double()
+
+            src = inputs[rank][0]
+            if cfg.fp8:  # the experts saw the e4m3 rows: the reference takes the sent values as they are
+                src = src.float()
+            ref = moe_reference(src, inputs[rank][1], inputs[rank][2], expert,
+                                residual.cpu() if residual is not None else None)
+            torch.testing.assert_close(out.cpu().double(), ref, **moe_tol(dtype, cfg.fp8),
+                                       msg=lambda m: f"case {i} {routing} tokens={tokens} rank {rank}: {m}")
+            digests.append(digest(out))
+        disp.check()
+    finally:
+        disp.close()
+    return digests
