@@ -12,7 +12,7 @@ residual [tokens, hidden] and weight [hidden], bf16:
   nccl_torch      dist.all_reduce(x) in place + torch add + F.rms_norm
   shardkit_torch  shardkit all_reduce (algo auto) + torch add + F.rms_norm
   fused_auto      Communicator.all_reduce_residual_rmsnorm(algo="auto")
-  fused_oneshot   ... algo="oneshot";  fused_twoshot: algo="twoshot"
+  fused_flat   ... algo="flat";  fused_tree: algo="tree"
 Every variant's result is checked against a float64 reference before it is timed; a wrong answer is
 reported as an error, not a time. Times: CUDA events around ``iters`` calls, median of ``reps``
 repetitions, max over ranks; "graph" captures the ``iters`` calls in one CUDA graph.
@@ -36,7 +36,7 @@ from bench.common import (best_cut, environment, header_lines, max_over_ranks, r
                           run_distributed, summarize, time_cuda, time_host, write_json)
 
 EPS = 1e-6
-VARIANTS = ("nccl_torch", "shardkit_torch", "fused_auto", "fused_oneshot", "fused_twoshot")
+VARIANTS = ("nccl_torch", "shardkit_torch", "fused_auto", "fused_flat", "fused_tree")
 Pair = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -58,7 +58,7 @@ def make_variants(comm, x: torch.Tensor, residual: torch.Tensor, weight: torch.T
         return lambda: comm.all_reduce_residual_rmsnorm(x, residual, weight, EPS, algo)
 
     return {"nccl_torch": nccl_torch, "shardkit_torch": shardkit_torch, "fused_auto": fused("auto"),
-            "fused_oneshot": fused("oneshot"), "fused_twoshot": fused("twoshot")}
+            "fused_flat": fused("flat"), "fused_tree": fused("tree")}
 
 
 def check(got: Pair, ref: Pair) -> str | None:
@@ -131,17 +131,17 @@ def add_speedups(records: list[dict]) -> None:
                 r[f"speedup_vs_{base}"] = b / r["us_median"]
 
 
-def twoshot_min_bytes(records: list[dict]) -> int | None:
+def tree_min_bytes(records: list[dict]) -> int | None:
     """x bytes from which two-shot should be used, fitted to the graph-mode times of both fused
     kernels (``best_cut``); twice the largest size if two-shot never wins. None without such times."""
     times = {}
     for r in records:
-        if r["mode"] == "graph" and r["variant"] in ("fused_oneshot", "fused_twoshot") and "us_median" in r:
+        if r["mode"] == "graph" and r["variant"] in ("fused_flat", "fused_tree") and "us_median" in r:
             times.setdefault((r["tokens"], r["hidden"]), {"bytes": r["bytes"]})[r["variant"]] = r["us_median"]
     rows = [t for t in times.values() if len(t) == 3]
     if not rows:
         return None
-    sizes, cut = best_cut(rows, "bytes", "fused_oneshot", "fused_twoshot")
+    sizes, cut = best_cut(rows, "bytes", "fused_flat", "fused_tree")
     return sizes[cut] if cut < len(sizes) else 2 * sizes[-1]
 
 
@@ -175,7 +175,7 @@ def markdown(env: dict, records: list[dict], world: int, functional: bool) -> st
                     row.append(cell)
             lines.append(f"| {tokens} x {hidden} | " + " | ".join(row) + f" | {picked} |")
         lines.append("")
-    crossover = twoshot_min_bytes(records)
+    crossover = tree_min_bytes(records)
     if crossover is not None:
         lines += [f"Fused one-shot / two-shot crossover fitted to the graph-mode times (`best_cut`): two-shot from "
                   f"{crossover} bytes of x.", ""]
@@ -192,11 +192,11 @@ def report(args: argparse.Namespace, env: dict, records: list[dict], world: int,
         f.write(text + "\n")
     print(text)
     print(f"\nwrote {stem}.json, .md")
-    crossover = twoshot_min_bytes(records)
+    crossover = tree_min_bytes(records)
     if args.write_thresholds and crossover is not None and not functional:
         from shardkit import thresholds
-        thresholds.write_rmsnorm_twoshot_min_bytes(env["gpu"], world, crossover)
-        print(f"stored rmsnorm_twoshot_min_bytes[{env['gpu']!r}][{world}] = {crossover}")
+        thresholds.write_rmsnorm_tree_min_bytes(env["gpu"], world, crossover)
+        print(f"stored rmsnorm tree_min_bytes[{env['gpu']!r}][{world}] = {crossover}")
 
 
 def main() -> None:

@@ -4,8 +4,9 @@
     torchrun --standalone --nproc-per-node=4 bench/tune_all_reduce.py --kernels cuda --algos tree
 
 Triton kernels: (BLOCK, max programs, warps). CUDA kernels: (threads, unroll, programs), unroll
-being the 16-byte packs per thread per tile. The shipped rule (``Communicator._launch_shape`` /
-``_cuda_shape``) is timed too, as "default".
+being the 16-byte packs per thread per tile. Each grid is passed to the Communicator as a launch
+config (``FlatConfig``/``TreeConfig``/``CudaConfig``); the shipped policy (``flat_config``,
+``tree_config`` beside each kernel) is timed too, as "default".
 
 CUDA-graph mode (``iters`` calls captured in one graph), bf16, median of reps, max over ranks,
 NCCL measured in the same run. Each result is checked against NCCL before it is timed.
@@ -49,11 +50,17 @@ def configs(args: argparse.Namespace, numel: int, world: int) -> list[tuple[str,
     return out
 
 
-def cuda_grid(config: tuple[int, int, int], elements: int, element_size: int) -> tuple[int, int, int]:
-    """(programs, threads, unroll) for Communicator._cuda_shape from a tuning grid."""
+def launch_config(kernels: str, algo: str, grid: tuple[int, int, int], elements: int, element_size: int):
+    """The launch config of a tuning grid for ``elements`` per rank (flat) or per shard (tree)."""
     from shardkit.kernels.all_reduce import cuda as cuda_dda
-    threads, unroll, progs = config
-    return cuda_dda.grid(elements, element_size, threads, unroll, progs), threads, unroll
+    from shardkit.kernels.all_reduce.flat import FlatConfig
+    from shardkit.kernels.all_reduce.tree import TreeConfig
+    if kernels == "cuda":
+        threads, unroll, progs = grid
+        return cuda_dda.CudaConfig(cuda_dda.grid(elements, element_size, threads, unroll, progs), threads, unroll)
+    block, progs, warps = grid
+    programs = max(1, min(progs, -(-elements // block)))
+    return (FlatConfig if algo == "flat" else TreeConfig)(block, programs, warps)
 
 
 def main() -> None:
@@ -78,8 +85,7 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", local_rank)
     comm = shardkit.Communicator(kernels=args.kernels)
-    shipped_cuda_shape = comm._cuda_shape
-    shipped_grid = (comm._block, comm._max_programs, comm._warps)
+    from shardkit.kernels.all_reduce.tree import shard_elements
 
     def sync() -> None:
         dist.barrier()
@@ -97,13 +103,10 @@ def main() -> None:
         records.append({"algo": "nccl", "bytes": nbytes, **nccl})
         best: dict[str, tuple] = {}
         for algo, config in configs(args, numel, world):
-            if args.kernels == "triton":
-                comm._block, comm._max_programs, comm._warps = shipped_grid if config == "default" else config
-            else:
-                comm._cuda_shape = (shipped_cuda_shape if config == "default" else
-                                    lambda algo, elements, element_size, c=config: cuda_grid(c, elements, element_size))
+            elements = shard_elements(numel, world) if algo == "tree" else numel
+            launch = None if config == "default" else launch_config(args.kernels, algo, config, elements, 2)
             out = torch.full_like(x, float("nan"))
-            comm.all_reduce(x, algo=algo, out=out)
+            comm.all_reduce(x, algo=algo, out=out, config=launch)
             torch.cuda.synchronize()
             rel = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
             rec = {"algo": algo, "bytes": nbytes, "kernels": args.kernels, "config": config}
@@ -113,7 +116,8 @@ def main() -> None:
                 records.append({**rec, "error": f"relative error {rel:.3g} vs NCCL"})
                 continue
             t = summarize(max_over_ranks(
-                time_cuda(lambda: comm.all_reduce(x, algo=algo, out=out), args.iters, args.reps, True, sync),
+                time_cuda(lambda: comm.all_reduce(x, algo=algo, out=out, config=launch), args.iters, args.reps, True,
+                          sync),
                 device))
             records.append({**rec, **t})
             if algo not in best or t["us_median"] < best[algo][0]:

@@ -1,21 +1,24 @@
 """Auto-selection tables, measured per (device, world size), in ``thresholds.json`` beside this file.
 
-* all-reduce: algorithm by message size; ``bench/all_reduce_sweep.py --write-thresholds`` rewrites
-  the entry of the GPU it ran on from measured crossovers.
-* fused all-reduce + residual + RMSNorm: the x size from which the two-shot kernel beats the
-  one-shot one (key ``"rmsnorm_twoshot_min_bytes"``); ``bench/all_reduce_rmsnorm_bench.py
-  --write-thresholds`` stores it. Where none was measured, the all-reduce rule decides (flat ->
-  one-shot).
-* ring attention: the KV-cache miss rate below which pass-Q beats pass-KV (key
-  ``"ring_pass_q_miss_rate"``); ``bench/ring_attention_bench.py --write-thresholds`` stores it.
-  Where none was measured for a device and group size, Meta's cost model decides with the
-  device's measured rates (key ``"ring_model"``: ``attention_tflops`` from
-  ``bench/attention_chunk_bench.py``, ``p2p_gbps`` from ``bench/ring_transfer_bench.py``, both
-  ``--write-thresholds``); unknown devices get Meta's 5%.
-* ring attention's local chunk kernel: the fastest of the Triton kernel and torch's SDPA
-  kernels with the LSE (key ``"chunk_backend"``); ``bench/attention_chunk_bench.py
-  --write-thresholds`` stores it. Unknown GPUs get torch's flash kernel where available; CPU
-  runs get the Triton kernel (the interpreter runs the kernels under test).
+The table is keyed by feature first, then GPU name (``"default"`` where unmeasured), then world size:
+
+* ``all_reduce``: algorithm by message size, ``[[max_bytes, algo], ...]`` (max_bytes null = beyond);
+  ``bench/all_reduce_sweep.py --write-thresholds`` rewrites the entry of the GPU it ran on from
+  measured crossovers.
+* ``rmsnorm`` / ``tree_min_bytes``: the x size from which the fused all-reduce + residual + RMSNorm's
+  tree kernel beats its flat one (``bench/all_reduce_rmsnorm_bench.py --write-thresholds``). Where
+  none was measured, the all-reduce rule decides.
+* ``ring`` / ``pass_q_miss_rate``: the KV-cache miss rate below which pass-Q beats pass-KV
+  (``bench/ring_attention_bench.py --write-thresholds``). Where none was measured for a device and
+  group size, Meta's cost model decides with the device's measured rates (``ring`` / ``model``:
+  ``attention_tflops`` from ``bench/attention_chunk_bench.py``, ``p2p_gbps`` from
+  ``bench/ring_transfer_bench.py``, both ``--write-thresholds``); unknown devices get Meta's 5%.
+* ``ring`` / ``chunk_backend``: ring attention's local chunk kernel, the fastest of the Triton kernel
+  and torch's SDPA kernels with the LSE (``bench/attention_chunk_bench.py --write-thresholds``).
+  Unknown GPUs get torch's flash kernel where available; CPU runs get the Triton kernel (the
+  interpreter runs the kernels under test).
+
+This module reads and writes the table only: it imports nothing from the rest of shardkit.
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ import os
 
 PATH = os.path.join(os.path.dirname(__file__), "thresholds.json")
 ALGOS = ("flat", "tree", "nccl")
+DEFAULT_PASS_Q_MISS_RATE = 0.05  # Meta (arXiv 2411.01783), H100 hosts
+RING_RATES = ("attention_tflops", "p2p_gbps")
 
 
 @functools.lru_cache(maxsize=None)
@@ -33,16 +38,30 @@ def load_table(path: str = PATH) -> dict:
         return json.load(f)
 
 
-def _store(table: dict, path: str) -> None:
+def _update(path: str, keys: tuple[str, ...], value) -> None:
+    """Set table[k0][k1]...[kn] = value in the file (creating the levels), then drop the cache."""
+    table = json.loads(json.dumps(load_table(path)))  # a deep copy: the cached table stays as read
+    node = table
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
     with open(path, "w") as f:
         json.dump(table, f, indent=2)
         f.write("\n")
     load_table.cache_clear()
 
 
+def _per_world(feature: str, key: str, device_name: str, world_size: int, table: dict | None):
+    """table[feature][key][device_name][world_size] (or that device's "default"), or None."""
+    table = load_table() if table is None else table
+    per_device = table.get(feature, {}).get(key, {}).get(device_name, {})
+    return per_device.get(str(world_size), per_device.get("default"))
+
+
+# ----------------------------------------------------------------------------- all-reduce
 def select_rules(device_name: str, world_size: int, table: dict | None = None) -> list[tuple[int | None, str]]:
     """The [(max_bytes or None, algo)] rules for a device name and world size (falling back to defaults)."""
-    table = load_table() if table is None else table
+    table = (load_table() if table is None else table)["all_reduce"]
     per_device = table.get(device_name, table["default"])
     rules = per_device.get(str(world_size), per_device.get("default", table["default"]["default"]))
     return [(None if b is None else int(b), a) for b, a in rules]
@@ -57,37 +76,31 @@ def choose(rules: list[tuple[int | None, str]], nbytes: int) -> str:
 
 
 def write_rules(device_name: str, world_size: int, rules: list[tuple[int | None, str]], path: str = PATH) -> None:
-    """Store measured rules for a device and world size in the table file."""
-    table = dict(load_table(path))
-    entry = dict(table.get(device_name, {}))
-    entry[str(world_size)] = [[b, a] for b, a in rules]
-    table[device_name] = entry
-    _store(table, path)
+    """Store measured rules for a device and world size."""
+    bad = [a for _, a in rules if a not in ALGOS]
+    if bad:
+        raise ValueError(f"write_rules: algorithms must be in {ALGOS}, got {bad}")
+    _update(path, ("all_reduce", device_name, str(world_size)), [[b, a] for b, a in rules])
 
 
-RING_KEY = "ring_pass_q_miss_rate"
-DEFAULT_PASS_Q_MISS_RATE = 0.05  # Meta (arXiv 2411.01783), H100 hosts
+# ----------------------------------------------------------------------------- fused RMSNorm
+def rmsnorm_tree_min_bytes(device_name: str, world_size: int, table: dict | None = None) -> int | None:
+    """Bytes of x from which the fused all-reduce + RMSNorm's tree kernel was measured faster than
+    its flat kernel on a device and world size, or None if not measured."""
+    value = _per_world("rmsnorm", "tree_min_bytes", device_name, world_size, table)
+    return None if value is None else int(value)
 
 
-def _per_world(key: str, device_name: str, world_size: int, table: dict | None) -> float | None:
-    """table[key][device_name][world_size] (or its "default"), or None."""
-    table = load_table() if table is None else table
-    per_device = table.get(key, {}).get(device_name, {})
-    value = per_device.get(str(world_size), per_device.get("default"))
-    return None if value is None else float(value)
+def write_rmsnorm_tree_min_bytes(device_name: str, world_size: int, nbytes: int, path: str = PATH) -> None:
+    """Store the measured flat / tree crossover of the fused kernels."""
+    _update(path, ("rmsnorm", "tree_min_bytes", device_name, str(world_size)), int(nbytes))
 
 
-def _write_per_world(key: str, device_name: str, world_size: int, value: float, path: str) -> None:
-    table = dict(load_table(path))
-    entries = dict(table.get(key, {}))
-    entries[device_name] = {**entries.get(device_name, {}), str(world_size): value}
-    table[key] = entries
-    _store(table, path)
-
-
+# ----------------------------------------------------------------------------- ring attention
 def measured_pass_q_miss_rate(device_name: str, world_size: int, table: dict | None = None) -> float | None:
     """The measured pass-Q / pass-KV crossover for a device and world size, or None."""
-    return _per_world(RING_KEY, device_name, world_size, table)
+    value = _per_world("ring", "pass_q_miss_rate", device_name, world_size, table)
+    return None if value is None else float(value)
 
 
 def pass_q_miss_rate(device_name: str, world_size: int, table: dict | None = None) -> float:
@@ -96,7 +109,9 @@ def pass_q_miss_rate(device_name: str, world_size: int, table: dict | None = Non
     return DEFAULT_PASS_Q_MISS_RATE if value is None else value
 
 
-RING_MODEL_KEY = "ring_model"
+def write_pass_q_miss_rate(device_name: str, world_size: int, miss_rate: float, path: str = PATH) -> None:
+    """Store a measured pass-Q / pass-KV crossover."""
+    _update(path, ("ring", "pass_q_miss_rate", device_name, str(world_size)), float(miss_rate))
 
 
 def ring_costs(device_name: str, table: dict | None = None) -> dict | None:
@@ -104,15 +119,15 @@ def ring_costs(device_name: str, table: dict | None = None) -> dict | None:
     "p2p_gbps": ...}``, the fields of ``collectives.attention.variant.RingCosts``), or None if
     either is missing."""
     table = load_table() if table is None else table
-    entry = table.get(RING_MODEL_KEY, {}).get(device_name, {})
-    if "attention_tflops" not in entry or "p2p_gbps" not in entry:
+    entry = table.get("ring", {}).get("model", {}).get(device_name, {})
+    if any(k not in entry for k in RING_RATES):
         return None
-    return {"attention_tflops": float(entry["attention_tflops"]), "p2p_gbps": float(entry["p2p_gbps"])}
+    return {k: float(entry[k]) for k in RING_RATES}
 
 
 def ring_variant_rule(device_name: str, world_size: int, table: dict | None = None) -> tuple[float, dict | None]:
     """How ``ring_attention(variant="auto")`` decides on a device and group size:
-    ``(threshold, None)`` for a measured crossover, ``(5%, costs)`` for Meta's cost model with the
+    ``(threshold, None)`` for a measured crossover, ``(5%, rates)`` for Meta's cost model with the
     device's measured rates (the threshold unused), ``(5%, None)`` for Meta's published rule."""
     measured = measured_pass_q_miss_rate(device_name, world_size, table)
     if measured is not None:
@@ -122,37 +137,12 @@ def ring_variant_rule(device_name: str, world_size: int, table: dict | None = No
 
 def write_ring_costs(device_name: str, path: str = PATH, **rates: float) -> None:
     """Store measured ``attention_tflops`` and/or ``p2p_gbps`` of a device for the ring cost model."""
-    unknown = set(rates) - {"attention_tflops", "p2p_gbps"}
+    unknown = set(rates) - set(RING_RATES)
     if unknown:
         raise ValueError(f"unknown ring_model rates {sorted(unknown)}")
-    table = dict(load_table(path))
-    models = dict(table.get(RING_MODEL_KEY, {}))
-    models[device_name] = {**models.get(device_name, {}), **{k: round(float(v), 1) for k, v in rates.items()}}
-    table[RING_MODEL_KEY] = models
-    _store(table, path)
-
-
-def write_pass_q_miss_rate(device_name: str, world_size: int, miss_rate: float, path: str = PATH) -> None:
-    """Store a measured pass-Q / pass-KV crossover."""
-    _write_per_world(RING_KEY, device_name, world_size, float(miss_rate), path)
-
-
-RMSNORM_KEY = "rmsnorm_twoshot_min_bytes"
-
-
-def rmsnorm_twoshot_min_bytes(device_name: str, world_size: int, table: dict | None = None) -> int | None:
-    """Bytes of x from which the fused all-reduce + RMSNorm's two-shot kernel was measured faster
-    than its one-shot kernel on a device and world size, or None if not measured."""
-    value = _per_world(RMSNORM_KEY, device_name, world_size, table)
-    return None if value is None else int(value)
-
-
-def write_rmsnorm_twoshot_min_bytes(device_name: str, world_size: int, nbytes: int, path: str = PATH) -> None:
-    """Store the measured one-shot / two-shot crossover of the fused kernels."""
-    _write_per_world(RMSNORM_KEY, device_name, world_size, int(nbytes), path)
-
-
-CHUNK_KEY = "chunk_backend"
+    entry = dict(load_table(path).get("ring", {}).get("model", {}).get(device_name, {}))
+    entry.update({k: round(float(v), 1) for k, v in rates.items()})
+    _update(path, ("ring", "model", device_name), entry)
 
 
 def chunk_backend(device_name: str, available: tuple, table: dict | None = None) -> str:
@@ -162,7 +152,7 @@ def chunk_backend(device_name: str, available: tuple, table: dict | None = None)
     if device_name == "cpu":
         return "triton"
     table = load_table() if table is None else table
-    best = table.get(CHUNK_KEY, {}).get(device_name)
+    best = table.get("ring", {}).get("chunk_backend", {}).get(device_name)
     if best == "triton" or best in available:
         return best
     return "flash" if "flash" in available else "triton"
@@ -170,6 +160,4 @@ def chunk_backend(device_name: str, available: tuple, table: dict | None = None)
 
 def write_chunk_backend(device_name: str, backend: str, path: str = PATH) -> None:
     """Store the measured fastest local attention kernel of a device."""
-    table = dict(load_table(path))
-    table[CHUNK_KEY] = {**table.get(CHUNK_KEY, {}), device_name: backend}
-    _store(table, path)
+    _update(path, ("ring", "chunk_backend", device_name), backend)

@@ -120,18 +120,18 @@ template <typename T, int VEC, int WORLD>
 __global__ void flat_kernel(AllReduceArgs a) {
   using P = Pack<T, VEC>;
   const CallState cs = start_call(a.table, a.rank, a.sig);
-  const int64_t half = kSignalBytes + a.half_bytes * (1 + (cs.epoch & 1));
-  const int64_t src = a.zero_copy ? a.x_offset : half;
+  const int64_t buf = epoch_buffer_offset(cs.epoch, a.buffer_bytes);
+  const int64_t src = a.zero_copy ? a.x_offset : buf;
   const int64_t packs = a.numel / VEC;
   bool ok = cs.ok;
   if (ok && !a.zero_copy) {
-    copy_packs<T, VEC, 1>(static_cast<const P*>(a.x), reinterpret_cast<P*>(a.table.base[a.rank] + half), 0, packs,
+    copy_packs<T, VEC, 1>(static_cast<const P*>(a.x), reinterpret_cast<P*>(a.table.base[a.rank] + buf), 0, packs,
                           1, true);
   }
-  if (ok) ok = block_barrier(a.table, a.rank, WORLD, blockIdx.x, cs, a.host_status, a.timeout_iters);
+  if (ok) ok = block_barrier(a.table, a.rank, WORLD, blockIdx.x, cs, a.host_error_record, a.timeout_iters);
   reduce_packs<T, VEC, WORLD, 1>(a.table, src, 0, packs, 1, ok, static_cast<P*>(a.out), nullptr);
   if (ok && a.zero_copy) {
-    block_barrier(a.table, a.rank, WORLD, kMaxPrograms + blockIdx.x, cs, a.host_status, a.timeout_iters);
+    block_barrier(a.table, a.rank, WORLD, kMaxPrograms + blockIdx.x, cs, a.host_error_record, a.timeout_iters);
   }
   finish_call(a.table, a.rank, cs.epoch);
 }
@@ -144,10 +144,10 @@ __global__ void __launch_bounds__(kMaxTreeThreads) tree_kernel(AllReduceArgs a, 
   constexpr int U = VEC == 1 ? 1 : max_unroll(WORLD);
   const int unroll = min(a.unroll, U);
   const CallState cs = start_call(a.table, a.rank, a.sig);
-  const int64_t half = kSignalBytes + a.half_bytes * (1 + (cs.epoch & 1));
-  const int64_t src = a.zero_copy ? a.x_offset : half;
+  const int64_t buf = epoch_buffer_offset(cs.epoch, a.buffer_bytes);
+  const int64_t src = a.zero_copy ? a.x_offset : buf;
   const int64_t packs = a.numel / VEC, shard_packs = shard / VEC;
-  P* own = reinterpret_cast<P*>(a.table.base[a.rank] + half);
+  P* own = reinterpret_cast<P*>(a.table.base[a.rank] + buf);
   P* out = static_cast<P*>(a.out);
   auto shard_lo = [&](int s) { return min(int64_t(s) * shard_packs, packs); };
   auto shard_hi = [&](int s) { return min(int64_t(s + 1) * shard_packs, packs); };
@@ -157,13 +157,13 @@ __global__ void __launch_bounds__(kMaxTreeThreads) tree_kernel(AllReduceArgs a, 
       copy_packs<T, VEC, U>(static_cast<const P*>(a.x), own, shard_lo(s), shard_hi(s), unroll, true);
     }
   }
-  if (ok) ok = block_barrier(a.table, a.rank, WORLD, blockIdx.x, cs, a.host_status, a.timeout_iters);
-  // Reduce-scatter: our shard, summed over all ranks, into out and into our half.
+  if (ok) ok = block_barrier(a.table, a.rank, WORLD, blockIdx.x, cs, a.host_error_record, a.timeout_iters);
+  // Reduce-scatter: our shard, summed over all ranks, into out and into our epoch buffer.
   reduce_packs<T, VEC, WORLD, U>(a.table, src, shard_lo(a.rank), shard_hi(a.rank), unroll, ok, out, own);
-  if (ok) ok = block_barrier(a.table, a.rank, WORLD, kMaxPrograms + blockIdx.x, cs, a.host_status, a.timeout_iters);
+  if (ok) ok = block_barrier(a.table, a.rank, WORLD, kMaxPrograms + blockIdx.x, cs, a.host_error_record, a.timeout_iters);
   for (int j = 1; j < WORLD; ++j) {  // all-gather: the peers' reduced shards
     const int s = (a.rank + j) % WORLD;
-    copy_packs<T, VEC, U>(reinterpret_cast<const P*>(a.table.base[s] + half), out, shard_lo(s), shard_hi(s),
+    copy_packs<T, VEC, U>(reinterpret_cast<const P*>(a.table.base[s] + buf), out, shard_lo(s), shard_hi(s),
                           unroll, ok);
   }
   finish_call(a.table, a.rank, cs.epoch);
@@ -172,7 +172,7 @@ __global__ void __launch_bounds__(kMaxTreeThreads) tree_kernel(AllReduceArgs a, 
 template <typename T, template <typename, int, int> class Launch, typename... Extra>
 cudaError_t dispatch(const AllReduceArgs& a, cudaStream_t stream, Extra... extra) {
   constexpr int kVec = 16 / sizeof(T);
-  if (a.numel * int64_t(sizeof(T)) > a.half_bytes) return cudaErrorInvalidValue;  // chunk on the host
+  if (a.numel * int64_t(sizeof(T)) > a.buffer_bytes) return cudaErrorInvalidValue;  // chunk on the host
   const bool aligned = a.numel % kVec == 0 && reinterpret_cast<uintptr_t>(a.x) % 16 == 0 &&
                        reinterpret_cast<uintptr_t>(a.out) % 16 == 0 && a.x_offset % 16 == 0;
   auto go = [&](auto vec) -> cudaError_t {

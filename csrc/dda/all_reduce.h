@@ -1,5 +1,6 @@
 // DDA flat (one-shot) and tree (two-shot) all-reduce on peer memory: host entry points.
-// Raw pointers and CUDA runtime types only (no torch headers); the torch binding is csrc/binding.cpp.
+// Raw pointers and CUDA runtime types only (no torch headers); the one binding layer is c_api.cu (C entry
+// points for ctypes: shardkit/kernels/all_reduce/cuda.py).
 #pragma once
 #include <cuda_runtime.h>
 

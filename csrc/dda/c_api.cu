@@ -7,21 +7,21 @@
 
 namespace {
 
-shardkit::AllReduceArgs make_args(uintptr_t x, uintptr_t out, const int64_t* table, int world, uintptr_t host_status,
-                                  int64_t numel, int rank, uint32_t sig, int64_t x_offset, int64_t half_bytes,
+shardkit::AllReduceArgs make_args(uintptr_t x, uintptr_t out, const int64_t* table, int world, uintptr_t host_error_record,
+                                  int64_t numel, int rank, uint32_t sig, int64_t x_offset, int64_t buffer_bytes,
                                   int64_t timeout_iters, int zero_copy, int programs, int threads, int unroll,
                                   int dtype) {
   shardkit::AllReduceArgs a{};
   a.x = reinterpret_cast<const void*>(x);
   a.out = reinterpret_cast<void*>(out);
   for (int r = 0; r < world && r < shardkit::kMaxWorld; ++r) a.table.base[r] = reinterpret_cast<char*>(table[r]);
-  a.host_status = reinterpret_cast<int*>(host_status);
+  a.host_error_record = reinterpret_cast<int*>(host_error_record);
   a.numel = numel;
   a.rank = rank;
   a.world = world;
   a.sig = sig;
   a.x_offset = x_offset;
-  a.half_bytes = half_bytes;
+  a.buffer_bytes = buffer_bytes;
   a.timeout_iters = timeout_iters;
   a.zero_copy = zero_copy != 0;
   a.programs = programs;
@@ -36,20 +36,20 @@ shardkit::AllReduceArgs make_args(uintptr_t x, uintptr_t out, const int64_t* tab
 extern "C" {
 
 // table: host array of `world` workspace addresses; stream: a cudaStream_t (0 = legacy default).
-int shardkit_flat_all_reduce(uintptr_t x, uintptr_t out, const int64_t* table, int world, uintptr_t host_status,
-                             int64_t numel, int rank, uint32_t sig, int64_t x_offset, int64_t half_bytes,
+int shardkit_flat_all_reduce(uintptr_t x, uintptr_t out, const int64_t* table, int world, uintptr_t host_error_record,
+                             int64_t numel, int rank, uint32_t sig, int64_t x_offset, int64_t buffer_bytes,
                              int64_t timeout_iters, int zero_copy, int programs, int threads, int unroll, int dtype,
                              uintptr_t stream) {
-  const auto a = make_args(x, out, table, world, host_status, numel, rank, sig, x_offset, half_bytes, timeout_iters,
+  const auto a = make_args(x, out, table, world, host_error_record, numel, rank, sig, x_offset, buffer_bytes, timeout_iters,
                            zero_copy, programs, threads, unroll, dtype);
   return shardkit::flat_all_reduce(a, reinterpret_cast<cudaStream_t>(stream));
 }
 
-int shardkit_tree_all_reduce(uintptr_t x, uintptr_t out, const int64_t* table, int world, uintptr_t host_status,
-                             int64_t numel, int rank, uint32_t sig, int64_t x_offset, int64_t half_bytes,
+int shardkit_tree_all_reduce(uintptr_t x, uintptr_t out, const int64_t* table, int world, uintptr_t host_error_record,
+                             int64_t numel, int rank, uint32_t sig, int64_t x_offset, int64_t buffer_bytes,
                              int64_t timeout_iters, int zero_copy, int programs, int threads, int unroll, int dtype,
                              int64_t shard, uintptr_t stream) {
-  const auto a = make_args(x, out, table, world, host_status, numel, rank, sig, x_offset, half_bytes, timeout_iters,
+  const auto a = make_args(x, out, table, world, host_error_record, numel, rank, sig, x_offset, buffer_bytes, timeout_iters,
                            zero_copy, programs, threads, unroll, dtype);
   return shardkit::tree_all_reduce(a, shard, reinterpret_cast<cudaStream_t>(stream));
 }

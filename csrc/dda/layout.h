@@ -1,7 +1,15 @@
-// Workspace layout shared with the Triton kernels (shardkit/kernels/sync.py): keep the two in step.
-// tests/kernels/test_cuda_layout.py checks that the numbers agree.
+// The workspace protocol shared with the Triton kernels: the twin of shardkit/memory/protocol.py (its
+// one Python owner; read its docstring for the layout). tests/kernels/test_cuda_layout.py compiles this
+// header and checks that every constant, the dtype codes and the epoch-buffer rule agree.
 #pragma once
 #include <cstdint>
+
+// The header is plain C++ too (tests/kernels/test_cuda_layout.py compiles it with the host compiler).
+#ifdef __CUDACC__
+#define SHARDKIT_HOST_DEVICE __host__ __device__
+#else
+#define SHARDKIT_HOST_DEVICE
+#endif
 
 namespace shardkit {
 
@@ -16,6 +24,12 @@ constexpr int64_t kSignalBytes = 64 * 1024;
 
 enum Status : int { kOk = 0, kArrived = 1, kMismatch = 2, kTimeout = 3, kAborted = 4 };
 
+// Byte offset of the epoch buffer a call of `epoch` stages into: [signal][staging][buffer 0][buffer 1]
+// (protocol.epoch_buffer_offset).
+SHARDKIT_HOST_DEVICE constexpr int64_t epoch_buffer_offset(uint32_t epoch, int64_t buffer_bytes) {
+  return kSignalBytes + buffer_bytes * (1 + int64_t(epoch & 1));
+}
+
 static_assert(kSlotsOff + int64_t(kNumStages) * kMaxPrograms * kMaxWorld * 8 <= kSignalBytes,
               "flag slots must fit in the signal area");
 
@@ -24,6 +38,7 @@ struct PeerTable {
   char* base[kMaxWorld];
 };
 
+// FFI dtype codes (protocol.DTYPE_CODES).
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // One all-reduce call on one rank (host side). Same meaning as the Triton launchers' arguments.
@@ -31,13 +46,13 @@ struct AllReduceArgs {
   const void* x;          // [numel] this rank's input (ignored when zero_copy)
   void* out;              // [numel] output, may alias x
   PeerTable table;        // workspaces of ranks 0..world-1
-  int* host_status;       // int32[4] error record in device-visible host memory
+  int* host_error_record;       // int32[4] error record in device-visible host memory
   int64_t numel;
   int rank;
   int world;              // 2..kMaxWorld
   uint32_t sig;           // 31-bit call signature, equal on all ranks
   int64_t x_offset;       // zero_copy: byte offset of x inside every workspace
-  int64_t half_bytes;     // bytes of one half of the double-buffered staging area
+  int64_t buffer_bytes;   // bytes of one epoch buffer (and of the staging area)
   int64_t timeout_iters;  // barrier polls before giving up
   bool zero_copy;
   int programs;           // grid size, 1..kMaxPrograms

@@ -51,22 +51,22 @@ __device__ inline CallState start_call(const PeerTable& t, int rank, uint32_t si
   return s;
 }
 
-__device__ inline void record_error(const PeerTable& t, int rank, int* host_status, int code, int slot,
+__device__ inline void record_error(const PeerTable& t, int rank, int* host_error_record, int code, int slot,
                                     int culprits, uint32_t epoch) {
   int* device_record = reinterpret_cast<int*>(t.base[rank] + kErrorOff);
   if (atomicCAS(device_record, 0, code) == 0) {
-    host_status[1] = slot;
-    host_status[2] = culprits;
-    host_status[3] = int(epoch);
+    host_error_record[1] = slot;
+    host_error_record[2] = culprits;
+    host_error_record[3] = int(epoch);
     __threadfence_system();
-    atomicExch(host_status, code);
+    atomicExch(host_error_record, code);
   }
 }
 
 // Barrier with the same-numbered block of every rank; returns true on success. All threads call it.
 // `slot` = stage * kMaxPrograms + blockIdx.x.
 __device__ inline bool block_barrier(const PeerTable& t, int rank, int world, int slot, const CallState& cs,
-                                     int* host_status, int64_t timeout_iters) {
+                                     int* host_error_record, int64_t timeout_iters) {
   __shared__ int s_code;
   __shared__ int s_culprits;
   if (threadIdx.x == 0) {
@@ -106,7 +106,7 @@ __device__ inline bool block_barrier(const PeerTable& t, int rank, int world, in
   __syncthreads();
   const int code = s_code;
   if (threadIdx.x == 0 && (code == kMismatch || code == kTimeout)) {
-    record_error(t, rank, host_status, code, slot, s_culprits, cs.epoch);
+    record_error(t, rank, host_error_record, code, slot, s_culprits, cs.epoch);
   }
   return code == 0;
 }

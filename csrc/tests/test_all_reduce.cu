@@ -43,8 +43,8 @@ template <> DType dtype_of<__nv_bfloat16>() { return DType::kBFloat16; }
 
 template <typename T>
 int check(int world, bool tree, int64_t numel, int threads, int unroll, int calls, double tol, std::mt19937& gen) {
-  const int64_t half_bytes = 1 << 20;
-  const int64_t ws_bytes = kSignalBytes + 3 * half_bytes;
+  const int64_t buffer_bytes = 1 << 20;
+  const int64_t ws_bytes = kSignalBytes + 3 * buffer_bytes;
   PeerTable table{};
   std::vector<int*> status(world);
   std::vector<cudaStream_t> streams(world);
@@ -75,7 +75,7 @@ int check(int world, bool tree, int64_t numel, int threads, int unroll, int call
     const int64_t shard = (numel + 16 * world - 1) / (16 * world) * 16;
     for (int r = 0; r < world; ++r) {
       AllReduceArgs a{x[r], out[r], table, status[r], numel, r, world, 12345u + uint32_t(numel),
-                      0, half_bytes, 1 << 26, false, 3, threads, unroll, dtype_of<T>()};
+                      0, buffer_bytes, 1 << 26, false, 3, threads, unroll, dtype_of<T>()};
       CHECK(tree ? tree_all_reduce(a, shard, streams[r]) : flat_all_reduce(a, streams[r]));
     }
     CHECK(cudaDeviceSynchronize());

@@ -16,28 +16,23 @@ from __future__ import annotations
 import socket
 import warnings
 
-from triton import next_power_of_2 as triton_next_pow2
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .. import thresholds
 from ..errors import CollectiveError, ShardkitError
 from ..kernels.all_reduce import cuda as cuda_dda
-from ..kernels.all_reduce.flat import launch_flat_all_reduce
-from ..kernels.all_reduce.rmsnorm import (MAX_HIDDEN, chunk_columns, chunk_warps, default_warps,
-                                          launch_all_reduce_rmsnorm, max_rows)
-from ..kernels.all_reduce.rmsnorm import call_signature as rmsnorm_signature
-from ..kernels.all_reduce.tree import launch_tree_all_reduce
-from ..kernels.sync import LOCAL_WAIT_SLOT, MAX_PROGRAMS, MISMATCH, TIMEOUT
+from ..kernels.all_reduce.flat import FlatConfig, flat_config, launch_flat_all_reduce
+from ..kernels.all_reduce.rmsnorm import (MAX_HIDDEN, RMSNormConfig, launch_all_reduce_rmsnorm, max_rows,
+                                          rmsnorm_config)
+from ..kernels.all_reduce.tree import TreeConfig, launch_tree_all_reduce, shard_elements, tree_config
 from ..memory.peer_memory import PeerMemory, in_interpreter
-from .. import thresholds
+from ..memory.protocol import DTYPE_CODES, MAX_PROGRAMS, call_signature, describe_failure, float_bits
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_DTYPE_CODE = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
-# Both kernel families share the workspace but map work to programs differently: the signature
-# tells them apart, so ranks that disagree about the kernels fail instead of mixing data.
-_ALGO_CODE = {("flat", "triton"): 1, ("tree", "triton"): 2, ("flat", "cuda"): 3, ("tree", "cuda"): 4}
+# A launch grid: the Triton kernels' FlatConfig / TreeConfig or the CUDA kernels' CudaConfig.
+LaunchConfig = FlatConfig | TreeConfig | cuda_dda.CudaConfig
 KERNELS = ("auto", "triton", "cuda")
 ALGOS = ("auto", "flat", "tree", "nccl")
 
@@ -58,30 +53,20 @@ def get_communicator(group_name: str) -> "Communicator":
             f"shardkit.Communicator(group) on every rank first") from None
 
 
-def call_signature(algo: str, kernels: str, numel: int, dtype: torch.dtype, x_offset: int,
-                   packed: bool = True) -> int:
-    """31-bit fingerprint of a call; ranks compare it at the first barrier. ``packed``: the CUDA
-    kernels move 16-byte packs (x and out 16-byte aligned, numel a multiple of a pack) or single
-    elements, which maps elements to blocks differently, so ranks must agree on it too."""
-    h = (_ALGO_CODE[algo, kernels] * 1_000_003 + _DTYPE_CODE[dtype]) * 2_147_483_629
-    h = (h ^ numel) * 1_000_000_007 + x_offset + 1
-    return (h + (0 if packed else 7919)) % 2_147_483_647
-
-
 class Communicator:
     """All-reduce for the ranks of ``group`` (default: the world), all of which must construct it.
 
     Args:
         group: the process group. NCCL groups use the cuda backend, gloo groups the cpu backend
             (Triton kernels in the interpreter, ranks on one host).
-        half_bytes: per-call workspace capacity (see PeerMemory); larger inputs go in chunks.
+        buffer_bytes: per-call workspace capacity (see PeerMemory); larger inputs go in chunks.
         timeout_s: how long a barrier waits for a peer before the call fails (approximate).
         rules: [(max_bytes or None, algo)] for algo="auto"; default from thresholds.json.
         kernels: "triton", "cuda" (the CUDA C++ kernels of csrc/, GPUs only, when built) or "auto"
             (cuda where built, else triton). Every rank must choose the same.
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None, *, half_bytes: int | None = None,
+    def __init__(self, group: dist.ProcessGroup | None = None, *, buffer_bytes: int | None = None,
                  timeout_s: float = DEFAULT_TIMEOUT_S, rules: list | None = None, kernels: str = "auto") -> None:
         if not dist.is_initialized():
             raise ShardkitError("Communicator needs an initialised torch.distributed process group")
@@ -106,20 +91,18 @@ class Communicator:
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "cuda" else torch.device("cpu")
         self.device_name = torch.cuda.get_device_name(self.device) if self.backend == "cuda" else "cpu"
         self.rules = rules if rules is not None else thresholds.select_rules(self.device_name, self.world_size)
-        self._rmsnorm_twoshot_min_bytes = thresholds.rmsnorm_twoshot_min_bytes(self.device_name, self.world_size)
+        self._rmsnorm_tree_min_bytes = thresholds.rmsnorm_tree_min_bytes(self.device_name, self.world_size)
         self.memory: PeerMemory | None = None
         self.fallback_reason = self._peer_access_problem()
         if self.fallback_reason is None:
-            self.memory = PeerMemory(self.group, half_bytes=half_bytes, backend=self.backend, device=self.device)
+            self.memory = PeerMemory(self.group, buffer_bytes=buffer_bytes, backend=self.backend, device=self.device)
         elif self.rank == 0:
             warnings.warn(f"shardkit: peer-memory collectives disabled, using NCCL: {self.fallback_reason}",
                           stacklevel=2)
-        if self.backend == "cuda":
-            props = torch.cuda.get_device_properties(self.device)
-            self._max_programs = min(MAX_PROGRAMS, props.multi_processor_count)
-            self._block = self._warps = None  # by size: see _launch_shape
-        else:  # the interpreter runs programs one after another: few, large ones are fastest
-            self._max_programs, self._block, self._warps = 2, 512, 1
+        # The launch policies (beside each kernel) take the SM count; the interpreter has its own.
+        self._sm_count = (torch.cuda.get_device_properties(self.device).multi_processor_count
+                          if self.backend == "cuda" else 0)
+        self._interpret = self.backend == "cpu"
         self._timeout_iters = int(self.timeout_s * _POLLS_PER_S[self.backend])
         self._host_table = (cuda_dda.HostTable(self.memory.table.tolist())
                             if self.memory is not None and self.kernels == "cuda" else None)
@@ -154,13 +137,17 @@ class Communicator:
         return bad[0] if bad else None
 
     # ------------------------------------------------------------------ public API
-    def all_reduce(self, x: torch.Tensor, algo: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
+    def all_reduce(self, x: torch.Tensor, algo: str = "auto", out: torch.Tensor | None = None, *,
+                   config: LaunchConfig | None = None) -> torch.Tensor:
         """Sum of ``x`` over the ranks, in a new tensor or in ``out``.
 
         x: contiguous fp32/fp16/bf16 tensor on this rank's device, any shape; same shape and dtype
            on every rank. Not modified (unless ``out`` is ``x``).
         algo: "auto" | "flat" | "tree" | "nccl".
         out: optional contiguous tensor of x's shape, dtype and device (may be ``x``).
+        config: the launch grid instead of the launch policy's (for tuning): a ``FlatConfig`` /
+           ``TreeConfig`` (Triton kernels) or a ``CudaConfig`` (CUDA kernels), with algo "flat" or
+           "tree"; the same on every rank. It applies to every chunk of the call.
         Returns the reduced tensor (``out`` when given). fp32 accumulation, ranks summed in rank
         order: every rank gets bitwise the same result.
         """
@@ -172,12 +159,12 @@ class Communicator:
             if out.shape != x.shape or out.dtype != x.dtype:
                 raise ValueError(f"all_reduce: out must have x's shape {tuple(x.shape)} and dtype {x.dtype}, "
                                  f"got {tuple(out.shape)} and {out.dtype}")
-        return self._run(x, out, algo)
+        return self._run(x, out, algo, config)
 
-    def all_reduce_(self, x: torch.Tensor, algo: str = "auto") -> torch.Tensor:
-        """In-place sum of ``x`` over the ranks; returns ``x``."""
+    def all_reduce_(self, x: torch.Tensor, algo: str = "auto", *, config: LaunchConfig | None = None) -> torch.Tensor:
+        """In-place sum of ``x`` over the ranks; returns ``x``; arguments as ``all_reduce``."""
         self._validate(x, "x")
-        return self._run(x, x, algo)
+        return self._run(x, x, algo, config)
 
     def staging_buffer(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
         """A tensor in this rank's peer-visible staging area: all-reduce it without a copy.
@@ -219,33 +206,16 @@ class Communicator:
             raise ValueError(f"all_reduce: {name} must be contiguous (call .contiguous() first)")
 
     def _raise_if_failed(self) -> None:
-        if self._error is None and self.memory is not None and self.memory.status_view[0] != 0:
-            self._error = self._describe_failure()
+        if self._error is None and self.memory is not None and self.memory.error_record[0] != 0:
+            self._error = describe_failure(self.memory.error_record, self.rank, self.world_size, self.timeout_s)
         if self._error is not None:
             raise CollectiveError(self._error)
 
-    def _describe_failure(self) -> str:
-        code, slot, culprits, epoch = (int(v) for v in self.memory.status_view)
-        ranks = [r for r in range(self.world_size) if culprits >> r & 1]
-        stage = slot // MAX_PROGRAMS
-        where = f"barrier {stage} of call {epoch}"
-        if slot == LOCAL_WAIT_SLOT and code == TIMEOUT:
-            what = (f"the programs of this rank's own launch did not all run within {self.timeout_s:g} s (call "
-                    f"{epoch}; they wait for each other, so they must all fit on the GPU at once: is other "
-                    f"work holding its SMs?)")
-        elif code == MISMATCH:
-            what = (f"rank(s) {ranks} called with a different element count, dtype, algorithm or "
-                    f"buffer than this rank ({where}); every rank must make the same calls")
-        elif code == TIMEOUT:
-            what = f"rank(s) {ranks} did not arrive within {self.timeout_s:g} s ({where})"
-        else:
-            what = f"error code {code} at {where}"
-        return (f"shardkit collective failed on rank {self.rank}: {what}. This communicator is unusable "
-                f"now; its outputs from this call on are NaN. Create a new Communicator.")
-
-    def _run(self, x: torch.Tensor, out: torch.Tensor, algo: str) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, out: torch.Tensor, algo: str, config: LaunchConfig | None) -> torch.Tensor:
         if algo not in ALGOS:
             raise ValueError(f"all_reduce: algo must be one of {ALGOS}, got {algo!r}")
+        if config is not None and algo not in ("flat", "tree"):
+            raise ValueError(f"all_reduce: a config needs algo 'flat' or 'tree', got {algo!r}")
         self._raise_if_failed()
         nbytes = x.numel() * x.element_size()
         if algo == "auto":
@@ -263,94 +233,72 @@ class Communicator:
         x_offset = mem.holds(x)
         # A flat in-place call must stage: peers read our input until they are done.
         zero_copy = x_offset is not None and x_offset % 16 == 0 and not (algo == "flat" and out is x)
-        if zero_copy or nbytes <= mem.half_bytes:
-            self._launch(algo, x.view(-1), out.view(-1), x_offset if zero_copy else 0, zero_copy)
+        xs, outs = x.view(-1), out.view(-1)
+        if zero_copy or nbytes <= mem.buffer_bytes:
+            self._launch(algo, xs, outs, x_offset if zero_copy else 0, zero_copy, config, x.numel(), 0, 1)
         else:
-            step = mem.half_bytes // x.element_size()
-            xs, outs = x.view(-1), out.view(-1)
-            for lo in range(0, x.numel(), step):
-                self._launch(algo, xs[lo:lo + step], outs[lo:lo + step], 0, False)
+            step = mem.buffer_bytes // x.element_size()
+            chunks = -(-x.numel() // step)
+            for i in range(chunks):
+                lo = i * step
+                self._launch(algo, xs[lo:lo + step], outs[lo:lo + step], 0, False, config, x.numel(), i, chunks)
         if self.backend == "cpu":
             self._raise_if_failed()
         return out
 
-    def _launch_shape(self, algo: str, elements: int) -> tuple[int, int, int]:
-        """(BLOCK, programs, warps) for ``elements`` per rank (flat) or per shard (tree).
+    def _launch(self, algo: str, x: torch.Tensor, out: torch.Tensor, x_offset: int, zero_copy: bool,
+                config: LaunchConfig | None, total: int, chunk: int, chunks: int) -> None:
+        """One kernel launch on chunk ``chunk`` of ``chunks`` of a call over ``total`` elements.
 
-        Measured on 4xH200 (bench/tune_all_reduce.py, docs/PERFORMANCE.md): the copies are latency
-        bound, so the best grid gives every program about one tile and spreads over all SMs; the
-        tree kernel grows its tile with the shard so that ~64 programs suffice.
+        The fingerprint covers the whole call (total count, chunk index and count), the work map
+        (algorithm, kernel family, grid, packed/unaligned CUDA path) and the zero-copy offset: ranks
+        whose calls differ in any of these fail at the first barrier instead of mixing data.
         """
-        if self._block is not None:
-            block, warps = self._block, self._warps
-        elif algo == "flat":
-            block, warps = 2048, 8 if elements <= (1 << 17) else 16
-        else:
-            block = min(8192, max(1024, triton_next_pow2(-(-elements // 64))))
-            warps = 8 if elements <= 4096 else 4
-        return block, max(1, min(self._max_programs, -(-elements // block))), warps
-
-    def _launch(self, algo: str, x: torch.Tensor, out: torch.Tensor, x_offset: int, zero_copy: bool) -> None:
         mem = self.memory
         numel = x.numel()
+        shard = shard_elements(numel, self.world_size) if algo == "tree" else 0
+        config = config if config is not None else self._config(algo, numel, shard, x.element_size())
+        self._check_config(algo, config)
         packed = self.kernels != "cuda" or (x.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0
                                             and numel % (16 // x.element_size()) == 0)
-        sig = call_signature(algo, self.kernels, numel, x.dtype, x_offset if zero_copy else -1, packed)
-        # Tree shards of a multiple of 16 elements keep every shard start 16-byte aligned (vector loads).
-        shard = -(-numel // (16 * self.world_size)) * 16 if algo == "tree" else 0
+        sig = call_signature(f"all_reduce_{algo}_{self.kernels}", total, chunk, chunks, numel,
+                             DTYPE_CODES[x.dtype], x_offset if zero_copy else -1, packed, *vars(config).values())
+        common = dict(error_record_addr=mem.error_record_addr, rank=self.rank, sig=sig, x_offset=x_offset,
+                      buffer_bytes=mem.buffer_bytes, timeout_iters=self._timeout_iters, zero_copy=zero_copy,
+                      config=config)
         if self.kernels == "cuda":
-            self._launch_cuda(algo, x, out, x_offset, zero_copy, sig, shard)
-            return
-        common = dict(table=mem.table, status_addr=mem.status_addr, rank=self.rank, world=self.world_size,
-                      sig=sig, x_offset=x_offset, half_bytes=mem.half_bytes,
-                      timeout_iters=self._timeout_iters, zero_copy=zero_copy)
-        if algo == "flat":
-            block, programs, warps = self._launch_shape(algo, numel)
-            launch_flat_all_reduce(x, out, programs=programs, block=block, num_warps=warps, **common)
+            launch = cuda_dda.launch_flat_all_reduce if algo == "flat" else cuda_dda.launch_tree_all_reduce
+            launch(x, out, table=self._host_table, **common, **({"shard": shard} if algo == "tree" else {}))
+        elif algo == "flat":
+            launch_flat_all_reduce(x, out, table=mem.table, world=self.world_size, **common)
         else:
-            block, programs, warps = self._launch_shape(algo, shard)
-            launch_tree_all_reduce(x, out, programs=programs, shard=shard, block=block, num_warps=warps,
-                                   **common)
+            launch_tree_all_reduce(x, out, table=mem.table, world=self.world_size, shard=shard, **common)
 
-    def _launch_cuda(self, algo: str, x: torch.Tensor, out: torch.Tensor, x_offset: int, zero_copy: bool,
-                     sig: int, shard: int) -> None:
-        """The CUDA C++ kernels, launched through ctypes with the grid of ``_cuda_shape``."""
-        mem = self.memory
-        common = dict(table=self._host_table, status_addr=mem.status_addr, rank=self.rank, sig=sig,
-                      x_offset=x_offset, half_bytes=mem.half_bytes, timeout_iters=self._timeout_iters,
-                      zero_copy=zero_copy)
+    def _config(self, algo: str, numel: int, shard: int, element_size: int) -> LaunchConfig:
+        """The launch policy's grid for this call (a pure function of the shape: the same on every rank)."""
+        if self.kernels == "cuda":
+            if algo == "flat":
+                return cuda_dda.flat_config(numel, element_size, self._sm_count)
+            return cuda_dda.tree_config(shard, element_size, self.world_size, self._sm_count)
         if algo == "flat":
-            programs, threads, unroll = self._cuda_shape(algo, x.numel(), x.element_size())
-            cuda_dda.launch_flat_all_reduce(x, out, programs=programs, threads=threads, unroll=unroll, **common)
-        else:
-            programs, threads, unroll = self._cuda_shape(algo, shard, x.element_size())
-            cuda_dda.launch_tree_all_reduce(x, out, programs=programs, threads=threads, unroll=unroll, shard=shard,
-                                            **common)
+            return flat_config(numel, element_size, self._sm_count, self._interpret)
+        return tree_config(shard, element_size, self._sm_count, self._interpret)
 
-    def _cuda_shape(self, algo: str, elements: int, element_size: int) -> tuple[int, int, int]:
-        """(programs, threads, unroll) of a CUDA launch over ``elements`` per rank (flat) or per shard (tree).
-
-        Flat: one 16-byte pack per thread per tile, 512 threads (measured faster than Triton's flat
-        grid); tuning may set the threads through ``_warps``. Tree (bench/tune_all_reduce.py
-        --kernels cuda on 2 and 4 H200s, ``tune_all_reduce_cuda_H200_x{2,4}_*``): 256 threads, every
-        tile at once up to one program per SM, and more packs in flight per thread as the shard
-        grows: 1 up to 256 KiB per shard, 2 up to 2 MiB, then 4 (8 on 2 GPUs was not measured).
-        """
-        if algo == "flat":
-            threads, unroll = (512 if self._block is None else min(1024, 32 * self._warps)), 1
-        else:
-            shard_bytes = elements * element_size
-            threads = cuda_dda.max_tree_threads()
-            unroll = min(1 if shard_bytes <= 256 << 10 else 2 if shard_bytes <= 2 << 20 else 4,
-                         cuda_dda.max_unroll(self.world_size))
-        return cuda_dda.grid(elements, element_size, threads, unroll, self._max_programs), threads, unroll
+    def _check_config(self, algo: str, config: LaunchConfig) -> None:
+        expected = cuda_dda.CudaConfig if self.kernels == "cuda" else FlatConfig if algo == "flat" else TreeConfig
+        if type(config) is not expected:
+            raise TypeError(f"all_reduce: config for algo={algo!r} on the {self.kernels} kernels must be a "
+                            f"{expected.__name__}, got {type(config).__name__}")
+        if not 1 <= config.programs <= MAX_PROGRAMS:
+            raise ValueError(f"all_reduce: config.programs must be in 1..{MAX_PROGRAMS}, got {config.programs}")
 
     # ------------------------------------------------------------------ fused all-reduce + residual + RMSNorm
-    RMSNORM_ALGOS = ("auto", "oneshot", "twoshot", "nccl")
+    RMSNORM_ALGOS = ("auto", "flat", "tree", "nccl")
 
     def all_reduce_residual_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                                     eps: float = 1e-6, algo: str = "auto", *, out: torch.Tensor | None = None,
-                                    residual_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                                    residual_out: torch.Tensor | None = None,
+                                    config: RMSNormConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """All-reduce ``x``, add ``residual``, RMSNorm: the tensor-parallel sync point of a Llama block.
 
         x: [..., hidden] this rank's partial sum (e.g. a row-parallel linear's output); contiguous
@@ -359,17 +307,22 @@ class Communicator:
            stream). Not modified.
         weight: [hidden] RMSNorm weight, x's dtype, equal on every rank. Not modified.
         eps: RMSNorm epsilon (>= 0).
-        algo: "oneshot" (every rank reduces every row, one barrier), "twoshot" (reduce-scatter by
-           rows, in chunks over all SMs, norm, all-gather), "nccl" (dist.all_reduce + add + F.rms_norm), or "auto": two-shot
-           from the measured crossover for this GPU and world size (thresholds.json), one-shot
-           below; without one, one-shot where the all-reduce rules pick flat; nccl without peer memory.
+        algo: "flat" (one-shot: every rank reduces every row, one barrier), "tree" (two-shot:
+           reduce-scatter by rows, in chunks over all SMs, norm, all-gather), "nccl"
+           (dist.all_reduce + add + F.rms_norm), or "auto": tree from the measured crossover for
+           this GPU and world size (thresholds.json), flat below; without one, flat where the
+           all-reduce rules pick flat; nccl without peer memory.
         out, residual_out: optional contiguous buffers of x's shape and dtype (e.g. static buffers for
            CUDA graphs); each may be x or residual itself, but not overlap anything else.
+        config: the launch grid instead of the launch policy's (``rmsnorm_config``; for tuning),
+           with algo "flat" or "tree"; the same on every rank.
         Returns (out, residual_out) with residual_out = residual + sum over ranks of x and
         out = residual_out * rsqrt(mean(residual_out**2, -1) + eps) * weight, fp32 math, in x's
         dtype; bitwise identical on every rank (ranks summed in rank order).
         """
         hidden = self._check_rmsnorm_args(x, residual, weight, eps, algo, out, residual_out)
+        if config is not None and algo not in ("flat", "tree"):
+            raise ValueError(f"all_reduce_residual_rmsnorm: a config needs algo 'flat' or 'tree', got {algo!r}")
         self._raise_if_failed()
         out = torch.empty_like(x) if out is None else out
         residual_out = torch.empty_like(x) if residual_out is None else residual_out
@@ -388,48 +341,37 @@ class Communicator:
             raise ShardkitError(f"all_reduce_residual_rmsnorm(algo={algo!r}) needs peer memory, which this group "
                                 f"lacks: {self.fallback_reason}")
         mem = self.memory
-        two_shot = algo == "twoshot"
         rows = [t.view(-1, hidden) for t in (x, residual, out, residual_out)]
         tokens = rows[0].shape[0]
-        if two_shot:
-            block_c, warps, programs = self._twoshot_shape(tokens, hidden)
-        else:
-            block_c, warps, programs = 0, self._warps or default_warps(hidden), self._max_programs
-        step = max_rows(hidden, x.element_size(), mem.half_bytes, two_shot, block_c)
+        if config is None:
+            config = rmsnorm_config(algo, tokens, hidden, self.world_size, self._sm_count, self._interpret)
+        elif type(config) is not RMSNormConfig or not 1 <= config.programs <= MAX_PROGRAMS or (
+                (algo == "tree") != (config.block_c > 0)):
+            raise ValueError(f"all_reduce_residual_rmsnorm: config must be an RMSNormConfig with 1..{MAX_PROGRAMS} "
+                             f"programs and block_c > 0 exactly for algo 'tree', got {config!r}")
+        step = max_rows(hidden, x.element_size(), mem.buffer_bytes, algo, config.block_c)
         if step == 0:
             raise ValueError(f"all_reduce_residual_rmsnorm: one row of x ({hidden} x {x.dtype}) does not fit the "
-                             f"workspace half ({mem.half_bytes} bytes): use a larger half_bytes or algo='nccl'")
-        for lo in range(0, tokens, step):
-            xc, rc, oc, roc = (t[lo:lo + step] for t in rows)
-            n = xc.shape[0]
-            busy = -(-n // self.world_size) * -(-hidden // block_c) if two_shot else n  # work items
-            sig = rmsnorm_signature(two_shot, n, hidden, _DTYPE_CODE[x.dtype], block_c)
-            launch_all_reduce_rmsnorm(xc, rc, weight, oc, roc, mem.table, mem.status_addr, self.rank,
-                                      self.world_size, sig, eps, mem.half_bytes, self._timeout_iters, two_shot,
-                                      programs=min(programs, busy), num_warps=warps, block_c=block_c)
+                             f"epoch buffer ({mem.buffer_bytes} bytes): use a larger buffer_bytes or algo='nccl'")
+        chunks = -(-tokens // step)
+        for i in range(chunks):
+            xc, rc, oc, roc = (t[i * step:(i + 1) * step] for t in rows)
+            # The whole call in the fingerprint: total rows, this chunk, eps, grid (ranks passing a
+            # different eps would otherwise compute different outputs without noticing).
+            sig = call_signature(f"rmsnorm_{algo}", tokens, i, chunks, xc.shape[0], hidden, DTYPE_CODES[x.dtype],
+                                 float_bits(eps), *vars(config).values())
+            launch_all_reduce_rmsnorm(xc, rc, weight, oc, roc, mem.table, mem.error_record_addr, self.rank,
+                                      self.world_size, sig, eps, mem.buffer_bytes, self._timeout_iters, algo, config)
         if self.backend == "cpu":
             self._raise_if_failed()
         return out, residual_out
 
     def _rmsnorm_auto(self, nbytes: int) -> str:
-        """one-shot or two-shot for x of ``nbytes``: the measured crossover of the fused kernels on
-        this GPU and world size, else the all-reduce rule (flat -> one-shot)."""
-        if self._rmsnorm_twoshot_min_bytes is None:
-            return "oneshot" if thresholds.choose(self.rules, nbytes) == "flat" else "twoshot"
-        return "twoshot" if nbytes >= self._rmsnorm_twoshot_min_bytes else "oneshot"
-
-    def _twoshot_shape(self, tokens: int, hidden: int) -> tuple[int, int, int]:
-        """(BLOCK_C, warps, most programs) of the two-shot fused kernel for [tokens, hidden].
-
-        GPU: about one chunk of a row per SM (``chunk_columns``). Interpreter: one program, since a
-        program waits for the other chunks of its row and interpreted programs run one after
-        another; chunks of 32 columns, so that the CPU tests cover rows split into chunks.
-        """
-        if self.backend == "cpu":
-            return 32, 1, 1
-        rows_per_rank = -(-tokens // self.world_size)
-        block_c = chunk_columns(hidden, rows_per_rank, self._max_programs)
-        return block_c, chunk_warps(block_c), self._max_programs
+        """flat or tree for x of ``nbytes``: the measured crossover of the fused kernels on this GPU
+        and world size, else the all-reduce rule."""
+        if self._rmsnorm_tree_min_bytes is None:
+            return "flat" if thresholds.choose(self.rules, nbytes) == "flat" else "tree"
+        return "tree" if nbytes >= self._rmsnorm_tree_min_bytes else "flat"
 
     def _check_rmsnorm_args(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                             algo: str, out: torch.Tensor | None, residual_out: torch.Tensor | None) -> int:

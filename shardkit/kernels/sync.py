@@ -1,23 +1,19 @@
-"""Cross-rank synchronisation inside Triton kernels: the signal-area layout, a barrier and the call epoch.
+"""Cross-rank synchronisation inside Triton kernels: a barrier, the call epoch and the error record.
 
-Every rank's symmetric workspace starts with a signal area (``SIGNAL_BYTES``), laid out as::
-
-    [0, 8)            int64  epoch: calls completed on this rank, modulo 2**32 (local only)
-    [8, 12)           int32  done: programs of the running call that finished (local only)
-    [16, 32)          int32  error record, device copy (local only; see below)
-    [SLOTS_OFF, ...)  int64  slots[NUM_STAGES * MAX_PROGRAMS][MAX_WORLD]: arrival flags, written by peers
+The workspace layout, the codes and the epoch-buffer rule are owned by ``shardkit/memory/protocol.py``
+(the twin of ``csrc/dda/layout.h``); this file is their device side.
 
 A call's epoch is read by each program at its start and bumped by the last program to finish
 (``finish_call``): state that changes per call lives in device memory, so a captured CUDA graph
 replays correctly and nothing is reset from the host.
 
-Arrival flags carry ``sig * 2**32 + epoch``. ``sig`` is a 31-bit signature of the call (op, element
-count, dtype, ...) computed on the host, so a rank that called with another shape or dtype is seen
-at the barrier instead of producing garbage. A waiter accepts a flag whose epoch is this call's or
-up to 2**31 calls *ahead*: a fast peer may already have passed this barrier and written the next
-call's flag before a slow waiter looked (that is why equality alone hangs). A peer can only be ahead
-if it checked our flag at this epoch, so a signature mismatch is always seen by some rank at the
-exact epoch, and once a rank fails it never signals again.
+Arrival flags carry ``sig * 2**32 + epoch``. ``sig`` is a 31-bit fingerprint of the call
+(``protocol.call_signature``: op, counts, dtype, chunk, options) computed on the host, so a rank that
+called with another shape or dtype is seen at the barrier instead of producing garbage. A waiter
+accepts a flag whose epoch is this call's or up to 2**31 calls *ahead*: a fast peer may already have
+passed this barrier and written the next call's flag before a slow waiter looked (that is why
+equality alone hangs). A peer can only be ahead if it checked our flag at this epoch, so a signature
+mismatch is always seen by some rank at the exact epoch, and once a rank fails it never signals again.
 
 Memory order (lessons of vLLM #2760/#8404 and PyTorch's CUDASymmetricMemory): arrival is a
 release exchange at system scope after a CTA barrier (``tl.debug_barrier``) so that the whole
@@ -36,27 +32,8 @@ import os
 import triton
 import triton.language as tl
 
-MAX_WORLD = 8
-MAX_PROGRAMS = 256
-NUM_STAGES = 3
-EPOCH_OFF = 0
-DONE_OFF = 8
-ERROR_OFF = 16
-SLOTS_OFF = 128
-SIGNAL_BYTES = 64 * 1024
-EPOCH_MOD = 1 << 32
-
-# Error codes in the first word of a rank's error record.
-OK = 0
-ARRIVED = 1
-MISMATCH = 2
-TIMEOUT = 3
-ABORTED = 4  # another program of this rank failed first
-
-# Error-record slot of a wait among the programs of one launch (wait_tagged), past the barrier slots.
-LOCAL_WAIT_SLOT = NUM_STAGES * MAX_PROGRAMS
-
-assert SLOTS_OFF + NUM_STAGES * MAX_PROGRAMS * MAX_WORLD * 8 <= SIGNAL_BYTES
+from ..memory.protocol import (ABORTED, ARRIVED, DONE_OFF, EPOCH_MOD, EPOCH_OFF, ERROR_OFF, LOCAL_WAIT_SLOT,
+                               MAX_PROGRAMS, MAX_WORLD, MISMATCH, SIGNAL_BYTES, SLOTS_OFF, TIMEOUT)
 
 _SLOTS_OFF = tl.constexpr(SLOTS_OFF)
 _MAX_WORLD = tl.constexpr(MAX_WORLD)
@@ -79,28 +56,32 @@ _ABORTED = tl.constexpr(ABORTED)
 
 
 @triton.jit
-def start_call(table_ptr, rank, sig, half_bytes):
-    """Read this call's epoch; returns (own workspace address, epoch, flag, ok, half).
+def epoch_buffer_offset(epoch, buffer_bytes):
+    """Byte offset of the epoch buffer of a call of ``epoch`` (``protocol.epoch_buffer_offset``)."""
+    return _SIGNAL_BYTES + buffer_bytes * (1 + epoch % 2)
 
-    table_ptr:   int64[WORLD] workspace base addresses (this process's view of every rank's buffer)
-    rank:        this rank
-    sig:         the call's 31-bit signature (host-computed)
-    half_bytes:  bytes of one half of the double-buffered scratch area
+
+@triton.jit
+def start_call(table_ptr, rank, sig, buffer_bytes):
+    """Read this call's epoch; returns (own workspace address, epoch, flag, ok, buf).
+
+    table_ptr:     int64[WORLD] workspace base addresses (this process's view of every rank's buffer)
+    rank:          this rank
+    sig:           the call's 31-bit signature (host-computed)
+    buffer_bytes:  bytes of one epoch buffer
     ok is False when an earlier call already failed: the communicator is then unusable.
-    half is the byte offset of this call's scratch half (chosen by the epoch's parity: call n+2
-    reuses call n's half only after every peer has finished call n).
+    buf is the byte offset of this call's epoch buffer (``epoch_buffer_offset``).
     """
     own = tl.load(table_ptr + rank)
     epoch_ptr = (own + _EPOCH_OFF).to(tl.pointer_type(tl.int64))
     epoch = (tl.load(epoch_ptr, volatile=True) + 1) % _EPOCH_MOD
     flag = sig.to(tl.int64) * _EPOCH_MOD + epoch
     ok = tl.load((own + _ERROR_OFF).to(tl.pointer_type(tl.int32)), volatile=True) == 0
-    half = _SIGNAL_BYTES + half_bytes * (1 + epoch % 2)
-    return own, epoch, flag, ok, half
+    return own, epoch, flag, ok, epoch_buffer_offset(epoch, buffer_bytes)
 
 
 @triton.jit
-def peer_barrier(table_ptr, rank, stage, flag, ok, status_addr, timeout_iters,
+def peer_barrier(table_ptr, rank, stage, flag, ok, error_record_addr, timeout_iters,
                  WORLD: tl.constexpr, WORLD_P2: tl.constexpr):
     """Block-level barrier with every rank's same-numbered program; returns True on success.
 
@@ -111,13 +92,13 @@ def peer_barrier(table_ptr, rank, stage, flag, ok, status_addr, timeout_iters,
     """
     if ok:
         tl.debug_barrier()
-        ok = _wait_for_peers(table_ptr, rank, stage * _MAX_PROGRAMS + tl.program_id(0), flag, status_addr,
+        ok = _wait_for_peers(table_ptr, rank, stage * _MAX_PROGRAMS + tl.program_id(0), flag, error_record_addr,
                              timeout_iters, WORLD, WORLD_P2)
     return ok
 
 
 @triton.jit
-def _wait_for_peers(table_ptr, rank, slot, flag, status_addr, timeout_iters,
+def _wait_for_peers(table_ptr, rank, slot, flag, error_record_addr, timeout_iters,
                     WORLD: tl.constexpr, WORLD_P2: tl.constexpr):
     peers = tl.arange(0, WORLD_P2)
     is_peer = peers < WORLD
@@ -157,12 +138,12 @@ def _wait_for_peers(table_ptr, rank, slot, flag, status_addr, timeout_iters,
     if state == _ARRIVED:
         tl.atomic_add(mine, 0, mask=is_peer, sem="acquire", scope="sys")
     if (state == _MISMATCH) | (state == _TIMEOUT):
-        record_error(own, status_addr, state, slot, culprits, epoch)
+        record_error(own, error_record_addr, state, slot, culprits, epoch)
     return state == _ARRIVED
 
 
 @triton.jit
-def wait_tagged(ptrs, mask, epoch, own, status_addr, timeout_iters):
+def wait_tagged(ptrs, mask, epoch, own, error_record_addr, timeout_iters):
     """Wait until every int64 word ``ptrs[mask]`` carries this call's ``epoch`` in its low 32 bits,
     written by other programs of this launch on this GPU (a value and its validity in one word, so
     no flag has to be ordered after it); returns (the words, ok). Gives up like ``peer_barrier``:
@@ -179,18 +160,18 @@ def wait_tagged(ptrs, mask, epoch, own, status_addr, timeout_iters):
             if tl.load((own + _ERROR_OFF).to(tl.pointer_type(tl.int32)), volatile=True) != 0:
                 state = _ABORTED
     if state == _TIMEOUT:
-        record_error(own, status_addr, state, _LOCAL_WAIT_SLOT, 0, epoch)
+        record_error(own, error_record_addr, state, _LOCAL_WAIT_SLOT, 0, epoch)
     return tl.load(ptrs, mask=mask, other=0, volatile=True), state == _ARRIVED
 
 
 @triton.jit
-def record_error(own, status_addr, code, slot, culprits, epoch):
+def record_error(own, error_record_addr, code, slot, culprits, epoch):
     """Write ``(code, slot, culprit-rank bitmask, epoch)`` to both copies of the error record (device
-    copy at ``own + ERROR_OFF``, host copy at ``status_addr``); the first error wins."""
+    copy at ``own + ERROR_OFF``, host copy at ``error_record_addr``); the first error wins."""
     error_ptr = (own + _ERROR_OFF).to(tl.pointer_type(tl.int32))
     prev = tl.atomic_cas(error_ptr, 0, code, sem="relaxed", scope="gpu")
     if prev == 0:
-        status_ptr = status_addr.to(tl.pointer_type(tl.int32))
+        status_ptr = error_record_addr.to(tl.pointer_type(tl.int32))
         tl.store(status_ptr + 1, slot)
         tl.store(status_ptr + 2, culprits)
         tl.store(status_ptr + 3, epoch.to(tl.int32))

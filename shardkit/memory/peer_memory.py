@@ -1,15 +1,10 @@
 """PeerMemory: a symmetric workspace on every rank of a process group, plus its pointer table.
 
-Layout of every rank's workspace (bytes)::
-
-    [0, SIGNAL_BYTES)                         signal area (see shardkit.kernels.sync)
-    [SIGNAL_BYTES, +half_bytes)               staging: zero-copy inputs written by the user
-    [SIGNAL_BYTES + half_bytes, +half_bytes)  half 0 of the double-buffered scratch (even calls)
-    [SIGNAL_BYTES + 2*half_bytes, +half_bytes) half 1 (odd calls)
-
-Kernels get ``table`` (int64[world] of workspace addresses, valid in this process, on the
-workspace's device) and ``status_addr`` (this rank's int32[4] error record in host memory,
-device-visible pinned memory on CUDA), and never learn which backend made the memory.
+The workspace layout (signal area, staging, two epoch buffers) is the protocol's
+(``shardkit/memory/protocol.py``). Kernels get ``table`` (int64[world] of workspace addresses,
+valid in this process, on the workspace's device) and ``error_record_addr`` (this rank's int32[4]
+error record in host memory, device-visible pinned memory on CUDA), and never learn which backend
+made the memory.
 
 Backends:
   * ``cuda``: ``torch.distributed._symmetric_memory`` (NVLink P2P mappings of one allocation per rank).
@@ -24,10 +19,10 @@ import torch
 import torch.distributed as dist
 
 from ..errors import ShardkitError
-from ..kernels.sync import MAX_WORLD, SIGNAL_BYTES
+from .protocol import MAX_WORLD, SIGNAL_BYTES, staging_offset, workspace_bytes
 from .shm import SharedSegments
 
-DEFAULT_HALF_BYTES = {"cuda": 32 << 20, "cpu": 256 << 10}
+DEFAULT_BUFFER_BYTES = {"cuda": 32 << 20, "cpu": 256 << 10}
 _ALIGN = 4096
 
 
@@ -41,13 +36,13 @@ class PeerMemory:
 
     Args:
         group: the process group (default: the world). All its ranks must construct it together.
-        half_bytes: capacity of one call, in bytes (rounded up to 4 KiB). Larger inputs are
+        buffer_bytes: capacity of one call (one epoch buffer), in bytes (rounded up to 4 KiB). Larger inputs are
             processed in chunks of this size. Default 32 MiB on cuda, 256 KiB on cpu.
         backend: "cuda" or "cpu"; default: "cuda" when the group's backend is NCCL, else "cpu".
         device: the CUDA device of this rank (default: the current device).
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None, half_bytes: int | None = None,
+    def __init__(self, group: dist.ProcessGroup | None = None, buffer_bytes: int | None = None,
                  backend: str | None = None, device: torch.device | None = None) -> None:
         if not dist.is_initialized():
             raise ShardkitError("PeerMemory needs an initialised torch.distributed process group")
@@ -61,26 +56,28 @@ class PeerMemory:
         if not 1 <= self.world_size <= MAX_WORLD:
             raise ShardkitError(f"PeerMemory supports 1..{MAX_WORLD} ranks, the group has {self.world_size}")
         self.backend = backend
-        half = DEFAULT_HALF_BYTES[backend] if half_bytes is None else int(half_bytes)
-        if half <= 0:
-            raise ValueError(f"PeerMemory: half_bytes must be positive, got {half_bytes}")
-        self.half_bytes = -(-half // _ALIGN) * _ALIGN
-        self.nbytes = SIGNAL_BYTES + 3 * self.half_bytes
+        size = DEFAULT_BUFFER_BYTES[backend] if buffer_bytes is None else int(buffer_bytes)
+        if size <= 0:
+            raise ValueError(f"PeerMemory: buffer_bytes must be positive, got {buffer_bytes}")
+        self.buffer_bytes = -(-size // _ALIGN) * _ALIGN
+        self.nbytes = workspace_bytes(self.buffer_bytes)
         self._closed = False
         if backend == "cpu":
             self.device = torch.device("cpu")
             self._segments = SharedSegments(self.group, self.nbytes)
             self.buffer = self._segments.tensors[self.rank]
             addresses = self._segments.addresses
-            self.status = torch.zeros(4, dtype=torch.int32)
+            record = torch.zeros(4, dtype=torch.int32)
         else:
             self.device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
             addresses = self._alloc_symmetric()
-            self.status = torch.zeros(4, dtype=torch.int32, pin_memory=True)
+            record = torch.zeros(4, dtype=torch.int32, pin_memory=True)
         self.table = torch.tensor(addresses, dtype=torch.int64, device=self.device)
-        self.status_addr = self.status.data_ptr()
-        # The record is read on every call: a numpy view reads it without torch's per-op overhead.
-        self.status_view = self.status.numpy()
+        self._error_record_tensor = record
+        self.error_record_addr = record.data_ptr()
+        # The error record (code, slot, culprit bitmask, epoch) is read on every call: a numpy view
+        # reads it without torch's per-op overhead.
+        self.error_record = record.numpy()
 
     def _alloc_symmetric(self) -> list[int]:
         import torch.distributed._symmetric_memory as symm_mem
@@ -98,7 +95,7 @@ class PeerMemory:
     @property
     def staging_offset(self) -> int:
         """Byte offset of the zero-copy staging area inside every rank's workspace."""
-        return SIGNAL_BYTES
+        return staging_offset()
 
     def staging(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A flat tensor of ``numel`` elements at the start of this rank's staging area.
@@ -108,9 +105,10 @@ class PeerMemory:
         """
         self._check_open()
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        if nbytes > self.half_bytes:
-            raise ValueError(f"staging: {nbytes} bytes requested, the staging area holds {self.half_bytes}")
-        return self.buffer[SIGNAL_BYTES:SIGNAL_BYTES + nbytes].view(dtype)
+        if nbytes > self.buffer_bytes:
+            raise ValueError(f"staging: {nbytes} bytes requested, the staging area holds {self.buffer_bytes}")
+        lo = staging_offset()
+        return self.buffer[lo:lo + nbytes].view(dtype)
 
     def holds(self, t: torch.Tensor) -> int | None:
         """Byte offset of ``t`` inside the staging area of this rank's workspace, or None."""
@@ -118,7 +116,7 @@ class PeerMemory:
             return None
         offset = t.data_ptr() - self.buffer.data_ptr()
         nbytes = t.numel() * t.element_size()
-        if SIGNAL_BYTES <= offset and offset + nbytes <= SIGNAL_BYTES + self.half_bytes:
+        if staging_offset() <= offset and offset + nbytes <= staging_offset() + self.buffer_bytes:
             return offset
         return None
 

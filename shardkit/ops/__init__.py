@@ -1,5 +1,9 @@
-"""torch.library custom ops (``torch.ops.shardkit.*``); importing this package registers them."""
-from .all_reduce import all_reduce, all_reduce_
-from . import attention  # noqa: F401  (registers shardkit::attention_chunk, shardkit::merge_attention)
+"""torch.library custom ops (``torch.ops.shardkit.*``); importing this package registers them.
 
-__all__ = ["all_reduce", "all_reduce_"]
+all_reduce, all_reduce_ (in place), all_reduce_residual_rmsnorm: the Communicator registered for the
+process group named ``group_name``; attention_chunk, merge_attention: the local attention kernels.
+"""
+from .all_reduce import all_reduce, all_reduce_, all_reduce_residual_rmsnorm
+from .attention import attention_chunk, merge_attention
+
+__all__ = ["all_reduce", "all_reduce_", "all_reduce_residual_rmsnorm", "attention_chunk", "merge_attention"]

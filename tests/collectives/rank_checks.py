@@ -40,12 +40,12 @@ def digest(t: torch.Tensor) -> str:
     return hashlib.sha1(raw.cpu().numpy().tobytes()).hexdigest()
 
 
-def check_all_reduce(algo: str, dtype_name: str, sizes: list[int], half_bytes: int, seed: int,
+def check_all_reduce(algo: str, dtype_name: str, sizes: list[int], buffer_bytes: int, seed: int,
                      kernels: str = "auto") -> list[str]:
     """Out-of-place, out=, and in-place all-reduce against the float64 sum; returns output digests."""
     dtype = DTYPES[dtype_name]
     rank, world = dist.get_rank(), dist.get_world_size()
-    comm = Communicator(half_bytes=half_bytes, kernels=kernels)
+    comm = Communicator(buffer_bytes=buffer_bytes, kernels=kernels)
     digests = []
     try:
         for i, n in enumerate(sizes):
@@ -70,10 +70,10 @@ def check_all_reduce(algo: str, dtype_name: str, sizes: list[int], half_bytes: i
     return digests
 
 
-def check_many_calls(n_calls: int, seed: int, half_bytes: int, kernels: str = "auto") -> int:
+def check_many_calls(n_calls: int, seed: int, buffer_bytes: int, kernels: str = "auto") -> int:
     """``n_calls`` calls in a row on one communicator, new data and varying size/algo each time."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    comm = Communicator(half_bytes=half_bytes, kernels=kernels)
+    comm = Communicator(buffer_bytes=buffer_bytes, kernels=kernels)
     gen = torch.Generator().manual_seed(seed)
     try:
         for i in range(n_calls):

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from shardkit import CollectiveError, Communicator
 from shardkit.reference.all_reduce import all_reduce_residual_rmsnorm_reference, rank_inputs
+from shardkit.kernels.all_reduce.rmsnorm import RMSNormConfig
 
 from ..tolerances import ROUNDING, tol
 from .rank_checks import DTYPES, device, digest, error_messages
@@ -27,7 +28,7 @@ def fused_inputs(world: int, tokens: int, hidden: int, dtype: torch.dtype,
     return xs, residual, weight
 
 
-def check_fused(dtype_name: str, cases: list[tuple[int, int]], algos: list[str], half_bytes: int,
+def check_fused(dtype_name: str, cases: list[tuple[int, int]], algos: list[str], buffer_bytes: int,
                 seed: int) -> list[str]:
     """For each (tokens, hidden): every algo against the float64 reference, outputs poisoned with NaN
     first, inputs unmodified, algos equal within rounding; for the last case, in-place calls (out=x,
@@ -35,7 +36,7 @@ def check_fused(dtype_name: str, cases: list[tuple[int, int]], algos: list[str],
     across ranks)."""
     dtype = DTYPES[dtype_name]
     rank, world = dist.get_rank(), dist.get_world_size()
-    comm = Communicator(half_bytes=half_bytes)
+    comm = Communicator(buffer_bytes=buffer_bytes)
     digests = []
     try:
         for i, (tokens, hidden) in enumerate(cases):
@@ -91,7 +92,7 @@ def check_auto_and_nccl(tokens: int, hidden: int, seed: int) -> float:
 
 def bad_inputs() -> list[str]:
     """Every bad argument raises a clear local error; the communicator still works afterwards."""
-    comm = Communicator(half_bytes=4096)
+    comm = Communicator(buffer_bytes=4096)
     gen = torch.Generator().manual_seed(0)  # equal inputs on every rank
     x, r, w = torch.randn(3, 8, generator=gen), torch.randn(3, 8, generator=gen), torch.randn(8, generator=gen)
     f = comm.all_reduce_residual_rmsnorm
@@ -107,12 +108,12 @@ def bad_inputs() -> list[str]:
         lambda: f(x, r, w, out=torch.empty(3, 9)),
         lambda: f(x, r, w, out=x, residual_out=x),
         lambda: f(torch.randn(1, 40000), torch.randn(1, 40000), torch.randn(40000)),
-        lambda: f(torch.randn(1, 2000), torch.randn(1, 2000), torch.randn(2000), algo="oneshot"),
+        lambda: f(torch.randn(1, 2000), torch.randn(1, 2000), torch.randn(2000), algo="flat"),
         lambda: f(torch.tensor(1.0), torch.tensor(1.0), torch.randn(1)),
     ]
     try:
         messages = error_messages(cases)
-        out, res_out = f(x, r, w, algo="oneshot")
+        out, res_out = f(x, r, w, algo="flat")
         torch.testing.assert_close(res_out, r + x * dist.get_world_size())
     finally:
         comm.close()
@@ -138,20 +139,20 @@ def mismatched_tokens(algo: str) -> str:
 
 
 def programs_that_cannot_all_run() -> str:
-    """The two-shot kernel's programs wait for the other chunks of their row. Launched with two
+    """The tree kernel's programs wait for the other chunks of their row. Launched with two
     programs in the interpreter (which runs programs one after another), program 0 waits for
     program 1 forever: the wait must give up and raise a CollectiveError that says why."""
     comm = Communicator(timeout_s=0.5)
-    comm._twoshot_shape = lambda tokens, hidden: (32, 1, 2)  # rows of 3 chunks, split over 2 programs
+    config = RMSNormConfig(programs=2, warps=1, block_c=32)  # rows of 3 chunks, split over 2 programs
     try:
         x, r, w = (torch.randn(4, 96, device=device()), torch.randn(4, 96, device=device()),
                    torch.ones(96, device=device()))
         try:
-            comm.all_reduce_residual_rmsnorm(x, r, w, algo="twoshot")
+            comm.all_reduce_residual_rmsnorm(x, r, w, algo="tree", config=config)
             comm.check()
         except CollectiveError as e:
             return str(e)
-        raise AssertionError("a two-shot call whose programs cannot all run returned")
+        raise AssertionError("a tree call whose programs cannot all run returned")
     finally:
         comm.close()
 
@@ -165,13 +166,13 @@ def op_matches_method(tokens: int, hidden: int, seed: int) -> float:
     name = dist.group.WORLD.group_name
     try:
         xs, residual, weight = fused_inputs(world, tokens, hidden, torch.float32, seed)
-        want = comm.all_reduce_residual_rmsnorm(xs[rank], residual, weight, EPS, "oneshot")
-        got = torch.ops.shardkit.all_reduce_residual_rmsnorm(xs[rank], residual, weight, name, EPS, "oneshot")
+        want = comm.all_reduce_residual_rmsnorm(xs[rank], residual, weight, EPS, "flat")
+        got = torch.ops.shardkit.all_reduce_residual_rmsnorm(xs[rank], residual, weight, name, EPS, "flat")
         assert all(torch.equal(a, b) for a, b in zip(got, want)), "op differs from the method"
 
         @torch.compile(fullgraph=True, backend="aot_eager")
         def block(t: torch.Tensor, res: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            out, res_out = torch.ops.shardkit.all_reduce_residual_rmsnorm(t, res, weight, name, EPS, "twoshot")
+            out, res_out = torch.ops.shardkit.all_reduce_residual_rmsnorm(t, res, weight, name, EPS, "tree")
             return out * 2.0, res_out
 
         out, res_out = block(xs[rank], residual)
@@ -190,7 +191,7 @@ def graph_replays(tokens: int, hidden: int, replays: int, seed: int) -> dict[str
         pool = [fused_inputs(world, tokens, hidden, torch.bfloat16, seed + i) for i in range(4)]
         refs = [tuple(t.float() for t in all_reduce_residual_rmsnorm_reference(*case, EPS)) for case in pool]
         x, residual, weight = (t.clone() for t in (pool[0][0][rank], pool[0][1], pool[0][2]))
-        algos = ("oneshot", "twoshot", "nccl")
+        algos = ("flat", "tree", "nccl")
         outs = {a: (torch.empty_like(x), torch.empty_like(x)) for a in algos}
 
         def calls() -> None:

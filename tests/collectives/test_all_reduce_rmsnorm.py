@@ -8,14 +8,14 @@ from . import rmsnorm_checks
 # Hidden sizes that are not powers of two (masked columns, padded workspace rows); 17 tokens exceed
 # the 4 KiB workspace below in fp32 (one-shot) and in every dtype (two-shot): chunked.
 CASES = [(1, 100), (3, 96), (17, 100)]
-TINY_HALF = 4096
+TINY_BUFFER = 4096
 
 
 # Every world size and every dtype once: the interpreter is slow, and the kernels' dtype handling does
 # not depend on the world size.
 @pytest.mark.parametrize("world_size, dtype", [(2, "float32"), (3, "float16"), (4, "bfloat16")])
 def test_matches_float64_reference(worlds, world_size, dtype):
-    digests = worlds(world_size).run(rmsnorm_checks.check_fused, dtype, CASES, ["oneshot", "twoshot"], TINY_HALF,
+    digests = worlds(world_size).run(rmsnorm_checks.check_fused, dtype, CASES, ["flat", "tree"], TINY_BUFFER,
                                      5)
     assert all(d == digests[0] for d in digests), "ranks got different bits"
 
@@ -28,13 +28,13 @@ def test_bad_inputs_raise_clear_errors(worlds):
     messages = worlds(2).run(rmsnorm_checks.bad_inputs)[0]
     expected = ["int32", "contiguous", "residual must have x's shape", "residual must have", "weight must be [hidden]",
                 "weight must be", "eps", "algo must be one of", "out must have x's shape", "different buffers",
-                "exceeds", "does not fit the workspace", "0-d"]
+                "exceeds", "does not fit the epoch buffer", "0-d"]
     assert len(messages) == len(expected)
     for text, message in zip(expected, messages):
         assert text in message, (text, message)
 
 
-@pytest.mark.parametrize("algo", ["oneshot", "twoshot"])
+@pytest.mark.parametrize("algo", ["flat", "tree"])
 def test_ranks_disagreeing_all_raise(worlds, algo):
     for m in worlds(2).run(rmsnorm_checks.mismatched_tokens, algo, timeout=120):
         assert "different element count" in m and "Create a new Communicator" in m, m

@@ -83,23 +83,3 @@ def test_failing_rank_leaks_no_segments(worlds):
     with pytest.raises(RankError) as info:
         worlds(2).run(raise_after_peer_memory)
     assert list(info.value.errors) == [1]
-
-
-def test_call_signatures_tell_apart_what_changes_the_work_map():
-    """Ranks compare signatures at the first barrier: every choice that maps data to programs
-    differently (algorithm, kernel family, 16-byte packs or elements, two-shot chunk width) must
-    give another signature, so that disagreeing ranks fail instead of mixing data."""
-    from shardkit.collectives.communicator import call_signature
-    from shardkit.kernels.all_reduce.rmsnorm import call_signature as rmsnorm_signature
-
-    base = call_signature("tree", "cuda", 4096, torch.bfloat16, -1)
-    variants = [call_signature("flat", "cuda", 4096, torch.bfloat16, -1),
-                call_signature("tree", "triton", 4096, torch.bfloat16, -1),
-                call_signature("tree", "cuda", 4096, torch.bfloat16, -1, packed=False),
-                call_signature("tree", "cuda", 4096, torch.float16, -1),
-                call_signature("tree", "cuda", 4097, torch.bfloat16, -1)]
-    fused = [rmsnorm_signature(True, 64, 8192, 2, block_c) for block_c in (512, 1024, 2048)]
-    fused.append(rmsnorm_signature(False, 64, 8192, 2))
-    signatures = [base, *variants, *fused]
-    assert len(set(signatures)) == len(signatures)
-    assert all(0 <= s < 2**31 for s in signatures)

@@ -6,12 +6,16 @@ import pytest
 from shardkit import thresholds
 
 TABLE = {
-    "default": {"default": [[1024, "flat"], [None, "nccl"]], "2": [[4096, "flat"], [None, "tree"]]},
-    "GPU-X": {"4": [[2048, "flat"], [65536, "tree"], [None, "nccl"]]},
-    "ring_pass_q_miss_rate": {"GPU-X": {"4": 0.3}},
-    "ring_model": {"GPU-X": {"attention_tflops": 500.0, "p2p_gbps": 250.0}, "GPU-Y": {"p2p_gbps": 100.0}},
-    "chunk_backend": {"GPU-X": "cudnn"},
-    "rmsnorm_twoshot_min_bytes": {"GPU-X": {"4": 524288}},
+    "all_reduce": {
+        "default": {"default": [[1024, "flat"], [None, "nccl"]], "2": [[4096, "flat"], [None, "tree"]]},
+        "GPU-X": {"4": [[2048, "flat"], [65536, "tree"], [None, "nccl"]]},
+    },
+    "rmsnorm": {"tree_min_bytes": {"GPU-X": {"4": 524288}}},
+    "ring": {
+        "pass_q_miss_rate": {"GPU-X": {"4": 0.3}},
+        "model": {"GPU-X": {"attention_tflops": 500.0, "p2p_gbps": 250.0}, "GPU-Y": {"p2p_gbps": 100.0}},
+        "chunk_backend": {"GPU-X": "cudnn"},
+    },
 }
 
 
@@ -38,10 +42,10 @@ def test_ring_variant_rule_precedence():
     assert thresholds.ring_variant_rule("cpu", 2, TABLE) == (0.05, None)
 
 
-def test_rmsnorm_twoshot_crossover_measured_or_none():
-    assert thresholds.rmsnorm_twoshot_min_bytes("GPU-X", 4, TABLE) == 524288
-    assert thresholds.rmsnorm_twoshot_min_bytes("GPU-X", 2, TABLE) is None
-    assert thresholds.rmsnorm_twoshot_min_bytes("GPU-Y", 4, TABLE) is None
+def test_rmsnorm_tree_crossover_measured_or_none():
+    assert thresholds.rmsnorm_tree_min_bytes("GPU-X", 4, TABLE) == 524288
+    assert thresholds.rmsnorm_tree_min_bytes("GPU-X", 2, TABLE) is None
+    assert thresholds.rmsnorm_tree_min_bytes("GPU-Y", 4, TABLE) is None
 
 
 def test_chunk_backend_choice():
@@ -62,15 +66,24 @@ def test_writers_round_trip(tmp_path):
     assert thresholds.ring_costs("GPU-Z", thresholds.load_table(path)) is None  # one rate is not a model
     thresholds.write_ring_costs("GPU-Z", path=path, p2p_gbps=99.0)
     thresholds.write_chunk_backend("GPU-Z", "flash", path=path)
-    thresholds.write_rmsnorm_twoshot_min_bytes("GPU-Z", 2, 1 << 20, path=path)
+    thresholds.write_rmsnorm_tree_min_bytes("GPU-Z", 2, 1 << 20, path=path)
     table = thresholds.load_table(path)
-    assert thresholds.rmsnorm_twoshot_min_bytes("GPU-Z", 2, table) == 1 << 20
+    assert thresholds.rmsnorm_tree_min_bytes("GPU-Z", 2, table) == 1 << 20
     assert thresholds.select_rules("GPU-Z", 2, table) == [(512, "flat"), (None, "nccl")]
     assert thresholds.pass_q_miss_rate("GPU-Z", 2, table) == 0.25
     assert thresholds.ring_costs("GPU-Z", table) == {"attention_tflops": 401.2, "p2p_gbps": 99.0}
     assert thresholds.chunk_backend("GPU-Z", ("flash", "cudnn"), table) == "flash"
     assert thresholds.select_rules("GPU-X", 4, table) == thresholds.select_rules("GPU-X", 4, TABLE)
+    assert set(table) == set(TABLE)  # every entry under its feature
     thresholds.load_table.cache_clear()
+
+
+def test_shipped_table_is_keyed_by_feature():
+    table = thresholds.load_table()
+    assert {"all_reduce", "rmsnorm", "ring"} <= set(table)
+    for device, worlds in table["all_reduce"].items():
+        for world, rules in worlds.items():
+            assert rules[-1][0] is None and all(a in thresholds.ALGOS for _, a in rules), (device, world)
 
 
 def test_write_ring_costs_rejects_unknown_rates(tmp_path):
@@ -94,14 +107,14 @@ def test_best_threshold_fit():
 
 
 def test_rmsnorm_crossover_fit():
-    from bench.all_reduce_rmsnorm_bench import twoshot_min_bytes
+    from bench.all_reduce_rmsnorm_bench import tree_min_bytes
 
     def records(points):  # (tokens, hidden, one-shot us, two-shot us), 2-byte elements
         return [{"mode": "graph", "tokens": t, "hidden": h, "bytes": 2 * t * h, "variant": v, "us_median": us}
-                for t, h, one, two in points for v, us in (("fused_oneshot", one), ("fused_twoshot", two))]
+                for t, h, one, two in points for v, us in (("fused_flat", one), ("fused_tree", two))]
 
-    assert twoshot_min_bytes(records([(1, 4096, 6.0, 9.0), (64, 4096, 12.0, 10.0), (64, 8192, 17.0, 13.0)])) \
+    assert tree_min_bytes(records([(1, 4096, 6.0, 9.0), (64, 4096, 12.0, 10.0), (64, 8192, 17.0, 13.0)])) \
         == 2 * 64 * 4096
     # Two shapes of one size count together; two-shot never ahead: twice the largest size.
-    assert twoshot_min_bytes(records([(16, 8192, 9.0, 15.0), (32, 4096, 9.0, 15.0)])) == 2 * 2 * 16 * 8192
-    assert twoshot_min_bytes([]) is None
+    assert tree_min_bytes(records([(16, 8192, 9.0, 15.0), (32, 4096, 9.0, 15.0)])) == 2 * 2 * 16 * 8192
+    assert tree_min_bytes([]) is None

@@ -18,13 +18,13 @@ from shardkit.kernels.all_reduce.tree import tree_all_reduce_kernel
 
 KERNELS = {"flat": flat_all_reduce_kernel, "tree": tree_all_reduce_kernel}
 CONFIGS = [(k, d, w, zc) for k in KERNELS for d in ("bf16", "fp32") for w, zc in ((2, False), (4, True), (8, False))]
-INT_ARGS = {"numel", "shard", "rank", "sig", "x_offset", "half_bytes", "timeout_iters"}
-ALIGNED = ("x_ptr", "out_ptr", "table_ptr", "numel", "shard", "half_bytes")
+INT_ARGS = {"numel", "shard", "rank", "sig", "x_offset", "buffer_bytes", "timeout_iters"}
+ALIGNED = ("x_ptr", "out_ptr", "table_ptr", "numel", "shard", "buffer_bytes")
 
 
 def compile_ptx(kernel, dtype: str, world: int, zero_copy: bool) -> str:
     names = list(kernel.arg_names)
-    ptr = {"x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "table_ptr": "*i64", "status_addr": "i64"}
+    ptr = {"x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "table_ptr": "*i64", "error_record_addr": "i64"}
     consts = {"WORLD": world, "WORLD_P2": triton.next_power_of_2(world), "BLOCK": 4096, "ZERO_COPY": zero_copy}
     signature = {n: ptr.get(n, "i32" if n in INT_ARGS else "constexpr") for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ALIGNED if n in names}

@@ -3,13 +3,13 @@ import torch
 import torch.distributed as dist
 
 from shardkit import PeerMemory
-from shardkit.kernels.sync import SIGNAL_BYTES
+from shardkit.memory.protocol import SIGNAL_BYTES
 
 
 def peer_memory_on_rank() -> list:
     rank = dist.get_rank()
-    with PeerMemory(half_bytes=5000) as mem:
-        assert mem.half_bytes == 8192, "capacity is rounded up to 4 KiB"
+    with PeerMemory(buffer_bytes=5000) as mem:
+        assert mem.buffer_bytes == 8192, "capacity is rounded up to 4 KiB"
         assert mem.table.dtype == torch.int64 and mem.table.tolist()[rank] == mem.buffer.data_ptr()
         assert torch.count_nonzero(mem.buffer[:SIGNAL_BYTES]) == 0, "signal area starts zeroed"
         stage = mem.staging(100, torch.float32)
