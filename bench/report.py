@@ -600,6 +600,7 @@ def render(records: Records) -> list[str]:
 def write_reports(records: Records, out_dir: str, benches: Iterable[str] | None = None) -> list[str]:
     """Write ``<bench>_<card>_x<world>.md`` (and ``.png``) into ``out_dir``; returns the paths."""
     written = []
+    os.makedirs(out_dir, exist_ok=True)
     for (bench, gpu, world), recs in newest(records).items():
         if bench not in BENCHES or (benches is not None and bench not in benches):
             continue
