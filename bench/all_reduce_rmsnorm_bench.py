@@ -16,8 +16,10 @@ residual [tokens, hidden] and weight [hidden], bf16:
 Every variant's result is checked against a float64 reference before it is timed; a wrong answer is
 reported as an error, not a time. Times: CUDA events around ``iters`` calls, median of ``reps``
 repetitions, max over ranks; "graph" captures the ``iters`` calls in one CUDA graph.
-Writes <out>/all_reduce_rmsnorm_<card>_x<world>_<date>.{json,md}. The one-shot / two-shot crossover
-that one rule fits best to the graph-mode times (``best_cut``) is reported, and stored in
+Prints the table; a GPU run appends its records to the store (bench/results/records.jsonl, or
+``--out DIR``/records.jsonl) and rewrites ``all_reduce_rmsnorm_<card>_x<world>.md``/``.png`` there
+(bench/report.py); a CPU run writes records and tables only with ``--out``. The one-shot / two-shot
+crossover that one rule fits best to the graph-mode times (``best_cut``) is reported, and stored in
 shardkit/thresholds.json for fused_auto with ``--write-thresholds``.
 """
 from __future__ import annotations
@@ -32,11 +34,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import (best_cut, environment, header_lines, max_over_ranks, results_stem,  # noqa: E402
-                          run_distributed, summarize, time_cuda, time_host, write_json)
+from bench.common import (best_cut, environment, header_lines, max_over_ranks, run_distributed,  # noqa: E402
+                          time_cuda, time_host)
+from bench.records import current_commit, record  # noqa: E402
 
 EPS = 1e-6
-VARIANTS = ("nccl_torch", "shardkit_torch", "fused_auto", "fused_flat", "fused_tree")
 Pair = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -71,7 +73,7 @@ def check(got: Pair, ref: Pair) -> str | None:
 
 
 def bench_rank(args: argparse.Namespace) -> tuple[dict, list[dict]] | None:
-    """Run every shape and variant on this rank; rank 0 returns (environment, records)."""
+    """Run every shape and variant on this rank; rank 0 returns (environment, store records)."""
     import shardkit
     from shardkit.reference.all_reduce import all_reduce_residual_rmsnorm_reference, rank_inputs
 
@@ -89,7 +91,7 @@ def bench_rank(args: argparse.Namespace) -> tuple[dict, list[dict]] | None:
         if not cpu:
             torch.cuda.synchronize()
 
-    records = []
+    records, commit = [], current_commit()
     for hidden in args.hidden:
         for tokens in args.tokens:
             n = tokens * hidden
@@ -104,31 +106,20 @@ def bench_rank(args: argparse.Namespace) -> tuple[dict, list[dict]] | None:
                 bad = torch.tensor([error is not None], dtype=torch.int32, device=device)
                 dist.all_reduce(bad)
                 for mode in modes:
-                    rec = {"gpu": env["gpu"], "world": world, "dtype": "bf16", "tokens": tokens, "hidden": hidden,
-                           "bytes": nbytes, "variant": name, "mode": mode}
-                    if name == "fused_auto":
-                        rec["auto_picked"] = picked
-                    if bad.item():
-                        rec["error"] = error or "wrong result on another rank"
-                    else:
-                        samples = (time_host(fn, args.iters, args.reps, sync) if cpu
-                                   else time_cuda(fn, args.iters, args.reps, mode == "graph", sync))
-                        rec.update(summarize(max_over_ranks(samples, device)))
-                    records.append(rec)
+                    samples = None
+                    if not bad.item():
+                        samples = max_over_ranks(time_host(fn, args.iters, args.reps, sync) if cpu
+                                                 else time_cuda(fn, args.iters, args.reps, mode == "graph", sync), device)
+                    records.append(record("all_reduce_rmsnorm", name, gpu=env["gpu"], world=world,
+                                          dtype=torch.bfloat16, mode="cpu" if cpu else mode,
+                                          params={"tokens": tokens, "hidden": hidden, "bytes": nbytes}, us=samples,
+                                          metrics={"auto_picked": picked} if name == "fused_auto" else None,
+                                          commit=commit,
+                                          error=None if samples else error or "wrong result on another rank"))
             sync()
     comm.check()
     comm.close()
     return (env, records) if rank == 0 else None
-
-
-def add_speedups(records: list[dict]) -> None:
-    """speedup_vs_<baseline> for every timed record: baseline time / this time, same shape and mode."""
-    times = {(r["mode"], r["tokens"], r["hidden"], r["variant"]): r["us_median"] for r in records if "us_median" in r}
-    for r in records:
-        for base in ("nccl_torch", "shardkit_torch"):
-            b = times.get((r["mode"], r["tokens"], r["hidden"], base))
-            if b and "us_median" in r and r["variant"] != base:
-                r[f"speedup_vs_{base}"] = b / r["us_median"]
 
 
 def tree_min_bytes(records: list[dict]) -> int | None:
@@ -145,58 +136,25 @@ def tree_min_bytes(records: list[dict]) -> int | None:
     return sizes[cut] if cut < len(sizes) else 2 * sizes[-1]
 
 
-def markdown(env: dict, records: list[dict], world: int, functional: bool) -> str:
-    lines = [f"# Fused all-reduce + residual + RMSNorm: {env['gpu']}, {world} ranks, bf16", ""]
-    if functional:
-        lines += ["**Functional run**: Triton kernels in the CPU interpreter on shared memory; the times are "
-                  "the interpreter's and say nothing about GPU performance.", ""]
-    lines += ["```"] + header_lines(env) + ["```", "",
-              "Median µs per call, max over ranks. Brackets: speedup of fused_auto over shardkit all_reduce + "
-              "torch add + F.rms_norm (target >= 1.3x) / over NCCL + torch (target >= 2x); auto's pick in "
-              "the last column.", ""]
-    for mode in dict.fromkeys(r["mode"] for r in records):
-        lines += [f"## {mode}", "", "| tokens x hidden | " + " | ".join(VARIANTS) + " | auto picked |",
-                  "|---|" + "---|" * (len(VARIANTS) + 1)]
-        for hidden, tokens in dict.fromkeys((r["hidden"], r["tokens"]) for r in records):
-            row, picked = [], "-"
-            for v in VARIANTS:
-                r = next((r for r in records if (r["mode"], r["tokens"], r["hidden"], r["variant"])
-                          == (mode, tokens, hidden, v)), None)
-                if r is None:
-                    row.append("-")
-                elif "error" in r:
-                    row.append(f"ERROR: {r['error']}")
-                else:
-                    cell = f"{r['us_median']:.1f}"
-                    if v == "fused_auto":
-                        picked = r["auto_picked"]
-                        cell += (f" ({r.get('speedup_vs_shardkit_torch', float('nan')):.2f}x / "
-                                 f"{r.get('speedup_vs_nccl_torch', float('nan')):.2f}x)")
-                    row.append(cell)
-            lines.append(f"| {tokens} x {hidden} | " + " | ".join(row) + f" | {picked} |")
-        lines.append("")
-    crossover = tree_min_bytes(records)
-    if crossover is not None:
-        lines += [f"Fused one-shot / two-shot crossover fitted to the graph-mode times (`best_cut`): two-shot from "
-                  f"{crossover} bytes of x.", ""]
-    return "\n".join(lines)
+def crossover(records: list[dict]) -> int | None:
+    """``tree_min_bytes`` of store records of this bench."""
+    return tree_min_bytes([{"mode": r["mode"], "tokens": r["params"]["tokens"], "hidden": r["params"]["hidden"],
+                            "bytes": r["params"]["bytes"], "variant": r["impl"], "us_median": r["us_median"]}
+                           for r in records if r["us_median"] is not None])
 
 
 def report(args: argparse.Namespace, env: dict, records: list[dict], world: int, functional: bool) -> None:
-    add_speedups(records)
-    what = "all_reduce_rmsnorm_functional" if functional else "all_reduce_rmsnorm"
-    stem = results_stem(args.out, what, env, world)
-    write_json(stem + ".json", {"env": env, "functional": functional, "args": vars(args), "records": records})
-    text = markdown(env, records, world, functional)
-    with open(stem + ".md", "w") as f:
-        f.write(text + "\n")
-    print(text)
-    print(f"\nwrote {stem}.json, .md")
-    crossover = tree_min_bytes(records)
-    if args.write_thresholds and crossover is not None and not functional:
+    from bench.report import publish
+
+    if functional:
+        print("Functional run: Triton kernels in the CPU interpreter on shared memory; the times are the "
+              "interpreter's and say nothing about GPU performance.")
+    publish(records, args.out, on_gpu=not functional)
+    fit = crossover(records)
+    if args.write_thresholds and fit is not None and not functional:
         from shardkit import thresholds
-        thresholds.write_rmsnorm_tree_min_bytes(env["gpu"], world, crossover)
-        print(f"stored rmsnorm tree_min_bytes[{env['gpu']!r}][{world}] = {crossover}")
+        thresholds.write_rmsnorm_tree_min_bytes(env["gpu"], world, fit)
+        print(f"stored rmsnorm tree_min_bytes[{env['gpu']!r}][{world}] = {fit}")
 
 
 def main() -> None:
@@ -206,7 +164,9 @@ def main() -> None:
     p.add_argument("--modes", default="eager,graph")
     p.add_argument("--iters", type=int, default=None, help="calls per repetition (default 100; CPU 2)")
     p.add_argument("--reps", type=int, default=None, help="repetitions (default 7; CPU 2)")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--out", default=None,
+                   help="directory for records.jsonl and the tables (default: the store, bench/results, on GPUs; "
+                        "nothing on CPU)")
     p.add_argument("--cpu-world", type=int, default=0, help="no GPUs: run a CPU world of this many processes")
     p.add_argument("--write-thresholds", action="store_true",
                    help="store the fitted one-shot / two-shot crossover in shardkit/thresholds.json")

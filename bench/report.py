@@ -241,7 +241,7 @@ def rmsnorm_speedups(recs: Records, mode: str, tokens: int, hidden: int) -> tupl
 
 
 def rmsnorm_table(recs: Records) -> str:
-    from bench.all_reduce_rmsnorm_bench import tree_min_bytes
+    from bench.all_reduce_rmsnorm_bench import crossover
     r0 = recs[0]
     impls = ordered((r["impl"] for r in recs), RMS_ORDER)
     lines = [f"# Fused all-reduce + residual + RMSNorm: {r0['gpu']} x{r0['world']}, {r0['dtype']}", ""] + \
@@ -262,12 +262,10 @@ def rmsnorm_table(recs: Records) -> str:
             row.append(metric(find(recs, "fused_auto", mode, tokens=tokens, hidden=hidden), "auto_picked") or "-")
             rows.append(row)
         lines += [f"## {mode}", ""] + table(["tokens x hidden"] + impls + ["auto picked"], rows) + [""]
-    crossover = tree_min_bytes([{"mode": r["mode"], "tokens": r["params"]["tokens"], "hidden": r["params"]["hidden"],
-                                    "bytes": r["params"]["bytes"], "variant": r["impl"], "us_median": r["us_median"]}
-                                   for r in recs if us(r)])
-    if crossover is not None:
-        lines += [f"Fused one-shot / two-shot crossover fitted to the graph-mode times (`best_cut`): two-shot from "
-                  f"{crossover} bytes of x.", ""]
+    fit = crossover(recs)
+    if fit is not None:
+        lines += [f"Fused flat (one-shot) / tree (two-shot) crossover fitted to the graph-mode times (`best_cut`): "
+                  f"tree from {fit} bytes of x.", ""]
     return "\n".join(lines)
 
 
