@@ -47,14 +47,3 @@ def reference_logits(cfg, weights: Dict[str, torch.Tensor], ids: torch.Tensor) -
         h = h + (g * torch.sigmoid(g) * u) @ W[p + "mlp.down_proj.weight"].T
     head = W["model.embed_tokens.weight"] if cfg.tie_embeddings else W["lm_head.weight"]
     return _norm(h, W["model.norm.weight"], cfg.eps) @ head.T
-
-
-def reference_generate(cfg, weights: Dict[str, torch.Tensor], ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """Greedy continuation ``[B, new_tokens]``, recomputing the whole sequence for every token."""
-    seq = ids
-    out = []
-    for _ in range(new_tokens):
-        nxt = reference_logits(cfg, weights, seq)[:, -1].argmax(dim=-1, keepdim=True)
-        out.append(nxt)
-        seq = torch.cat((seq, nxt), dim=1)
-    return torch.cat(out, dim=1)
