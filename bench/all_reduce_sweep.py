@@ -53,13 +53,6 @@ def parse_sizes(text: str) -> list[int]:
     return [parse_size(t) for t in text.split(",")]
 
 
-def human(nbytes: int) -> str:
-    for unit, div in (("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if nbytes >= div:
-            return f"{nbytes / div:g} {unit}"
-    return f"{nbytes} B"
-
-
 def symm_mem_algos(group_name: str):
     """torch's own symmetric-memory one-shot/two-shot ops, where the installed torch has them."""
     try:

@@ -1,11 +1,9 @@
-"""Shared benchmark plumbing: environment header, GPU-correct timing, result files."""
+"""Shared benchmark plumbing: environment header, GPU-correct timing, fitting one threshold, worlds."""
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
-import statistics
 from typing import Callable
 
 import torch
@@ -147,10 +145,6 @@ def max_over_ranks(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def summarize(samples: list[float]) -> dict:
-    return {"us_median": statistics.median(samples), "us_min": min(samples), "us_max": max(samples)}
-
-
 def best_cut(rows: list[dict], key: str, low: str, high: str) -> tuple[list, int]:
     """Fit one rule, "variant ``low`` below a threshold of ``key``, ``high`` from it on", to measurements.
 
@@ -166,19 +160,6 @@ def best_cut(rows: list[dict], key: str, low: str, high: str) -> tuple[list, int
         return sum((r[low] if values.index(r[key]) < cut else r[high]) / min(r[low], r[high]) - 1 for r in rows)
 
     return values, min(range(len(values) + 1), key=lambda c: (loss(c), c))
-
-
-def results_stem(out_dir: str, what: str, env: dict, world: int) -> str:
-    card = env.get("gpu", "cpu").replace("NVIDIA ", "").replace(" ", "-").replace("(", "").replace(")", "")
-    day = datetime.date.today().isoformat()
-    os.makedirs(out_dir, exist_ok=True)
-    return os.path.join(out_dir, f"{what}_{card}_x{world}_{day}")
-
-
-def write_json(path: str, payload: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=1)
-        f.write("\n")
 
 
 def run_distributed(rank_fn: Callable, args, report: Callable) -> None:

@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from bench.all_reduce_sweep import human, symm_mem_algos
+from bench.all_reduce_sweep import symm_mem_algos
 from bench.conftest import graph_of, keep, run_pedantic
+from bench.report import human
 
 SIZES = [4 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20]
 ALGOS = ["nccl", "flat", "tree", "auto", "symm_1shot", "symm_2shot"]

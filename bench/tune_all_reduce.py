@@ -1,6 +1,6 @@
 """Tile/grid tuning for the DDA kernels: time flat and tree over their launch grids.
 
-    torchrun --standalone --nproc-per-node=4 bench/tune_all_reduce.py --out bench/results
+    torchrun --standalone --nproc-per-node=4 bench/tune_all_reduce.py
     torchrun --standalone --nproc-per-node=4 bench/tune_all_reduce.py --kernels cuda --algos tree
 
 Triton kernels: (BLOCK, max programs, warps). CUDA kernels: (threads, unroll, programs), unroll
@@ -9,7 +9,10 @@ config (``FlatConfig``/``TreeConfig``/``CudaConfig``); the shipped policy (``fla
 ``tree_config`` beside each kernel) is timed too, as "default".
 
 CUDA-graph mode (``iters`` calls captured in one graph), bf16, median of reps, max over ranks,
-NCCL measured in the same run. Each result is checked against NCCL before it is timed.
+NCCL measured in the same run. Each result is checked against NCCL before it is timed. The records
+(impl ``<algo>_<kernels>``, params ``bytes``, ``kernels``, ``config``) go to the store
+(bench/results/records.jsonl, or ``--out DIR``/records.jsonl) with the table
+``tune_all_reduce_<card>_x<world>.md`` (bench/report.py).
 """
 from __future__ import annotations
 
@@ -22,8 +25,12 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.all_reduce_sweep import human, parse_sizes  # noqa: E402
-from bench.common import environment, max_over_ranks, results_stem, summarize, time_cuda, write_json  # noqa: E402
+from bench.all_reduce_sweep import parse_sizes  # noqa: E402
+from bench.common import environment, max_over_ranks, time_cuda  # noqa: E402
+from bench.records import record  # noqa: E402
+from bench.report import human, publish  # noqa: E402
+
+GRID_NAMES = {"triton": ("block", "programs", "warps"), "cuda": ("threads", "unroll", "programs")}
 
 
 def configs(args: argparse.Namespace, numel: int, world: int) -> list[tuple[str, object]]:
@@ -75,7 +82,7 @@ def main() -> None:
     p.add_argument("--unrolls", default="1,2,4", help="CUDA: 16-byte packs per thread per tile")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--out", default=None, help="directory for records.jsonl and the tables (default: the store)")
     args = p.parse_args()
 
     import shardkit
@@ -86,21 +93,26 @@ def main() -> None:
     device = torch.device("cuda", local_rank)
     comm = shardkit.Communicator(kernels=args.kernels)
     from shardkit.kernels.all_reduce.tree import shard_elements
+    env = environment()
+    records: list[dict] = []
+
+    def keep(impl: str, params: dict, samples: list[float] | None, error: str | None = None) -> dict:
+        records.append(record("tune_all_reduce", impl, gpu=env["gpu"], world=world, dtype=torch.bfloat16,
+                              mode="graph", params=params, us=samples, error=error))
+        return records[-1]
 
     def sync() -> None:
         dist.barrier()
         torch.cuda.synchronize()
 
-    records = []
     for nbytes in parse_sizes(args.sizes):
         numel = nbytes // 2
         x = torch.randn(numel, generator=torch.Generator().manual_seed(rank)).to(torch.bfloat16).to(device)
         ref = x.clone()
         dist.all_reduce(ref)
         scratch = x.clone()
-        nccl = summarize(max_over_ranks(
+        nccl = keep("nccl", {"bytes": nbytes}, max_over_ranks(
             time_cuda(lambda: dist.all_reduce(scratch), args.iters, args.reps, True, sync), device))
-        records.append({"algo": "nccl", "bytes": nbytes, **nccl})
         best: dict[str, tuple] = {}
         for algo, config in configs(args, numel, world):
             elements = shard_elements(numel, world) if algo == "tree" else numel
@@ -109,31 +121,28 @@ def main() -> None:
             comm.all_reduce(x, algo=algo, out=out, config=launch)
             torch.cuda.synchronize()
             rel = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-            rec = {"algo": algo, "bytes": nbytes, "kernels": args.kernels, "config": config}
+            params = {"bytes": nbytes, "kernels": args.kernels,
+                      "config": config if config == "default" else dict(zip(GRID_NAMES[args.kernels], config))}
             bad = torch.tensor([not rel < 1e-2], dtype=torch.int32, device=device)
             dist.all_reduce(bad)
             if bad.item():
-                records.append({**rec, "error": f"relative error {rel:.3g} vs NCCL"})
+                keep(f"{algo}_{args.kernels}", params, None, error=f"relative error {rel:.3g} vs NCCL")
                 continue
-            t = summarize(max_over_ranks(
+            samples = max_over_ranks(
                 time_cuda(lambda: comm.all_reduce(x, algo=algo, out=out, config=launch), args.iters, args.reps, True,
                           sync),
-                device))
-            records.append({**rec, **t})
-            if algo not in best or t["us_median"] < best[algo][0]:
-                best[algo] = (t["us_median"], config)
+                device)
+            t = keep(f"{algo}_{args.kernels}", params, samples)["us_median"]
+            if algo not in best or t < best[algo][0]:
+                best[algo] = (t, config)
             if config == "default":
-                best[algo + " default"] = (t["us_median"], config)
+                best[algo + " default"] = (t, config)
         if rank == 0:
             line = "  ".join(f"{a}: {b[0]:.1f} us ({b[1]})" for a, b in best.items())
             print(f"{human(nbytes):>8}  nccl {nccl['us_median']:.1f} us  {line}", flush=True)
     comm.close()
     if rank == 0:
-        env = environment()
-        stem = results_stem(args.out, f"tune_all_reduce_{args.kernels}", env, world)
-        write_json(stem + ".json", {"env": env, "args": vars(args), "mode": "graph", "dtype": "bf16",
-                                    "records": records})
-        print(f"wrote {stem}.json")
+        publish(records, args.out, on_gpu=True)
     dist.destroy_process_group()
 
 
