@@ -5,16 +5,48 @@ interpreter start clean), joins them in a torch.distributed group once, and then
 functions on all ranks: ``world.run(fn, *args)`` calls ``fn(*args)`` on every rank and returns the
 per-rank results. Starting processes and importing torch costs seconds; a test suite reuses one
 world per size. A function that hangs past ``timeout`` kills the world and raises, never hangs.
+Workers exit when the process that started them dies, however it dies (``exit_with_parent``).
 """
 from __future__ import annotations
 
+import ctypes
 import datetime
 import multiprocessing as mp
+import os
 import queue
+import signal
 import socket
+import sys
+import threading
 import time
 import traceback
 from typing import Any, Callable
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def exit_with_parent(parent_pid: int, poll_s: float = 0.5, use_prctl: bool = True) -> None:
+    """End this process when ``parent_pid`` (its parent) dies, even by SIGKILL.
+
+    Linux: the kernel sends SIGKILL on the parent's death (prctl PR_SET_PDEATHSIG; it follows the
+    parent *thread* that started us, so start worlds from a thread that outlives them, e.g. the
+    main one). Where prctl is missing, a daemon thread checks every ``poll_s`` seconds that we still
+    have that parent (also the fallback if the signal was lost). ``use_prctl=False``: the thread only.
+    """
+    if use_prctl and sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # no prctl: the watchdog below still works
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    if os.getppid() != parent_pid:  # died before we got here
+        os._exit(1)
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _free_port() -> int:
@@ -23,7 +55,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, backend: str, port: int, tasks: mp.Queue, results: mp.Queue) -> None:
+def _worker(rank: int, world_size: int, backend: str, port: int, tasks: mp.Queue, results: mp.Queue,
+            parent_pid: int) -> None:
+    exit_with_parent(parent_pid)
     import torch
     import torch.distributed as dist
 
@@ -63,11 +97,17 @@ class ProcessWorld:
         port = _free_port()
         self._results = ctx.Queue()
         self._tasks = [ctx.Queue() for _ in range(world_size)]
-        self._procs = [ctx.Process(target=_worker, args=(r, world_size, backend, port, self._tasks[r], self._results),
-                                   daemon=True) for r in range(world_size)]
+        self._procs = [ctx.Process(target=_worker, daemon=True,
+                                   args=(r, world_size, backend, port, self._tasks[r], self._results, os.getpid()))
+                       for r in range(world_size)]
         for p in self._procs:
             p.start()
         self._collect(start_timeout, "start")
+
+    @property
+    def pids(self) -> list[int]:
+        """The worker processes' ids, in rank order."""
+        return [p.pid for p in self._procs]
 
     @property
     def alive(self) -> bool:

@@ -1,6 +1,6 @@
 """Test set-up: the Triton interpreter without CUDA, shared multi-process worlds, leak checks."""
-import glob
 import os
+import uuid
 
 import torch
 
@@ -9,9 +9,13 @@ if not HAS_CUDA:
     # Must precede the first import of triton: every kernel then runs on CPU tensors.
     os.environ["TRITON_INTERPRET"] = "1"
 
+# One shared-memory session per test run (inherited by the worker processes): the leak check below
+# sees only this run's segments, so two runs on one machine do not fail each other.
+os.environ["SHARDKIT_SESSION"] = "pytest" + uuid.uuid4().hex[:12]
+
 import pytest  # noqa: E402
 
-from shardkit.memory.shm import PREFIX, SHM_DIR  # noqa: E402
+from shardkit.memory.shm import session_segments  # noqa: E402
 from shardkit.testing import ProcessWorld  # noqa: E402
 
 
@@ -37,8 +41,8 @@ def worlds():
 
 @pytest.fixture(autouse=True)
 def no_leaked_segments():
-    """Every test must leave /dev/shm as it found it, whatever its ranks did."""
-    before = set(glob.glob(os.path.join(SHM_DIR, PREFIX + "*")))
+    """Every test must leave this run's part of /dev/shm as it found it, whatever its ranks did."""
+    before = set(session_segments())
     yield
-    leaked = set(glob.glob(os.path.join(SHM_DIR, PREFIX + "*"))) - before
+    leaked = set(session_segments()) - before
     assert not leaked, f"leaked shared-memory segments: {sorted(leaked)}"
