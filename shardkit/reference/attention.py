@@ -6,7 +6,11 @@ They follow the same conventions as the kernels:
 * layout ``[batch, heads, seq, head_dim]``; grouped-query attention by repeating kv heads;
 * causal masking by global positions: query ``i`` sees key ``j`` iff ``kv_pos[j] <= q_pos[i]``;
   positions are an ``int`` (position of row 0, contiguous rows) or an integer tensor;
-* log-sum-exp in natural log; rows that see no key get ``out = 0`` and ``lse = -inf``.
+* log-sum-exp in natural log; rows that see no key get ``out = 0`` and ``lse = -inf``;
+* NaN reaches exactly what attends to it: ``lse`` (and every column of ``out``) of a row is NaN when its
+  query or a key it sees holds NaN; column ``d`` of ``out`` is NaN when a value it sees holds NaN in
+  column ``d``. NaN in keys/values hidden by the causal mask changes nothing. A merge weighs a partial
+  with ``lse = -inf`` by exactly 0 (its ``out`` is ignored) and propagates every other NaN.
 """
 from __future__ import annotations
 
@@ -58,14 +62,20 @@ def reference_attention(
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         s = torch.matmul(qd, kd.transpose(-1, -2)) * scale  # [B, Hq, Lq, Lk]
+        seen = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device)
         if causal:
             qp = positions(q_pos, Lq, q.device)
             kp = positions(kv_pos, Lk, q.device)
-            s = s.masked_fill(kp[None, :] > qp[:, None], float("-inf"))
-        lse = torch.logsumexp(s, dim=-1)  # -inf for rows with no visible key
-        finite = torch.isfinite(lse)
-        p = torch.exp(s - torch.where(finite, lse, torch.zeros_like(lse))[..., None])
-        out = torch.matmul(p, vd)  # rows with no key: exp(-inf) = 0 everywhere -> 0
+            seen = kp[None, :] <= qp[:, None]
+            s = s.masked_fill(~seen, float("-inf"))  # NaN scores of hidden keys go too
+        lse = torch.logsumexp(s, dim=-1)  # -inf for rows with no visible key, NaN if a seen score is
+        shift = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)  # NaN rows stay NaN
+        p = torch.exp(s - shift[..., None])
+        # 0 * NaN would carry a NaN value to the rows the mask hides its key from: multiply clean
+        # values and put NaN back where a seen value holds it (a count of seen NaN per column).
+        v_nan = torch.isnan(vd)
+        out = torch.matmul(p, vd.masked_fill(v_nan, 0.0))  # rows with no key: exp(-inf) = 0 -> 0
+        out = out.masked_fill(torch.matmul(seen.to(dtype), v_nan.to(dtype)) > 0, float("nan"))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     return out, lse
@@ -83,13 +93,15 @@ def reference_merge(
 
     Returns:
         ``out = sum_s out_s * exp(lse_s - lse)`` and ``lse = logsumexp_s(lse_s)`` in float64;
-        rows where every ``lse_s`` is ``-inf`` give ``out = 0``, ``lse = -inf``.
+        rows where every ``lse_s`` is ``-inf`` give ``out = 0``, ``lse = -inf``; a NaN ``lse_s``
+        makes the row NaN, a NaN in ``out_s`` (``lse_s > -inf``) its element.
     """
     o = torch.stack([t.double() for t in outs]) if not isinstance(outs, torch.Tensor) else outs.double()
     l = torch.stack([t.double() for t in lses]) if not isinstance(lses, torch.Tensor) else lses.double()
-    lse = torch.logsumexp(l, dim=0)
-    finite = torch.isfinite(lse)
-    w = torch.exp(l - torch.where(finite, lse, torch.zeros_like(lse))[None])  # [S, B, H, L]
-    # A partial with weight 0 contributes nothing, whatever its out holds.
-    contrib = torch.where(w[..., None] > 0, w[..., None] * o, torch.zeros_like(o))
+    lse = torch.logsumexp(l, dim=0)  # NaN if any lse_s is NaN
+    shift = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    w = torch.exp(l - shift[None])  # [S, B, H, L]
+    # A partial with lse = -inf (no key seen) contributes nothing, whatever its out holds; any other
+    # partial contributes w * out, NaN included (also when w underflows to 0).
+    contrib = torch.where(torch.isneginf(l)[..., None], torch.zeros_like(o), w[..., None] * o)
     return contrib.sum(0), lse

@@ -12,7 +12,7 @@ from shardkit.collectives.attention.sharding import shard_positions
 from shardkit.kernels.attention.chunk import attention_chunk
 from shardkit.reference.attention import reference_attention
 
-from ._common import ATTENTION, assert_close_inf, randn, tol
+from ._common import ATTENTION, assert_close_inf, assert_nan_close, plant_nan, randn, tol
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # bf16 only on GPU: the interpreter path upcasts bf16 dots to fp32 (tested once below).
@@ -203,3 +203,54 @@ def test_bad_positions_and_outputs(kw, match):
     q, k, v = (torch.zeros(1, h, n, 32) for h, n in ((4, 8), (2, 9), (2, 9)))
     with pytest.raises(ValueError, match=match):
         attention_chunk(q, k, v, causal=True, **kw)
+
+
+# ---------------------------------------------------------------------------- NaN inputs
+
+# NaN arithmetic warns in the interpreter's numpy.
+NAN_WARNINGS = pytest.mark.filterwarnings("ignore:(invalid value|All-NaN slice) encountered:RuntimeWarning")
+
+
+@NAN_WARNINGS
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("causal,pos", [
+    (False, 20),
+    (True, 2),    # seen by most rows, also through the unmasked full tiles
+    (True, 20),   # hidden from rows 0..19, of which 16..19 share a tile with rows that see it
+    (True, 36),   # the last key: only the last row sees it
+])
+def test_nan_reaches_exactly_the_rows_that_attend_to_it(where, causal, pos):
+    """A NaN in q, k or v makes NaN what attends to it and nothing else (the reference's rule);
+    "saw NaN" is not "saw no key" (lse NaN, not -inf). The finite part is still exact."""
+    g = torch.Generator(device=DEVICE).manual_seed(pos)
+    dtype = DTYPES[0]
+    q, k, v = (randn(1, 2, 37, 16, dtype=dtype, device=DEVICE, gen=g) for _ in range(3))
+    q, k, v = plant_nan(q, k, v, where, pos)
+    kw = dict(causal=causal, q_pos=0, kv_pos=0)
+    out = torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE)
+    lse = torch.full(q.shape[:3], float("nan"), device=DEVICE)
+    attention_chunk(q, k, v, out=out, lse=lse, **kw)
+    ref_o, ref_l = reference_attention(q, k, v, **kw)
+    assert torch.isnan(ref_o).any() and (~torch.isnan(ref_o)).any()  # the case means something
+    assert_nan_close(out, ref_o, f"out, NaN in {where}[{pos}]", **tol(ATTENTION, dtype))
+    assert_nan_close(lse, ref_l, f"lse, NaN in {where}[{pos}]", **tol(ATTENTION, torch.float32))
+
+
+@NAN_WARNINGS
+@pytest.mark.parametrize("where", ["k", "v"])
+def test_nan_with_position_tensors_and_masked_rows(where):
+    """Load-balanced positions (two pieces), a key chunk partly after every query (rows that see no
+    key stay 0 / -inf), NaN in a key that only some rows of a tile see."""
+    g = torch.Generator(device=DEVICE).manual_seed(21)
+    dtype = DTYPES[-1]  # fp16: the NaN handling of the low-precision dot path
+    qp = shard_positions(45, 0, 2, device=DEVICE)                        # 0..11, 34..44
+    kp = shard_positions(45, 1, 2, device=DEVICE, dtype=torch.int64)  # 12..22, 23..33
+    q = randn(1, 2, qp.numel(), 16, dtype=dtype, device=DEVICE, gen=g)
+    k = randn(1, 1, kp.numel(), 16, dtype=dtype, device=DEVICE, gen=g)
+    v = randn(1, 1, kp.numel(), 16, dtype=dtype, device=DEVICE, gen=g)
+    q, k, v = plant_nan(q, k, v, where, 5)  # key position 17
+    o, l = attention_chunk(q, k, v, causal=True, q_pos=qp, kv_pos=kp)
+    ref_o, ref_l = reference_attention(q, k, v, causal=True, q_pos=qp, kv_pos=kp)
+    assert torch.isneginf(ref_l).any() and torch.isnan(ref_o).any()
+    assert_nan_close(o, ref_o, "out", **tol(ATTENTION, dtype))
+    assert_nan_close(l, ref_l, "lse", **tol(ATTENTION, torch.float32))

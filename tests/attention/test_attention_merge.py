@@ -7,7 +7,7 @@ from shardkit.kernels.attention.chunk import attention_chunk
 from shardkit.kernels.attention.merge import merge_attention, merge_attention_
 from shardkit.reference.attention import reference_attention, reference_merge
 
-from ._common import ATTENTION, ROUNDING, assert_close_inf, randn, tol
+from ._common import ATTENTION, ROUNDING, assert_close_inf, assert_nan_close, randn, tol
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MERGE_DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # no dots: bf16 is fine on CPU
@@ -187,3 +187,38 @@ def test_merge_n_bad_inputs(make, match):
     outs, lses = make()
     with pytest.raises(ValueError, match=match):
         merge_attention(outs, lses)
+
+
+# ---------------------------------------------------------------------------- NaN partials
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_merge_propagates_nan_but_not_no_key(dtype):
+    """A partial that saw NaN (NaN lse, or NaN out with lse > -inf, even of negligible weight) makes
+    the merged row / element NaN; a partial that saw no key (lse -inf) stays weight 0, whatever its out."""
+    B, H, L, D, S = 1, 2, 8, 16, 3
+    g = torch.Generator(device=DEVICE).manual_seed(14)
+    outs = randn(S, B, H, L, D, dtype=dtype, device=DEVICE, gen=g)
+    lses = randn(S, B, H, L, device=DEVICE, gen=g)
+    nan, ninf = float("nan"), float("-inf")
+    lses[1, 0, 0, 0] = nan                                       # row 0: NaN lse
+    outs[2, 0, 0, 1, 5] = nan                                    # row 1: one NaN element
+    lses[0, 0, 0, 2], outs[0, 0, 0, 2] = ninf, nan               # row 2: no key seen, garbage out
+    lses[1, 0, 0, 3], outs[1, 0, 0, 3, 7] = -200.0, nan          # row 3: weight exp(-200) underflows
+    lses[:, 0, 0, 4] = ninf                                      # row 4: nothing seen anywhere
+    lses[0, 0, 0, 5], lses[1:, 0, 0, 5] = nan, ninf              # row 5: NaN and nothing else
+    ref_o, ref_l = reference_merge(outs, lses)
+    assert torch.isnan(ref_o[0, 0, 0]).all() and torch.isnan(ref_l[0, 0, 0])
+    assert torch.isnan(ref_o[0, 0, 1]).sum() == 1 and not torch.isnan(ref_o[0, 0, 2]).any()
+    assert torch.isnan(ref_o[0, 0, 3, 7]) and torch.isneginf(ref_l[0, 0, 4]) and torch.isnan(ref_l[0, 0, 5])
+
+    o, l = merge_attention(outs, lses)
+    assert_nan_close(o, ref_o, "merge_attention out", **tol(ROUNDING, dtype))
+    assert_nan_close(l, ref_l, "merge_attention lse", **tol(ROUNDING, torch.float32))
+    # Two-way in place, both orders: (0, 1) then 2, and (2, 1) then 0.
+    for order in ((0, 1, 2), (2, 1, 0)):
+        out, lse = outs[order[0]].clone(), lses[order[0]].clone()
+        for s in order[1:]:
+            merge_attention_(out, lse, outs[s], lses[s])
+        assert_nan_close(out, ref_o, f"merge_attention_ {order} out", **tol(ROUNDING, dtype))
+        assert_nan_close(lse, ref_l, f"merge_attention_ {order} lse", **tol(ROUNDING, torch.float32))

@@ -10,7 +10,7 @@ import torch
 from shardkit.kernels.attention.sdpa import sdpa_backends, sdpa_with_lse
 from shardkit.reference.attention import reference_attention
 
-from ._common import ATTENTION, assert_close_inf, randn, tol
+from ._common import ATTENTION, assert_close_inf, assert_nan_close, plant_nan, randn, same_bits, tol
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] if DEVICE == "cpu" else [torch.float16, torch.bfloat16]
@@ -83,3 +83,25 @@ def test_bad_input():
     if DEVICE == "cpu":
         with pytest.raises(ValueError, match="not available"):
             sdpa_with_lse(q, k, k, backend="cudnn")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("L,causal,pos", [(21, False, 9), (21, True, 9), (21, True, 0), (5, False, 2), (5, True, 3)])
+def test_nan_reaches_exactly_the_rows_that_attend_to_it(backend, where, L, causal, pos):
+    """As attention_chunk. torch's kernels alone do not: on CPU the flash kernel gives a query row
+    with NaN out 0 and lse 0 when there are fewer than 8 keys, and with the causal mask a NaN value
+    reaches rows that cannot see it; sdpa_with_lse puts NaN where the reference does."""
+    dtype = DTYPES[-1]
+    g = torch.Generator(device=DEVICE).manual_seed(pos)
+    q = randn(1, 4, L, 64, dtype=dtype, device=DEVICE, gen=g)
+    k, v = (randn(1, 2, L, 64, dtype=dtype, device=DEVICE, gen=g) for _ in range(2))
+    q, k, v = plant_nan(q, k, v, where, pos)
+    inputs = [t.clone() for t in (q, k, v)]
+    out, lse = sdpa_with_lse(q, k, v, causal=causal, backend=backend)
+    ref_o, ref_l = reference_attention(q, k, v, causal=causal)
+    assert torch.isnan(ref_o).any() and (~torch.isnan(ref_o)).any()
+    assert_nan_close(out, ref_o, f"out, NaN in {where}[{pos}]", **tol(ATTENTION, dtype))
+    assert_nan_close(lse, ref_l, f"lse, NaN in {where}[{pos}]", **tol(ATTENTION, torch.float32))
+    for a, b in zip(inputs, (q, k, v)):
+        assert same_bits(a, b), "input modified"

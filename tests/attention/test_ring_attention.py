@@ -118,3 +118,29 @@ def test_bad_inputs_raise_on_every_rank(worlds, case, match, everywhere):
     else:  # the bad rank names its argument; the others name the bad rank
         assert re.search(match, results[-1][1]), results
         assert all("rank(s) [1] rejected their inputs" in msg for _, msg in results[:-1]), results
+
+
+# NaN arithmetic warns in the interpreter's numpy (in the rank processes; harmless here).
+@pytest.mark.parametrize("world_size,cfg", [
+    # One NaN per batch entry: in q (batch 0), in k (batch 1), in v (batch 2); each reaches the
+    # rows that attend to it, on every rank that holds such rows, and no other row.
+    (2, _cfg(T=19, B=3, nan=[("q", 0, 5), ("k", 1, 9), ("v", 2, 14)], seed=17)),
+    # Cache + new tokens on random ranks with positions, NaN in a cached key and a new value.
+    (3, _cfg(T=10, P=11, B=3, layout="random", pass_pos=True, nan=[("q", 0, 2), ("k", 1, 4), ("v", 2, 15)],
+             seed=18)),
+    # torch's CPU flash kernel for the chunk pairs (its own NaN handling differs: see sdpa_with_lse).
+    (2, _cfg(T=19, B=3, local_backend="flash", nan=[("q", 0, 12), ("k", 1, 3), ("v", 2, 10)], seed=19)),
+])
+def test_ring_propagates_nan_like_full_attention(worlds, world_size, cfg):
+    worlds(world_size).run(ring_checks.check_ring, cfg)
+
+
+@pytest.mark.parametrize("world_size,cfg", [
+    (2, dict(B=3, Hq=2, Hkv=1, D=16, n=2, prefix=9, generated=3, causal=True, dtype="float32", seed=20,
+             nan=[("q", 0, 1), ("k", 1, 10), ("v", 2, 4)])),  # k[10]: hidden from query row 0 (position 10)
+    (3, dict(B=2, Hq=2, Hkv=1, D=16, n=1, prefix=8, generated=2, causal=False, dtype="float32", seed=21,
+             nan=[("v", 0, 7), ("k", 1, 0)])),
+])
+def test_cp_decode_propagates_nan(worlds, world_size, cfg):
+    digests = worlds(world_size).run(ring_checks.check_decode, cfg)
+    assert len(set(digests)) == 1, "ranks got different decode outputs"

@@ -23,6 +23,15 @@ Layout: ``[batch, heads, seq, head_dim]`` with any strides; grouped-query attent
 Rows that see no key at all get ``lse = -inf`` and ``out = 0`` (never NaN), so that
 merging them with other partials is exact.
 
+NaN reaches exactly the rows that attend to it, as ``shardkit.reference.attention`` defines: a
+NaN in a row's query or in a key it sees makes the row's ``out`` and ``lse`` NaN (a row that saw
+NaN is told apart from one that saw nothing by ``l == 0``, not ``l > 0``); a NaN value makes
+column ``d`` of the rows that see its key NaN. NaN in keys and values that the causal mask hides
+changes nothing. This is torch SDPA's behaviour for NaN that a row attends to; for hidden NaN torch
+depends on the backend (its math kernel adds the mask, -inf + NaN = NaN, so a hidden NaN key
+poisons every row; its flash kernels drop hidden keys but let a hidden NaN value reach the rows
+of the same tile through 0 * NaN), and none of that is copied here.
+
 Structure (Triton-tutorial style): the kernel, then the launcher ``attention_chunk``;
 the float64 reference lives in ``shardkit.reference.attention``.
 """
@@ -76,7 +85,7 @@ def _attn_tile(
     stride_kn, stride_kd, stride_vn, stride_vd,
     Lk, qk_scale, offs_n, offs_d,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KV_POS: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Online-softmax update of (acc, l_i, m_i) with the KV tile starting at start_n.
 
@@ -109,7 +118,7 @@ def _attn_tile(
             else:
                 k_pos = kv_start + cols
             visible = visible & (k_pos[None, :] <= q_pos[:, None])
-        s = tl.where(visible, s, float("-inf"))
+        s = tl.where(visible, s, float("-inf"))  # a hidden NaN key's score goes too
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row that has seen no visible key yet keeps m = -inf; subtracting 0 instead
     # keeps exp2(-inf - (-inf)) = NaN out of alpha and p (both become 0).
@@ -118,6 +127,16 @@ def _attn_tile(
     p = tl.math.exp2(s - m_sub[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
+    if MASKED and CAUSAL:
+        # In the dot, p = 0 times a NaN value would reach the rows the mask hides its key from.
+        # Zero NaN values and set NaN where a row sees one: keys are sorted by position, so a row
+        # sees a prefix of the tile's keys, and column d of row i is hit iff the row sees more
+        # keys than the first NaN of column d. (Diagonal and tail tiles only.)
+        v_nan = v != v
+        v = tl.where(v_nan, tl.zeros_like(v), v)
+        first_nan = tl.min(tl.where(v_nan, offs_n[:, None], BLOCK_N), 0)  # [D]
+        n_seen = tl.sum(visible.to(tl.int32), 1)  # [BLOCK_M]
+        acc = tl.where(n_seen[:, None] > first_nan[None, :], float("nan"), acc)
     if DOT_FP32:
         acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
     else:
@@ -145,14 +164,14 @@ def _attn_tiles(
             acc, l_i, m_i = _attn_tile(
                 acc, l_i, m_i, q, q_pos, start_n, k_base, v_base, kv_pos_ptr, kv_start,
                 stride_kn, stride_kd, stride_vn, stride_vd, Lk, qk_scale, offs_n, offs_d,
-                MASKED, CAUSAL, HAS_KV_POS, DOT_FP32)
+                MASKED, CAUSAL, HAS_KV_POS, DOT_FP32, BLOCK_N)
             start_n += BLOCK_N
     else:
         for start_n in range(lo, hi, BLOCK_N):
             acc, l_i, m_i = _attn_tile(
                 acc, l_i, m_i, q, q_pos, start_n, k_base, v_base, kv_pos_ptr, kv_start,
                 stride_kn, stride_kd, stride_vn, stride_vd, Lk, qk_scale, offs_n, offs_d,
-                MASKED, CAUSAL, HAS_KV_POS, DOT_FP32)
+                MASKED, CAUSAL, HAS_KV_POS, DOT_FP32, BLOCK_N)
     return acc, l_i, m_i
 
 
@@ -236,11 +255,12 @@ def _attention_chunk_kernel(
         stride_kn, stride_kd, stride_vn, stride_vd, Lk, qk_scale, full_end, n_any,
         offs_n, offs_d, True, CAUSAL, HAS_KV_POS, DOT_FP32, BLOCK_N, INTERPRET)
 
-    # Rows that saw no key: l_i == 0. They get out = 0 and lse = -inf instead of 0/0.
-    seen = l_i > 0.0
-    l_safe = tl.where(seen, l_i, 1.0)
+    # Rows that saw no key: l_i == 0. They get out = 0 and lse = -inf instead of 0/0. A row
+    # that saw NaN has l_i = NaN (not > 0, but not == 0 either): its out and lse stay NaN.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
 
     o_ptrs = (out_ptr + off_b * stride_ob + off_h * stride_oh
               + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od)
@@ -368,7 +388,8 @@ def attention_chunk(
         ``out``: ``[B, Hq, Lq, D]`` in q's dtype (contiguous unless given); rows with no
         visible key are 0.
         ``lse``: ``[B, Hq, Lq]`` fp32, natural-log log-sum-exp of the scaled scores;
-        ``-inf`` for rows with no visible key.
+        ``-inf`` for rows with no visible key. NaN propagates to the rows (and, for values,
+        columns) that attend to it (module docstring).
 
     Supported head dims: 16, 32, 64, 128. fp32 inputs use IEEE fp32 dots (no TF32),
     which is slow on GPU but exact enough to serve as a check.

@@ -10,8 +10,14 @@ row) for KV sets ``s = 1..S``, the attention over their union is
 
 Subtracting the row maximum keeps every exponent <= 0 (no overflow). Rows whose
 ``lse_s`` are all ``-inf`` (no key visible in any partial) give ``out = 0`` and
-``lse = -inf``; a partial with weight 0 contributes nothing even if its ``out`` holds
-garbage (NaN/inf), so partials of fully masked chunks need no clean-up.
+``lse = -inf``; a partial with ``lse_s = -inf`` ("saw no key") contributes nothing even if its
+``out`` holds garbage (NaN/inf), so partials of fully masked chunks need no clean-up.
+
+NaN propagates ("saw NaN" is not "saw nothing"): a NaN ``lse_s`` makes the merged row's ``out``
+and ``lse`` NaN, and a NaN element of an ``out_s`` whose ``lse_s > -inf`` makes that element
+of the merged ``out`` NaN -- also when its weight underflows to 0. Rows are told apart by
+``sum_s w_s == 0`` (all ``-inf``; NaN is not equal to 0) and partials by ``lse_s == -inf``,
+never by ``> 0`` tests, which NaN fails.
 
 Two entry points:
 * ``merge_attention_(out, lse, out_other, lse_other)`` -- two-way, in place into
@@ -70,23 +76,22 @@ def _merge2_kernel(
 
     la = tl.load(la_ptrs, mask=row_ok, other=float("-inf"))
     lb = tl.load(lb_ptrs, mask=row_ok, other=float("-inf"))
-    m = tl.maximum(la, lb)
+    m = tl.maximum(la, lb)  # NaN may or may not win (device-dependent): the weights carry it anyway
     m = tl.where(m == float("-inf"), 0.0, m)  # all -inf: weights exp(-inf) = 0, no NaN
     wa = tl.exp(la - m)
     wb = tl.exp(lb - m)
     total = wa + wb
-    seen = total > 0.0
-    inv = tl.where(seen, 1.0 / tl.where(seen, total, 1.0), 0.0)
+    empty = total == 0.0  # every partial saw no key (a NaN total is not empty)
+    inv = 1.0 / tl.where(empty, 1.0, total)
 
     oa = tl.load(oa_ptrs, mask=mask, other=0.0).to(tl.float32)
     ob = tl.load(ob_ptrs, mask=mask, other=0.0).to(tl.float32)
-    # tl.where, not w * o: a partial of weight 0 must not leak its NaN/inf.
-    acc = tl.where((wa > 0.0)[:, None], oa * (wa * inv)[:, None], 0.0)
-    acc += tl.where((wb > 0.0)[:, None], ob * (wb * inv)[:, None], 0.0)
+    # tl.where, not w * o: a partial that saw no key must not leak its NaN/inf.
+    acc = tl.where((la != float("-inf"))[:, None], oa * (wa * inv)[:, None], 0.0)
+    acc += tl.where((lb != float("-inf"))[:, None], ob * (wb * inv)[:, None], 0.0)
 
     tl.store(oa_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(la_ptrs, tl.where(seen, m + tl.log(tl.where(seen, total, 1.0)), float("-inf")),
-             mask=row_ok)
+    tl.store(la_ptrs, tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, total))), mask=row_ok)
 
 
 @triton.jit
@@ -118,18 +123,20 @@ def _merge_n_kernel(
     total = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     for s in tl.static_range(S):
-        w = tl.exp(tl.load(lses_ptr + s * stride_ts + lin_off, mask=row_ok, other=float("-inf")) - m)
+        l = tl.load(lses_ptr + s * stride_ts + lin_off, mask=row_ok, other=float("-inf"))
+        w = tl.exp(l - m)
         o = tl.load(outs_ptr + s * stride_ss + in_off, mask=mask, other=0.0).to(tl.float32)
-        acc += tl.where((w > 0.0)[:, None], o * w[:, None], 0.0)
+        # Only a partial that saw no key is left out; NaN in l or o goes into the sum.
+        acc += tl.where((l != float("-inf"))[:, None], o * w[:, None], 0.0)
         total += w
 
-    seen = total > 0.0
-    inv = tl.where(seen, 1.0 / tl.where(seen, total, 1.0), 0.0)
+    empty = total == 0.0
+    inv = 1.0 / tl.where(empty, 1.0, total)
     o_ptrs = (out_ptr + _row_offsets(rows, H, L, stride_ob, stride_oh, stride_ol)[:, None]
               + cols[None, :] * stride_od)
     tl.store(o_ptrs, (acc * inv[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
     l_ptrs = lse_ptr + _row_offsets(rows, H, L, stride_lb, stride_lh, stride_ll)
-    tl.store(l_ptrs, tl.where(seen, m + tl.log(tl.where(seen, total, 1.0)), float("-inf")), mask=row_ok)
+    tl.store(l_ptrs, tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, total))), mask=row_ok)
 
 
 # ----------------------------------------------------------------------------------

@@ -18,7 +18,14 @@ is one rectangle of fully visible keys or one square causal diagonal (see
 ``attention_chunk``, which masks by global position.
 
 Semantics match ``attention_chunk``: ``lse`` is the fp32 natural-log log-sum-exp of the scaled
-scores; a chunk with no keys gives ``out = 0`` and ``lse = -inf``.
+scores; a chunk with no keys gives ``out = 0`` and ``lse = -inf``; NaN reaches exactly the rows
+(values: the columns) that attend to it. torch's kernels do not do that by themselves: on CPU the
+flash kernel gives a row whose query holds NaN ``out = 0, lse = 0`` when there are fewer than 8 keys
+(the NaN is lost; torch 2.13), and with the causal mask a NaN value reaches rows of its tile that
+cannot see it (p = 0 times NaN). So NaN
+keys and values are zeroed before a causal call, and NaN is put back from masks of where q, k and
+v hold it (a few reductions over the inputs, no host synchronisation; small next to the
+attention itself).
 """
 from __future__ import annotations
 
@@ -92,7 +99,8 @@ def sdpa_with_lse(
 
     Returns:
         ``out`` ``[B, Hq, Lq, D]`` in q's dtype and ``lse`` ``[B, Hq, Lq]`` fp32 (natural log),
-        both new tensors; ``Lk == 0`` gives zeros and ``-inf``.
+        both new tensors; ``Lk == 0`` gives zeros and ``-inf``. NaN in q, k or v reaches exactly
+        the rows that attend to it (module docstring).
     """
     check_qkv(q, k, v)
     if backend not in SDPA_BACKENDS:
@@ -112,6 +120,9 @@ def sdpa_with_lse(
         return (torch.zeros((B, Hq, Lq, D), dtype=q.dtype, device=q.device),
                 torch.full((B, Hq, Lq), float("-inf"), dtype=torch.float32, device=q.device))
     groups = Hq // Hkv
+    k_nan, v_nan = torch.isnan(k), torch.isnan(v)
+    if causal:  # hidden NaN must not reach the kernel (see the module docstring)
+        k, v = k.masked_fill(k_nan, 0.0), v.masked_fill(v_nan, 0.0)
     if backend in _EXPAND_KV:
         k, v = _expand(k, groups), _expand(v, groups)
     try:
@@ -122,4 +133,30 @@ def sdpa_with_lse(
         _EXPAND_KV.add(backend)  # this op has no grouped-query support: expand from now on
         out, lse = _call(backend, q, _expand(k, groups), _expand(v, groups), causal, scale)
     # cuDNN returns [B, H, L, 1]; some flash builds pad L: keep the rows of this block.
-    return out, lse.reshape(B, Hq, -1)[..., :Lq].float()
+    lse = lse.reshape(B, Hq, -1)[..., :Lq].float()
+    return _put_back_nan(q, k_nan, v_nan, out, lse, causal)
+
+
+def _put_back_nan(q: torch.Tensor, k_nan: torch.Tensor, v_nan: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """NaN where ``shardkit.reference.attention`` puts it: a row whose query, or a key it sees, holds
+    NaN is NaN (``out`` and ``lse``); column d of a row that sees a value with NaN in column d is NaN.
+
+    ``k_nan``/``v_nan``: ``isnan`` of k and v ``[B, Hkv, Lk, D]``. With ``causal`` (``Lq == Lk``) row i
+    sees keys ``0..i`` (a running "any" along the keys), else every key.
+    """
+    Hkv = k_nan.shape[1]
+    k_bad = k_nan.any(-1)  # [B, Hkv, Lk]
+    if causal:
+        k_seen, v_seen = k_bad.cummax(-1).values, v_nan.cummax(2).values
+    else:
+        k_seen, v_seen = k_bad.any(-1, keepdim=True), v_nan.any(2, keepdim=True)
+
+    def by_kv_head(t: torch.Tensor) -> torch.Tensor:  # [B, Hq, ...] -> [B, Hkv, Hq // Hkv, ...], a view
+        return t.unflatten(1, (Hkv, -1))
+
+    row_nan = by_kv_head(torch.isnan(q).any(-1)) | k_seen[:, :, None]  # [B, Hkv, G, Lq]
+    lse = by_kv_head(lse).masked_fill(row_nan, float("nan")).flatten(1, 2)
+    out = by_kv_head(out).masked_fill(row_nan[..., None], float("nan"))
+    out.masked_fill_(v_seen[:, :, None], float("nan"))
+    return out.flatten(1, 2), lse
