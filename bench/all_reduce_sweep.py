@@ -164,7 +164,8 @@ def sweep_rank(args: argparse.Namespace) -> tuple[dict, list[dict]] | None:
             for mode in modes:
                 metrics, samples = {}, None
                 if algo == "auto":  # the Communicator's own rule: thresholds, or NCCL without peer memory
-                    metrics["auto_picked"] = thresholds.choose(comm.rules, numel * elt) if comm.memory else "nccl"
+                    metrics["auto_picked"] = ("nccl" if comm.memory is None
+                                              else thresholds.choose(comm.rules, numel * elt))
                 if not bad.item():
                     if cpu:
                         samples = time_host(fn, iters, args.reps, sync)
