@@ -289,9 +289,13 @@ class LlamaStage:
         for layer, k_cache, v_cache in zip(self._layers, self._k, self._v):
             h = self._layer(layer, h, cos, sin, k_cache, v_cache, start)
         self.length = start + s
-        if self.last and head:
-            return _rms_norm(h, self.norm, self.config.eps) @ self.head.T
-        return h
+        return self.logits(h) if self.last and head else h
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The final norm and LM head (last stage only): ``[B, s, hidden]`` -> ``[B, s, vocab]``."""
+        if not self.last:
+            raise ValueError("logits: only the last stage holds the LM head")
+        return _rms_norm(h, self.norm, self.config.eps) @ self.head.T
 
     def _layer(self, w: _Layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                v_cache: torch.Tensor, start: int) -> torch.Tensor:

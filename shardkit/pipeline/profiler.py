@@ -88,12 +88,11 @@ class LinkCost:
 
     @classmethod
     def fit(cls, samples: Sequence[Tuple[int, float]]) -> "LinkCost":
-        """``(bytes, seconds)`` samples over at least two sizes; least relative squares, latency >= 0."""
+        """``(bytes, seconds)`` samples; least relative squares, both terms >= 0 (samples that do
+        not grow with size give ``bytes_per_s = inf``: the link is latency-bound over their range)."""
         x = np.array(samples, dtype=np.float64).reshape(-1, 2)
         latency, per_byte = _fit_nonnegative(np.stack([np.ones(len(x)), x[:, 0]], axis=1), x[:, 1])
-        if per_byte <= 0:
-            raise ValueError(f"link samples do not grow with size: {x.tolist()}")
-        return cls(float(latency), float(1.0 / per_byte))
+        return cls(float(latency), float(1.0 / per_byte) if per_byte > 0 else float("inf"))
 
 
 def time_call(fn: Callable[[], object], device: torch.device, reps: int = 3) -> List[float]:

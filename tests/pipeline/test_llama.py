@@ -15,7 +15,7 @@ SMALL = LlamaConfig(vocab=97, hidden=48, layers=5, heads=6, kv_heads=2, head_dim
                     eps=1e-6, tie_embeddings=False)
 
 
-def run_slices(stages, ids, slices, poison=True):
+def run_slices(stages, ids, slices):
     """Feed ``ids`` slice by slice through a chain of stages; logits of every slice, concatenated."""
     outs, pos = [], 0
     for s in slices:
@@ -68,6 +68,8 @@ def test_head_false_returns_hidden():
     h = st.forward(ids[:, :5], 0, head=False)
     assert h.shape == (1, 5, SMALL.hidden)
     assert st.forward(ids[:, 5:], 5).shape == (1, 3, SMALL.vocab)
+    st.reset()
+    assert torch.equal(st.logits(st.forward(ids, 0, head=False)), st.forward(ids, 0))
 
 
 def test_bad_input():

@@ -29,6 +29,7 @@ def test_link_fit():
     samples = [(n, 5e-5 + n / 2e9) for n in (1024, 1 << 20, 1 << 24)]
     fit = LinkCost.fit(samples)
     assert fit.latency == pytest.approx(5e-5, rel=1e-6) and fit.bytes_per_s == pytest.approx(2e9, rel=1e-6)
+    assert LinkCost.fit([(10, 2e-5), (1000, 1e-5)]) == LinkCost(pytest.approx(1.4e-5, rel=0.2), float("inf"))
     with pytest.raises(ValueError, match="seconds > 0"):
         LinkCost.fit([(10, 0.0), (20, 1.0)])
 

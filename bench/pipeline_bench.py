@@ -1,0 +1,514 @@
+#!/usr/bin/env python
+"""Token-dimension pipeline benchmark (HPipe): time to first token of a long prompt on two stages.
+
+GPU (2 GPUs, one process each):
+
+    torchrun --standalone --nproc-per-node=2 bench/pipeline_bench.py [--quick] [--out DIR]
+
+CPU machine (two CPU stages, spawned here; one core each where there are two):
+
+    python bench/pipeline_bench.py --device cpu [--out DIR]
+    python bench/pipeline_bench.py --device cpu --smoke        # a few seconds: checks the script
+
+Parts (``--parts``; default ``homogeneous,loaded``):
+
+* ``homogeneous``: a Llama-shaped model with random weights (GPU: 32 layers, hidden 4096, 32/8
+  heads, FFN 14336, bf16; a 32K-token prompt). Each rank profiles one decoder layer and the head on
+  its device (``profile_compute``) and the link between them (``profile_links``); the planner
+  (``plan_pipeline``) picks the layer cut and the optimal slicing. Measured: the one-device time to
+  first token (the whole prompt in one forward on one device, both ranks at once, rank 0's time),
+  the pipeline with uniform slicings of 1..64 slices, and with the optimal slicing; each with its
+  predicted makespan. Targets (issue 15): 2 GPUs >= 1.7x one GPU; optimal >= 1.15x best uniform.
+* ``loaded``: rank 1's device shares with a co-running load (another process: a matmul loop on the
+  same GPU, or on the same core), so stage 1 is a weaker device, and the link goes through host
+  memory over gloo (``--loaded-wire host``, a slow link). Both ranks re-profile under these
+  conditions; the DP partition (``partition_layers``) against the even split, each with its optimal
+  slicing. Targets: DP >= 1.3x even; predicted makespan within 15% of the measured.
+* ``gpu_cpu`` (GPU only, not default): rank 1 is a CPU stage (fp32, a smaller model), the link
+  through host memory; DP against even.
+
+Timing: a barrier, then the prefill on every rank; the time until the last stage has the first
+token (argmax of the last logits) and every rank is done, max over ranks, median of ``--reps``
+after one warm-up. Each rank's per-slice compute start/end (CUDA events / wall clock) give the
+schedule plot. Outputs are checked against the one-device model (last-token logits, bf16).
+Records: bench "pipeline" in the store (``--out DIR``: DIR/records.jsonl), a markdown table and a
+schedule plot (stages x time, slices coloured; measured beside predicted) in the same directory,
+and the measured profiles as JSON.
+
+``--quick`` (GPU): 16 layers and a 16K-token prompt instead of 32 and 32K, fewer uniform slicings.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench import records as store  # noqa: E402
+from bench.common import environment  # noqa: E402
+from shardkit.pipeline import (ComputeCost, LinkCost, LlamaConfig, LlamaStage, PipelineRuntime,  # noqa: E402
+                               even_partition, plan_pipeline, profile_compute, profile_links, random_weights,
+                               save_profile, schedule, stage_models, uniform_slicing)
+
+BENCH = "pipeline"
+
+
+def shapes(args: argparse.Namespace) -> dict:
+    """Model, prompt and planner settings of this run."""
+    if args.smoke:
+        cfg = LlamaConfig(vocab=256, hidden=64, layers=4, heads=4, kv_heads=2, head_dim=16, ffn=160)
+        return dict(cfg=cfg, tokens=96, granularity=8, slice_lengths=[8, 24, 48], prefixes=[0, 48],
+                    uniform=[1, 2, 4, 12], dtype=torch.float32, cpu_cfg=cfg, cpu_tokens=96)
+    if args.device == "cpu":
+        cfg = LlamaConfig(vocab=2048, hidden=256, layers=8, heads=4, kv_heads=2, head_dim=64, ffn=688)
+        return dict(cfg=cfg, tokens=2048, granularity=64, slice_lengths=[64, 128, 256, 512],
+                    prefixes=[0, 768, 1536], uniform=[1, 2, 4, 8, 16, 32], dtype=torch.float32, cpu_cfg=cfg,
+                    cpu_tokens=2048)
+    layers, tokens = (16, 16384) if args.quick else (32, 32768)
+    cfg = LlamaConfig(vocab=32000, hidden=4096, layers=layers, heads=32, kv_heads=8, head_dim=128, ffn=14336,
+                      rope_theta=500000.0, tie_embeddings=False)
+    cpu_cfg = LlamaConfig(vocab=32000, hidden=1024, layers=8, heads=8, kv_heads=8, head_dim=128, ffn=2816,
+                          tie_embeddings=False)
+    return dict(cfg=cfg, tokens=tokens, granularity=512, slice_lengths=[512, 1024, 2048, 4096, 8192],
+                prefixes=[p for p in (0, 8192, 16384, 24576) if p < tokens],
+                uniform=[2, 4, 8, 16, 32] if args.quick else [1, 2, 4, 8, 16, 32, 64], dtype=torch.bfloat16,
+                cpu_cfg=cpu_cfg, cpu_tokens=2048)
+
+
+def plain(plan) -> tuple:
+    """A plan's cut and slicing (what the ranks need; its stage models hold functions)."""
+    return plan.partition.bounds, plan.slices
+
+
+class CoLoad:
+    """A co-running load on a device: another process looping matmuls until stopped (by its pid)."""
+
+    def __init__(self, device: str, core: int | None) -> None:
+        cmd = [sys.executable, os.path.abspath(__file__), "--co-load", device]
+        if core is not None:
+            cmd += ["--core", str(core)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        if self.proc.stdout.readline().strip() != "ready":
+            self.stop()
+            raise RuntimeError(f"co-running load on {device} did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def co_load(device: str, core: int | None) -> None:
+    """The load process's loop (``--co-load``): matmuls on ``device`` until terminated."""
+    if core is not None:
+        os.sched_setaffinity(0, {core})
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        n, dtype = 8192, torch.bfloat16
+    else:
+        torch.set_num_threads(1)
+        n, dtype = 384, torch.float32
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    c = torch.empty_like(a)
+    torch.mm(a, a, out=c)
+    print("ready", flush=True)
+    while True:
+        for _ in range(8):
+            torch.mm(a, a, out=c)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if self.world != 2:
+            raise SystemExit(f"pipeline_bench runs two stages: world size 2, got {self.world}")
+        self.cuda = args.device == "cuda"
+        self.sh = shapes(args)
+        self.env = environment()
+        self.gpu = self.env["gpu"] if self.cuda else "cpu"
+        self.core = None
+        if self.cuda:
+            self.device = torch.device("cuda", self.rank)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+            cores = sorted(os.sched_getaffinity(0))
+            self.core = cores[self.rank % len(cores)]
+            os.sched_setaffinity(0, {self.core})
+            torch.set_num_threads(1)
+        self.records: list[dict] = []
+        self.panels: list[tuple] = []  # (title, [per stage [(start, end)]], slices) for the schedule plot
+        self.profiles: dict = {}
+        self.t_start = time.perf_counter()
+
+    # ----------------------------------------------------------------- helpers
+    def log(self, msg: str) -> None:
+        if self.rank == 0:
+            print(f"[{time.perf_counter() - self.t_start:6.1f}s] {msg}", flush=True)
+
+    def sync(self, device: torch.device) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def gather(self, obj):
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def from_rank0(self, obj):
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def stage(self, cfg: LlamaConfig, bounds, tokens: int, device: torch.device, dtype: torch.dtype) -> LlamaStage:
+        layers = range(bounds[self.rank], bounds[self.rank + 1])
+        first, last = self.rank == 0, self.rank == self.world - 1
+        w = random_weights(cfg, layers, first, last, seed=0, device=device, dtype=dtype)
+        return LlamaStage(cfg, w, layers, first=first, last=last, device=device, dtype=dtype, max_tokens=tokens)
+
+    def prompt(self, cfg: LlamaConfig, tokens: int) -> torch.Tensor:
+        return torch.randint(1, cfg.vocab, (1, tokens), generator=torch.Generator().manual_seed(7))
+
+    def profile(self, name: str, cfg: LlamaConfig, device: torch.device, dtype: torch.dtype, tokens: int) -> dict:
+        """Every rank profiles its own device; returns every rank's fits (same on every rank)."""
+        sh = self.sh
+        prefixes = [p for p in sh["prefixes"] if p < tokens]
+        samples = profile_compute(cfg, device=device, dtype=dtype, slice_lengths=sh["slice_lengths"],
+                                  prefixes=prefixes, reps=self.args.profile_reps)
+        layer, head = ComputeCost.fit(samples["layer"]), ComputeCost.fit(samples["head"])
+        fits = self.gather({"device": str(device), "layer": layer, "head": head, "samples": samples,
+                            "layer_fit_error": layer.max_relative_error(samples["layer"])})
+        self.profiles[name] = {"compute": fits}
+        for r, f in enumerate(fits):
+            self.log(f"  {name}: rank {r} ({f['device']}) layer {f['layer']} (max fit error "
+                     f"{100 * f['layer_fit_error']:.1f}%), head {f['head']}")
+        return fits
+
+    def link(self, name: str, rt: PipelineRuntime) -> LinkCost:
+        counts = [c for c in (self.sh["slice_lengths"][0], self.sh["slice_lengths"][-1] // 4,
+                              self.sh["slice_lengths"][-1])]
+        samples = profile_links(rt, counts, reps=self.args.profile_reps)[0]
+        cost = LinkCost.fit(samples)
+        self.profiles[name]["link"] = {"wire": rt.wire, "samples": samples, "fit": cost}
+        self.log(f"  {name}: link ({rt.wire}) latency {cost.latency * 1e6:.0f} us, {cost.bytes_per_s / 1e9:.2f} GB/s")
+        return cost
+
+    def time_prefill(self, rt: PipelineRuntime, ids: torch.Tensor, slices) -> tuple:
+        """(microseconds per repetition, max over ranks; every rank's timeline of the last repetition;
+        last-token logits on the last rank)."""
+        dev = rt.stage.device
+        times = []
+        logits = None
+        for rep in range(self.args.reps + 1):
+            self.sync(dev)
+            dist.barrier()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                logits = rt.prefill(ids, slices)
+                if logits is not None:
+                    logits = logits[:, -1].float()
+                    logits.argmax(dim=-1)  # the first token
+            self.sync(dev)
+            if rep:
+                times.append((time.perf_counter() - t0) * 1e6)
+        t = torch.tensor(times, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist(), self.gather(rt.timeline()), logits
+
+    def one_device(self, cfg: LlamaConfig, ids: torch.Tensor, device: torch.device, dtype: torch.dtype) -> tuple:
+        """Time to first token of the whole model on this rank's device, the prompt in one forward."""
+        st = LlamaStage(cfg, random_weights(cfg, range(cfg.layers), True, True, seed=0, device=device, dtype=dtype),
+                        range(cfg.layers), first=True, last=True, device=device, dtype=dtype,
+                        max_tokens=ids.shape[1])
+        x = ids.to(device)
+        times = []
+        for rep in range(self.args.reps + 1):
+            self.sync(device)
+            dist.barrier()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                logits = st.logits(st.forward(x, 0, head=False)[:, -1:])[:, -1].float()
+                logits.argmax(dim=-1)
+            self.sync(device)
+            if rep:
+                times.append((time.perf_counter() - t0) * 1e6)
+        del st
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return times, logits
+
+    def add(self, impl: str, params: dict, us, metrics: dict, dtype: torch.dtype) -> None:
+        rec = store.record(BENCH, impl, gpu=self.gpu, world=self.world, dtype=str(dtype).replace("torch.", ""),
+                           mode="eager" if self.cuda else "cpu", params=params, us=us, metrics=metrics)
+        self.records.append(rec)
+        med = statistics.median(us) if us else float("nan")
+        pred = metrics.get("predicted_us")
+        self.log(f"  {impl:24s} {params.get('label', ''):28s} measured {med / 1e3:9.2f} ms"
+                 + (f"   predicted {pred / 1e3:9.2f} ms ({100 * (pred / med - 1):+.1f}%)" if pred else ""))
+
+    # ----------------------------------------------------------------- parts
+    def runtime(self, cfg, bounds, tokens, device, dtype, wire) -> PipelineRuntime:
+        """This rank's runtime for the cut ``bounds`` (reused while the cut and wire stay the same)."""
+        key = (cfg, tuple(bounds), tokens, str(device), dtype, wire)
+        if self._rt_key != key:
+            self._rt = None  # free the old stage first
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            self._rt = PipelineRuntime(self.stage(cfg, bounds, tokens, device, dtype), wire=wire)
+            self._rt_key = key
+        return self._rt
+
+    def measure(self, label: str, impl: str, rt: PipelineRuntime, ids, slices, models, base: dict,
+                plot: bool) -> float:
+        """Time the prefill of ``ids`` in ``slices``; record it with its predicted makespan."""
+        us, timelines, logits = self.time_prefill(rt, ids, slices)
+        predicted = schedule(models, slices)
+        metrics = {"predicted_us": round(predicted.makespan * 1e6, 1)}
+        if self.rank == self.world - 1 and self.reference is not None:
+            ref = self.reference.to(logits.device)
+            metrics["last_logits_rel_err"] = round(float((logits - ref).abs().max() / ref.abs().max()), 5)
+            metrics["same_first_token"] = bool(logits.argmax() == ref.argmax())
+        metrics.update(self.gather({k: v for k, v in metrics.items() if k != "predicted_us"})[-1])
+        if plot:
+            metrics["timeline_s"] = [[[round(a, 6), round(b, 6)] for a, b in tl] for tl in timelines]
+            metrics["predicted_timeline_s"] = [[[round(a, 6), round(b, 6)] for a, b in row]
+                                               for row in predicted.compute]
+            self.panels.append((label, timelines, predicted, list(slices)))
+        bounds = [r.start for r in rt.layers] + [rt.layers[-1].stop]
+        params = {**base, "label": label, "partition": bounds, "slices": list(slices), "wire": rt.wire}
+        self.add(impl, params, us, metrics, rt.stage.dtype)
+        return statistics.median(us)
+
+    def homogeneous(self) -> None:
+        sh, cfg, dtype, tokens = self.sh, self.sh["cfg"], self.sh["dtype"], self.sh["tokens"]
+        self.log(f"homogeneous: {cfg.layers} layers, hidden {cfg.hidden}, {tokens} tokens, {dtype}")
+        ids = self.prompt(cfg, tokens)
+        base = {"layers": cfg.layers, "hidden": cfg.hidden, "tokens": tokens, "part": "homogeneous"}
+        one_us, logits = self.one_device(cfg, ids, self.device, dtype)
+        one_us = self.gather(one_us)[0]  # rank 0's device (both ran at once, each on its own)
+        self.reference = self.from_rank0(logits.cpu() if self.rank == 0 else None)
+        self.add("one_device", {**base, "label": "one device"}, one_us, {}, dtype)
+        one = statistics.median(one_us)
+        fits = self.profile("homogeneous", cfg, self.device, dtype, tokens)
+        link = self.link("homogeneous", self.runtime(cfg, even_partition(cfg.layers, 2).bounds, tokens, self.device,
+                                                     dtype, "auto"))
+        costs = ([f["layer"] for f in fits], fits[-1]["head"], [link])
+        bpt = cfg.hidden * torch.empty(0, dtype=dtype).element_size()
+        bounds, slices = self.from_rank0(None if self.rank else plain(plan_pipeline(
+            *costs, layers=cfg.layers, tokens=tokens, bytes_per_token=bpt, granularity=sh["granularity"],
+            max_slice_tokens=sh["slice_lengths"][-1])))
+        models = stage_models(bounds, *costs, bpt)
+        self.log(f"  plan: cut {bounds}, {len(slices)} slices {slices}")
+        rt = self.runtime(cfg, bounds, tokens, self.device, dtype, "auto")
+        uniform = {}
+        for n in sh["uniform"]:
+            uniform[n] = self.measure(f"uniform x{n}", "pipeline_uniform", rt, ids, uniform_slicing(tokens, n), models,
+                                      base, plot=False)
+        best_n = min(uniform, key=uniform.get)
+        opt = self.measure("optimal slicing", "pipeline_optimal", rt, ids, slices, models, base, plot=True)
+        self.records[-1]["metrics"].update({"speedup_vs_one_device": round(one / opt, 3),
+                                            "speedup_vs_best_uniform": round(uniform[best_n] / opt, 3),
+                                            "best_uniform_slices": best_n})
+        for r in self.records:
+            if r["impl"] == "pipeline_uniform" and r["params"]["part"] == "homogeneous":
+                r["metrics"]["speedup_vs_one_device"] = round(one / r["us_median"], 3)
+        self.measure(f"best uniform (x{best_n})", "pipeline_uniform_best", rt, ids, uniform_slicing(tokens, best_n),
+                     models, base, plot=True)  # again, for its schedule plot
+        self.log(f"  TTFT one device {one / 1e3:.1f} ms, pipeline optimal {opt / 1e3:.1f} ms: "
+                 f"{one / opt:.2f}x (target 1.7x); best uniform x{best_n} {uniform[best_n] / 1e3:.1f} ms: "
+                 f"optimal {uniform[best_n] / opt:.3f}x (target 1.15x)")
+
+    def heterogeneous(self, part: str) -> None:
+        """DP partition vs even split with stage 1 on a weaker device: loaded (co-running load) or CPU."""
+        sh = self.sh
+        if part == "gpu_cpu":
+            cfg, tokens, dtype, wire, load = sh["cpu_cfg"], sh["cpu_tokens"], torch.float32, "host", None
+            device = self.device if self.rank == 0 else torch.device("cpu")
+            if self.rank == 1:
+                torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+            self.reference = None  # another model than the homogeneous part's
+        else:
+            cfg, tokens, dtype, device, wire = sh["cfg"], sh["tokens"], sh["dtype"], self.device, self.args.loaded_wire
+            load = CoLoad(str(self.device), self.core) if self.rank == 1 else None
+        try:
+            self.log(f"{part}: {cfg.layers} layers, hidden {cfg.hidden}, {tokens} tokens, {dtype}, link {wire}")
+            ids = self.prompt(cfg, tokens)
+            base = {"layers": cfg.layers, "hidden": cfg.hidden, "tokens": tokens, "part": part,
+                    "stage1": "cpu" if part == "gpu_cpu" else "loaded " + device.type}
+            fits = self.profile(part, cfg, device, dtype, tokens)
+            even = even_partition(cfg.layers, 2).bounds
+            link = self.link(part, self.runtime(cfg, even, tokens, device, dtype, wire))
+            costs = ([f["layer"] for f in fits], fits[-1]["head"], [link])
+            bpt = cfg.hidden * torch.empty(0, dtype=dtype).element_size()
+            kw = dict(layers=cfg.layers, tokens=tokens, bytes_per_token=bpt, granularity=sh["granularity"],
+                      max_slice_tokens=sh["slice_lengths"][-1])
+            plans = self.from_rank0(None if self.rank else {"even": plain(plan_pipeline(*costs, bounds=even, **kw)),
+                                                            "dp": plain(plan_pipeline(*costs, **kw))})
+            measured = {}
+            for which in ("even", "dp"):
+                bounds, slices = plans[which]
+                self.log(f"  {which}: cut {bounds}, {len(slices)} slices")
+                measured[which] = self.measure(f"{part}: {which} cut {list(bounds)}", f"{part}_{which}",
+                                               self.runtime(cfg, bounds, tokens, device, dtype, wire), ids,
+                                               slices, stage_models(bounds, *costs, bpt), base, plot=True)
+            self.records[-1]["metrics"]["speedup_dp_vs_even"] = round(measured["even"] / measured["dp"], 3)
+            self.log(f"  DP cut {measured['even'] / measured['dp']:.2f}x faster than even (target 1.3x)")
+        finally:
+            self._rt, self._rt_key = None, None
+            if load is not None:
+                load.stop()
+
+    def run(self) -> None:
+        self.reference = None
+        self._rt, self._rt_key = None, None
+        for part in self.args.parts:
+            if self.from_rank0(time.perf_counter() - self.t_start > self.args.budget_s):
+                self.log(f"budget of {self.args.budget_s:.0f} s spent: skipping {part}")
+                continue
+            if part == "homogeneous":
+                self.homogeneous()
+            else:
+                self.heterogeneous(part)
+
+
+# --------------------------------------------------------------------- output (rank 0)
+def table(records: list[dict]) -> str:
+    lines = [f"# Pipeline (HPipe): time to first token, {records[0]['gpu']} x2, run {records[0]['run']}",
+             "", "| part | config | cut | slices | measured ms (min-max) | predicted ms | pred/meas | notes |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        m, p = r.get("metrics", {}), r["params"]
+        pred = m.get("predicted_us")
+        ratio = f"{pred / r['us_median']:.2f}" if pred else "-"
+        slices = p.get("slices", [])
+        sl = f"{len(slices)}: {slices[0]}..{slices[-1]}" if slices else "-"
+        notes = ", ".join(f"{k} {v}" for k, v in m.items() if k.startswith(("speedup", "last_logits", "same_first",
+                                                                              "best_uniform")))
+        lines.append(f"| {p.get('part')} | {p.get('label')} | {p.get('partition', '-')} | {sl} | "
+                     f"{r['us_median'] / 1e3:.2f} ({r['us_min'] / 1e3:.2f}-{r['us_max'] / 1e3:.2f}) | "
+                     f"{pred / 1e3 if pred else float('nan'):.2f} | {ratio} | {notes} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(panels: list[tuple], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = len(panels)
+    fig, axes = plt.subplots(rows, 2, figsize=(15, 1.9 * rows + 0.6), squeeze=False)
+    for i, (title, timelines, predicted, slices) in enumerate(panels):
+        cmap = plt.get_cmap("viridis", max(2, len(slices)))
+        right = 1.02e3 * max(max(b for tl in timelines for _, b in tl), predicted.makespan)
+        for col, (what, per_stage) in enumerate((("measured", timelines),
+                                                 ("predicted", [list(row) for row in predicted.compute]))):
+            ax = axes[i][col]
+            for m, tl in enumerate(per_stage):
+                for j, (a, b) in enumerate(tl):
+                    ax.broken_barh([(a * 1e3, (b - a) * 1e3)], (m - 0.4, 0.8), facecolors=cmap(j), edgecolor="white",
+                                   linewidth=0.3)
+            if col == 1:
+                for m, row in enumerate(predicted.transfer):
+                    for j, (a, b) in enumerate(row):
+                        ax.broken_barh([(a * 1e3, (b - a) * 1e3)], (m + 0.42, 0.16), facecolors=cmap(j))
+            ax.set_yticks(range(len(per_stage)), [f"stage {m}" for m in range(len(per_stage))])
+            ax.invert_yaxis()
+            end = max(b for tl in per_stage for _, b in tl)
+            ax.set_title(f"{title}: {what} {end * 1e3:.1f} ms ({len(slices)} slices)", fontsize=9)
+            ax.set_xlim(0, right)  # measured and predicted on one scale
+            ax.set_xlabel("ms")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def finish(b: Bench, args: argparse.Namespace) -> None:
+    if b.rank != 0 or not b.records:
+        return
+    text = table(b.records)
+    print(text)
+    path = store.destination(args.out, b.cuda)
+    if path is None:
+        print("CPU run without --out: no records written")
+        return
+    out_dir = os.path.dirname(path)
+    store.append(b.records, path)
+    card = "cpu" if not b.cuda else b.gpu.replace("NVIDIA ", "").split(" ")[0]
+    stem = os.path.join(out_dir, f"pipeline_{card}_x2")
+    with open(stem + ".md", "w") as f:
+        f.write(text)
+    save_profile(stem + "_profiles.json", b.profiles)
+    if b.panels:
+        plot(b.panels, stem + "_schedule.png")
+    print(f"appended {len(b.records)} records to {path}; wrote {stem}.md, {stem}_profiles.json, {stem}_schedule.png")
+
+
+def rank_main(args: argparse.Namespace) -> None:
+    b = Bench(args)
+    try:
+        b.run()
+    except Exception:
+        traceback.print_exc()
+        finish(b, args)  # what was measured before the failure
+        raise
+    finish(b, args)
+
+
+def parse() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--parts", default="homogeneous,loaded", help="comma list of homogeneous, loaded, gpu_cpu")
+    ap.add_argument("--quick", action="store_true", help="GPU: 16 layers, 16K tokens")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, to check the script")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--profile-reps", type=int, default=3)
+    ap.add_argument("--loaded-wire", choices=("auto", "host"), default="host",
+                    help="link of the loaded part: host memory over gloo (default, a slow link) or device")
+    ap.add_argument("--budget-s", type=float, default=170.0, help="start no new part after this many seconds")
+    ap.add_argument("--out", default=None, help="directory for records.jsonl, table, plot, profiles "
+                    "(default: the store for GPU runs, nothing for CPU runs)")
+    ap.add_argument("--co-load", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--core", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.parts = [p for p in args.parts.split(",") if p]
+    bad = [p for p in args.parts if p not in ("homogeneous", "loaded", "gpu_cpu")]
+    if bad or ("gpu_cpu" in args.parts and args.device != "cuda"):
+        ap.error(f"--parts: unknown or impossible here: {bad or ['gpu_cpu']}")
+    if args.smoke:
+        args.device, args.reps, args.profile_reps = "cpu", 1, 1
+    return args
+
+
+def main() -> None:
+    args = parse()
+    if args.co_load:
+        co_load(args.co_load, args.core)
+        return
+    if args.device == "cuda":
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+        dist.init_process_group("cpu:gloo,cuda:nccl")
+        try:
+            rank_main(args)
+        finally:
+            dist.destroy_process_group()
+        return
+    from shardkit.testing import ProcessWorld
+    world = ProcessWorld(2, "gloo")
+    try:
+        world.run(rank_main, args, timeout=3600)
+    finally:
+        world.close()
+
+
+if __name__ == "__main__":
+    main()
