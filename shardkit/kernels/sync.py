@@ -92,7 +92,9 @@ def peer_barrier(table_ptr, rank, stage, flag, ok, error_record_addr, timeout_it
     """
     if ok:
         tl.debug_barrier()
-        ok = _wait_for_peers(table_ptr, rank, stage * _MAX_PROGRAMS + tl.program_id(0), flag, error_record_addr,
+        # Tensor first: triton 3.8's interpreter turns `constexpr * int + tensor` into a constexpr
+        # wrapping a tensor, which its tl.store refuses ("cannot convert [0] of type tensor").
+        ok = _wait_for_peers(table_ptr, rank, tl.program_id(0) + stage * _MAX_PROGRAMS, flag, error_record_addr,
                              timeout_iters, WORLD, WORLD_P2)
     return ok
 
