@@ -10,7 +10,7 @@ CPU machine (two CPU stages, spawned here; one core each where there are two):
     python bench/pipeline_bench.py --device cpu [--out DIR]
     python bench/pipeline_bench.py --device cpu --smoke        # a few seconds: checks the script
 
-Parts (``--parts``; default ``homogeneous,loaded``):
+Parts (``--parts``; default ``homogeneous,loaded`` on GPUs, ``loaded`` on the CPU):
 
 * ``homogeneous``: a Llama-shaped model with random weights (GPU: 32 layers, hidden 4096, 32/8
   heads, FFN 14336, bf16; a 32K-token prompt). Each rank profiles one decoder layer and the head on
@@ -29,7 +29,8 @@ Parts (``--parts``; default ``homogeneous,loaded``):
 
 Timing: a barrier, then the prefill on every rank; the time until the last stage has the first
 token (argmax of the last logits) and every rank is done, max over ranks, median of ``--reps``
-after one warm-up. Each rank's per-slice compute start/end (CUDA events / wall clock) give the
+after one warm-up; the configurations of a part take turns repetition by repetition, so drifts of
+a shared machine hit them alike. Each rank's per-slice compute start/end (CUDA events / wall clock) give the
 schedule plot. Outputs are checked against the one-device model (last-token logits, bf16).
 Records: bench "pipeline" in the store (``--out DIR``: DIR/records.jsonl), a markdown table and a
 schedule plot (stages x time, slices coloured; measured beside predicted) in the same directory,
@@ -68,9 +69,9 @@ def shapes(args: argparse.Namespace) -> dict:
                     uniform=[1, 2, 4, 12], dtype=torch.float32, cpu_cfg=cfg, cpu_tokens=96)
     if args.device == "cpu":
         cfg = LlamaConfig(vocab=2048, hidden=256, layers=8, heads=4, kv_heads=2, head_dim=64, ffn=688)
-        return dict(cfg=cfg, tokens=2048, granularity=64, slice_lengths=[64, 128, 256, 512],
-                    prefixes=[0, 768, 1536], uniform=[1, 2, 4, 8, 16, 32], dtype=torch.float32, cpu_cfg=cfg,
-                    cpu_tokens=2048)
+        return dict(cfg=cfg, tokens=1024, granularity=64, slice_lengths=[64, 128, 256, 512],
+                    prefixes=[0, 256, 768], uniform=[1, 2, 4, 8, 16], dtype=torch.float32, cpu_cfg=cfg,
+                    cpu_tokens=1024)
     layers, tokens = (16, 16384) if args.quick else (32, 32768)
     cfg = LlamaConfig(vocab=32000, hidden=4096, layers=layers, heads=32, kv_heads=8, head_dim=128, ffn=14336,
                       rope_theta=500000.0, tie_embeddings=False)
@@ -147,7 +148,7 @@ class Bench:
             os.sched_setaffinity(0, {self.core})
             torch.set_num_threads(1)
         self.records: list[dict] = []
-        self.panels: list[tuple] = []  # (title, [per stage [(start, end)]], slices) for the schedule plot
+        self.panels: list[tuple] = []  # (title, measured timelines, predicted Schedule, slices) to plot
         self.profiles: dict = {}
         self.t_start = time.perf_counter()
 
@@ -203,27 +204,19 @@ class Bench:
         self.log(f"  {name}: link ({rt.wire}) latency {cost.latency * 1e6:.0f} us, {cost.bytes_per_s / 1e9:.2f} GB/s")
         return cost
 
-    def time_prefill(self, rt: PipelineRuntime, ids: torch.Tensor, slices) -> tuple:
-        """(microseconds per repetition, max over ranks; every rank's timeline of the last repetition;
-        last-token logits on the last rank)."""
+    def prefill_once(self, rt: PipelineRuntime, ids: torch.Tensor, slices) -> tuple:
+        """(seconds on this rank from a common start to the first token, last-token logits on the last rank)."""
         dev = rt.stage.device
-        times = []
-        logits = None
-        for rep in range(self.args.reps + 1):
-            self.sync(dev)
-            dist.barrier()
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                logits = rt.prefill(ids, slices)
-                if logits is not None:
-                    logits = logits[:, -1].float()
-                    logits.argmax(dim=-1)  # the first token
-            self.sync(dev)
-            if rep:
-                times.append((time.perf_counter() - t0) * 1e6)
-        t = torch.tensor(times, dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t.tolist(), self.gather(rt.timeline()), logits
+        self.sync(dev)
+        dist.barrier()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            logits = rt.prefill(ids, slices)
+            if logits is not None:
+                logits = logits[:, -1].float()
+                logits.argmax(dim=-1)  # the first token
+        self.sync(dev)
+        return time.perf_counter() - t0, logits
 
     def one_device(self, cfg: LlamaConfig, ids: torch.Tensor, device: torch.device, dtype: torch.dtype) -> tuple:
         """Time to first token of the whole model on this rank's device, the prompt in one forward."""
@@ -258,36 +251,53 @@ class Bench:
 
     # ----------------------------------------------------------------- parts
     def runtime(self, cfg, bounds, tokens, device, dtype, wire) -> PipelineRuntime:
-        """This rank's runtime for the cut ``bounds`` (reused while the cut and wire stay the same)."""
+        """This rank's runtime for the cut ``bounds`` (kept while a part runs)."""
         key = (cfg, tuple(bounds), tokens, str(device), dtype, wire)
-        if self._rt_key != key:
-            self._rt = None  # free the old stage first
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            self._rt = PipelineRuntime(self.stage(cfg, bounds, tokens, device, dtype), wire=wire)
-            self._rt_key = key
-        return self._rt
+        if key not in self._runtimes:
+            self._runtimes[key] = PipelineRuntime(self.stage(cfg, bounds, tokens, device, dtype), wire=wire)
+        return self._runtimes[key]
 
-    def measure(self, label: str, impl: str, rt: PipelineRuntime, ids, slices, models, base: dict,
-                plot: bool) -> float:
-        """Time the prefill of ``ids`` in ``slices``; record it with its predicted makespan."""
-        us, timelines, logits = self.time_prefill(rt, ids, slices)
-        predicted = schedule(models, slices)
-        metrics = {"predicted_us": round(predicted.makespan * 1e6, 1)}
+    def drop_runtimes(self) -> None:
+        self._runtimes = {}
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+    def measure(self, configs: list[dict], ids: torch.Tensor, base: dict) -> list[float]:
+        """Time the prefill of ``ids`` for each config (label, impl, rt, slices, models): one warm-up
+        each, then ``--reps`` rounds over all configs in turn (so slow drifts of the machine hit them
+        alike); max over ranks per repetition. Records each with its predicted makespan; returns the
+        median microseconds."""
+        for c in configs:
+            self.prefill_once(c["rt"], ids, c["slices"])
+        seconds = [[0.0] * self.args.reps for _ in configs]
+        timelines, logits = [None] * len(configs), [None] * len(configs)
+        for rep in range(self.args.reps):
+            for i, c in enumerate(configs):
+                seconds[i][rep], logits[i] = self.prefill_once(c["rt"], ids, c["slices"])
+                timelines[i] = c["rt"].timeline()
+        t = torch.tensor(seconds, dtype=torch.float64) * 1e6
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        timelines = self.gather(timelines)
+        checks = [{} for _ in configs]
         if self.rank == self.world - 1 and self.reference is not None:
-            ref = self.reference.to(logits.device)
-            metrics["last_logits_rel_err"] = round(float((logits - ref).abs().max() / ref.abs().max()), 5)
-            metrics["same_first_token"] = bool(logits.argmax() == ref.argmax())
-        metrics.update(self.gather({k: v for k, v in metrics.items() if k != "predicted_us"})[-1])
-        if plot:
-            metrics["timeline_s"] = [[[round(a, 6), round(b, 6)] for a, b in tl] for tl in timelines]
-            metrics["predicted_timeline_s"] = [[[round(a, 6), round(b, 6)] for a, b in row]
-                                               for row in predicted.compute]
-            self.panels.append((label, timelines, predicted, list(slices)))
-        bounds = [r.start for r in rt.layers] + [rt.layers[-1].stop]
-        params = {**base, "label": label, "partition": bounds, "slices": list(slices), "wire": rt.wire}
-        self.add(impl, params, us, metrics, rt.stage.dtype)
-        return statistics.median(us)
+            ref = self.reference.to(logits[0].device)
+            checks = [{"last_logits_rel_err": round(float((x - ref).abs().max() / ref.abs().max()), 5),
+                       "same_first_token": bool(x.argmax() == ref.argmax())} for x in logits]
+        checks = self.gather(checks)[-1]
+        medians = []
+        for i, c in enumerate(configs):
+            rt, slices = c["rt"], list(c["slices"])
+            predicted = schedule(c["models"], slices)
+            measured = [timelines[r][i] for r in range(self.world)]
+            metrics = {"predicted_us": round(predicted.makespan * 1e6, 1), **checks[i],
+                       "timeline_s": [[[round(x, 6) for x in ab] for ab in tl] for tl in measured],
+                       "predicted_timeline_s": [[[round(x, 6) for x in ab] for ab in row] for row in predicted.compute]}
+            bounds = [r.start for r in rt.layers] + [rt.layers[-1].stop]
+            params = {**base, "label": c["label"], "partition": bounds, "slices": slices, "wire": rt.wire}
+            self.add(c["impl"], params, t[i].tolist(), metrics, rt.stage.dtype)
+            self.schedules[c["label"]] = (measured, predicted, slices)
+            medians.append(statistics.median(t[i].tolist()))
+        return medians
 
     def homogeneous(self) -> None:
         sh, cfg, dtype, tokens = self.sh, self.sh["cfg"], self.sh["dtype"], self.sh["tokens"]
@@ -300,33 +310,34 @@ class Bench:
         self.add("one_device", {**base, "label": "one device"}, one_us, {}, dtype)
         one = statistics.median(one_us)
         fits = self.profile("homogeneous", cfg, self.device, dtype, tokens)
-        link = self.link("homogeneous", self.runtime(cfg, even_partition(cfg.layers, 2).bounds, tokens, self.device,
-                                                     dtype, "auto"))
+        even = even_partition(cfg.layers, 2).bounds
+        link = self.link("homogeneous", self.runtime(cfg, even, tokens, self.device, dtype, "auto"))
         costs = ([f["layer"] for f in fits], fits[-1]["head"], [link])
         bpt = cfg.hidden * torch.empty(0, dtype=dtype).element_size()
         bounds, slices = self.from_rank0(None if self.rank else plain(plan_pipeline(
             *costs, layers=cfg.layers, tokens=tokens, bytes_per_token=bpt, granularity=sh["granularity"],
             max_slice_tokens=sh["slice_lengths"][-1])))
-        models = stage_models(bounds, *costs, bpt)
         self.log(f"  plan: cut {bounds}, {len(slices)} slices {slices}")
-        rt = self.runtime(cfg, bounds, tokens, self.device, dtype, "auto")
-        uniform = {}
-        for n in sh["uniform"]:
-            uniform[n] = self.measure(f"uniform x{n}", "pipeline_uniform", rt, ids, uniform_slicing(tokens, n), models,
-                                      base, plot=False)
-        best_n = min(uniform, key=uniform.get)
-        opt = self.measure("optimal slicing", "pipeline_optimal", rt, ids, slices, models, base, plot=True)
-        self.records[-1]["metrics"].update({"speedup_vs_one_device": round(one / opt, 3),
-                                            "speedup_vs_best_uniform": round(uniform[best_n] / opt, 3),
+        rt, models = self.runtime(cfg, bounds, tokens, self.device, dtype, "auto"), stage_models(bounds, *costs, bpt)
+        if tuple(bounds) != tuple(even):
+            self._runtimes.pop(next(k for k in self._runtimes if k[1] == tuple(even)))  # free the probe's stage
+        configs = [{"label": f"uniform x{n}", "impl": "pipeline_uniform", "rt": rt, "models": models,
+                    "slices": uniform_slicing(tokens, n)} for n in sh["uniform"]]
+        configs.append({"label": "optimal slicing", "impl": "pipeline_optimal", "rt": rt, "models": models,
+                        "slices": slices})
+        times = self.measure(configs, ids, base)
+        uniform = dict(zip(sh["uniform"], times[:-1]))
+        best_n, opt = min(uniform, key=uniform.get), times[-1]
+        for r in self.records[-len(configs):]:
+            r["metrics"]["speedup_vs_one_device"] = round(one / r["us_median"], 3)
+        self.records[-1]["metrics"].update({"speedup_vs_best_uniform": round(uniform[best_n] / opt, 3),
                                             "best_uniform_slices": best_n})
-        for r in self.records:
-            if r["impl"] == "pipeline_uniform" and r["params"]["part"] == "homogeneous":
-                r["metrics"]["speedup_vs_one_device"] = round(one / r["us_median"], 3)
-        self.measure(f"best uniform (x{best_n})", "pipeline_uniform_best", rt, ids, uniform_slicing(tokens, best_n),
-                     models, base, plot=True)  # again, for its schedule plot
+        self.panels += [("optimal slicing",) + self.schedules["optimal slicing"],
+                        (f"best uniform (x{best_n})",) + self.schedules[f"uniform x{best_n}"]]
         self.log(f"  TTFT one device {one / 1e3:.1f} ms, pipeline optimal {opt / 1e3:.1f} ms: "
                  f"{one / opt:.2f}x (target 1.7x); best uniform x{best_n} {uniform[best_n] / 1e3:.1f} ms: "
                  f"optimal {uniform[best_n] / opt:.3f}x (target 1.15x)")
+        self.drop_runtimes()
 
     def heterogeneous(self, part: str) -> None:
         """DP partition vs even split with stage 1 on a weaker device: loaded (co-running load) or CPU."""
@@ -354,23 +365,26 @@ class Bench:
                       max_slice_tokens=sh["slice_lengths"][-1])
             plans = self.from_rank0(None if self.rank else {"even": plain(plan_pipeline(*costs, bounds=even, **kw)),
                                                             "dp": plain(plan_pipeline(*costs, **kw))})
-            measured = {}
+            configs = []
             for which in ("even", "dp"):
                 bounds, slices = plans[which]
-                self.log(f"  {which}: cut {bounds}, {len(slices)} slices")
-                measured[which] = self.measure(f"{part}: {which} cut {list(bounds)}", f"{part}_{which}",
-                                               self.runtime(cfg, bounds, tokens, device, dtype, wire), ids,
-                                               slices, stage_models(bounds, *costs, bpt), base, plot=True)
-            self.records[-1]["metrics"]["speedup_dp_vs_even"] = round(measured["even"] / measured["dp"], 3)
-            self.log(f"  DP cut {measured['even'] / measured['dp']:.2f}x faster than even (target 1.3x)")
+                self.log(f"  {which}: cut {bounds}, {len(slices)} slices {slices}")
+                configs.append({"label": f"{part}: {which} cut {list(bounds)}", "impl": f"{part}_{which}",
+                                "rt": self.runtime(cfg, bounds, tokens, device, dtype, wire), "slices": slices,
+                                "models": stage_models(bounds, *costs, bpt)})
+            t_even, t_dp = self.measure(configs, ids, base)
+            self.records[-1]["metrics"]["speedup_dp_vs_even"] = round(t_even / t_dp, 3)
+            self.panels += [(c["label"],) + self.schedules[c["label"]] for c in configs]
+            self.log(f"  DP cut {t_even / t_dp:.2f}x faster than even (target 1.3x)")
         finally:
-            self._rt, self._rt_key = None, None
+            self.drop_runtimes()
             if load is not None:
                 load.stop()
 
     def run(self) -> None:
         self.reference = None
-        self._rt, self._rt_key = None, None
+        self._runtimes: dict = {}
+        self.schedules: dict = {}  # label -> (measured timelines per stage, predicted Schedule, slices)
         for part in self.args.parts:
             if self.from_rank0(time.perf_counter() - self.t_start > self.args.budget_s):
                 self.log(f"budget of {self.args.budget_s:.0f} s spent: skipping {part}")
@@ -467,10 +481,11 @@ def rank_main(args: argparse.Namespace) -> None:
 def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--parts", default="homogeneous,loaded", help="comma list of homogeneous, loaded, gpu_cpu")
+    ap.add_argument("--parts", default=None, help="comma list of homogeneous, loaded, gpu_cpu (default: "
+                    "homogeneous,loaded on GPUs, loaded on the CPU)")
     ap.add_argument("--quick", action="store_true", help="GPU: 16 layers, 16K tokens")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, to check the script")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 3 on GPUs, 5 on the CPU)")
     ap.add_argument("--profile-reps", type=int, default=3)
     ap.add_argument("--loaded-wire", choices=("auto", "host"), default="host",
                     help="link of the loaded part: host memory over gloo (default, a slow link) or device")
@@ -480,12 +495,14 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--co-load", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--core", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    args.parts = [p for p in args.parts.split(",") if p]
+    if args.smoke:
+        args.device, args.reps, args.profile_reps, args.parts = "cpu", 1, 1, args.parts or "homogeneous,loaded"
+    cpu = args.device == "cpu"
+    args.parts = [p for p in (args.parts or ("loaded" if cpu else "homogeneous,loaded")).split(",") if p]
+    args.reps = args.reps or (5 if cpu else 3)
     bad = [p for p in args.parts if p not in ("homogeneous", "loaded", "gpu_cpu")]
     if bad or ("gpu_cpu" in args.parts and args.device != "cuda"):
         ap.error(f"--parts: unknown or impossible here: {bad or ['gpu_cpu']}")
-    if args.smoke:
-        args.device, args.reps, args.profile_reps = "cpu", 1, 1
     return args
 
 

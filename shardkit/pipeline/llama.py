@@ -224,6 +224,8 @@ class LlamaStage:
                     raise ValueError(f"weight model.layers.{i}.{name}.weight has shape {got}, config says {shape}")
         self.config, self.layers, self.first, self.last = config, layers, first, last
         self.device, self.dtype, self.max_tokens, self.batch = torch.device(device), dtype, max_tokens, batch
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda": the current device, by index
+            self.device = torch.device("cuda", torch.cuda.current_device())
 
         def w(name: str) -> torch.Tensor:
             return weights[name].to(device=self.device, dtype=dtype)

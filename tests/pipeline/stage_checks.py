@@ -64,3 +64,11 @@ def link_profile(model_dir: str, bounds, token_counts) -> list:
     stage = _stage(model_dir, bounds, 16)
     samples = profile_links(PipelineRuntime(stage), token_counts, reps=3)
     return [samples, [LinkCost.fit(s) for s in samples]]
+
+
+def generate_bf16(model_dir: str, bounds, slices, ids: torch.Tensor) -> torch.Tensor:
+    """Last-slice logits (fp32 copy, last rank) of a bf16 prefill on one GPU per rank."""
+    stage = _stage(model_dir, bounds, ids.shape[1], "cuda", torch.bfloat16)
+    with torch.no_grad():
+        logits = PipelineRuntime(stage).prefill(ids, slices)
+    return None if logits is None else logits.float().cpu()
