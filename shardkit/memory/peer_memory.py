@@ -67,6 +67,7 @@ class PeerMemory:
             self._segments = SharedSegments(self.group, self.nbytes)
             self.buffer = self._segments.tensors[self.rank]
             addresses = self._segments.addresses
+            self._peer_bytes = self._segments.tensors
             record = torch.zeros(4, dtype=torch.int32)
         else:
             self.device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
@@ -90,6 +91,7 @@ class PeerMemory:
             self.buffer[:SIGNAL_BYTES].zero_()
             torch.cuda.synchronize(self.device)
         dist.barrier(group=self.group)  # nobody signals into a pad that is not zeroed yet
+        self._peer_bytes = None  # peer_view's tensors, made on first use
         return list(self._handle.buffer_ptrs)
 
     @property
@@ -120,6 +122,29 @@ class PeerMemory:
             return offset
         return None
 
+    def peer_view(self, rank: int, byte_offset: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """``numel`` elements of ``dtype`` at ``byte_offset`` of rank ``rank``'s workspace, as a flat
+        tensor on this rank's device (cuda: the P2P mapping, so ``dst.copy_(src)`` with a peer view on
+        one side is a copy-engine transfer over NVLink; cpu: the shared-memory mapping).
+
+        The view aliases the peer's memory: the caller synchronises (barriers) before reading what a
+        peer writes. ``byte_offset`` must be a multiple of the element size.
+        """
+        self._check_open()
+        if self._peer_bytes is None:  # cuda: every rank's whole workspace as a uint8 tensor on this device
+            views = [self._handle.get_buffer(r, (self.nbytes,), torch.uint8) for r in range(self.world_size)]
+            if [v.data_ptr() for v in views] != self.table.tolist():
+                raise ShardkitError("peer_view: torch's symmetric-memory buffers do not start at the pointer table's "
+                                    "addresses")
+            self._peer_bytes = views
+        size = dtype.itemsize
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"peer_view: rank must be in 0..{self.world_size - 1}, got {rank}")
+        if byte_offset < 0 or numel < 0 or byte_offset % size or byte_offset + numel * size > self.nbytes:
+            raise ValueError(f"peer_view: {numel} x {dtype} at byte {byte_offset} is not an aligned range of the "
+                             f"{self.nbytes}-byte workspace")
+        return self._peer_bytes[rank][byte_offset:byte_offset + numel * size].view(dtype)
+
     def _check_open(self) -> None:
         if self._closed:
             raise ShardkitError("PeerMemory is closed")
@@ -129,6 +154,7 @@ class PeerMemory:
         if self._closed:
             return
         self._closed = True
+        self._peer_bytes = None
         if self.backend == "cpu":
             self.buffer = None
             self._segments.close()

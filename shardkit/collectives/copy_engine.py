@@ -1,0 +1,374 @@
+"""Copy-engine all-reduce for large messages: reduce-scatter by pulls, all-gather by pushes or pulls.
+
+For messages of many MiB the all-reduce is bound by NVLink bandwidth, and on H200 the copy engines
+(``cudaMemcpyAsync`` on a peer pointer) move data faster than SM loads and stores when both
+directions are busy (389 vs 366 / 335 GB/s, shared/DESIGN.md "Measured NVLink facts"). The data
+therefore moves here as plain tensor copies between this rank's memory and views of the peers'
+workspaces (``PeerMemory.peer_view``; a copy with a peer view on one side is a copy-engine transfer);
+only the additions run on the SMs. The same code runs on CPU worlds (shared memory, the barrier
+kernel in the Triton interpreter), where the copies are memcpys.
+
+Layout. The message (n elements) is cut into W shards of S elements (S = n/W rounded up to 128
+elements, so every piece starts 256-byte aligned for bf16; the last shards may be short or empty);
+rank r owns shard r. Each shard is cut into K chunks of c elements, the pipeline's unit
+(``CopyConfig.chunk_bytes``). Per rank the workspace holds (``memory/protocol.py``):
+
+  * S, the source the peers pull from: the zero-copy input itself (in the staging area) or a copy
+    of the input staged into epoch buffer 0 (shards p != r only; our own shard is read locally);
+  * R, the reduced shards (pull all-gather): epoch buffer 0 at the message's offsets (shard r only,
+    so it never meets the staged shards p != r);
+  * T, the pulled pieces of our shard: epoch buffer 1, a ring of two slots of (W-1) x c elements.
+
+Per call, on each rank r, with two streams (the caller's, "main", and a side stream for copies):
+
+  1. reduce-scatter: for each chunk k of shard r, on the side stream, pull the W-1 peers' copies of
+     chunk k (from their S) into T; on main, as each chunk lands, sum the W pieces in rank order.
+     Staged inputs: main copies chunk k of every other shard into S and then passes a barrier, so
+     peers pull chunk k while chunk k+1 is being staged (the staging copy is overlapped); zero-copy
+     inputs need only one barrier before the first pull.
+  2. all-gather:
+     * zero-copy in place (the input is in the staging area and is the output, the probe of
+       issue 14): the sums are written over our shard of the input, and the side stream pushes
+       each reduced chunk into the same place of every peer's input as soon as it is summed. Two
+       barriers per call and no local copy at all. Pushes into a peer's shard r are safe: only
+       rank r reads that range (its own pulls, earlier on the same stream).
+     * otherwise: the sums go to R, a barrier says every rank's R is complete, and the side stream
+       pulls the peers' reduced shards straight into ``out`` (no copy-out of a landing area).
+  3. an end barrier: no peer still reads or writes our workspace, so the next call (of any
+     algorithm) may reuse it.
+
+Barriers are ``kernels/barrier.py``: one program of the workspace protocol, enqueued on main (CUDA
+graphs capture it), carrying the call's fingerprint (op, sizes, dtype, chunking, zero-copy
+offset, mode, barrier index), so ranks that disagree about a call fail at its first barrier
+instead of copying garbage. A failed call's output is unspecified (the copies still run, inside
+the workspace); the failure is raised by the next call or ``Communicator.check()`` on GPUs, at once
+on CPU worlds.
+
+Numerics, as the flat and tree kernels promise: every element is the sum over ranks 0..W-1 in that
+order, accumulated in fp32 and rounded once to the dtype (W = 2: one ``torch.add``, which computes
+in fp32 for half types; W > 2: an fp32 accumulator). Exactly one rank computes each element, and
+the others copy its bits, so every rank gets bitwise the same result, and the same bits as the
+flat and tree kernels (which add the ranks to an fp32 zero: only the sign of an all -0.0 sum can
+differ).
+
+Messages larger than the workspace's ``buffer_bytes`` go in call-chunks of at most that size, each
+a complete call with its own barriers; the fast configuration is a communicator whose
+``buffer_bytes`` holds the largest message (the staging area is the zero-copy capacity anyway).
+
+``shard_hook`` (used by ``collectives/hierarchical.py``) runs, on main, on this rank's reduced shard
+(a view of the workspace) between the two phases, and must update it in place: e.g. an NCCL
+all-reduce of the shard across nodes. The peers then gather the hooked shard.
+"""
+from __future__ import annotations
+
+import functools
+import weakref
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..kernels.barrier import launch_barrier
+from ..memory import protocol
+from ..memory.peer_memory import PeerMemory
+from ..memory.protocol import DTYPE_CODES, call_signature
+
+OP = "all_reduce_copy"
+# One op code per kind of call (protocol.OP_CODES); registered here as the MoE transport does.
+_CODE = 11
+assert protocol.OP_CODES.get(OP, _CODE) == _CODE and _CODE not in (
+    v for k, v in protocol.OP_CODES.items() if k != OP), f"op code {_CODE} of {OP} taken"
+protocol.OP_CODES[OP] = _CODE
+
+ALIGN = 128  # elements: shard and chunk boundaries (256 bytes in bf16, a copy-engine packet)
+SUPPORTED_DTYPES = tuple(DTYPE_CODES)
+_MODE_PUSH, _MODE_PULL_ZERO_COPY, _MODE_PULL_STAGED = 1, 2, 3
+
+ShardHook = Callable[[torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class CopyConfig:
+    """chunk_bytes: bytes of one pipeline chunk of a shard (one pull from one peer); rounded down to a
+    multiple of 128 elements (at least 128). The same on every rank."""
+    chunk_bytes: int
+
+
+def shard_elements(numel: int, world: int) -> int:
+    """Elements per shard: numel / world rounded up to a multiple of ALIGN."""
+    return -(-numel // (ALIGN * world)) * ALIGN
+
+
+def _chunk_elements(config: CopyConfig, element_size: int) -> int:
+    return max(ALIGN, config.chunk_bytes // element_size // ALIGN * ALIGN)
+
+
+def _pieces_fit(numel: int, world: int, chunk: int, element_size: int, buffer_bytes: int) -> bool:
+    """Whether the pulled pieces of a call over ``numel`` elements fit epoch buffer 1 (T): two slots
+    of (W-1) chunks when there are several chunks, one slot of (W-1) shards otherwise."""
+    shard = shard_elements(numel, world)
+    slots = 2 if shard > chunk else 1
+    return slots * (world - 1) * min(chunk, shard) * element_size <= buffer_bytes
+
+
+@functools.lru_cache(maxsize=None)
+def copy_config(shard_bytes: int, world: int, buffer_bytes: int, element_size: int, interpret: bool) -> CopyConfig:
+    """The launch policy: the pipeline chunk for shards of ``shard_bytes`` (a pure function of the
+    shape, so every rank picks the same).
+
+    GPUs: about four chunks per shard, between 8 and 32 MiB (the probe of issue 14: 16-64 MiB
+    chunks beat NCCL, 4 MiB chunks lost to the per-chunk overhead), and no more than two slots of
+    T can hold. Interpreter: 2 KiB chunks, so that small test messages run several chunks.
+    """
+    target = 2048 if interpret else min(max(shard_bytes // 4, 8 << 20), 32 << 20)
+    ring_cap = buffer_bytes // (2 * max(1, world - 1))
+    return CopyConfig(max(ALIGN * element_size, min(target, ring_cap)))
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The pieces of one call-chunk of ``numel`` elements on ``rank`` of ``world``."""
+    numel: int
+    world: int
+    rank: int
+    shard: int   # S
+    chunk: int   # c (elements), <= S
+    chunks: int  # K (the same on every rank)
+
+    def shard_range(self, p: int) -> tuple[int, int]:
+        return min(p * self.shard, self.numel), min((p + 1) * self.shard, self.numel)
+
+    def chunk_range(self, p: int, k: int) -> tuple[int, int]:
+        lo, hi = self.shard_range(p)
+        return min(lo + k * self.chunk, hi), min(lo + (k + 1) * self.chunk, hi)
+
+    def peers(self) -> list[int]:
+        """The other ranks, starting after this one (so that ranks do not all hit rank 0 first)."""
+        return [(self.rank + i) % self.world for i in range(1, self.world)]
+
+
+def _plan(numel: int, world: int, rank: int, chunk: int) -> _Plan:
+    shard = shard_elements(numel, world)
+    chunk = min(chunk, shard)
+    return _Plan(numel, world, rank, shard, chunk, -(-shard // chunk))
+
+
+_SIDE_STREAMS: "weakref.WeakKeyDictionary[PeerMemory, torch.cuda.Stream]" = weakref.WeakKeyDictionary()
+
+
+class _Lanes:
+    """The caller's stream (main) and the memory's side stream on CUDA; on CPU everything runs in
+    program order and events are None."""
+
+    def __init__(self, memory: PeerMemory) -> None:
+        self.cuda = memory.backend == "cuda"
+        if self.cuda:
+            self.main = torch.cuda.current_stream(memory.device)
+            side = _SIDE_STREAMS.get(memory)
+            if side is None:
+                side = _SIDE_STREAMS[memory] = torch.cuda.Stream(memory.device)
+            self.side = side
+
+    def mark(self, on_side: bool = False) -> torch.cuda.Event | None:
+        """An event after the work enqueued so far on main (or the side stream)."""
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.side if on_side else self.main)
+        return event
+
+    def wait(self, event: torch.cuda.Event | None, on_side: bool = False) -> None:
+        """Make main (or the side stream) wait for ``event``."""
+        if event is not None:
+            (self.side if on_side else self.main).wait_event(event)
+
+    def side_stream(self):
+        return torch.cuda.stream(self.side) if self.cuda else _NoStream()
+
+
+class _NoStream:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def sum_in_rank_order(pieces: list[torch.Tensor], dst: torch.Tensor) -> None:
+    """dst = pieces[0] + pieces[1] + ... in that order, accumulated in fp32, rounded once to dst's dtype.
+    dst may be pieces[0] itself."""
+    if len(pieces) == 1:
+        dst.copy_(pieces[0])
+    elif len(pieces) == 2:  # torch computes half-type additions in fp32 and rounds once
+        torch.add(pieces[0], pieces[1], out=dst)
+    else:
+        acc = pieces[0].to(torch.float32).add(pieces[1])  # a new fp32 tensor: the inputs stay as they are
+        for p in pieces[2:]:
+            acc.add_(p)
+        dst.copy_(acc)
+
+
+def all_reduce(memory: PeerMemory, x: torch.Tensor, out: torch.Tensor, *, timeout_iters: int,
+               config: CopyConfig | None = None, shard_hook: ShardHook | None = None) -> torch.Tensor:
+    """Sum of ``x`` over the ranks of ``memory``'s group into ``out`` by copy-engine transfers.
+
+    x: contiguous fp32/fp16/bf16 tensor on the memory's device, the same shape and dtype on every
+       rank; not modified unless ``out`` is ``x``. An ``x`` inside the staging area
+       (``Communicator.staging_buffer``) is read in place by the peers (zero-copy); all-reduced in
+       place (``out is x``) it takes the push path with no local copy at all.
+    out: contiguous, x's shape and dtype; may be ``x``.
+    timeout_iters: barrier polls before a missing peer is declared failed.
+    config: the pipeline chunk (default ``copy_config``); the same on every rank.
+    shard_hook: called on this rank's reduced shard (a workspace view) between reduce-scatter and
+       all-gather, to be updated in place (see the module); the same on every rank.
+    Returns ``out``. Every rank gets bitwise the same result (see the module for the summation order).
+    """
+    _validate(memory, x, out)
+    world, es = memory.world_size, x.element_size()
+    n = x.numel()
+    if n == 0:
+        return out
+    xs, outs = x.view(-1), out.view(-1)
+    if world == 1:
+        if outs.data_ptr() != xs.data_ptr():
+            outs.copy_(xs)
+        if shard_hook is not None:
+            shard_hook(outs)
+        return out
+    interpret = memory.backend == "cpu"
+    x_offset = memory.holds(x)
+    if config is None:
+        config = copy_config(shard_elements(n, world) * es, world, memory.buffer_bytes, es, interpret)
+    elif type(config) is not CopyConfig or config.chunk_bytes <= 0:
+        raise ValueError(f"all_reduce: config must be a CopyConfig with chunk_bytes > 0, got {config!r}")
+    chunk = _chunk_elements(config, es)
+    if x_offset is not None and _pieces_fit(n, world, chunk, es, memory.buffer_bytes):
+        calls = [(0, n, x_offset)]
+    else:
+        # Call-chunks that fill epoch buffer 0 (S and R) and whose pulled pieces fit T.
+        step = memory.buffer_bytes // es // (ALIGN * world) * (ALIGN * world)
+        if step == 0:
+            raise ValueError(f"all_reduce: a workspace of {memory.buffer_bytes} bytes is too small for the copy "
+                             f"algorithm on {world} ranks ({ALIGN * world} elements at least)")
+        while not _pieces_fit(step, world, chunk, es, memory.buffer_bytes):
+            chunk //= 2  # only for buffers too small for two slots of the configured chunk
+            if chunk < ALIGN:
+                raise ValueError(f"all_reduce: a workspace of {memory.buffer_bytes} bytes is too small for the "
+                                 f"copy algorithm on {world} ranks")
+        calls = [(lo, min(lo + step, n), None) for lo in range(0, n, step)]
+    lanes = _Lanes(memory)
+    for i, (lo, hi, offset) in enumerate(calls):
+        _call(memory, lanes, xs[lo:hi], outs[lo:hi], offset, chunk, timeout_iters, shard_hook,
+              (n, i, len(calls), hi - lo, DTYPE_CODES[x.dtype], -1 if offset is None else offset, chunk,
+               shard_hook is not None))
+    return out
+
+
+def _validate(memory: PeerMemory, x: torch.Tensor, out: torch.Tensor) -> None:
+    for t, name in ((x, "x"), (out, "out")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"all_reduce: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"all_reduce: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+        if t.device != memory.device:
+            raise ValueError(f"all_reduce: {name} must be on {memory.device} (this rank's device), got {t.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"all_reduce: {name} must be contiguous (call .contiguous() first)")
+    if out.shape != x.shape or out.dtype != x.dtype:
+        raise ValueError(f"all_reduce: out must have x's shape {tuple(x.shape)} and dtype {x.dtype}, "
+                         f"got {tuple(out.shape)} and {out.dtype}")
+
+
+def _call(memory: PeerMemory, lanes: _Lanes, x: torch.Tensor, out: torch.Tensor, x_offset: int | None, chunk: int,
+          timeout_iters: int, shard_hook: ShardHook | None, fingerprint: tuple) -> None:
+    """One call-chunk: x and out flat, at most buffer_bytes (see the module for the schedule)."""
+    rank, world, dtype, es = memory.rank, memory.world_size, x.dtype, x.element_size()
+    plan = _plan(x.numel(), world, rank, chunk)
+    push = x_offset is not None and out.data_ptr() == x.data_ptr()
+    staged = x_offset is None
+    mode = _MODE_PUSH if push else _MODE_PULL_STAGED if staged else _MODE_PULL_ZERO_COPY
+    base = memory.staging_offset
+    epoch0, epoch1 = base + memory.buffer_bytes, base + 2 * memory.buffer_bytes
+    src_off = epoch0 if staged else x_offset  # S
+    barriers = iter(range(1 << 30))
+
+    def barrier() -> None:
+        sig = call_signature(OP, *fingerprint, mode, next(barriers))
+        launch_barrier(memory.table, memory.error_record_addr, rank, world, sig, memory.buffer_bytes, timeout_iters)
+
+    def view(r: int, offset: int, lo: int, hi: int) -> torch.Tensor:
+        return memory.peer_view(r, offset + lo * es, hi - lo, dtype)
+
+    def slot(k: int, i: int, length: int) -> torch.Tensor:  # T: piece i (i-th peer) of chunk k
+        return memory.peer_view(rank, epoch1 + ((k % 2) * (world - 1) + i) * plan.chunk * es, length, dtype)
+
+    # The reduced chunk k of our shard: over our input (push) or into R.
+    def reduced_dst(lo: int, hi: int) -> torch.Tensor:
+        return x[lo:hi] if push else view(rank, epoch0, lo, hi)
+
+    # 1. Reduce-scatter.
+    peers = plan.peers()
+    pulled, reduced = [], []
+
+    def add(k: int) -> None:
+        lo, hi = plan.chunk_range(rank, k)
+        lanes.wait(pulled[k])
+        if hi > lo:
+            pieces = {r: slot(k, i, hi - lo) for i, r in enumerate(peers)}
+            pieces[rank] = x[lo:hi]
+            sum_in_rank_order([pieces[r] for r in range(world)], reduced_dst(lo, hi))
+        reduced.append(lanes.mark())
+
+    for k in range(plan.chunks):
+        ready = None
+        if staged:
+            for p in peers:
+                lo, hi = plan.chunk_range(p, k)
+                if hi > lo:
+                    view(rank, epoch0, lo, hi).copy_(x[lo:hi])
+            barrier()
+            ready = lanes.mark()
+        elif k == 0:
+            barrier()
+            ready = lanes.mark()
+        with lanes.side_stream():
+            lanes.wait(ready, on_side=True)
+            if k >= 2:  # T's slot k % 2 is free once chunk k-2 is summed
+                lanes.wait(reduced[k - 2], on_side=True)
+            lo, hi = plan.chunk_range(rank, k)
+            if hi > lo:
+                for i, r in enumerate(peers):
+                    slot(k, i, hi - lo).copy_(view(r, src_off, lo, hi))
+            pulled.append(lanes.mark(on_side=True))
+        if k >= 1:
+            add(k - 1)
+    add(plan.chunks - 1)
+
+    # 2. All-gather.
+    own_lo, own_hi = plan.shard_range(rank)
+    if shard_hook is not None and own_hi > own_lo:
+        shard_hook(reduced_dst(own_lo, own_hi))
+        reduced = [lanes.mark()] * plan.chunks
+    if push:
+        with lanes.side_stream():
+            for k in range(plan.chunks):
+                lanes.wait(reduced[k], on_side=True)
+                lo, hi = plan.chunk_range(rank, k)
+                if hi > lo:
+                    for r in peers:
+                        view(r, src_off, lo, hi).copy_(x[lo:hi])
+    else:
+        barrier()
+        ready = lanes.mark()
+        with lanes.side_stream():
+            lanes.wait(ready, on_side=True)
+            for r in peers:
+                lo, hi = plan.shard_range(r)
+                if hi > lo:
+                    out[lo:hi].copy_(view(r, epoch0, lo, hi))
+        if own_hi > own_lo:  # after the barrier: off the path from the last sum to the peers' pulls
+            out[own_lo:own_hi].copy_(view(rank, epoch0, own_lo, own_hi))
+    lanes.wait(lanes.mark(on_side=True))
+
+    # 3. Nobody touches our workspace after this.
+    barrier()
