@@ -272,6 +272,13 @@ class TPLlama:
             x, residual = self._block(i, x, residual, cos, sin, positions, kv_len, mask)
         return F.linear(x, self.lm_head)
 
+    def run_block(self, i: int, x: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor, kv_len: int,
+                  mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block ``i`` alone (benchmarks): x [B, T, hidden] its RMSNorm'ed input, residual the stream,
+        positions [T] on the device (written into the KV cache), keys 0..kv_len-1 visible through
+        ``mask`` (None: all of them, or causal for T > 1). Returns (next block's input, residual)."""
+        return self._block(i, x, residual, self.cos[positions], self.sin[positions], positions, kv_len, mask)
+
     def _block(self, i: int, x: torch.Tensor, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                positions: torch.Tensor, kv_len: int, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         layer, eps = self.layers[i], self.config.rms_norm_eps

@@ -96,6 +96,16 @@ def hf_model(spec: tuple):
     return hf.float().eval()
 
 
+@torch.no_grad()
+def hf_greedy(hf, prompts: list[list[int]], new_tokens: int) -> torch.Tensor:
+    """Greedy continuation [B, new_tokens] by full forward passes of transformers' model (no generate():
+    its end-of-sequence handling would change the argmax)."""
+    tokens = torch.tensor(prompts, device=hf.device)
+    for _ in range(new_tokens):
+        tokens = torch.cat([tokens, hf(tokens).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return tokens[:, len(prompts[0]):].cpu()
+
+
 def device() -> torch.device:
     """This rank's GPU in an NCCL world, else the CPU (gloo worlds and single-process tests)."""
     nccl = dist.is_initialized() and dist.get_backend() == "nccl"
