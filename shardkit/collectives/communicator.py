@@ -40,17 +40,26 @@ ALGOS = ("auto", "flat", "tree", "nccl")
 _POLLS_PER_S = {"cuda": 4_000_000, "cpu": 500}  # measured: ~4M/s on H200 (volatile polls)
 DEFAULT_TIMEOUT_S = 60.0
 
-_REGISTRY: dict[str, "Communicator"] = {}
+# The open communicators of each process group (by name), newest last: closing one leaves the others.
+_REGISTRY: dict[str, list["Communicator"]] = {}
 
 
 def get_communicator(group_name: str) -> "Communicator":
-    """The communicator most recently created for the process group named ``group_name``."""
-    try:
-        return _REGISTRY[group_name]
-    except KeyError:
+    """The most recently created communicator of the process group named ``group_name`` still open."""
+    if not _REGISTRY.get(group_name):
         raise ShardkitError(
             f"no shardkit Communicator for process group {group_name!r}: create "
-            f"shardkit.Communicator(group) on every rank first") from None
+            f"shardkit.Communicator(group) on every rank first")
+    return _REGISTRY[group_name][-1]
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> str:
+    """How the bytes of contiguous ``a`` and ``b`` meet: 'same' (one memory), 'partly' or '' (apart)."""
+    a_lo, b_lo = a.data_ptr(), b.data_ptr()
+    a_hi, b_hi = a_lo + a.numel() * a.element_size(), b_lo + b.numel() * b.element_size()
+    if a.device != b.device or a_lo >= b_hi or b_lo >= a_hi:
+        return ""
+    return "same" if (a_lo, a_hi) == (b_lo, b_hi) else "partly"
 
 
 class Communicator:
@@ -107,7 +116,8 @@ class Communicator:
         self._host_table = (cuda_dda.HostTable(self.memory.table.tolist())
                             if self.memory is not None and self.kernels == "cuda" else None)
         self._error: str | None = None
-        _REGISTRY[self.group.group_name] = self
+        self._closed = False
+        _REGISTRY.setdefault(self.group.group_name, []).append(self)
 
     # ------------------------------------------------------------------ topology
     def _peer_access_problem(self) -> str | None:
@@ -144,13 +154,15 @@ class Communicator:
         x: contiguous fp32/fp16/bf16 tensor on this rank's device, any shape; same shape and dtype
            on every rank. Not modified (unless ``out`` is ``x``).
         algo: "auto" | "flat" | "tree" | "nccl".
-        out: optional contiguous tensor of x's shape, dtype and device (may be ``x``).
+        out: optional contiguous tensor of x's shape, dtype and device; it may be ``x`` (or x's memory
+           exactly: in place), but not overlap x partly (ValueError).
         config: the launch grid instead of the launch policy's (for tuning): a ``FlatConfig`` /
            ``TreeConfig`` (Triton kernels) or a ``CudaConfig`` (CUDA kernels), with algo "flat" or
            "tree"; the same on every rank. It applies to every chunk of the call.
         Returns the reduced tensor (``out`` when given). fp32 accumulation, ranks summed in rank
         order: every rank gets bitwise the same result.
         """
+        self._check_open("all_reduce")
         self._validate(x, "x")
         if out is None:
             out = torch.empty_like(x)
@@ -159,10 +171,17 @@ class Communicator:
             if out.shape != x.shape or out.dtype != x.dtype:
                 raise ValueError(f"all_reduce: out must have x's shape {tuple(x.shape)} and dtype {x.dtype}, "
                                  f"got {tuple(out.shape)} and {out.dtype}")
+            overlap = _overlap(out, x)
+            if overlap == "partly":
+                raise ValueError("all_reduce: out overlaps x partly: pass x itself (in place) or a separate buffer")
+            if overlap == "same":  # another view of x: in place
+                self._run(x, x, algo, config)
+                return out
         return self._run(x, out, algo, config)
 
     def all_reduce_(self, x: torch.Tensor, algo: str = "auto", *, config: LaunchConfig | None = None) -> torch.Tensor:
         """In-place sum of ``x`` over the ranks; returns ``x``; arguments as ``all_reduce``."""
+        self._check_open("all_reduce_")
         self._validate(x, "x")
         return self._run(x, x, algo, config)
 
@@ -170,7 +189,10 @@ class Communicator:
         """A tensor in this rank's peer-visible staging area: all-reduce it without a copy.
 
         The area is shared by all staging buffers of this communicator: one live input at a time.
+        After ``close()`` a buffer stays readable (the mapping lives as long as the tensor) but is
+        no longer part of any collective.
         """
+        self._check_open("staging_buffer")
         if self.memory is None:
             raise ShardkitError(f"staging_buffer: no peer memory on this group ({self.fallback_reason})")
         if dtype not in SUPPORTED_DTYPES:
@@ -182,17 +204,27 @@ class Communicator:
 
     def check(self) -> None:
         """Wait for this rank's queued work and raise CollectiveError if a collective failed."""
+        self._check_open("check")
         if self.backend == "cuda":
             torch.cuda.synchronize(self.device)
         self._raise_if_failed()
 
     def close(self) -> None:
-        """Release the peer memory (idempotent)."""
+        """Release the peer memory (idempotent); every later call raises ShardkitError. Other
+        communicators of the group stay registered for the torch ops."""
+        self._closed = True
         if self.memory is not None:
             self.memory.close()
             self.memory = None
-        if _REGISTRY.get(self.group.group_name) is self:
-            del _REGISTRY[self.group.group_name]
+        open_ones = _REGISTRY.get(self.group.group_name, [])
+        if self in open_ones:
+            open_ones.remove(self)
+        if not open_ones:
+            _REGISTRY.pop(self.group.group_name, None)
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise ShardkitError(f"{what}: this Communicator is closed; create a new one (on every rank)")
 
     # ------------------------------------------------------------------ internals
     def _validate(self, t: torch.Tensor, name: str) -> None:
@@ -217,6 +249,10 @@ class Communicator:
         if config is not None and algo not in ("flat", "tree"):
             raise ValueError(f"all_reduce: a config needs algo 'flat' or 'tree', got {algo!r}")
         self._raise_if_failed()
+        if self.world_size == 1:  # the sum over one rank is x (and the CUDA kernels need two ranks)
+            if out is not x:
+                out.copy_(x)
+            return out
         nbytes = x.numel() * x.element_size()
         if algo == "auto":
             algo = thresholds.choose(self.rules, nbytes) if self.memory is not None else "nccl"
@@ -320,6 +356,7 @@ class Communicator:
         out = residual_out * rsqrt(mean(residual_out**2, -1) + eps) * weight, fp32 math, in x's
         dtype; bitwise identical on every rank (ranks summed in rank order).
         """
+        self._check_open("all_reduce_residual_rmsnorm")
         hidden = self._check_rmsnorm_args(x, residual, weight, eps, algo, out, residual_out)
         if config is not None and algo not in ("flat", "tree"):
             raise ValueError(f"all_reduce_residual_rmsnorm: a config needs algo 'flat' or 'tree', got {algo!r}")
@@ -331,9 +368,11 @@ class Communicator:
             algo = "nccl" if self.memory is None else self._rmsnorm_auto(nbytes)
         if x.numel() == 0:
             return out, residual_out
-        if algo == "nccl":
-            total = x.clone()
-            dist.all_reduce(total, group=self.group)
+        if algo == "nccl" or self.world_size == 1:  # one rank: add and norm here (the CUDA kernels need two)
+            total = x
+            if self.world_size > 1:
+                total = x.clone()
+                dist.all_reduce(total, group=self.group)
             torch.add(residual, total, out=residual_out)
             out.copy_(F.rms_norm(residual_out.float(), (hidden,), weight.float(), eps))
             return out, residual_out
@@ -400,6 +439,15 @@ class Communicator:
                 if t.shape != x.shape or t.dtype != x.dtype:
                     raise ValueError(f"{what}: {name} must have x's shape {tuple(x.shape)} and dtype {x.dtype}, "
                                      f"got {tuple(t.shape)} and {t.dtype}")
-        if out is not None and residual_out is not None and out.data_ptr() == residual_out.data_ptr():
-            raise ValueError(f"{what}: out and residual_out must be different buffers")
+        if out is not None and residual_out is not None and _overlap(out, residual_out):
+            raise ValueError(f"{what}: out and residual_out must be different buffers that do not overlap")
+        for t, name in ((out, "out"), (residual_out, "residual_out")):
+            if t is None:
+                continue
+            if _overlap(t, weight):
+                raise ValueError(f"{what}: {name} must not overlap weight")
+            for source, source_name in ((x, "x"), (residual, "residual")):
+                if _overlap(t, source) == "partly":
+                    raise ValueError(f"{what}: {name} overlaps {source_name} partly: pass {source_name} itself "
+                                     f"or a separate buffer")
         return hidden
