@@ -1,4 +1,4 @@
-"""Communicator: all-reduce over a process group with DDA flat/tree on peer memory, or NCCL.
+"""Communicator: all-reduce over a process group with DDA flat/tree or copy engines on peer memory, or NCCL.
 
     comm = Communicator(group)                 # every rank of the group, together
     y = comm.all_reduce(x)                      # algo="auto" picks flat / tree / nccl by size
@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from . import copy_engine
 from .. import thresholds
 from ..errors import CollectiveError, ShardkitError
 from ..kernels.all_reduce import cuda as cuda_dda
@@ -34,7 +35,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # A launch grid: the Triton kernels' FlatConfig / TreeConfig or the CUDA kernels' CudaConfig.
 LaunchConfig = FlatConfig | TreeConfig | cuda_dda.CudaConfig
 KERNELS = ("auto", "triton", "cuda")
-ALGOS = ("auto", "flat", "tree", "nccl")
+ALGOS = ("auto", "flat", "tree", "nccl", "copy")
 
 # Barrier polls per second, to turn timeout_s into a poll count (approximate by nature).
 _POLLS_PER_S = {"cuda": 4_000_000, "cpu": 500}  # measured: ~4M/s on H200 (volatile polls)
@@ -153,7 +154,8 @@ class Communicator:
 
         x: contiguous fp32/fp16/bf16 tensor on this rank's device, any shape; same shape and dtype
            on every rank. Not modified (unless ``out`` is ``x``).
-        algo: "auto" | "flat" | "tree" | "nccl".
+        algo: "auto" | "flat" | "tree" | "nccl" | "copy" (copy-engine transfers for large messages,
+           ``collectives/copy_engine.py``; fastest with a ``buffer_bytes`` that holds the message).
         out: optional contiguous tensor of x's shape, dtype and device; it may be ``x`` (or x's memory
            exactly: in place), but not overlap x partly (ValueError).
         config: the launch grid instead of the launch policy's (for tuning): a ``FlatConfig`` /
@@ -266,6 +268,11 @@ class Communicator:
             raise ShardkitError(f"all_reduce(algo={algo!r}) needs peer memory, which this group lacks: "
                                 f"{self.fallback_reason}")
         mem = self.memory
+        if algo == "copy":
+            copy_engine.all_reduce(mem, x, out, timeout_iters=self._timeout_iters)
+            if self.backend == "cpu":
+                self._raise_if_failed()
+            return out
         x_offset = mem.holds(x)
         # A flat in-place call must stage: peers read our input until they are done.
         zero_copy = x_offset is not None and x_offset % 16 == 0 and not (algo == "flat" and out is x)
