@@ -5,6 +5,8 @@ and the list of rows it must receive by itself; results come back as small pickl
 """
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 
@@ -46,6 +48,13 @@ def apply_experts(disp: MoeDispatcher, recv_x: torch.Tensor, handle, scale: torc
         lo, n = offsets[l], counts[l]
         out[lo:lo + n] = rows[lo:lo + n] * float(scale[g]) + bias[g].to(rows.device)
     return out.to(disp.cfg.dtype)
+
+
+def pause(delays: list[float] | None) -> None:
+    if delays:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        time.sleep(delays[dist.get_rank()])
 
 
 def check_dispatch(disp: MoeDispatcher, recv_x: torch.Tensor, handle, inputs: list, fp8: bool) -> None:
@@ -99,9 +108,10 @@ def check_dispatch(disp: MoeDispatcher, recv_x: torch.Tensor, handle, inputs: li
         assert (offsets[l + 1] - lo) % cfg.align == 0
 
 
-def check_round(kwargs: dict, cases: list[tuple], seed: int) -> list[str]:
+def check_round(kwargs: dict, cases: list[tuple], seed: int, delays: list[float] | None = None) -> list[str]:
     """Dispatch + experts + combine for each case ``(tokens per rank, routing, with residual)`` on one
-    dispatcher; every output against the float64 loop. Returns the outputs' digests."""
+    dispatcher; every output against the float64 loop. Returns the outputs' digests. ``delays``: seconds
+    each rank sleeps before its dispatch and its combine (to change the order in which rows arrive)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     kwargs = dict(kwargs)
     dtype = DTYPES[kwargs.pop("dtype", "bfloat16")]
@@ -115,6 +125,7 @@ def check_round(kwargs: dict, cases: list[tuple], seed: int) -> list[str]:
                                 list(cfg.expert_rank))
             x, idx, w = (t.to(device()) for t in inputs[rank])
             before = [t.clone() for t in (x, idx, w)]
+            pause(delays)
             recv_x, handle = disp.dispatch(x, idx, w)
             check_dispatch(disp, recv_x, handle, inputs, cfg.fp8)
             expert_out = apply_experts(disp, recv_x, handle, scale, bias)
@@ -125,6 +136,7 @@ def check_round(kwargs: dict, cases: list[tuple], seed: int) -> list[str]:
             residual = torch.randn(tokens[rank], cfg.hidden, generator=torch.Generator().manual_seed(seed + i)).to(
                 dtype).to(device()) if with_residual else None
             out = torch.full((tokens[rank], cfg.hidden), float("nan"), dtype=dtype, device=device())
+            pause(delays)
             got = disp.combine(expert_out, handle, residual=residual, out=out)
             assert got is out
             for a, b in zip(before, (x, idx, w)):

@@ -135,6 +135,11 @@ class MoeDispatcher:
         return self.cfg.local_experts[self.rank]
 
     @property
+    def latest_handle(self) -> MoeHandle | None:
+        """The handle of the latest dispatch (None before the first)."""
+        return self._handle
+
+    @property
     def expert_capacity(self) -> int:
         """Rows of the expert-major order in graph mode (an expert_out must have at least these)."""
         return self.cfg.expert_rows

@@ -13,6 +13,8 @@ over ranks in rank order on the token's rank. Tensors cross gloo as bytes (it ha
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -30,7 +32,7 @@ def quantize_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     padded = torch.nn.functional.pad(x.float(), (0, groups * SCALE_GROUP - hidden)).view(n, groups, SCALE_GROUP)
     scales = padded.abs().amax(-1).clamp(min=1e-12) / E4M3_MAX
     q = (padded / scales[..., None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return q.view(n, -1)[:, :hidden].contiguous(), scales
+    return q.view(n, groups * SCALE_GROUP)[:, :hidden].contiguous(), scales
 
 
 class NcclTransport:
@@ -92,7 +94,7 @@ class NcclTransport:
     # ------------------------------------------------------------------ a round
     def _alltoall(self, send: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
         """Rows of ``send`` (any dtype, [n, ...]) to the ranks, ``send_splits[r]`` to rank r, as bytes."""
-        row_bytes = send.element_size() * send[0].numel() if send.dim() > 1 else send.element_size()
+        row_bytes = send.element_size() * math.prod(send.shape[1:])
         out = torch.empty(sum(recv_splits), row_bytes, dtype=torch.uint8, device=self.device)
         dist.all_to_all_single(out, send.contiguous().view(torch.uint8).view(send.shape[0], row_bytes), recv_splits,
                                send_splits, group=self.group)

@@ -15,7 +15,7 @@ import triton
 from ...errors import CollectiveError, ShardkitError
 from ...kernels.moe.combine import launch_combine
 from ...kernels.moe.counts import launch_counts
-from ...kernels.moe.dispatch import launch_dispatch, row_chunk
+from ...kernels.moe.dispatch import launch_dispatch, work_item
 from ...kernels.moe.layout import launch_layout, layout_programs
 from ...kernels.moe.workspace import BAD_EXPERT_ID, BAD_INPUT, RECV_OVERFLOW, moe_workspace
 from ...memory import protocol
@@ -47,8 +47,9 @@ class PeerTransport:
                                  device=device)
         self.programs = programs
         elt = torch.empty((), dtype=cfg.dtype).element_size()
-        self.block_h, self.warps = row_chunk(cfg.hidden, elt, cfg.fp8, self.interpret)
-        self.combine_block_h, self.combine_warps = row_chunk(cfg.hidden, elt, False, self.interpret)
+        self.block_t, self.block_h, self.warps = work_item(cfg.max_tokens, cfg.hidden, elt, cfg.fp8, self.interpret)
+        _, self.combine_block_h, self.combine_warps = work_item(cfg.max_tokens, cfg.hidden, elt, False,
+                                                                self.interpret)
         # Layout: chunks of >= 64 tokens over up to one program per SM (16 and 4 in the interpreter,
         # so that the CPU tests' token counts span several chunks and blocks).
         self.layout_min_chunk, self.layout_block_t, self.layout_max_programs, self.layout_warps = (
@@ -56,8 +57,8 @@ class PeerTransport:
         max_chunks = layout_programs(cfg.max_tokens, self.layout_min_chunk, self.layout_max_programs)[0]
         fp = cfg.fingerprint()
         self.sig_counts = call_signature("moe_counts", *fp)
-        self.sig_dispatch = call_signature("moe_dispatch", *fp, programs, self.block_h)
-        self.sig_combine = call_signature("moe_combine", *fp, programs, self.combine_block_h)
+        self.sig_dispatch = call_signature("moe_dispatch", *fp, programs, self.block_t, self.block_h)
+        self.sig_combine = call_signature("moe_combine", *fp, programs, self.block_t, self.combine_block_h)
 
         i32 = dict(dtype=torch.int32, device=device)
         w, e, t, k = cfg.world, cfg.num_experts, cfg.max_tokens, cfg.topk
@@ -168,7 +169,8 @@ class PeerTransport:
         launch_dispatch(x, topk_idx, topk_weights, self.expert_rank, self.expert_local, self.mask, self.chunk_pos,
                         self.slot_pos, self.chunk_base, self.send_base, self.expert_base, mem.table,
                         mem.error_record_addr, self.rank, cfg.world, self.sig_dispatch, mem.buffer_bytes,
-                        self.timeout_iters, chunk, ws, cfg.fp8, self.programs, self.block_h, self.warps)
+                        self.timeout_iters, chunk, ws, cfg.fp8, self.programs, self.block_t, self.block_h,
+                        self.warps)
         if self.interpret:
             self.raise_if_failed()
         n = ws.recv_rows if num_recv is None else num_recv
@@ -205,7 +207,8 @@ class PeerTransport:
         mem = self.memory
         launch_combine(expert_out, residual, out, self.mask, mem.table, mem.error_record_addr, self.rank,
                        self.cfg.world, self.sig_combine ^ int(poisoned), mem.buffer_bytes, self.timeout_iters,
-                       self.ws, poisoned, self.programs, self.combine_block_h, self.combine_warps)
+                       self.ws, poisoned, self.programs, self.block_t, self.combine_block_h,
+                       self.combine_warps)
 
     def close(self) -> None:
         self.memory.close()

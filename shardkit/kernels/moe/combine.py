@@ -1,10 +1,10 @@
 """MoE combine: each received token's local experts reduced once on the expert side, one row per
 (token, source rank) pushed back, and the source's sum over ranks in rank order.
 
-Program p of G (G equal on every rank; items are (token, chunk of BLOCK_H channels), numbered
-``t * n_chunks + c``, program p taking items p, p + G, ...):
-  1. as a receiver, for every source s and each of s's items of program p whose token was sent
-     here (``inv[s][t] >= 0``, row i): ``sum over k in order of weight[i, k] * expert_out[expert_row[i, k]]``
+Program p of G (G equal on every rank; an item is a chunk of BLOCK_H channels of a block of
+BLOCK_T tokens, numbered ``block * n_chunks + chunk``; program p takes items p, p + G, ...):
+  1. as a receiver, for every source s and each of s's items of program p, for the tokens sent here
+     (``inv[s][t] >= 0``, row i): ``sum over k in order of weight[i, k] * expert_out[expert_row[i, k]]``
      in fp32, over the slots whose expert lives here; pushed in x's dtype to row (rank, t) of s's
      ``comb`` region;
   2. barrier with the peers' program p, which pushed to us exactly the items that we read next;
@@ -34,7 +34,7 @@ def moe_combine_kernel(
     skip,             # 1: do no work, only arrive (this rank rejected its input; see ``sig``)
     hidden, max_tokens,
     counts_off, counts_row, inv_off, weight_off, expert_row_off, comb_off, comb_elems,  # workspace.py
-    K: tl.constexpr, WORLD: tl.constexpr, WORLD_P2: tl.constexpr, BLOCK_H: tl.constexpr,
+    K: tl.constexpr, WORLD: tl.constexpr, WORLD_P2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -42,7 +42,8 @@ def moe_combine_kernel(
     DTYPE: tl.constexpr = out_ptr.dtype.element_ty
     own, epoch, flag, ok, _ = start_call(table_ptr, rank, sig, buffer_bytes)
     n_chunks = tl.cdiv(hidden, BLOCK_H)
-    offs = tl.arange(0, BLOCK_H)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_h = tl.arange(0, BLOCK_H)
     if ok & (skip == 0):
         counts = peer_ptr(table_ptr, rank, counts_off, tl.int32)
         inv = peer_ptr(table_ptr, rank, inv_off, tl.int32)
@@ -50,35 +51,38 @@ def moe_combine_kernel(
         expert_rows = peer_ptr(table_ptr, rank, expert_row_off, tl.int32)
         for s in tl.static_range(WORLD):
             back = peer_ptr(table_ptr, s, comb_off, DTYPE) + rank * max_tokens * comb_elems
-            for item in range(pid, tl.load(counts + s * counts_row) * n_chunks, nprog):
-                t = item // n_chunks
-                i = tl.load(inv + s * max_tokens + t)
-                if i >= 0:
-                    cols = (item - t * n_chunks) * BLOCK_H + offs
-                    cmask = cols < hidden
-                    acc = tl.zeros([BLOCK_H], tl.float32)
-                    for k in tl.static_range(K):
-                        row = tl.load(expert_rows + i * K + k)
-                        w = tl.where(row >= 0, tl.load(weights + i * K + k), 0.0)
-                        v = tl.load(expert_out_ptr + row.to(tl.int64) * hidden + cols, mask=cmask & (row >= 0),
-                                    other=0.0)
-                        acc += w * v.to(tl.float32)
-                    tl.store(back + t * comb_elems + cols, acc.to(DTYPE), mask=cmask)
+            src_tokens = tl.load(counts + s * counts_row)
+            for item in range(pid, tl.cdiv(src_tokens, BLOCK_T) * n_chunks, nprog):
+                block = item // n_chunks
+                t = block * BLOCK_T + offs_t
+                i = tl.load(inv + s * max_tokens + t, mask=t < src_tokens, other=-1)
+                cols = (item - block * n_chunks) * BLOCK_H + offs_h
+                m = (i >= 0)[:, None] & (cols < hidden)[None, :]
+                acc = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
+                for k in tl.static_range(K):
+                    row = tl.load(expert_rows + i * K + k, mask=i >= 0, other=-1)
+                    w = tl.load(weights + i * K + k, mask=row >= 0, other=0.0)
+                    v = tl.load(expert_out_ptr + row.to(tl.int64)[:, None] * hidden + cols[None, :],
+                                mask=m & (row >= 0)[:, None], other=0.0)
+                    acc += w[:, None] * v.to(tl.float32)
+                tl.store(back + t[:, None] * comb_elems + cols[None, :], acc.to(DTYPE), mask=m)
     ok = peer_barrier(table_ptr, rank, 0, flag, ok, error_record_addr, timeout_iters, WORLD, WORLD_P2)
     comb = peer_ptr(table_ptr, rank, comb_off, DTYPE)
-    for item in range(pid, tokens * n_chunks, nprog):
-        t = item // n_chunks
-        cols = (item - t * n_chunks) * BLOCK_H + offs
-        cmask = cols < hidden
-        bits = tl.load(mask_ptr + t)
+    for item in range(pid, tl.cdiv(tokens, BLOCK_T) * n_chunks, nprog):
+        block = item // n_chunks
+        t = block * BLOCK_T + offs_t
+        cols = (item - block * n_chunks) * BLOCK_H + offs_h
+        m = (t < tokens)[:, None] & (cols < hidden)[None, :]
+        bits = tl.load(mask_ptr + t, mask=t < tokens, other=0)
         if HAS_RESIDUAL:
-            acc = tl.load(residual_ptr + t * hidden + cols, mask=cmask, other=0.0).to(tl.float32)
+            acc = tl.load(residual_ptr + t[:, None] * hidden + cols[None, :], mask=m, other=0.0).to(tl.float32)
         else:
-            acc = tl.zeros([BLOCK_H], tl.float32)
+            acc = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
         for r in tl.static_range(WORLD):
             got = ok & (((bits >> r) & 1) != 0)
-            acc += tl.load(comb + (r * max_tokens + t) * comb_elems + cols, mask=cmask & got, other=0.0).to(tl.float32)
-        tl.store(out_ptr + t * hidden + cols, tl.where(ok, acc, float("nan")).to(DTYPE), mask=cmask)
+            acc += tl.load(comb + (r * max_tokens + t)[:, None] * comb_elems + cols[None, :], mask=m & got[:, None],
+                           other=0.0).to(tl.float32)
+        tl.store(out_ptr + t[:, None] * hidden + cols[None, :], tl.where(ok, acc, float("nan")).to(DTYPE), mask=m)
     finish_call(own, epoch)
 
 
@@ -87,10 +91,11 @@ _launch = CachedLauncher(moe_combine_kernel)
 
 def launch_combine(expert_out: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor, mask: torch.Tensor,
                    table: torch.Tensor, error_record_addr: int, rank: int, world: int, sig: int, buffer_bytes: int,
-                   timeout_iters: int, ws, skip: bool, programs: int, block_h: int, num_warps: int) -> None:
+                   timeout_iters: int, ws, skip: bool, programs: int, block_t: int, block_h: int,
+                   num_warps: int) -> None:
     """Combine into ``out [T, hidden]``; ``ws``: the MoeWorkspace (see the module)."""
     tokens, hidden = out.shape
-    consts = {"K": ws.topk, "WORLD": world, "WORLD_P2": triton.next_power_of_2(world), "BLOCK_H": block_h,
+    consts = {"K": ws.topk, "WORLD": world, "WORLD_P2": triton.next_power_of_2(world), "BLOCK_T": block_t, "BLOCK_H": block_h,
               "HAS_RESIDUAL": residual is not None}
     ints = (hidden, ws.max_tokens, ws.counts_off, ws.counts_row, ws.inv_off, ws.weight_off, ws.expert_row_off,
             ws.comb_off, ws.comb_elems)

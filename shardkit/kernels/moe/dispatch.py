@@ -1,14 +1,16 @@
 """MoE dispatch: every token pushed once into each destination rank's receive rows (SM stores into
 peer memory, the fastest way to write a peer measured here: 366 GB/s with both GPUs sending).
 
-Program p of G (G equal on every rank) first sends the metadata of tokens p, p + G, ...: to each
-rank r in the token's mask (layout.py), into row ``send_base[r] + chunk_base[chunk, r] +
-chunk_pos[t, r]`` (counts.py): source rank and index, the top-k weights, and per top-k slot the
-expert's local index on r and its expert-major row there (-1 where the expert lives elsewhere); the
-expert-major index entry (that row -> receive row); and to every rank ``inv[rank][t]`` (the receive
-row, or -1), which the combine follows back. Then the payload: a work item is one chunk of BLOCK_H
-channels of one token, items p, p + G, ... One barrier at the end: when a rank's launch has
-finished, every peer's program has pushed all its rows to it.
+Program p of G (G equal on every rank) serves the destinations in turn, starting at rank p mod W
+(so that the local copy and the pushes to the peers overlap across programs). For destination r it
+first writes the metadata of tokens p, p + G, ... that go to r, into row ``send_base[r] +
+chunk_base[chunk, r] + chunk_pos[t, r]`` of r's receive rows (layout.py, counts.py): source rank
+and index, the top-k weights, and per top-k slot the expert's local index on r and its expert-major
+row there (-1 where the expert lives elsewhere), plus the expert-major index entry (that row ->
+receive row) and ``inv[rank][t]`` (the receive row, or -1 for tokens not sent to r), which the
+combine follows back. Then the payload: a work item is one chunk of BLOCK_H channels of one token,
+items p, p + G, ... One barrier at the end: when a rank's launch has finished, every peer's program
+has pushed all its rows to it.
 
 fp8 (DeepSeek-V3 style): each group of 128 channels is scaled by amax / 448 and rounded to e4m3;
 the receiver gets the bytes and one fp32 scale per group (half the bytes of bf16 on the wire).
@@ -45,11 +47,12 @@ def round_to_e4m3(v):
 
 
 @triton.jit
-def _rows(t, chunk, send_base_ptr, chunk_base_ptr, chunk_pos_ptr, ranks, is_rank, WORLD: tl.constexpr):
-    """Token t's receive row on every rank (garbage where it is not sent)."""
-    return (tl.load(send_base_ptr + ranks, mask=is_rank, other=0)
-            + tl.load(chunk_base_ptr + (t // chunk) * WORLD + ranks, mask=is_rank, other=0)
-            + tl.load(chunk_pos_ptr + t * WORLD + ranks, mask=is_rank, other=0))
+def _rows(t, r, tokens, chunk, base, mask_ptr, chunk_base_ptr, chunk_pos_ptr, WORLD: tl.constexpr):
+    """For tokens ``t`` (a block): whether each goes to rank r, and its receive row there."""
+    sent = (t < tokens) & (((tl.load(mask_ptr + t, mask=t < tokens, other=0) >> r) & 1) != 0)
+    row = (base + tl.load(chunk_base_ptr + (t // chunk) * WORLD + r, mask=sent, other=0)
+           + tl.load(chunk_pos_ptr + t * WORLD + r, mask=sent, other=0))
+    return sent, row
 
 
 @triton.jit(do_not_specialize=["error_record_addr", "rank", "sig", "buffer_bytes", "timeout_iters", "tokens", "chunk"])
@@ -68,7 +71,7 @@ def moe_dispatch_kernel(
     recv_x_off, row_elems, recv_scales_off, scale_groups,  # workspace layout (workspace.py)
     src_rank_off, src_token_off, local_expert_off, weight_off, expert_row_off, inv_off, expert_index_off,
     K: tl.constexpr, K_P2: tl.constexpr, WORLD: tl.constexpr, WORLD_P2: tl.constexpr,
-    BLOCK_H: tl.constexpr, FP8: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, FP8: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -78,64 +81,62 @@ def moe_dispatch_kernel(
     PAYLOAD: tl.constexpr = tl.float8e4nv if FP8 else DTYPE
     own, epoch, flag, ok, _ = start_call(table_ptr, rank, sig, buffer_bytes)
     n_chunks = tl.cdiv(hidden, BLOCK_H)
-    grid_cols = tl.arange(0, GROUPS)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # [GROUPS, GROUP]
-    ranks = tl.arange(0, WORLD_P2)
-    is_rank = ranks < WORLD
+    n_blocks = tl.cdiv(tokens, BLOCK_T)
+    # A chunk of BLOCK_H channels as [GROUPS, GROUP] (one fp8 scale per group), for BLOCK_T tokens.
+    grid_cols = tl.arange(0, GROUPS)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    offs_t = tl.arange(0, BLOCK_T)
     ks = tl.arange(0, K_P2)
-    is_k = ks < K
     if ok:
-        # Metadata, once per token and destination.
-        for t in range(pid, tokens, nprog):
-            bits = tl.load(mask_ptr + t)
-            rows = _rows(t, chunk, send_base_ptr, chunk_base_ptr, chunk_pos_ptr, ranks, is_rank, WORLD)
-            ids = tl.load(topk_ptr + t * K + ks, mask=is_k, other=-1).to(tl.int32)
-            valid = is_k & (ids >= 0) & (ids < experts)
-            dest = tl.load(expert_rank_ptr + ids, mask=valid, other=-1)
-            local = tl.load(expert_local_ptr + ids, mask=valid, other=-1)
-            erow = (tl.load(expert_base_ptr + ids, mask=valid, other=0)
-                    + tl.load(slot_pos_ptr + t * K + ks, mask=is_k, other=0))
-            w = tl.load(weights_ptr + t * K + ks, mask=is_k, other=0.0).to(tl.float32)
-            # inv[rank][t] on every rank: the row it got, or -1 (one vector store over the peers)
-            bases = tl.load(table_ptr + ranks, mask=is_rank, other=0)
-            inv = (bases + inv_off + (rank * max_tokens + t) * 4).to(tl.pointer_type(tl.int32))
-            tl.store(inv, tl.where(((bits >> ranks) & 1) != 0, rows, -1), mask=is_rank)
-            for r in tl.static_range(WORLD):
-                if ((bits >> r) & 1) != 0:
-                    row = tl.sum(tl.where(ranks == r, rows, 0), axis=0)
-                    here = valid & (dest == r)
-                    tl.store(peer_ptr(table_ptr, r, src_rank_off, tl.int32) + row, rank)
-                    tl.store(peer_ptr(table_ptr, r, src_token_off, tl.int32) + row, t)
-                    slots = row * K + ks
-                    tl.store(peer_ptr(table_ptr, r, local_expert_off, tl.int32) + slots, tl.where(here, local, -1),
-                             mask=is_k)
-                    tl.store(peer_ptr(table_ptr, r, weight_off, tl.float32) + slots, w, mask=is_k)
-                    tl.store(peer_ptr(table_ptr, r, expert_row_off, tl.int32) + slots, tl.where(here, erow, -1),
-                             mask=is_k)
-                    tl.store(peer_ptr(table_ptr, r, expert_index_off, tl.int32) + erow,
-                             tl.zeros([K_P2], tl.int32) + row, mask=here)
-        # Payload, one chunk of one token per item.
-        for item in range(pid, tokens * n_chunks, nprog):
-            t = item // n_chunks
-            c = item - t * n_chunks
-            bits = tl.load(mask_ptr + t)
-            rows = _rows(t, chunk, send_base_ptr, chunk_base_ptr, chunk_pos_ptr, ranks, is_rank, WORLD)
-            cols = c * BLOCK_H + grid_cols
-            cmask = cols < hidden
-            v = tl.load(x_ptr + t * hidden + cols, mask=cmask, other=0.0)
+        # Destinations in turn, starting at a different one in each program, so that the local copy
+        # and the pushes to every peer overlap across programs.
+        for j in tl.static_range(WORLD):
+            r = (pid + j) % WORLD
+            base = tl.load(send_base_ptr + r)
+            recv = peer_ptr(table_ptr, r, recv_x_off, PAYLOAD)
+            # Metadata of token blocks pid, pid + G, ...; inv[rank][t] = the row, or -1 if not sent.
+            inv = peer_ptr(table_ptr, r, inv_off, tl.int32) + rank * max_tokens
+            src_ranks = peer_ptr(table_ptr, r, src_rank_off, tl.int32)
+            src_tokens = peer_ptr(table_ptr, r, src_token_off, tl.int32)
+            locals_ = peer_ptr(table_ptr, r, local_expert_off, tl.int32)
+            weights = peer_ptr(table_ptr, r, weight_off, tl.float32)
+            expert_rows = peer_ptr(table_ptr, r, expert_row_off, tl.int32)
+            index = peer_ptr(table_ptr, r, expert_index_off, tl.int32)
+            for block in range(pid, n_blocks, nprog):
+                t = block * BLOCK_T + offs_t
+                sent, row = _rows(t, r, tokens, chunk, base, mask_ptr, chunk_base_ptr, chunk_pos_ptr, WORLD)
+                tl.store(inv + t, tl.where(sent, row, -1), mask=t < tokens)
+                slot = sent[:, None] & (ks[None, :] < K)
+                ids = tl.load(topk_ptr + t[:, None] * K + ks[None, :], mask=slot, other=-1).to(tl.int32)
+                valid = slot & (ids >= 0) & (ids < experts)
+                here = valid & (tl.load(expert_rank_ptr + ids, mask=valid, other=-1) == r)
+                erow = (tl.load(expert_base_ptr + ids, mask=here, other=0)
+                        + tl.load(slot_pos_ptr + t[:, None] * K + ks[None, :], mask=here, other=0))
+                tl.store(src_ranks + row, tl.zeros([BLOCK_T], tl.int32) + rank, mask=sent)
+                tl.store(src_tokens + row, t, mask=sent)
+                slots = row[:, None] * K + ks[None, :]
+                tl.store(locals_ + slots, tl.load(expert_local_ptr + ids, mask=here, other=-1), mask=slot)
+                w = tl.load(weights_ptr + t[:, None] * K + ks[None, :], mask=slot, other=0.0)
+                tl.store(weights + slots, w.to(tl.float32), mask=slot)
+                tl.store(expert_rows + slots, tl.where(here, erow, -1), mask=slot)
+                tl.store(index + erow, row[:, None] + tl.zeros([BLOCK_T, K_P2], tl.int32), mask=here)
+            # Payload: a chunk of BLOCK_H channels of BLOCK_T tokens per item.
             if FP8:
-                scale = tl.maximum(tl.max(tl.abs(v.to(tl.float32)), axis=1), 1e-12) / _E4M3_MAX
-                payload = round_to_e4m3(v.to(tl.float32) / scale[:, None]).to(PAYLOAD)
-                groups = c * GROUPS + tl.arange(0, GROUPS)
-            else:
-                payload = v
-            for r in tl.static_range(WORLD):
-                if ((bits >> r) & 1) != 0:
-                    row = tl.sum(tl.where(ranks == r, rows, 0), axis=0)
-                    dst = peer_ptr(table_ptr, r, recv_x_off, PAYLOAD) + row * row_elems
-                    tl.store(dst + cols, payload, mask=cmask)
-                    if FP8:
-                        sdst = peer_ptr(table_ptr, r, recv_scales_off, tl.float32) + row * scale_groups
-                        tl.store(sdst + groups, scale, mask=groups < scale_groups)
+                scales = peer_ptr(table_ptr, r, recv_scales_off, tl.float32)
+            for item in range(pid, n_blocks * n_chunks, nprog):
+                block = item // n_chunks
+                c = item - block * n_chunks
+                t = block * BLOCK_T + offs_t
+                sent, row = _rows(t, r, tokens, chunk, base, mask_ptr, chunk_base_ptr, chunk_pos_ptr, WORLD)
+                cols = c * BLOCK_H + grid_cols
+                m = sent[:, None, None] & (cols < hidden)[None, :, :]
+                v = tl.load(x_ptr + t[:, None, None] * hidden + cols[None, :, :], mask=m, other=0.0)
+                if FP8:
+                    scale = tl.maximum(tl.max(tl.abs(v.to(tl.float32)), axis=2), 1e-12) / _E4M3_MAX
+                    v = round_to_e4m3(v.to(tl.float32) / scale[:, :, None])
+                    groups = c * GROUPS + tl.arange(0, GROUPS)
+                    tl.store(scales + row[:, None] * scale_groups + groups[None, :], scale,
+                             mask=sent[:, None] & (groups < scale_groups)[None, :])
+                tl.store(recv + row[:, None, None] * row_elems + cols[None, :, :], v.to(PAYLOAD), mask=m)
     ok = peer_barrier(table_ptr, rank, 0, flag, ok, error_record_addr, timeout_iters, WORLD, WORLD_P2)
     finish_call(own, epoch)
 
@@ -143,28 +144,33 @@ def moe_dispatch_kernel(
 _launch = CachedLauncher(moe_dispatch_kernel)
 
 
-def row_chunk(hidden: int, element_size: int, fp8: bool, interpret: bool) -> tuple[int, int]:
-    """(BLOCK_H, warps): the channels of one work item of the dispatch and combine kernels.
+def work_item(max_tokens: int, hidden: int, element_size: int, fp8: bool, interpret: bool) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_H, warps): the tokens and channels of one work item of the dispatch and combine
+    kernels (a pure function of the dispatcher's configuration: the combine's item map must be equal
+    on every rank).
 
-    GPU: 1024 channels (7168 = 7 chunks exactly), one 16-byte access per thread (4 warps in bf16), so
-    that 128 tokens already give ~900 items for ~132 programs. Interpreter: 64 channels (128 with fp8,
-    whole scale groups), so that the CPU tests' rows of 100 channels span two chunks.
+    GPU: 1024 channels (7168 = 7 chunks exactly), one 16-byte access per thread and token (4 warps in
+    bf16); one token per item up to 256 tokens (128 tokens already give ~900 items for ~132 programs),
+    then 2 and 4 (more bytes in flight per thread where every program has hundreds of items).
+    Interpreter: 16 tokens and 128 channels (few, slow, interpreted iterations; the CPU tests' rows of
+    200 channels span two chunks, their 33 tokens three blocks).
     """
     if interpret:
-        return (128 if fp8 else 64), 1
-    block = max(SCALE_GROUP if fp8 else 16, min(1024, triton.next_power_of_2(hidden)))
-    return block, max(1, min(8, block * element_size // 512))
+        return 16, 128, 1
+    block_h = max(SCALE_GROUP if fp8 else 16, min(1024, triton.next_power_of_2(hidden)))
+    block_t = 1 if max_tokens <= 256 else 2 if max_tokens <= 1024 else 4
+    return block_t, block_h, max(1, min(8, block_h * element_size // 512))
 
 
 def launch_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, expert_rank: torch.Tensor,
                     expert_local: torch.Tensor, mask: torch.Tensor, chunk_pos: torch.Tensor, slot_pos: torch.Tensor,
                     chunk_base: torch.Tensor, send_base: torch.Tensor, expert_base: torch.Tensor, table: torch.Tensor,
                     error_record_addr: int, rank: int, world: int, sig: int, buffer_bytes: int, timeout_iters: int,
-                    chunk: int, ws, fp8: bool, programs: int, block_h: int, num_warps: int) -> None:
+                    chunk: int, ws, fp8: bool, programs: int, block_t: int, block_h: int, num_warps: int) -> None:
     """Push ``x [T, hidden]`` to the ranks its ``topk_idx`` select; ``ws``: the MoeWorkspace."""
     tokens, hidden = x.shape
     consts = {"K": ws.topk, "K_P2": triton.next_power_of_2(ws.topk), "WORLD": world,
-              "WORLD_P2": triton.next_power_of_2(world), "BLOCK_H": block_h, "FP8": fp8}
+              "WORLD_P2": triton.next_power_of_2(world), "BLOCK_T": block_t, "BLOCK_H": block_h, "FP8": fp8}
     ints = (hidden, ws.experts, ws.max_tokens, ws.recv_x_off, ws.row_elems, ws.recv_scales_off, ws.scale_groups,
             ws.src_rank_off, ws.src_token_off, ws.local_expert_off, ws.weight_off, ws.expert_row_off, ws.inv_off,
             ws.expert_index_off)

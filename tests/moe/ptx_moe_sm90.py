@@ -1,0 +1,69 @@
+"""Compile the MoE kernels for sm_90 with the GPU launch configuration and print what their PTX uses, as
+JSON (a compile check of the GPU path on a machine without a GPU: Triton bundles ptxas).
+
+Run as a module in a process *without* TRITON_INTERPRET (interpreted kernels cannot be compiled):
+    python -m tests.moe.ptx_moe_sm90
+"""
+import json
+import re
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from shardkit.kernels.moe.combine import moe_combine_kernel
+from shardkit.kernels.moe.counts import moe_counts_kernel
+from shardkit.kernels.moe.dispatch import moe_dispatch_kernel, work_item
+from shardkit.kernels.moe.layout import moe_layout_kernel
+
+HIDDEN, TOPK, EXPERTS, WORLD = 7168, 8, 256, 2
+# Pointers (dtype by name; the rest int32), and arguments that are multiples of 16 on every call.
+POINTERS = {"x_ptr": "*bf16", "expert_out_ptr": "*bf16", "residual_ptr": "*bf16", "out_ptr": "*bf16",
+            "topk_ptr": "*i64", "weights_ptr": "*fp32", "table_ptr": "*i64"}
+INT64 = {"error_record_addr"}
+DIVISIBLE = {"hidden", "max_tokens", "row_elems", "comb_elems", "counts_row", "recv_x_off", "recv_scales_off",
+             "src_rank_off", "src_token_off", "local_expert_off", "weight_off", "expert_row_off", "inv_off",
+             "expert_index_off", "comb_off", "counts_off", "experts"}
+
+
+def compile_ptx(kernel, consts: dict, warps: int) -> str:
+    names = list(kernel.arg_names)
+    signature = {n: "constexpr" if n in consts else POINTERS.get(n, "*i32" if n.endswith("_ptr") else
+                                                                  ("i64" if n in INT64 else "i32")) for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+             if n in DIVISIBLE or signature[n].startswith("*")}
+    src = ASTSource(kernel, signature, consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+
+
+def configs() -> dict:
+    out = {}
+    for max_tokens in (128, 4096):
+        for fp8 in (False, True):
+            block_t, block_h, warps = work_item(max_tokens, HIDDEN, 2, fp8, interpret=False)
+            out[f"dispatch-T{max_tokens}-fp8{int(fp8)}"] = (moe_dispatch_kernel, {
+                "K": TOPK, "K_P2": TOPK, "WORLD": WORLD, "WORLD_P2": WORLD, "BLOCK_T": block_t, "BLOCK_H": block_h,
+                "FP8": fp8}, warps)
+        block_t, block_h, warps = work_item(max_tokens, HIDDEN, 2, False, interpret=False)
+        out[f"combine-T{max_tokens}"] = (moe_combine_kernel, {
+            "K": TOPK, "WORLD": WORLD, "WORLD_P2": WORLD, "BLOCK_T": block_t, "BLOCK_H": block_h,
+            "HAS_RESIDUAL": True}, warps)
+    out["layout"] = (moe_layout_kernel, {"K": TOPK, "K_P2": TOPK, "WORLD": WORLD, "WORLD_P2": WORLD,
+                                         "BLOCK_T": 64}, 4)
+    out["counts"] = (moe_counts_kernel, {"WORLD": WORLD, "WORLD_P2": WORLD, "CHUNKS_P2": 64, "E_P2": EXPERTS,
+                                         "L_P2": EXPERTS // WORLD, "ALIGN_P2": 16}, 4)
+    return out
+
+
+def features(ptx: str) -> dict:
+    return {
+        "loads": sorted(set(re.findall(r"ld\.global\S*", ptx))),
+        "stores": sorted(set(re.findall(r"st\.global\S*", ptx))),
+        "release_arrival": bool(re.search(r"atom\.global\.sys\.release\.exch\.b64", ptx)),
+        "acquire_wait": bool(re.search(r"atom\.global\.sys\.acquire\.add", ptx)),
+        "fp8_convert": bool(re.search(r"cvt\.rn\.satfinite\.e4m3x2\.f32", ptx)),
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps({name: features(compile_ptx(*cfg)) for name, cfg in configs().items()}))

@@ -1,0 +1,53 @@
+"""MoE dispatch + combine on CPU worlds (Triton interpreter on shared memory, and the gloo transport)
+against a float64 per-token loop: random routings, all tokens to one rank, all dropped, duplicate
+ids, token counts that differ between ranks (0 too), any placement, fp8 dispatch, both modes."""
+import pytest
+
+from . import moe_checks
+
+BASE = dict(num_experts=6, hidden=100, max_tokens=40, topk=3)
+WIDE = dict(BASE, hidden=200)  # two chunks of channels per row in the interpreter
+# (tokens per rank, routing, with residual): one dispatcher runs the cases in a row.
+CASES = {
+    2: [([7, 33], "random", True), ([1, 0], "uniform", False), ([33, 7], "one_rank", False),
+        ([7, 7], "dropped", True), ([7, 1], "duplicates", False)],
+    3: [([7, 1, 33], "random", True), ([5, 7, 0], "duplicates", False)],
+    4: [([7, 1, 5, 3], "random", True), ([3, 0, 3, 2], "one_rank", False)],
+}
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_peer_graph_mode_matches_float64_loop(worlds, world_size):
+    dtype = {2: "bfloat16", 3: "float16", 4: "bfloat16"}[world_size]
+    worlds(world_size).run(moe_checks.check_round, dict(BASE, dtype=dtype), CASES[world_size], 11)
+
+
+def test_exact_mode_any_placement_aligned_fp32(worlds):
+    """Experts scattered over the ranks (not blocks), expert-major blocks padded to 4 rows."""
+    kwargs = dict(WIDE, mode="exact", placement=[1, 0, 0, 1, 1, 0], align=4, dtype="float32")
+    worlds(2).run(moe_checks.check_round, kwargs, [([33, 7], "random", True), ([0, 5], "duplicates", False)], 12)
+
+
+def test_333_tokens(worlds):
+    kwargs = dict(num_experts=4, hidden=16, max_tokens=333, topk=2)
+    worlds(2).run(moe_checks.check_round, kwargs, [([333, 100], "random", True)], 13)
+
+
+def test_fp8_dispatch(worlds):
+    """e4m3 rows with one scale per 128 channels (hidden 200: a partial last group)."""
+    kwargs = dict(WIDE, fp8=True)
+    worlds(2).run(moe_checks.check_round, kwargs, [([7, 33], "random", True)], 14)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_nccl_transport_on_gloo(worlds, fp8):
+    kwargs = dict(BASE, mode="exact", transport="nccl", fp8=fp8, placement=[2, 0, 1, 1, 0, 2], align=2)
+    worlds(3).run(moe_checks.check_round, kwargs, CASES[3], 15)
+
+
+def test_combine_bitwise_identical_whatever_the_arrival_order(worlds):
+    """The same round with other program counts (another map of items to programs) and with ranks
+    delayed in turn: the outputs must not change by one bit."""
+    runs = [worlds(3).run(moe_checks.check_round, dict(BASE, programs=programs), CASES[3][:1], 16, delays)
+            for programs, delays in ((2, [0.0, 0.0, 0.0]), (3, [0.6, 0.0, 0.3]), (1, [0.0, 0.5, 0.0]))]
+    assert runs[0] == runs[1] == runs[2]
