@@ -5,5 +5,6 @@ process group named ``group_name``; attention_chunk, merge_attention: the local 
 """
 from .all_reduce import all_reduce, all_reduce_, all_reduce_residual_rmsnorm
 from .attention import attention_chunk, merge_attention
+from . import moe  # noqa: F401  (registers shardkit::moe_dispatch, shardkit::moe_combine)
 
 __all__ = ["all_reduce", "all_reduce_", "all_reduce_residual_rmsnorm", "attention_chunk", "merge_attention"]
