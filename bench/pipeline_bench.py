@@ -10,7 +10,7 @@ CPU machine (two CPU stages, spawned here; one core each where there are two):
     python bench/pipeline_bench.py --device cpu [--out DIR]
     python bench/pipeline_bench.py --device cpu --smoke        # a few seconds: checks the script
 
-Parts (``--parts``; default ``homogeneous,loaded`` on GPUs, ``loaded`` on the CPU):
+Parts (``--parts``; default ``homogeneous,loaded,gpu_cpu`` on GPUs, ``loaded`` on the CPU):
 
 * ``homogeneous``: a Llama-shaped model with random weights (GPU: 32 layers, hidden 4096, 32/8
   heads, FFN 14336, bf16; a 32K-token prompt). Each rank profiles one decoder layer and the head on
@@ -24,8 +24,8 @@ Parts (``--parts``; default ``homogeneous,loaded`` on GPUs, ``loaded`` on the CP
   memory over gloo (``--loaded-wire host``, a slow link). Both ranks re-profile under these
   conditions; the DP partition (``partition_layers``) against the even split, each with its optimal
   slicing. Targets: DP >= 1.3x even; predicted makespan within 15% of the measured.
-* ``gpu_cpu`` (GPU only, not default): rank 1 is a CPU stage (fp32, a smaller model), the link
-  through host memory; DP against even.
+* ``gpu_cpu`` (GPU machines): rank 1 is a CPU stage (half the host's cores), the link through host
+  memory; a smaller model in fp32 (8 layers, hidden 1024, a 2K-token prompt); DP against even.
 
 Timing: a barrier, then the prefill on every rank; the time until the last stage has the first
 token (argmax of the last logits) and every rank is done, max over ranks, median of ``--reps``
@@ -37,6 +37,7 @@ schedule plot (stages x time, slices coloured; measured beside predicted) in the
 and the measured profiles as JSON.
 
 ``--quick`` (GPU): 16 layers and a 16K-token prompt instead of 32 and 32K, fewer uniform slicings.
+``--budget-s`` (default 170): no part starts after that many seconds.
 """
 from __future__ import annotations
 
@@ -61,26 +62,31 @@ from shardkit.pipeline import (ComputeCost, LinkCost, LlamaConfig, LlamaStage, P
 BENCH = "pipeline"
 
 
-def shapes(args: argparse.Namespace) -> dict:
-    """Model, prompt and planner settings of this run."""
+def settings(args: argparse.Namespace) -> dict:
+    """Per part: model, prompt, dtype and planner grid (``granularity``: cut positions; the profile's
+    ``slice_lengths`` bound the slices the planner may pick, so its model never extrapolates)."""
     if args.smoke:
         cfg = LlamaConfig(vocab=256, hidden=64, layers=4, heads=4, kv_heads=2, head_dim=16, ffn=160)
-        return dict(cfg=cfg, tokens=96, granularity=8, slice_lengths=[8, 24, 48], prefixes=[0, 48],
-                    uniform=[1, 2, 4, 12], dtype=torch.float32, cpu_cfg=cfg, cpu_tokens=96)
+        tiny = dict(cfg=cfg, tokens=96, dtype=torch.float32, granularity=8, slice_lengths=[8, 24, 48],
+                    prefixes=[0, 48], uniform=[1, 2, 4, 12])
+        return {"homogeneous": tiny, "loaded": tiny, "gpu_cpu": tiny}
     if args.device == "cpu":
         cfg = LlamaConfig(vocab=2048, hidden=256, layers=8, heads=4, kv_heads=2, head_dim=64, ffn=688)
-        return dict(cfg=cfg, tokens=1024, granularity=64, slice_lengths=[64, 128, 256, 512],
-                    prefixes=[0, 256, 768], uniform=[1, 2, 4, 8, 16], dtype=torch.float32, cpu_cfg=cfg,
-                    cpu_tokens=1024)
+        small = dict(cfg=cfg, tokens=1024, dtype=torch.float32, granularity=64, slice_lengths=[64, 128, 256, 512],
+                     prefixes=[0, 256, 768], uniform=[1, 2, 4, 8, 16])
+        return {"homogeneous": small, "loaded": small}
     layers, tokens = (16, 16384) if args.quick else (32, 32768)
     cfg = LlamaConfig(vocab=32000, hidden=4096, layers=layers, heads=32, kv_heads=8, head_dim=128, ffn=14336,
                       rope_theta=500000.0, tie_embeddings=False)
-    cpu_cfg = LlamaConfig(vocab=32000, hidden=1024, layers=8, heads=8, kv_heads=8, head_dim=128, ffn=2816,
-                          tie_embeddings=False)
-    return dict(cfg=cfg, tokens=tokens, granularity=512, slice_lengths=[512, 1024, 2048, 4096, 8192],
-                prefixes=[p for p in (0, 8192, 16384, 24576) if p < tokens],
-                uniform=[2, 4, 8, 16, 32] if args.quick else [1, 2, 4, 8, 16, 32, 64], dtype=torch.bfloat16,
-                cpu_cfg=cpu_cfg, cpu_tokens=2048)
+    big = dict(cfg=cfg, tokens=tokens, dtype=torch.bfloat16, granularity=512,
+               slice_lengths=[512, 1024, 2048, 4096, 8192], prefixes=[p for p in (0, 8192, 16384, 24576) if p < tokens],
+               uniform=[2, 4, 8, 16, 32] if args.quick else [1, 2, 4, 8, 16, 32, 64])
+    # GPU + CPU stage: a smaller model in fp32 (the CPU's fast precision), a shorter prompt.
+    small = LlamaConfig(vocab=32000, hidden=1024, layers=8, heads=8, kv_heads=8, head_dim=128, ffn=2816,
+                        tie_embeddings=False)
+    mixed = dict(cfg=small, tokens=2048, dtype=torch.float32, granularity=128, slice_lengths=[128, 256, 512, 1024],
+                 prefixes=[0, 512, 1024])
+    return {"homogeneous": big, "loaded": big, "gpu_cpu": mixed}
 
 
 def plain(plan) -> tuple:
@@ -134,7 +140,7 @@ class Bench:
         if self.world != 2:
             raise SystemExit(f"pipeline_bench runs two stages: world size 2, got {self.world}")
         self.cuda = args.device == "cuda"
-        self.sh = shapes(args)
+        self.settings = settings(args)
         self.env = environment()
         self.gpu = self.env["gpu"] if self.cuda else "cpu"
         self.core = None
@@ -180,12 +186,11 @@ class Bench:
     def prompt(self, cfg: LlamaConfig, tokens: int) -> torch.Tensor:
         return torch.randint(1, cfg.vocab, (1, tokens), generator=torch.Generator().manual_seed(7))
 
-    def profile(self, name: str, cfg: LlamaConfig, device: torch.device, dtype: torch.dtype, tokens: int) -> dict:
+    def profile(self, name: str, device: torch.device) -> dict:
         """Every rank profiles its own device; returns every rank's fits (same on every rank)."""
-        sh = self.sh
-        prefixes = [p for p in sh["prefixes"] if p < tokens]
-        samples = profile_compute(cfg, device=device, dtype=dtype, slice_lengths=sh["slice_lengths"],
-                                  prefixes=prefixes, reps=self.args.profile_reps)
+        st = self.settings[name]
+        samples = profile_compute(st["cfg"], device=device, dtype=st["dtype"], slice_lengths=st["slice_lengths"],
+                                  prefixes=st["prefixes"], reps=self.args.profile_reps)
         layer, head = ComputeCost.fit(samples["layer"]), ComputeCost.fit(samples["head"])
         fits = self.gather({"device": str(device), "layer": layer, "head": head, "samples": samples,
                             "layer_fit_error": layer.max_relative_error(samples["layer"])})
@@ -196,8 +201,8 @@ class Bench:
         return fits
 
     def link(self, name: str, rt: PipelineRuntime) -> LinkCost:
-        counts = [c for c in (self.sh["slice_lengths"][0], self.sh["slice_lengths"][-1] // 4,
-                              self.sh["slice_lengths"][-1])]
+        lengths = self.settings[name]["slice_lengths"]
+        counts = [lengths[0], lengths[-1] // 4, lengths[-1]]
         samples = profile_links(rt, counts, reps=self.args.profile_reps)[0]
         cost = LinkCost.fit(samples)
         self.profiles[name]["link"] = {"wire": rt.wire, "samples": samples, "fit": cost}
@@ -300,7 +305,8 @@ class Bench:
         return medians
 
     def homogeneous(self) -> None:
-        sh, cfg, dtype, tokens = self.sh, self.sh["cfg"], self.sh["dtype"], self.sh["tokens"]
+        sh = self.settings["homogeneous"]
+        cfg, dtype, tokens = sh["cfg"], sh["dtype"], sh["tokens"]
         self.log(f"homogeneous: {cfg.layers} layers, hidden {cfg.hidden}, {tokens} tokens, {dtype}")
         ids = self.prompt(cfg, tokens)
         base = {"layers": cfg.layers, "hidden": cfg.hidden, "tokens": tokens, "part": "homogeneous"}
@@ -309,7 +315,7 @@ class Bench:
         self.reference = self.from_rank0(logits.cpu() if self.rank == 0 else None)
         self.add("one_device", {**base, "label": "one device"}, one_us, {}, dtype)
         one = statistics.median(one_us)
-        fits = self.profile("homogeneous", cfg, self.device, dtype, tokens)
+        fits = self.profile("homogeneous", self.device)
         even = even_partition(cfg.layers, 2).bounds
         link = self.link("homogeneous", self.runtime(cfg, even, tokens, self.device, dtype, "auto"))
         costs = ([f["layer"] for f in fits], fits[-1]["head"], [link])
@@ -341,22 +347,23 @@ class Bench:
 
     def heterogeneous(self, part: str) -> None:
         """DP partition vs even split with stage 1 on a weaker device: loaded (co-running load) or CPU."""
-        sh = self.sh
+        sh = self.settings[part]
+        cfg, tokens, dtype = sh["cfg"], sh["tokens"], sh["dtype"]
         if part == "gpu_cpu":
-            cfg, tokens, dtype, wire, load = sh["cpu_cfg"], sh["cpu_tokens"], torch.float32, "host", None
+            wire, load = "host", None
             device = self.device if self.rank == 0 else torch.device("cpu")
             if self.rank == 1:
                 torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
             self.reference = None  # another model than the homogeneous part's
         else:
-            cfg, tokens, dtype, device, wire = sh["cfg"], sh["tokens"], sh["dtype"], self.device, self.args.loaded_wire
+            device, wire = self.device, self.args.loaded_wire
             load = CoLoad(str(self.device), self.core) if self.rank == 1 else None
         try:
             self.log(f"{part}: {cfg.layers} layers, hidden {cfg.hidden}, {tokens} tokens, {dtype}, link {wire}")
             ids = self.prompt(cfg, tokens)
             base = {"layers": cfg.layers, "hidden": cfg.hidden, "tokens": tokens, "part": part,
                     "stage1": "cpu" if part == "gpu_cpu" else "loaded " + device.type}
-            fits = self.profile(part, cfg, device, dtype, tokens)
+            fits = self.profile(part, device)
             even = even_partition(cfg.layers, 2).bounds
             link = self.link(part, self.runtime(cfg, even, tokens, device, dtype, wire))
             costs = ([f["layer"] for f in fits], fits[-1]["head"], [link])
@@ -482,7 +489,7 @@ def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--parts", default=None, help="comma list of homogeneous, loaded, gpu_cpu (default: "
-                    "homogeneous,loaded on GPUs, loaded on the CPU)")
+                    "homogeneous,loaded,gpu_cpu on GPUs, loaded on the CPU)")
     ap.add_argument("--quick", action="store_true", help="GPU: 16 layers, 16K tokens")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, to check the script")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 3 on GPUs, 5 on the CPU)")
@@ -498,7 +505,7 @@ def parse() -> argparse.Namespace:
     if args.smoke:
         args.device, args.reps, args.profile_reps, args.parts = "cpu", 1, 1, args.parts or "homogeneous,loaded"
     cpu = args.device == "cpu"
-    args.parts = [p for p in (args.parts or ("loaded" if cpu else "homogeneous,loaded")).split(",") if p]
+    args.parts = [p for p in (args.parts or ("loaded" if cpu else "homogeneous,loaded,gpu_cpu")).split(",") if p]
     args.reps = args.reps or (5 if cpu else 3)
     bad = [p for p in args.parts if p not in ("homogeneous", "loaded", "gpu_cpu")]
     if bad or ("gpu_cpu" in args.parts and args.device != "cuda"):
