@@ -21,7 +21,8 @@ def test_matches_float64_reference(worlds, world_size, dtype):
 
 
 def test_auto_and_nccl_algos_match_reference(worlds):
-    assert max(worlds(3).run(rmsnorm_checks.check_auto_and_nccl, 5, 100, 3)) < 1e-4
+    errors = worlds(3).run(rmsnorm_checks.check_auto_and_nccl, 5, 100, 3)
+    assert all(e < 1e-4 for e in errors), errors  # not max(): it skips a NaN that is not first
 
 
 def test_bad_inputs_raise_clear_errors(worlds):
@@ -46,7 +47,8 @@ def test_row_wait_that_cannot_finish_raises_instead_of_hanging(worlds):
 
 
 def test_op_matches_method_and_compiles(worlds):
-    assert max(worlds(2).run(rmsnorm_checks.op_matches_method, 5, 96, 9)) == 0.0
+    errors = worlds(2).run(rmsnorm_checks.op_matches_method, 5, 96, 9)
+    assert all(e == 0.0 for e in errors), errors
 
 
 def test_fake_impl_gives_shapes_and_dtypes():

@@ -24,7 +24,8 @@ def test_matches_float64_reference(worlds, world_size, dtype):
 
 
 def test_auto_and_nccl_algos_match_reference(worlds):
-    assert max(worlds(WORLDS[-1], "nccl").run(rmsnorm_checks.check_auto_and_nccl, 64, 8192, 5)) < 1e-4
+    errors = worlds(WORLDS[-1], "nccl").run(rmsnorm_checks.check_auto_and_nccl, 64, 8192, 5)
+    assert all(e < 1e-4 for e in errors), errors  # not max(): it skips a NaN that is not first
 
 
 @pytest.mark.parametrize("world_size", WORLDS)

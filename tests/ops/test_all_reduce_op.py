@@ -36,7 +36,7 @@ def ops_on_rank(n: int, seed: int) -> list[float]:
 
 def test_ops_match_reference_and_compile(worlds):
     for errors in worlds(2).run(ops_on_rank, 1001, 3):
-        assert max(errors) < 1e-5, errors
+        assert all(e < 1e-5 for e in errors), errors  # not max(): it skips a NaN that is not first
 
 
 def test_fake_impl_gives_shape_and_dtype():
