@@ -113,12 +113,18 @@ def test_matches_transformers():
 @pytest.mark.gpu
 @needs_model
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
-def test_cuda_sliced_prefill(dtype, tol):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_sliced_prefill(dtype):
     # On CUDA, slices after the first take the bottom-right causal mask (flash attention in bf16).
     cfg = config()
     stage = LlamaStage(cfg, weights(), range(cfg.layers), first=True, last=True, device="cuda", dtype=dtype,
                        max_tokens=80)
     with torch.no_grad():
-        got = run_slices([stage], prompt().cuda(), (24, 30, 16))
-    assert relative_error(got.cpu(), reference()[0]) <= tol
+        whole = run_slices([stage], prompt().cuda(), (70,)).float().cpu()
+        stage.reset()
+        sliced = run_slices([stage], prompt().cuda(), (24, 30, 16)).float().cpu()
+    want = reference()[0]
+    if dtype == torch.float32:
+        assert relative_error(sliced, want) <= 1e-4
+    else:  # bf16: slicing must not cost accuracy against the whole prompt in one call
+        assert relative_error(sliced, want) <= max(2 * relative_error(whole, want), 1e-2)

@@ -42,5 +42,7 @@ def test_two_gpus_bf16_matches_one_gpu(worlds):
     one = LlamaStage(cfg, weights(), range(cfg.layers), first=True, last=True, device="cuda:0", dtype=torch.bfloat16,
                      max_tokens=prompt().shape[1])
     with torch.no_grad():
-        want = one.forward(prompt().cuda(), 0)[:, -slices[-1]:].float().cpu()
-    assert relative_error(out[-1], want) <= 2e-2
+        one_gpu = one.forward(prompt().cuda(), 0)[:, -slices[-1]:].float().cpu()
+    want = reference()[0][:, -slices[-1]:]
+    # bf16 rounding differs between the two orders of work: the pipeline must be as accurate as one GPU.
+    assert relative_error(out[-1], want) <= max(2 * relative_error(one_gpu, want), 1e-2)
