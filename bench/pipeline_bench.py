@@ -20,7 +20,7 @@ Parts (``--parts``; default ``homogeneous,loaded,gpu_cpu`` on GPUs, ``loaded`` o
   the pipeline with uniform slicings of 1..64 slices, and with the optimal slicing; each with its
   predicted makespan. Targets (issue 15): 2 GPUs >= 1.7x one GPU; optimal >= 1.15x best uniform.
 * ``loaded``: rank 1's device shares with a co-running load (another process: a matmul loop on the
-  same GPU, or on the same core), so stage 1 is a weaker device, and the link goes through host
+  same GPU, or three matmul threads on the same core), so stage 1 is a weaker device, and the link goes through host
   memory over gloo (``--loaded-wire host``, a slow link). Both ranks re-profile under these
   conditions; the DP partition (``partition_layers``) against the even split, each with its optimal
   slicing. Targets: DP >= 1.3x even; predicted makespan within 15% of the measured.
@@ -119,8 +119,8 @@ def co_load(device: str, core: int | None) -> None:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
         n, dtype = 8192, torch.bfloat16
-    else:
-        torch.set_num_threads(1)
+    else:  # three busy threads on the stage's core: the stage gets at most a quarter of it
+        torch.set_num_threads(3)
         n, dtype = 384, torch.float32
     a = torch.randn(n, n, device=dev, dtype=dtype)
     c = torch.empty_like(a)

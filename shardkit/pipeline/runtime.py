@@ -130,6 +130,19 @@ class PipelineRuntime:
         return buf.to(self.stage.device)
 
     # --- prefill and decode ------------------------------------------------------------------
+    def _agree(self, ids: torch.Tensor, slices: Sequence[int], new_tokens: int) -> None:
+        """Gather what each rank was called with, so that a rank called differently makes every
+        rank raise (instead of the others waiting for it forever)."""
+        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        mine = (shape, str(getattr(ids, "dtype", None)), repr(list(slices) if isinstance(slices, (list, tuple))
+                                                             else slices), repr(new_tokens))
+        calls: List[tuple] = [None] * self.stages  # type: ignore[list-item]
+        dist.all_gather_object(calls, mine, group=self.group)
+        other = next((r for r, c in enumerate(calls) if c != calls[0]), None)
+        if other is not None:
+            raise ValueError(f"the ranks were called differently (ids shape, dtype, slices, new_tokens): rank "
+                             f"{other} has {calls[other]}, rank 0 has {calls[0]}")
+
     def _check_ids(self, ids: torch.Tensor, extra: int) -> None:
         st = self.stage
         if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.dim() != 2 or ids.shape[0] != st.batch:
@@ -141,18 +154,22 @@ class PipelineRuntime:
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= st.config.vocab):
             raise ValueError(f"ids must lie in 0..{st.config.vocab - 1}")
 
-    def prefill(self, ids: torch.Tensor, slices: Sequence[int]) -> Optional[torch.Tensor]:
+    def prefill(self, ids: torch.Tensor, slices: Sequence[int], agree: bool = True) -> Optional[torch.Tensor]:
         """Run the prompt ``ids`` through the pipeline in ``slices`` (token counts, in order).
 
         Args:
             ids: ``[B, L]`` int64 token ids, the same on every rank (only the first stage reads them).
             slices: positive ints summing to ``L``, the same on every rank.
+            agree: first check (one small gather over the group) that every rank got the same
+                shapes and slices, so that bad input raises on every rank; ``False`` skips it.
 
         Returns:
             On the last stage the logits of the final slice ``[B, slices[-1], vocab]``, else None.
             The stages' KV caches then hold the whole prompt; ``timeline()`` gives this rank's
             per-slice compute times.
         """
+        if agree:
+            self._agree(ids, slices, 0)
         slices = check_slices(slices)
         self._check_ids(ids, 0)
         if sum(slices) != ids.shape[1]:
@@ -193,10 +210,11 @@ class PipelineRuntime:
         Returns ``(tokens, logits)``: the generated ids ``[B, new_tokens]`` on every rank (on the
         stage's device) and, on the last stage, the prefill's final-slice logits (else None).
         """
+        self._agree(ids, slices, new_tokens)
         if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
             raise ValueError(f"new_tokens must be an int >= 1, got {new_tokens!r}")
         self._check_ids(ids, new_tokens - 1)
-        logits = self.prefill(ids, slices)
+        logits = self.prefill(ids, slices, agree=False)
         st, m, last = self.stage, self.index, self.stages - 1
         token = logits[:, -1].argmax(dim=-1, keepdim=True) if st.last else None
         tokens = [token]

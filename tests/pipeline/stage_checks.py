@@ -56,8 +56,9 @@ def mismatched_stages(model_dir: str, bounds_per_rank) -> None:
 
 
 def bad_prefill(model_dir: str, bounds, slices, ids: torch.Tensor) -> None:
+    """``slices``: the same for every rank, or a dict rank -> that rank's slices."""
     stage = _stage(model_dir, bounds, ids.shape[1])
-    PipelineRuntime(stage).prefill(ids, slices)
+    PipelineRuntime(stage).prefill(ids, slices[dist.get_rank()] if isinstance(slices, dict) else slices)
 
 
 def link_profile(model_dir: str, bounds, token_counts) -> list:

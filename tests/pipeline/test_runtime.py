@@ -58,7 +58,8 @@ def test_mismatched_stages_raise_on_every_rank(worlds):
     assert all("layer" in msg for _, msg in e.value.errors.values())
 
 
-@pytest.mark.parametrize("slices,match", [((30, 30), "sum to the prompt length"), ((70, 0), "positive ints")])
+@pytest.mark.parametrize("slices,match", [((30, 30), "sum to the prompt length"), ((70, 0), "positive ints"),
+                                          ({0: (35, 35), 1: (30, 40)}, "called differently")])
 def test_bad_slices_raise_on_every_rank(worlds, slices, match):
     with pytest.raises(RankError) as e:
         worlds(2).run(stage_checks.bad_prefill, MODEL_DIR, (0, 4, 8), slices, prompt())
