@@ -21,7 +21,7 @@ def moe_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Te
     """(recv_x [N, hidden], scales [N, ceil(hidden/128)] (fp8 dispatch; else empty), expert_index [X],
     expert_offsets [L + 1], recv_info [2]): see MoeDispatcher.dispatch and MoeHandle."""
     recv_x, h = get_dispatcher(name).dispatch(x, topk_idx, topk_weights)
-    scales = h.scales.clone() if h.scales is not None else torch.empty(0, device=x.device)
+    scales = h.scales.clone() if h.scales is not None else torch.empty(0, 0, device=x.device)
     return recv_x, scales, h.expert_index.clone(), h.expert_offsets.clone(), h.recv_info.clone()
 
 
@@ -35,7 +35,7 @@ def _(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, name:
         ctx = torch.library.get_ctx()
         rows, expert_rows = ctx.new_dynamic_size(), ctx.new_dynamic_size()
     payload = torch.float8_e4m3fn if cfg.fp8 else cfg.dtype
-    scales = x.new_empty(rows, cfg.scale_groups, dtype=torch.float32) if cfg.fp8 else x.new_empty(0)
+    scales = x.new_empty(rows if cfg.fp8 else 0, cfg.scale_groups if cfg.fp8 else 0, dtype=torch.float32)
     i32 = dict(dtype=torch.int32)
     return (x.new_empty(rows, cfg.hidden, dtype=payload), scales, x.new_empty(expert_rows, **i32),
             x.new_empty(len(disp.local_experts) + 1, **i32), x.new_empty(2, **i32))

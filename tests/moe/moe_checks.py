@@ -157,3 +157,160 @@ def check_round(kwargs: dict, cases: list[tuple], seed: int, delays: list[float]
     finally:
         disp.close()
     return digests
+
+
+def _bad_dispatch_args(kind: str, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, cfg) -> tuple:
+    """The arguments of a dispatch made bad in one way (``kind``)."""
+    if kind == "ids_out_of_range":
+        idx = idx.clone()
+        idx[-1, 0] = cfg.num_experts
+    elif kind == "ids_below_minus_one":
+        idx = idx.clone()
+        idx[0, -1] = -2
+    elif kind == "dtype":
+        x = x.float() if x.dtype != torch.float32 else x.half()
+    elif kind == "hidden":
+        x = torch.cat([x, x[:, :1]], 1)
+    elif kind == "tokens_above_max":
+        reps = cfg.max_tokens // x.shape[0] + 1
+        x, idx, w = x.repeat(reps, 1), idx.repeat(reps, 1), w.repeat(reps, 1)
+    elif kind == "non_contiguous":
+        x = torch.cat([x, x], 1)[:, ::2]
+    elif kind == "idx_dtype":
+        idx = idx.float()
+    elif kind == "weights_shape":
+        w = w[:, :-1].contiguous()
+    return x, idx, w
+
+
+def bad_input_rounds(kinds: list[str], culprit: int, kwargs: dict, seed: int) -> list[str]:
+    """For each kind of bad input, a fresh dispatcher; rank ``culprit`` passes the bad input (to dispatch,
+    or to combine for kinds starting with 'combine_'), the others good input. Every rank must raise
+    (TypeError/ValueError on the culprit, CollectiveError on the others; ids are checked in the kernel,
+    so there every rank raises CollectiveError), and the dispatcher must refuse further calls.
+    Returns this rank's messages."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    kwargs = dict(kwargs)
+    dtype = DTYPES[kwargs.pop("dtype", "bfloat16")]
+    messages = []
+    for i, kind in enumerate(kinds):
+        disp = MoeDispatcher(dtype=dtype, timeout_s=20, **kwargs)
+        cfg = disp.cfg
+        try:
+            x, idx, w = (t.to(device()) for t in moe_inputs(5, cfg.hidden, cfg.num_experts, cfg.topk, dtype,
+                                                             seed + i, "uniform", list(cfg.expert_rank)))
+            bad = rank == culprit
+            try:
+                if kind.startswith("combine_"):
+                    recv_x, handle = disp.dispatch(x, idx, w)
+                    rows = handle.num_expert_rows if handle.num_expert_rows is not None else disp.expert_capacity
+                    expert_out = torch.zeros(rows, cfg.hidden, dtype=dtype, device=device())
+                    if bad:
+                        expert_out = {"combine_dtype": expert_out.float() if dtype != torch.float32 else
+                                      expert_out.half(),
+                                      "combine_rows": expert_out[:0],
+                                      "combine_residual": expert_out}[kind]
+                    disp.combine(expert_out, handle, residual=expert_out if kind == "combine_residual" and bad
+                                 else None)
+                else:
+                    disp.dispatch(*(_bad_dispatch_args(kind, x, idx, w, cfg) if bad else (x, idx, w)))
+                disp.check()
+            except (TypeError, ValueError, ShardkitError) as e:
+                in_kernel = kind.startswith("ids_") or kind == "overflow"  # found by every rank together
+                expected = CollectiveError if (not bad or in_kernel) else (TypeError, ValueError)
+                assert isinstance(e, expected), f"{kind}: rank {rank} raised {type(e).__name__}: {e}"
+                messages.append(str(e))
+            else:
+                raise AssertionError(f"{kind}: rank {rank} did not raise")
+            # The round failed on every rank: the dispatcher refuses to go on (all-bad rounds excepted).
+            assert_raises(lambda: disp.dispatch(x, idx, w), CollectiveError)
+        finally:
+            dist.barrier()
+            disp.close()
+    return messages
+
+
+def assert_raises(fn, error) -> str:
+    try:
+        fn()
+    except error as e:
+        return str(e)
+    raise AssertionError(f"expected {error}")
+
+
+def config_disagreement(kinds: list[str]) -> list[str]:
+    """Rank 1 constructs its dispatcher with another hidden / dtype / placement / ...: every rank raises."""
+    rank = dist.get_rank()
+    messages = []
+    for kind in kinds:
+        kwargs = dict(num_experts=4, hidden=32, max_tokens=8, topk=2)
+        if rank == 1:
+            kwargs.update({"hidden": {"hidden": 48}, "dtype": {"dtype": torch.float16},
+                           "placement": {"placement": [1, 1, 0, 0]}, "topk": {"topk": 3},
+                           "mode": {"mode": "exact"}}[kind])
+        messages.append(assert_raises(lambda: MoeDispatcher(**kwargs), ValueError))
+    return messages
+
+
+def bad_constructor_args() -> list[str]:
+    """Arguments wrong on every rank: each raises a clear error before any communication."""
+    good = dict(num_experts=4, hidden=32, max_tokens=8, topk=2)
+    cases = [dict(good, num_experts=0), dict(good, topk=5), dict(good, dtype=torch.int32),
+             dict(good, placement=[0, 1, 2, 0]), dict(good, placement=[0, 1]), dict(good, mode="lazy"),
+             dict(good, transport="ucx"), dict(good, transport="nccl", mode="graph"), dict(good, align=0),
+             dict(good, timeout_s=0)]
+    return error_messages([lambda c=c: MoeDispatcher(**c) for c in cases])
+
+
+def absent_peer(absent: int, timeout_s: float) -> str:
+    """Rank ``absent`` never dispatches; the others must fail within the timeout, naming it."""
+    rank = dist.get_rank()
+    disp = MoeDispatcher(num_experts=4, hidden=32, max_tokens=8, topk=2, timeout_s=timeout_s)
+    try:
+        if rank == absent:
+            return ""
+        x, idx, w = (t.to(device()) for t in moe_inputs(3, 32, 4, 2, torch.bfloat16, 1))
+        return assert_raises(lambda: (disp.dispatch(x, idx, w), disp.check()), CollectiveError)
+    finally:
+        dist.barrier()  # the absent rank keeps its memory until the others gave up
+        disp.close()
+
+
+def check_ops(kwargs: dict, tokens: list[int], seed: int) -> list[int]:
+    """torch.ops.shardkit.moe_dispatch / moe_combine against the float64 loop, and the fake
+    implementations' shapes (FakeTensorMode) against the real outputs'. Returns the real shapes' rows."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    import shardkit.ops  # noqa: F401
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    disp = MoeDispatcher(name="moe_ops_test", **kwargs)
+    cfg = disp.cfg
+    scale, bias = affine_experts(cfg.num_experts, cfg.hidden, EXPERT_SEED)
+    try:
+        inputs = all_inputs(world, tokens, cfg.hidden, cfg.num_experts, cfg.topk, cfg.dtype, seed, "random",
+                            list(cfg.expert_rank))
+        x, idx, w = (t.to(device()) for t in inputs[rank])
+        recv_x, scales, expert_index, offsets, info = torch.ops.shardkit.moe_dispatch(x, idx, w, "moe_ops_test")
+        handle = disp.latest_handle
+        assert torch.equal(expert_index, handle.expert_index) and torch.equal(offsets, handle.expert_offsets)
+        expert_out = apply_experts(disp, recv_x, handle, scale, bias, poison=False)
+        if cfg.mode == "graph":
+            expert_out = torch.cat([expert_out, expert_out.new_zeros(disp.expert_capacity - expert_out.shape[0],
+                                                                     cfg.hidden)])
+        out = torch.ops.shardkit.moe_combine(expert_out, x.shape[0], "moe_ops_test", x)
+        ref = moe_reference(inputs[rank][0], inputs[rank][1], inputs[rank][2],
+                            lambda e, row: row * float(scale[e]) + bias[e].double(), inputs[rank][0])
+        torch.testing.assert_close(out.cpu().double(), ref, **moe_tol(cfg.dtype))
+        with FakeTensorMode(shape_env=ShapeEnv()) as mode:  # exact mode: data-dependent sizes
+            fakes = torch.ops.shardkit.moe_dispatch(mode.from_tensor(x), mode.from_tensor(idx), mode.from_tensor(w),
+                                                    "moe_ops_test")
+            fake_out = torch.ops.shardkit.moe_combine(mode.from_tensor(expert_out), x.shape[0], "moe_ops_test", None)
+        real = (recv_x, scales, expert_index, offsets, info)
+        for f, r in zip(fakes, real):
+            assert f.dtype == r.dtype and (cfg.mode == "exact" or f.shape == r.shape), (f, r.shape)
+        assert fake_out.shape == out.shape and fake_out.dtype == out.dtype
+        return [recv_x.shape[0], expert_index.shape[0]]
+    finally:
+        disp.close()

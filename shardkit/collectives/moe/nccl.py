@@ -6,7 +6,7 @@ same row order and fp32 reduction order as the peer-memory kernels, in plain tor
 A dispatch: the layout in torch; one ``all_gather`` of every rank's counts row (the size exchange,
 carrying the input-error flags too), read on the host; rows and metadata sent with two
 ``all_to_all_single`` of exactly the counted sizes; the expert-major order built on the receiver
-(stable: by local expert, then row, then top-k slot). A combine: one flag ``all_reduce`` (so that
+(stable: by local expert, then row, then top-k slot). A combine: one ``all_gather`` of flags (so that
 a rank that rejects its input makes every rank fail instead of leaving them in the all-to-all),
 the weighted reduction over local slots, the rows back with one ``all_to_all_single``, and the sum
 over ranks in rank order on the token's rank. Tensors cross gloo as bytes (it has no bf16/fp8).
@@ -58,6 +58,15 @@ class NcclTransport:
                       f"is unusable now. Create a new MoeDispatcher.")
         raise CollectiveError(self.error)
 
+    def _combine_flags(self, rejected: bool) -> None:
+        """Every rank's 'I rejected my combine input' flag; fail if any is set (all ranks together)."""
+        flags = torch.empty(self.cfg.world, dtype=torch.int32, device=self.device)
+        dist.all_gather_into_tensor(flags, torch.tensor([int(rejected)], dtype=torch.int32, device=self.device),
+                                    group=self.group)
+        culprits = [r for r, f in enumerate(flags.tolist()) if f]
+        if culprits:
+            self._fail(f"rank(s) {culprits} rejected their combine input (see the error raised there)")
+
     def _exchange_counts(self, tokens: int, flags: int, per_rank: torch.Tensor, per_expert: torch.Tensor) -> torch.Tensor:
         """All ranks' counts rows [W, 4 + W + E] on the host (the size exchange)."""
         cfg = self.cfg
@@ -88,8 +97,10 @@ class NcclTransport:
 
     def poison_combine(self) -> None:
         """This rank rejected its combine input: the peers fail at the combine's flag exchange."""
-        flag = torch.ones(1, dtype=torch.int32, device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        try:
+            self._combine_flags(rejected=True)
+        except CollectiveError:
+            pass  # the caller raises the reason
 
     # ------------------------------------------------------------------ a round
     def _alltoall(self, send: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
@@ -174,10 +185,7 @@ class NcclTransport:
                 out: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         self.raise_if_failed()
-        flag = torch.zeros(1, dtype=torch.int32, device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        if flag.item():
-            self._fail("a rank rejected its combine input (see the error raised there)")
+        self._combine_flags(rejected=False)
         tokens, per_dest, per_src = self._sent
         acc = torch.zeros(handle.num_recv, cfg.hidden, dtype=torch.float32, device=self.device)
         for k in range(cfg.topk if expert_out.shape[0] else 0):  # slots in order, as the kernel

@@ -131,8 +131,9 @@ class PeerTransport:
             return head + (f"rank(s) {ranks} would receive more rows than max_recv_tokens={self.cfg.recv_rows} "
                            f"(up to {wanted}).") + tail
         if code == MISMATCH:
-            return head + (f"rank(s) {ranks} disagree about this round (one rank rejected its combine input, or "
-                           f"the ranks' calls differ; call {epoch}).") + tail
+            return head + (f"rank(s) {ranks} made another call than this rank in this round, or had not arrived "
+                           f"yet (a rank that rejects its combine input arrives with another signature; call "
+                           f"{epoch}).") + tail
         return describe_failure(record, self.rank, self.cfg.world, self.timeout_s).replace(
             "Create a new Communicator", "Create a new MoeDispatcher")
 
