@@ -55,6 +55,11 @@ def _plant_nan(tensors: dict, nan: list) -> None:
         tensors[name][b, 0, i, 3] = float("nan")
 
 
+def _head_dim_strided(t: torch.Tensor) -> torch.Tensor:
+    """The same values stored [B, H, D, L]: stride(-1) is L, not 1."""
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
 def check_ring(cfg: dict) -> list[str]:
     """Ring attention (each variant in ``cfg['variants']``) against float64 full attention.
 
@@ -62,7 +67,8 @@ def check_ring(cfg: dict) -> list[str]:
     ('balanced' | 'contiguous' | 'random'), pass_pos (give positions explicitly), variants, seed,
     threshold (optional pass_q_threshold), local_backend (optional, default "auto"), nan (optional
     list of (tensor 'q'/'k'/'v', batch, index along the whole sequence, cache first for k/v) where a
-    NaN is planted: the output's NaN pattern must then equal the reference's).
+    NaN is planted: the output's NaN pattern must then equal the reference's), strided (optional: the
+    last rank's q, k, v and cache have a non-unit stride in the head dim).
     Returns the output digests per variant (for the cross-rank / cross-variant checks).
     """
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -91,6 +97,10 @@ def check_ring(cfg: dict) -> list[str]:
             kw["cache_pos"] = cache_pos.to(dev)
     else:
         assert cfg["layout"] == "balanced", "only the balanced layout may leave positions out"
+    if cfg.get("strided") and rank == world - 1:  # this rank's tensors with a non-unit stride in the head dim
+        q_loc, k_loc, v_loc = (_head_dim_strided(t) for t in (q_loc, k_loc, v_loc))
+        if P:
+            kw["k_cache"], kw["v_cache"] = _head_dim_strided(kw["k_cache"]), _head_dim_strided(kw["v_cache"])
     expected = ref[:, :, new_pos.to(dev)]
     inputs = [t.clone() for t in (q_loc, k_loc, v_loc)]
 
@@ -178,6 +188,52 @@ def expect_error(case: str) -> tuple[str, str]:
         dist.barrier()  # the world is still in step: the next collective works on every rank
         return type(e).__name__, str(e)
     raise AssertionError(f"rank {rank}: {case} was accepted")
+
+
+def expect_decode_error(case: str) -> tuple[str, str]:
+    """Call cp_decode_attention with inputs that ``case`` makes bad on some rank(s); return (exception
+    type, message). Every rank must raise (none may hang in, or abort inside, the all-gather) and stay
+    usable: a barrier and a good decode call follow."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    last = rank == world - 1
+    gen = torch.Generator().manual_seed(6)
+    B, Hq, Hkv, n, D, L = 1, 2, 1, 1, 16, 5
+    dtype, kw = torch.float32, {}
+    if case == "q_len":                   # speculative tokens on one rank only
+        n = 2 if rank == 0 else 1
+    elif case == "empty_q":               # the last rank has no query rows, the others one
+        n = 0 if last else 1
+    elif case == "q_heads":
+        Hq = 4 if last else 2
+    elif case == "kv_heads":              # q heads agree, the cache's do not
+        Hkv = 2 if last else 1
+    elif case == "dtype":
+        dtype = torch.float16 if last else torch.float32
+    elif case == "scale":
+        kw["softmax_scale"] = 0.5 if last else 0.25
+    elif case == "causal":                # positions on one rank only
+        if last:
+            kw["q_pos"], kw["kv_pos"] = 10, 0
+    elif case == "one_bad_rank":          # only the last rank's v is wrong
+        pass
+    elif case == "unsorted_kv_pos":
+        kw["q_pos"], kw["kv_pos"] = 10, torch.arange(L).flip(0) if last else torch.arange(L)
+    else:
+        raise ValueError(case)
+    q = _rand(gen, B, Hq, n, D, dtype=dtype)
+    k = _rand(gen, B, Hkv, L, D, dtype=dtype)
+    v = _rand(gen, B, Hkv, L + (1 if case == "one_bad_rank" and last else 0), D, dtype=dtype)
+    try:
+        cp_decode_attention(q, k, v, **kw)
+    except (ValueError, TypeError) as e:
+        result = type(e).__name__, str(e)
+    else:
+        raise AssertionError(f"rank {rank}: {case} was accepted")
+    dist.barrier()  # the world is still in step: the next collectives work on every rank
+    good = torch.ones(1, 1, 3, 16)
+    out = cp_decode_attention(good[:, :, :1].repeat(1, 2, 1, 1), good, good)
+    assert torch.equal(out, torch.ones_like(out)), "the decode call after the error went wrong"
+    return result
 
 
 def check_decode_graph(cfg: dict, replays: int) -> float:

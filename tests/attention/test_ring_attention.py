@@ -144,3 +144,42 @@ def test_ring_propagates_nan_like_full_attention(worlds, world_size, cfg):
 def test_cp_decode_propagates_nan(worlds, world_size, cfg):
     digests = worlds(world_size).run(ring_checks.check_decode, cfg)
     assert len(set(digests)) == 1, "ranks got different decode outputs"
+
+
+@pytest.mark.parametrize("world_size,cfg", [
+    # The last rank's q, k, v and cache are stored with a non-unit stride in the head dim (torch's
+    # kernels need a unit one): accepted on every rank; before, that rank raised inside the ring and
+    # its peers hung.
+    (2, _cfg(T=9, P=6, local_backend="flash", strided=True, seed=22)),
+])
+def test_ring_torch_local_kernel_any_strides(worlds, world_size, cfg):
+    worlds(world_size).run(ring_checks.check_ring, cfg, timeout=60)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("case,match", [
+    ("q_len", r"number of query tokens \(q.shape\[2\]\) must be the same on every rank"),
+    ("empty_q", r"number of query tokens .* per rank: \[1, (1, )?0\]"),
+    ("q_heads", "number of q heads must be the same"),
+    ("kv_heads", "number of k_cache_shard/v_cache_shard heads must be the same"),
+    ("dtype", "dtype of q and the cache must be the same"),
+    ("scale", "softmax_scale must be the same"),
+    ("causal", "whether q_pos/kv_pos are given must be the same"),
+    ("one_bad_rank", "v_cache_shard shape"),
+    ("unsorted_kv_pos", "kv_pos must be non-decreasing"),
+])
+def test_cp_decode_bad_inputs_raise_on_every_rank(worlds, world_size, case, match):
+    """Ranks that disagree, or one rank's bad input, raise a ValueError on every rank (before: gloo
+    aborted the process, or the peers waited in the all-gather); the world stays usable."""
+    results = worlds(world_size).run(ring_checks.expect_decode_error, case, timeout=60)
+    assert all(t == "ValueError" for t, _ in results), results
+    if case in ("one_bad_rank", "unsorted_kv_pos"):  # the bad rank names its argument, the others the rank
+        assert re.search(match, results[-1][1]), results
+        assert all(f"rank(s) [{world_size - 1}] rejected their inputs" in m for _, m in results[:-1]), results
+    else:
+        assert all(re.search(match, m) and m.startswith("cp_decode_attention: ") for _, m in results), results
+
+
+def test_cp_decode_empty_query_everywhere(worlds):
+    worlds(2).run(ring_checks.check_decode, dict(B=1, Hq=2, Hkv=1, D=16, n=0, prefix=5, generated=1, causal=False,
+                                                 dtype="float32", seed=23))

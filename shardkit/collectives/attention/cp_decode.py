@@ -11,9 +11,15 @@ Placement: the prefill leaves the prompt's KV in the load-balanced layout of
 of rank ``decode_cache_rank(position, world)`` (round-robin), so the shards stay balanced
 within one token.
 
-Nothing here reads device memory from the host or sizes a buffer by data: a call can be
-captured in a CUDA graph. The query must have the same shape, dtype and options on every
-rank (it is replicated); shards may have any length, zero included.
+The query must have the same shape, dtype and options on every rank (it is replicated); shards
+may have any length, zero included. An eager call checks that across ranks first, with the
+metadata gather of ring attention (``plan.gather_rows``: one all-gather of a few int64 per rank
+and one host synchronisation): a rank whose inputs are bad raises its own error and every other
+rank an error naming it, and ranks that disagree (shapes, dtypes, heads, scale, causal or not) all
+raise -- nobody hangs in, or aborts inside, the all-gather of the partials. Inside CUDA-graph
+capture that check is left out (it reads device memory from the host): nothing else sizes a buffer
+by data or synchronises, so the call can be captured; run it eagerly once before capturing (the
+usual warm-up), which checks the same shapes.
 """
 from __future__ import annotations
 
@@ -22,14 +28,23 @@ from typing import Optional, Union
 import torch
 import torch.distributed as dist
 
-from ...kernels.attention.chunk import attention_chunk, check_qkv
+from ...kernels.attention.chunk import attention_chunk, check_positions, check_qkv
 from ...kernels.attention.merge import merge_attention
 from .partials import segment_bytes, segment_views, stacked_views
+from .plan import DTYPES, agree, bits, check_softmax_scale, gather_rows, unsorted
 
 __all__ = ["cp_decode_attention", "decode_cache_rank"]
 
 # torch >= 2.13 renames all_gather_into_tensor to all_gather_single (the device image has 2.11).
 _all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+_FIELDS = ("error", "device_cuda", "dtype", "batch", "q_heads", "q_len", "head_dim", "kv_heads", "causal",
+           "scale_bits", "unsorted")  # unsorted: filled on the device
+_AGREE = (("device_cuda", "the device type of q"), ("dtype", "the dtype of q and the cache"),
+          ("batch", "the batch size of q"), ("q_heads", "the number of q heads"),
+          ("q_len", "the number of query tokens (q.shape[2])"), ("head_dim", "the head dim"),
+          ("kv_heads", "the number of k_cache_shard/v_cache_shard heads"),
+          ("causal", "whether q_pos/kv_pos are given"), ("scale_bits", "softmax_scale"))
 
 
 def decode_cache_rank(token_index: int, world: int) -> int:
@@ -73,22 +88,44 @@ def cp_decode_attention(
         ``out`` ``[B, Hq, n, D]`` in q's dtype, bitwise the same on every rank. Inputs are not
         modified.
     """
-    if (q_pos is None) != (kv_pos is None):
-        raise ValueError("q_pos and kv_pos must be given together (causal) or both left out")
     group = group if group is not None else dist.group.WORLD
     world = dist.get_world_size(group)
-    # Local checks only: a cross-rank check would cost a host synchronisation per token. A rank
-    # whose inputs are rejected raises here; its peers then wait in the all-gather until the
-    # group's timeout.
-    check_qkv(q, k_cache_shard, v_cache_shard, names=("k_cache_shard", "v_cache_shard"))
+    error, send, scale, kv_pos_t = None, None, 0.0, None
+    try:  # every local check, and this rank's partial, before any communication
+        if (q_pos is None) != (kv_pos is None):
+            raise ValueError("q_pos and kv_pos must be given together (causal) or both left out")
+        check_qkv(q, k_cache_shard, v_cache_shard, names=("k_cache_shard", "v_cache_shard"))
+        scale = check_softmax_scale(softmax_scale, q.shape[3])
+        if isinstance(kv_pos, torch.Tensor):  # sorted: checked across ranks below, on any device
+            kv_pos_t = check_positions("kv_pos", kv_pos, k_cache_shard.shape[2], q.device, must_be_sorted=False)
+        send = torch.empty(segment_bytes(tuple(q.shape), q.dtype), dtype=torch.uint8, device=q.device)
+        out_r, lse_r = segment_views(send, tuple(q.shape), q.dtype)
+        attention_chunk(q, k_cache_shard, v_cache_shard, causal=q_pos is not None, q_pos=q_pos, kv_pos=kv_pos,
+                        softmax_scale=scale, out=out_r, lse=lse_r)
+    except Exception as e:  # noqa: BLE001 -- whatever stops this rank must stop its peers too
+        error = e
+    if not (error is None and q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        host = {"error": int(error is not None)}
+        flag = None
+        if error is None:
+            B, Hq, n, D = q.shape
+            host.update(device_cuda=int(q.is_cuda), dtype=DTYPES.index(q.dtype), batch=B, q_heads=Hq, q_len=n,
+                        head_dim=D, kv_heads=k_cache_shard.shape[1], causal=int(q_pos is not None),
+                        scale_bits=bits(scale))
+            flag = unsorted(kv_pos_t, q.device).to(torch.int64).reshape(1)
+        metas = gather_rows(group, _FIELDS, host, flag)
+        if error is not None:
+            raise error
+        agree("cp_decode_attention", metas, _AGREE)
+        bad_order = [r for r, m in enumerate(metas) if m["unsorted"]]
+        if bad_order:
+            raise ValueError(f"cp_decode_attention: kv_pos must be sorted ascending; it is not on rank(s) {bad_order}")
+    elif error is not None:
+        raise error
     shape = tuple(q.shape)
-    seg = segment_bytes(shape, q.dtype)
-    send = torch.empty(seg, dtype=torch.uint8, device=q.device)
-    out_r, lse_r = segment_views(send, shape, q.dtype)
-    # attention_chunk checks the positions before any communication.
-    attention_chunk(q, k_cache_shard, v_cache_shard, causal=q_pos is not None, q_pos=q_pos, kv_pos=kv_pos,
-                    softmax_scale=softmax_scale, out=out_r, lse=lse_r)
-    recv = torch.empty(world * seg, dtype=torch.uint8, device=q.device)
+    if send.numel() == 0:  # no query rows (on every rank: the shapes agree): nothing to gather
+        return q.new_empty(shape)
+    recv = torch.empty(world * send.numel(), dtype=torch.uint8, device=q.device)
     _all_gather_into(recv, send, group=group)
     outs, lses = stacked_views(recv, world, shape, q.dtype)
     out, _ = merge_attention(outs, lses)

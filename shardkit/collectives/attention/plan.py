@@ -1,12 +1,16 @@
 """Ring attention's plan: local input checks, the metadata all-gather that lets every rank check
 the inputs together and size what it receives, the variant choice, and which rows of a chunk pair
-see which keys (``pair_block``). Everything here is identical on every rank after the gather."""
+see which keys (``pair_block``). Everything here is identical on every rank after the gather.
+
+The metadata gather itself (``gather_rows``: one small all-gather of an int64 row per rank; ``agree``:
+the same ValueError on every rank when a rank rejected its inputs or the ranks differ) also serves
+CP decode: a collective whose ranks disagree must fail on every rank, never hang or abort."""
 from __future__ import annotations
 
 import math
 import struct
 from dataclasses import dataclass
-from typing import List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -18,7 +22,7 @@ from .variant import RingCosts, choose_variant_by_model
 
 VARIANTS = ("pass_kv", "pass_q", "auto")
 PASS_Q_MISS_RATE = 0.05
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _NONE = 2 ** 62  # position extreme of an empty chunk: "after everything" / "before nothing"
 
 Positions = Union[int, torch.Tensor, None]
@@ -57,6 +61,15 @@ def _positions(name: str, pos: Positions, length: int, device: torch.device) -> 
     return check_positions(name, pos, length, device, must_be_sorted=False).to(torch.int64).contiguous()
 
 
+def check_softmax_scale(softmax_scale, head_dim: int) -> float:
+    """The scale of the scores: ``softmax_scale`` (None or a finite number) or ``1 / sqrt(head_dim)``."""
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale must be None or a finite float, got {softmax_scale!r}")
+    return float(softmax_scale)
+
+
 @dataclass
 class LocalInputs:
     """This rank's validated inputs: the new-token chunk and, with a cache, the cached chunk."""
@@ -65,6 +78,7 @@ class LocalInputs:
     kv_pos: Optional[torch.Tensor]         # [Lk] int64
     cache_pos: Optional[torch.Tensor]      # [Lc] int64
     has_pos: bool
+    scale: float                           # softmax_scale, or its default
 
 
 def check_inputs(q, k, v, k_cache, v_cache, q_pos, kv_pos, cache_pos, causal, variant,
@@ -85,15 +99,13 @@ def check_inputs(q, k, v, k_cache, v_cache, q_pos, kv_pos, cache_pos, causal, va
                          f"with this torch (available: {('triton',) + sdpa_backends(q.device, q.dtype)})")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
-                                      or not math.isfinite(softmax_scale)):
-        raise ValueError(f"softmax_scale must be None or a finite float, got {softmax_scale!r}")
+    scale = check_softmax_scale(softmax_scale, q.shape[3])
     if not (isinstance(pass_q_threshold, (int, float)) and 0.0 <= pass_q_threshold <= 1.0):
         raise ValueError(f"pass_q_threshold must be a miss rate in [0, 1], got {pass_q_threshold!r}")
     if cache_pos is not None and k_cache is None:
         raise ValueError("cache_pos was given without k_cache/v_cache")
     if not causal:  # positions only matter for the causal mask
-        return LocalInputs(None, None, None, False)
+        return LocalInputs(None, None, None, False, scale)
     names = ["q_pos", "kv_pos"] + (["cache_pos"] if k_cache is not None else [])
     given = {"q_pos": q_pos, "kv_pos": kv_pos, "cache_pos": cache_pos}
     missing = [n for n in names if given[n] is None]
@@ -104,31 +116,24 @@ def check_inputs(q, k, v, k_cache, v_cache, q_pos, kv_pos, cache_pos, causal, va
         if q.shape[2] != k.shape[2]:
             raise ValueError(f"without q_pos/kv_pos, q and k must hold the same tokens, but q has "
                              f"{q.shape[2]} and k has {k.shape[2]}: pass q_pos and kv_pos")
-        return LocalInputs(None, None, None, False)
+        return LocalInputs(None, None, None, False, scale)
     return LocalInputs(
         _positions("q_pos", q_pos, q.shape[2], q.device),
         _positions("kv_pos", kv_pos, k.shape[2], q.device),
         _positions("cache_pos", cache_pos, k_cache.shape[2], q.device) if k_cache is not None else None,
-        True)
+        True, scale)
 
 
 # ----------------------------------------------------------------------------------
 # The metadata all-gather: every rank learns every rank's sizes, options and position extremes
 # ----------------------------------------------------------------------------------
 
-_FIELDS = ("error", "device_cuda", "dtype", "batch", "q_heads", "kv_heads", "head_dim", "causal",
-           "variant", "scale_bits", "threshold_bits", "model_tflops_bits", "model_gbps_bits", "has_cache", "has_pos",
-           "q_len", "kv_len", "cache_len",
-           # Filled on the device from the position tensors (no host synchronisation before the gather).
-           "q_pos_max", "kv_pos_min", "cache_pos_min", "unsorted")
-_F = {name: i for i, name in enumerate(_FIELDS)}
-
-
 # torch >= 2.13 renames all_gather_into_tensor to all_gather_single (the device image has 2.11).
 _all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-def _bits(x: float) -> int:
+def bits(x: float) -> int:
+    """The bits of a float64 as an int64 (floats travel in the int64 metadata row exactly)."""
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
@@ -139,53 +144,86 @@ def _meta_device(group) -> torch.device:
     return torch.device("cpu")
 
 
-def gather_meta(group, world: int, error: bool, q, k, k_cache, local: Optional[LocalInputs], causal, variant,
-                 scale, threshold, costs: Optional[RingCosts]) -> List[dict]:
+def gather_rows(group, fields: Sequence[str], host: Dict[str, int],
+                device_values: Optional[torch.Tensor] = None) -> List[Dict[str, int]]:
+    """Every rank's metadata, as one dict per rank: one all-gather of an int64 row per rank and one host
+    synchronisation to read it. Call it on every rank of ``group`` together, also on a rank whose
+    inputs are bad (it sends ``error = 1``), so that nobody waits for a peer that gave up.
+
+    ``host``: the values known on the host (fields left out are 0). ``device_values``: int64 values
+    computed on the device (e.g. from position tensors: nothing is read back before the gather),
+    filling the last ``len(device_values)`` fields.
+    """
     dev = _meta_device(group)
-    row = [0] * len(_FIELDS)
-    row[_F["error"]] = int(error)
+    row = torch.tensor([int(host.get(f, 0)) for f in fields], dtype=torch.int64, device=dev)
+    if device_values is not None:
+        row[len(fields) - device_values.numel():] = device_values.to(dev)
+    world = dist.get_world_size(group)
+    gathered = torch.empty(world * len(fields), dtype=torch.int64, device=dev)
+    _all_gather_into(gathered, row, group=group)
+    return [dict(zip(fields, r)) for r in gathered.view(world, len(fields)).tolist()]
+
+
+def agree(op: str, metas: List[Dict[str, int]], checks: Sequence[Tuple[str, str]]) -> None:
+    """Raise the same ValueError on every rank when a rank rejected its inputs (its ``error`` field; that
+    rank raises its own error instead) or the ranks' values of a field differ. ``checks``: ``(field,
+    what the message calls it)``."""
+    bad = [r for r, m in enumerate(metas) if m["error"]]
+    if bad:
+        raise ValueError(f"{op}: rank(s) {bad} rejected their inputs (see the error raised there); "
+                         "no rank went on")
+    for field, what in checks:
+        values = [m[field] for m in metas]
+        if len(set(values)) > 1:
+            raise ValueError(f"{op}: {what} must be the same on every rank; per rank: {values}")
+
+
+_FIELDS = ("error", "device_cuda", "dtype", "batch", "q_heads", "kv_heads", "head_dim", "causal",
+           "variant", "scale_bits", "threshold_bits", "model_tflops_bits", "model_gbps_bits", "has_cache", "has_pos",
+           "q_len", "kv_len", "cache_len",
+           # Filled on the device from the position tensors (no host synchronisation before the gather).
+           "q_pos_max", "kv_pos_min", "cache_pos_min", "unsorted")
+_AGREE = (("device_cuda", "the device type of q"), ("dtype", "the dtype of q, k and v"),
+          ("batch", "the batch size"), ("q_heads", "the number of q heads"),
+          ("kv_heads", "the number of k/v heads"), ("head_dim", "the head dim"),
+          ("causal", "causal"), ("variant", "variant"), ("scale_bits", "softmax_scale"),
+          ("threshold_bits", "pass_q_threshold"),
+          ("model_tflops_bits", "the ring cost model (thresholds.json ring_model)"),
+          ("model_gbps_bits", "the ring cost model (thresholds.json ring_model)"),
+          ("has_cache", "whether k_cache/v_cache are given"),
+          ("has_pos", "whether q_pos/kv_pos(/cache_pos) are given"))
+
+
+def unsorted(p: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """A flag on the device (no host synchronisation): ``p`` (1-D positions, or None) is not sorted ascending."""
+    if p is None or p.numel() < 2:
+        return torch.zeros((), dtype=torch.bool, device=device)
+    return (p[1:] < p[:-1]).any()
+
+
+def gather_meta(group, error: bool, q, k, k_cache, local: Optional[LocalInputs], causal, variant,
+                threshold, costs: Optional[RingCosts]) -> List[dict]:
+    host = {"error": int(error)}
+    dyn = None
     if not error:
         B, Hq, Lq, D = q.shape
-        row[_F["device_cuda"]] = int(q.device.type == "cuda")
-        row[_F["dtype"]] = _DTYPES.index(q.dtype)
-        row[_F["batch"]], row[_F["q_heads"]], row[_F["kv_heads"]], row[_F["head_dim"]] = B, Hq, k.shape[1], D
-        row[_F["causal"]] = int(causal)
-        row[_F["variant"]] = VARIANTS.index(variant)
-        row[_F["scale_bits"]] = _bits(scale)
-        row[_F["threshold_bits"]] = _bits(threshold)
+        host.update(device_cuda=int(q.device.type == "cuda"), dtype=DTYPES.index(q.dtype), batch=B, q_heads=Hq,
+                    kv_heads=k.shape[1], head_dim=D, causal=int(causal), variant=VARIANTS.index(variant),
+                    scale_bits=bits(local.scale), threshold_bits=bits(threshold),
+                    has_cache=int(k_cache is not None), has_pos=int(local.has_pos), q_len=Lq, kv_len=k.shape[2],
+                    cache_len=k_cache.shape[2] if k_cache is not None else 0)
         if costs is not None:
-            row[_F["model_tflops_bits"]] = _bits(costs.attention_tflops)
-            row[_F["model_gbps_bits"]] = _bits(costs.p2p_gbps)
-        row[_F["has_cache"]] = int(k_cache is not None)
-        row[_F["has_pos"]] = int(local.has_pos)
-        row[_F["q_len"]], row[_F["kv_len"]] = Lq, k.shape[2]
-        row[_F["cache_len"]] = k_cache.shape[2] if k_cache is not None else 0
-    meta = torch.tensor(row, dtype=torch.int64, device=dev)
-    if not error and local.has_pos:
-        def extreme(p: Optional[torch.Tensor], fn, empty: int) -> torch.Tensor:
-            if p is None or p.numel() == 0:
-                return torch.full((), empty, dtype=torch.int64, device=q.device)
-            return fn(p)
+            host.update(model_tflops_bits=bits(costs.attention_tflops), model_gbps_bits=bits(costs.p2p_gbps))
+        if local.has_pos:
+            def extreme(p: Optional[torch.Tensor], fn, empty: int) -> torch.Tensor:
+                if p is None or p.numel() == 0:
+                    return torch.full((), empty, dtype=torch.int64, device=q.device)
+                return fn(p)
 
-        def unsorted(p: Optional[torch.Tensor]) -> torch.Tensor:
-            if p is None or p.numel() < 2:
-                return torch.zeros((), dtype=torch.bool, device=q.device)
-            return (p[1:] < p[:-1]).any()
-
-        dyn = torch.stack([extreme(local.q_pos, torch.max, -_NONE), extreme(local.kv_pos, torch.min, _NONE),
-                           extreme(local.cache_pos, torch.min, _NONE),
-                           (unsorted(local.kv_pos) | unsorted(local.cache_pos)).to(torch.int64)])
-        meta[_F["q_pos_max"]:] = dyn.to(dev)
-    gathered = torch.empty(world * len(_FIELDS), dtype=torch.int64, device=dev)
-    _all_gather_into(gathered, meta, group=group)
-    rows = gathered.view(world, len(_FIELDS)).tolist()  # the one host synchronisation of a call
-    return [dict(zip(_FIELDS, r)) for r in rows]
-
-
-def _agree(metas: List[dict], field: str, what: str) -> None:
-    values = [m[field] for m in metas]
-    if len(set(values)) > 1:
-        raise ValueError(f"ring_attention: {what} must be the same on every rank; per rank: {values}")
+            dyn = torch.stack([extreme(local.q_pos, torch.max, -_NONE), extreme(local.kv_pos, torch.min, _NONE),
+                               extreme(local.cache_pos, torch.min, _NONE),
+                               (unsorted(local.kv_pos, q.device) | unsorted(local.cache_pos, q.device)).to(torch.int64)])
+    return gather_rows(group, _FIELDS, host, dyn)
 
 
 @dataclass
@@ -205,29 +243,16 @@ class Plan:
 def make_plan(metas: List[dict], causal: bool, has_cache: bool, threshold: float,
           costs: Optional[RingCosts] = None) -> Plan:
     world = len(metas)
-    bad = [r for r, m in enumerate(metas) if m["error"]]
-    if bad:
-        raise ValueError(f"ring_attention: rank(s) {bad} rejected their inputs (see the error raised there); "
-                         "no rank started the ring")
-    for field, what in (("device_cuda", "the device type of q"), ("dtype", "the dtype of q, k and v"),
-                        ("batch", "the batch size"), ("q_heads", "the number of q heads"),
-                        ("kv_heads", "the number of k/v heads"), ("head_dim", "the head dim"),
-                        ("causal", "causal"), ("variant", "variant"), ("scale_bits", "softmax_scale"),
-                        ("threshold_bits", "pass_q_threshold"),
-                        ("model_tflops_bits", "the ring cost model (thresholds.json ring_model)"),
-                        ("model_gbps_bits", "the ring cost model (thresholds.json ring_model)"),
-                        ("has_cache", "whether k_cache/v_cache are given"),
-                        ("has_pos", "whether q_pos/kv_pos(/cache_pos) are given")):
-        _agree(metas, field, what)
+    agree("ring_attention", metas, _AGREE)
     q_len = [m["q_len"] for m in metas]
     kv_len = [m["kv_len"] for m in metas]
     cache_len = [m["cache_len"] for m in metas]
     T, P = sum(q_len), sum(cache_len)
     if causal and metas[0]["has_pos"]:
-        unsorted = [r for r, m in enumerate(metas) if m["unsorted"]]
-        if unsorted:
+        bad_order = [r for r, m in enumerate(metas) if m["unsorted"]]
+        if bad_order:
             raise ValueError(f"ring_attention: kv_pos and cache_pos must be sorted ascending; "
-                             f"they are not on rank(s) {unsorted}")
+                             f"they are not on rank(s) {bad_order}")
         q_max = [m["q_pos_max"] for m in metas]
         kv_min = [m["kv_pos_min"] for m in metas]
         cache_min = [m["cache_pos_min"] for m in metas]
@@ -255,7 +280,7 @@ def make_plan(metas: List[dict], causal: bool, has_cache: bool, threshold: float
     if variant == "auto":  # T and P are the group's totals: every rank picks the same variant
         m = metas[0]
         variant = (choose_variant_by_model(T, P, world, m["q_heads"], m["kv_heads"], m["head_dim"],
-                                           _DTYPES[m["dtype"]].itemsize, costs, causal)
+                                           DTYPES[m["dtype"]].itemsize, costs, causal)
                    if costs is not None else choose_variant(T, P, pass_q_threshold=threshold))
     return Plan(world, variant, q_len, kv_len, cache_len, q_max, kv_min, cache_min)
 

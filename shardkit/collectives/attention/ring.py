@@ -60,7 +60,6 @@ that gave up. A call is therefore not CUDA-graph capturable (prefill rarely is; 
 """
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -78,6 +77,10 @@ from .transport import ring_pass
 from .variant import RingCosts
 
 __all__ = ["ring_attention", "choose_variant", "PASS_Q_MISS_RATE", "VARIANTS"]
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _attend(q, k, v, q_pos, kv_pos, block: Tuple[int, int, str], causal: bool, scale: float,
@@ -267,9 +270,7 @@ def ring_attention(
                               softmax_scale, pass_q_threshold, local_backend)
     except (TypeError, ValueError) as e:
         error = e
-    scale = (1.0 / math.sqrt(q.shape[3])) if error is None and softmax_scale is None else (softmax_scale or 0.0)
-    metas = gather_meta(group, world, error is not None, q, k, k_cache, local, causal, variant, scale,
-                         pass_q_threshold, costs)
+    metas = gather_meta(group, error is not None, q, k, k_cache, local, causal, variant, pass_q_threshold, costs)
     if error is not None:
         raise error
     has_cache = k_cache is not None
@@ -284,5 +285,8 @@ def ring_attention(
     if local_backend == "auto":
         local_backend = thresholds.chunk_backend(device_name, sdpa_backends(q.device, q.dtype))
     kernel = LocalKernel(local_backend, layout_known=not (causal and local.has_pos))
+    if kernel.backend != "triton":  # torch's kernels need a unit stride in the head dim (Triton's take any)
+        q = _unit_last_stride(q)
+        parts = [(_unit_last_stride(kp), _unit_last_stride(vp), pos) for kp, vp, pos in parts]
     fn = _pass_kv if plan.variant == "pass_kv" else _pass_q
-    return fn(q, parts, q_p, plan, rank, group, causal, float(scale), kernel)
+    return fn(q, parts, q_p, plan, rank, group, causal, local.scale, kernel)
