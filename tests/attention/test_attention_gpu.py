@@ -13,7 +13,7 @@ from shardkit.kernels.attention.chunk import attention_chunk
 from shardkit.kernels.attention.merge import merge_attention, merge_attention_
 from shardkit.reference.attention import reference_attention, reference_merge
 
-from ._common import ATTENTION, ROUNDING, assert_close_inf, tol
+from ._common import ATTENTION, ROUNDING, assert_close_inf, assert_nan_close, plant_nan, tol
 
 pytestmark = [
     pytest.mark.gpu,
@@ -134,3 +134,52 @@ def test_chunk_gpu_fp32_and_small_head_dims(D):
         k = _rand(1, 2, 150, D, dtype=dtype, gen=g)
         v = _rand(1, 2, 150, D, dtype=dtype, gen=g)
         _check(q, k, v, causal=True, q_pos=60, kv_pos=0)
+
+
+@pytest.mark.parametrize("dtype", DT)
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("causal,pos", [(False, 150), (True, 3), (True, 150), (True, 299)])
+def test_chunk_gpu_nan(dtype, where, causal, pos):
+    """Compiled kernel, 128 x 64 tiles: NaN reaches exactly the rows (v: columns) that attend to it,
+    through the unmasked full tiles and the diagonal tiles (where a hidden NaN value must not leak)."""
+    g = torch.Generator(device="cuda").manual_seed(pos)
+    q = _rand(1, 4, 300, 128, dtype=dtype, gen=g)
+    k, v = (_rand(1, 2, 300, 128, dtype=dtype, gen=g) for _ in range(2))
+    q, k, v = plant_nan(q, k, v, where, pos)
+    o, l = attention_chunk(q, k, v, causal=causal)
+    ref_o, ref_l = reference_attention(q, k, v, causal=causal, dtype=torch.float32)
+    assert torch.isnan(ref_o).any()
+    assert_nan_close(o, ref_o, f"out, NaN in {where}[{pos}]", **tol(ATTENTION, dtype))
+    assert_nan_close(l, ref_l, f"lse, NaN in {where}[{pos}]", **tol(ATTENTION, torch.float32))
+    # Position tensors (two pieces of keys, queries every third position), fp32 IEEE dots too.
+    qp = torch.arange(300, device="cuda") * 3
+    kp = torch.cat([torch.arange(0, 150, device="cuda"), torch.arange(400, 550, device="cuda")])
+    for dt in (dtype, torch.float32):
+        qd, kd, vd = q.to(dt), k.to(dt), v.to(dt)
+        o, l = attention_chunk(qd, kd, vd, causal=True, q_pos=qp, kv_pos=kp)
+        ref_o, ref_l = reference_attention(qd, kd, vd, causal=True, q_pos=qp, kv_pos=kp, dtype=torch.float32)
+        assert_nan_close(o, ref_o, f"out, positions, {dt}", **tol(ATTENTION, dt))
+        assert_nan_close(l, ref_l, f"lse, positions, {dt}", **tol(ATTENTION, torch.float32))
+
+
+@pytest.mark.parametrize("dtype", DT + [torch.float32])
+def test_merge_gpu_nan(dtype):
+    """NaN lse / NaN out (also of negligible weight) propagate; lse -inf partials stay weight 0."""
+    g = torch.Generator(device="cuda").manual_seed(4)
+    S, B, H, L, D = 3, 1, 4, 300, 128
+    outs = _rand(S, B, H, L, D, dtype=dtype, gen=g)
+    lses = torch.randn(S, B, H, L, device="cuda", generator=g) * 5
+    lses[1, 0, 0, 0] = float("nan")
+    outs[2, 0, 1, 7, 9] = float("nan")
+    lses[0, 0, 2, 50:60], outs[0, 0, 2, 50:60] = float("-inf"), float("nan")
+    lses[1, 0, 3, 100], outs[1, 0, 3, 100, 4] = -300.0, float("nan")
+    lses[:, 0, 3, 200] = float("-inf")
+    ref_o, ref_l = reference_merge(outs, lses)
+    o, l = merge_attention(outs, lses)
+    assert_nan_close(o, ref_o, "merge_attention out", **tol(ROUNDING, dtype))
+    assert_nan_close(l, ref_l, "merge_attention lse", **tol(ROUNDING, torch.float32))
+    out, lse = outs[0].clone(), lses[0].clone()
+    merge_attention_(out, lse, outs[1], lses[1])
+    merge_attention_(out, lse, outs[2], lses[2])
+    assert_nan_close(out, ref_o, "merge_attention_ out", **tol(ROUNDING, dtype))
+    assert_nan_close(lse, ref_l, "merge_attention_ lse", **tol(ROUNDING, torch.float32))
