@@ -1,9 +1,8 @@
 """Sync-Point Drop quality study on the real model (CPU, fp32): sensitivity classes, perplexity and
 next-token agreement against the number of SPD blocks, zero-shot / distilled / head-grouped.
 
-    python bench/spd_quality.py [--tp 2] [--eval-seqs 24] [--calib-seqs 16] [--seq 256] [--steps 150]
+    python bench/spd_quality.py [--tp 2] [--eval-seqs 16] [--calib-seqs 12] [--seq 256] [--steps 80]
     python bench/spd_quality.py --smoke        # minutes: tiny text, few steps, no records
-    python bench/spd_quality.py --generate 64  # also: TP=2 and TP=4 greedy tokens vs transformers (gloo)
 
 Model: ../shared/models/tiny-llama-pycode (--model). Text: this project's own Python sources at
 ``--text-commit`` (git), which the model never saw; files whose path hash is 0 mod 4 are the
@@ -16,11 +15,13 @@ tensor-parallel model within 1e-4):
 2. sensitivity: per block, the calibration loss increase of a zero-shot SPD of that block alone;
    classes: ISB <= --isb-max nats/token, SB <= --sb-max, ESB above;
 3. per block, block-to-block distillation (Adam, --steps steps, MSE to the original block's output
-   on calibration activations) with the contiguous head placement ("distilled") and with heads
-   grouped by attention-score similarity ("grouped"); block-level errors on held-out calibration
-   sequences for both, and for the zero-shot block with heads kept together / spread apart;
-4. the curve: SPD on the k least sensitive blocks, k = 0..layers, evaluated zero-shot, distilled,
-   grouped, and with the class recipe (ISB zero-shot, SB distilled, ESB grouped + distilled).
+   on calibration activations) with the contiguous head placement ("distilled"); for the SB and
+   ESB blocks also with heads grouped by attention-score similarity ("grouped" + distilled);
+   block-level errors on held-out calibration sequences for all of them, and for the zero-shot
+   block with heads kept together / spread apart;
+4. the curve: SPD on the k least sensitive blocks, k = 0..layers, evaluated zero-shot, distilled
+   (every SPD block distilled), and with the class recipe (ISB zero-shot, SB distilled, ESB grouped
+   + distilled). Identical plans are evaluated once.
 Writes bench "spd_quality" records to the store (or --out DIR/records.jsonl), and
 bench/results/spd_quality_tp<TP>.{md,png}. Intermediate results (sensitivity, trained blocks) are
 cached in --cache so that an interrupted run resumes.
@@ -46,7 +47,8 @@ from shardkit.models.spd import (SimulatedTP, SPDPlan, block_forward, block_io, 
 from shardkit.models.llama_tp import contiguous_head_groups, rope_tables  # noqa: E402
 
 DEFAULT_MODEL = os.path.join(ROOT, "..", "shared", "models", "tiny-llama-pycode")
-VARIANTS = ("zero_shot", "distilled", "grouped", "recipe")
+VARIANTS = ("zero_shot", "distilled", "recipe")
+RECIPE = {"ISB": "zero_shot", "SB": "distilled", "ESB": "grouped"}
 # ISB: a block whose zero-shot SPD costs <= 0.25% perplexity. With half of the 8 blocks dropped the
 # issue allows 1% in all, i.e. 0.25% per block if the costs add up (the curve checks that they do).
 ISB_MAX = math.log(1.0025)
@@ -142,7 +144,8 @@ def study(args: argparse.Namespace, tp: int, log) -> tuple[list[dict], dict]:
             return trained
 
         distilled = cached(cache, cache_path, f"distilled{i}", lambda: train(contiguous, "distilled"))
-        grouped = cached(cache, cache_path, f"grouped{i}", lambda: train(together, f"grouped {together}"))
+        grouped = None if classes[i] == "ISB" else cached(cache, cache_path, f"grouped{i}",
+                                                          lambda: train(together, f"grouped {together}"))
         info = {"block": i, "delta_nll": delta[i], "class": classes[i], "together": together, "apart": apart,
                 "similarity_within": {name: float(sum(sim[a, b] for g in p for a in g for b in g if a < b))
                                       for name, p in (("contiguous", contiguous), ("together", together),
@@ -151,15 +154,19 @@ def study(args: argparse.Namespace, tp: int, log) -> tuple[list[dict], dict]:
                           "zero_shot_together": block_error(config, layer, test_in, test_out, tp, together),
                           "zero_shot_apart": block_error(config, layer, test_in, test_out, tp, apart),
                           "distilled": block_error(config, distilled, test_in, test_out, tp, contiguous),
-                          "grouped": block_error(config, grouped, test_in, test_out, tp, together)},
+                          "grouped": None if grouped is None else
+                          block_error(config, grouped, test_in, test_out, tp, together)},
                 "distilled": distilled, "grouped": grouped}
-        log(f"block {i}: " + ", ".join(f"{k} {v:.4f}" for k, v in info["error"].items()))
+        log(f"block {i}: " + ", ".join(f"{k} {v:.4f}" for k, v in info["error"].items() if v is not None))
         blocks.append(info)
 
-    def plan(k: int, variant: str) -> SPDPlan:
+    def choices(k: int, variant: str) -> tuple:
+        """((block, how), ...) of the k least sensitive blocks; how: zero_shot, distilled or grouped."""
+        return tuple((i, RECIPE[classes[i]] if variant == "recipe" else variant) for i in sorted(order[:k]))
+
+    def plan(picked: tuple) -> SPDPlan:
         p = SPDPlan.none(n)
-        for i in order[:k]:
-            how = {"recipe": {"ISB": "zero_shot", "SB": "distilled", "ESB": "grouped"}[classes[i]]}.get(variant, variant)
+        for i, how in picked:
             p.spd[i] = True
             if how != "zero_shot":
                 p.layers[i] = blocks[i][how]
@@ -170,10 +177,11 @@ def study(args: argparse.Namespace, tp: int, log) -> tuple[list[dict], dict]:
     curve = []
     for k in range(n + 1):
         for variant in VARIANTS if k else VARIANTS[:1]:
-            res = cached(cache, cache_path, f"curve{k}_{variant}",
-                         lambda: {key: v for key, v in model.evaluate(evals, plan(k, variant), base["argmax"]).items()
+            picked = choices(k, variant)
+            res = cached(cache, cache_path, f"eval{picked}",
+                         lambda: {key: v for key, v in model.evaluate(evals, plan(picked), base["argmax"]).items()
                                   if key != "argmax"})
-            row = {"k": k, "variant": variant, "blocks": sorted(order[:k]), **res,
+            row = {"k": k, "variant": variant, "blocks": sorted(order[:k]), "how": [h for _, h in picked], **res,
                    "ppl_increase_pct": 100 * (res["ppl"] / base["ppl"] - 1)}
             log(f"k={k} {variant}: ppl {res['ppl']:.4f} ({row['ppl_increase_pct']:+.2f}%), "
                 f"agreement {100 * res['agreement']:.2f}%")
@@ -199,7 +207,7 @@ def to_records(summary: dict, args: argparse.Namespace) -> list[dict]:
                                  **common))
     for row in summary["curve"]:
         recs.append(store.record("spd_quality", row["variant"], params={**params0, "k": row["k"],
-                                                                      "blocks": row["blocks"]},
+                                                                      "blocks": row["blocks"], "how": row["how"]},
                                  metrics={k: row[k] for k in ("nll", "ppl", "ppl_increase_pct", "agreement")},
                                  **common))
     return recs
@@ -220,9 +228,10 @@ def markdown(summary: dict) -> str:
              "distilled | grouped+distilled |", "|---|---|---|---|---|---|---|---|---|---|"]
     for b in summary["blocks"]:
         e = b["error"]
+        grouped = "-" if e["grouped"] is None else f"{e['grouped']:.4f}"
         lines.append(f"| {b['block']} | {b['delta_nll']:+.4f} | {100 * (math.exp(b['delta_nll']) - 1):+.2f}% | "
                      f"{b['class']} | {b['together']} | {e['zero_shot']:.4f} | {e['zero_shot_together']:.4f} | "
-                     f"{e['zero_shot_apart']:.4f} | {e['distilled']:.4f} | {e['grouped']:.4f} |")
+                     f"{e['zero_shot_apart']:.4f} | {e['distilled']:.4f} | {grouped} |")
     lines += ["", "## Perplexity vs number of SPD blocks (least sensitive first)", "",
               f"Order: {summary['order']}. Cells: perplexity (increase over the baseline), next-token agreement "
               "with the TP model.", "",
@@ -265,11 +274,11 @@ def main() -> None:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--tp", default="2", help="tensor-parallel degrees, comma-separated (2, 4)")
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--calib-seqs", type=int, default=16)
-    p.add_argument("--eval-seqs", type=int, default=24)
-    p.add_argument("--steps", type=int, default=150, help="distillation steps per block")
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--batch", type=int, default=2, help="sequences per distillation step")
+    p.add_argument("--calib-seqs", type=int, default=12)
+    p.add_argument("--eval-seqs", type=int, default=16)
+    p.add_argument("--steps", type=int, default=80, help="distillation steps per block")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch", type=int, default=1, help="sequences per distillation step")
     p.add_argument("--isb-max", type=float, default=ISB_MAX, help="ISB: zero-shot loss increase <= this "
                    "(nats/token; default ln 1.0025: 0.25%% perplexity per block)")
     p.add_argument("--sb-max", type=float, default=SB_MAX, help="SB: <= this, ESB above (default ln 1.03)")
