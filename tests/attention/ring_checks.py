@@ -217,7 +217,7 @@ def expect_decode_error(case: str) -> tuple[str, str]:
     elif case == "one_bad_rank":          # only the last rank's v is wrong
         pass
     elif case == "unsorted_kv_pos":
-        kw["q_pos"], kw["kv_pos"] = 10, torch.arange(L).flip(0) if last else torch.arange(L)
+        kw["q_pos"], kw["kv_pos"] = 10, torch.arange(L, device=device()).flip(0) if last else torch.arange(L, device=device())
     else:
         raise ValueError(case)
     q = _rand(gen, B, Hq, n, D, dtype=dtype)
@@ -230,7 +230,7 @@ def expect_decode_error(case: str) -> tuple[str, str]:
     else:
         raise AssertionError(f"rank {rank}: {case} was accepted")
     dist.barrier()  # the world is still in step: the next collectives work on every rank
-    good = torch.ones(1, 1, 3, 16)
+    good = torch.ones(1, 1, 3, 16, device=device())
     out = cp_decode_attention(good[:, :, :1].repeat(1, 2, 1, 1), good, good)
     assert torch.equal(out, torch.ones_like(out)), "the decode call after the error went wrong"
     return result

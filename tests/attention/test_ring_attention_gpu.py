@@ -3,6 +3,7 @@
 Run on the device machine:  python -m pytest tests/attention/test_ring_attention_gpu.py -q -m gpu
 """
 import os
+import re
 
 import pytest
 import torch
@@ -78,3 +79,17 @@ def test_cp_decode_cuda_graph(worlds, world_size):
     cfg = dict(B=2, Hq=16, Hkv=4, D=128, L=4097, dtype="bfloat16", seed=8)
     worst = worlds(world_size, "nccl").run(ring_checks.check_decode_graph, cfg, 5)
     assert max(worst) == 0.0, worst
+
+
+@pytest.mark.parametrize("case", ["q_len", "empty_q", "one_bad_rank", "unsorted_kv_pos"])
+def test_cp_decode_bad_inputs_gpu(worlds, case):
+    """On NCCL too, every rank raises (the metadata row travels on the GPU); an unsorted CUDA kv_pos
+    is found by the device-side flag, so every rank names the bad rank."""
+    results = worlds(2, "nccl").run(ring_checks.expect_decode_error, case, timeout=120)
+    assert all(t == "ValueError" for t, _ in results), results
+    if case == "one_bad_rank":
+        assert "v_cache_shard shape" in results[1][1] and "rank(s) [1] rejected" in results[0][1], results
+    elif case == "unsorted_kv_pos":
+        assert all("kv_pos must be sorted ascending; it is not on rank(s) [1]" in m for _, m in results), results
+    else:
+        assert all(re.search("number of query tokens", m) for _, m in results), results
