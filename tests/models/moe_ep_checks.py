@@ -51,37 +51,85 @@ def model_and_batch(source: str, dtype: torch.dtype, batch: int, seq: int, seed:
     return config, weights, tokens
 
 
-def check_ep_model(source: str, placement_kind: str, batch: int, prompt: int, decode_steps: int, transport: str,
-                   mode: str, backend: str, dtype_name: str, seed: int) -> dict:
-    """Prefill ``prompt`` tokens then ``decode_steps`` single-token steps (greedy continuation of the
-    reference, so both sides see the same tokens) with EP; returns this rank's max |EP - reference|
-    over prefill and decode logits (NaN if anything was non-finite) and the reference's scale."""
+def _ep_setup(source: str, placement_kind: str, batch: int, steps: int, transport: str, mode: str, backend: str,
+              dtype: torch.dtype, seed: int, max_tokens: int):
+    """(config, EP model, fp32 single-process model, same-dtype single-process model, this rank's sequences)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    dtype = getattr(torch, dtype_name)
-    config, weights, tokens = model_and_batch(source, torch.float32, batch, prompt + decode_steps, seed)
+    config, weights, tokens = model_and_batch(source, torch.float32, batch, steps, seed)
+    ref_weights = weights.to(dev, torch.float32)
     weights = weights.to(dev, dtype)
-    mine = list(range(rank, batch, world))
     placements = placements_for(placement_kind, config.num_layers, config.num_experts, world)
-    moe = EPMoE.from_layers(weights.layers, placements, device=dev, topk=config.topk,
-                            max_tokens=max(1, len(range(0, batch, world))) * prompt, transport=transport, mode=mode,
-                            backend=backend, align=16 if backend == "grouped_mm" else 1)
-    ep = Mixtral(config, weights, moe)
-    ref = Mixtral(config, weights)
-    seqs = tokens[mine].to(dev)
+    moe = EPMoE.from_layers(weights.layers, placements, device=dev, topk=config.topk, max_tokens=max_tokens,
+                            transport=transport, mode=mode, backend=backend, align=16 if backend == "grouped_mm" else 1)
+    return (config, Mixtral(config, weights, moe), Mixtral(config, ref_weights), Mixtral(config, weights),
+            tokens[list(range(rank, batch, world))].to(dev))
+
+
+def _max_err(pairs) -> torch.Tensor:
+    """max |a - b| over the pairs, NaN if any element is non-finite (0 when all are empty)."""
+    errs = [torch.where(torch.isfinite(d), d, torch.full_like(d, float("nan"))).max()
+            for d in ((a.double() - b.double()).abs() for a, b in pairs if a.numel())]
+    return torch.stack(errs).max().cpu() if errs else torch.zeros((), dtype=torch.float64)  # max propagates NaN
+
+
+def check_ep_model(source: str, placement_kind: str, batch: int, prompt: int, decode_steps: int, transport: str,
+                   mode: str, backend: str, dtype_name: str, seed: int) -> dict:
+    """Prefill ``prompt`` tokens, then ``decode_steps`` single-token steps with EP. Returns this rank's
+    max |EP - fp32 single-process| over all logits (NaN if anything was non-finite), the same for the
+    single-process model in the EP dtype (``same_dtype_err``: what the dtype alone costs), and the
+    reference's scale."""
+    dtype = getattr(torch, dtype_name)
+    world = dist.get_world_size()
     total = prompt + decode_steps
-    ep_cache, ref_cache = ep.new_cache(len(mine), total), ref.new_cache(len(mine), total)
-    errors, scale = [], torch.zeros((), dtype=torch.float64)
+    config, ep, ref, same, seqs = _ep_setup(source, placement_kind, batch, total, transport, mode, backend, dtype, seed,
+                                            max_tokens=-(-batch // world) * prompt)
+    models = (ep, ref, same) if dtype != torch.float32 else (ep, ref)
+    caches = [m.new_cache(seqs.shape[0], total) for m in models]
+    outs = []
     with torch.no_grad():
-        outs = [(ep.forward(seqs[:, :prompt], ep_cache, 0), ref.forward(seqs[:, :prompt], ref_cache, 0))]
-        for step in range(decode_steps):
-            pos = prompt + step
-            outs.append((ep.forward(seqs[:, pos:pos + 1], ep_cache, pos), ref.forward(seqs[:, pos:pos + 1], ref_cache, pos)))
-    for got, want in outs:
-        if got.numel():
-            diff = (got.double() - want.double()).abs()
-            errors.append(torch.where(torch.isfinite(diff), diff, torch.full_like(diff, float("nan"))).max())
-            scale = torch.maximum(scale, want.double().abs().max().cpu())
-    moe.close()
-    err = torch.stack(errors).max().item() if errors else 0.0  # torch max propagates NaN
-    return {"rank": rank, "sequences": len(mine), "max_err": err, "scale": scale.item()}
+        outs.append([m.forward(seqs[:, :prompt], c, 0) for m, c in zip(models, caches)])
+        for pos in range(prompt, total):
+            outs.append([m.forward(seqs[:, pos:pos + 1], c, pos) for m, c in zip(models, caches)])
+    ep.moe.close()
+    scale = max((o[1].abs().max().item() for o in outs if o[1].numel()), default=0.0)
+    return {"rank": dist.get_rank(), "sequences": seqs.shape[0], "max_err": _max_err((o[0], o[1]) for o in outs).item(),
+            "same_dtype_err": _max_err((o[-1], o[1]) for o in outs).item(), "scale": scale}
+
+
+def check_graph_decode(batch: int, prompt: int, steps: int) -> dict:
+    """GPU: the real model in bf16 with EP (peer-memory dispatcher in graph mode, grouped_mm experts,
+    a replicated expert in the last layer), prefill eagerly, then every decode step by replaying one
+    CUDA graph (static token buffer, position as a device tensor); logits against fp32 single-process."""
+    total = prompt + steps
+    config, ep, ref, same, seqs = _ep_setup("real", "mixed", batch, total, "auto", "graph", "grouped_mm",
+                                            torch.bfloat16, 0, max_tokens=-(-batch // dist.get_world_size()) * prompt)
+    models = (ep, ref, same)
+    caches = [m.new_cache(seqs.shape[0], total) for m in models]
+    outs = []
+    with torch.no_grad():
+        for m, c in zip(models, caches):
+            m.forward(seqs[:, :prompt], c, 0)
+        token_buf = seqs[:, prompt:prompt + 1].clone()
+        pos_buf = torch.tensor(prompt, device=seqs.device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (compiles, allocates) before the capture
+            ep.forward(token_buf, caches[0], pos_buf)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits_buf = ep.forward(token_buf, caches[0], pos_buf)
+        for pos in range(prompt, total):
+            token_buf.copy_(seqs[:, pos:pos + 1])
+            pos_buf.fill_(pos)
+            graph.replay()
+            outs.append([logits_buf.clone()] + [m.forward(seqs[:, pos:pos + 1], c, pos) for m, c in
+                                                zip(models[1:], caches[1:])])
+        torch.cuda.synchronize()
+    for d in ep.moe.dispatchers.values():
+        d.check()
+    ep.moe.close()
+    scale = max(o[1].abs().max().item() for o in outs)
+    return {"rank": dist.get_rank(), "sequences": seqs.shape[0], "max_err": _max_err((o[0], o[1]) for o in outs).item(),
+            "same_dtype_err": _max_err((o[2], o[1]) for o in outs).item(), "scale": scale}

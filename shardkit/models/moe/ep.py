@@ -39,17 +39,18 @@ class VirtualExperts:
         self.table = torch.full((placement.num_experts, placement.world), -1, dtype=torch.long)
         for v, (r, e) in enumerate(pairs):
             self.table[e, r] = v
+        self._device_table: dict[str, torch.Tensor] = {}
 
     def local(self, rank: int) -> list[int]:
         """Real expert ids of ``rank``'s copies, in the dispatcher's local order."""
         return [e for r, e in zip(self.rank_of, self.expert_of) if r == rank]
 
     def ids(self, topk_idx: torch.Tensor) -> torch.Tensor:
-        """Real expert ids [T, K] -> virtual ids [T, K] (identity without replicas)."""
-        if not self.placement.replicated:
-            return topk_idx
-        table = self.table.to(topk_idx.device)
-        return table[topk_idx, self.placement.dest_ranks(topk_idx)]
+        """Real expert ids [T, K] -> virtual ids [T, K] (the copy ``Placement.dest_ranks`` picks)."""
+        key = str(topk_idx.device)
+        if key not in self._device_table:
+            self._device_table[key] = self.table.to(topk_idx.device)
+        return self._device_table[key][topk_idx, self.placement.dest_ranks(topk_idx)]
 
 
 class EPMoE:

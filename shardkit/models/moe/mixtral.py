@@ -256,7 +256,7 @@ def weighted_sum(y: torch.Tensor, order: torch.Tensor, topk_idx: torch.Tensor, t
     weight = torch.where(topk_idx.reshape(-1) >= 0, topk_weights.reshape(-1).to(acc), 0.0)[order]
     per_slot = torch.empty(tokens * k, y.shape[1], dtype=acc, device=y.device)
     per_slot[order] = y.to(acc) * weight[:, None]
-    return per_slot.view(tokens, k, -1).sum(1).to(dtype)
+    return per_slot.view(tokens, k, y.shape[1]).sum(1).to(dtype)
 
 
 # ---------------------------------------------------------------- the model
@@ -313,11 +313,11 @@ class Mixtral:
         for i, layer in enumerate(w.layers):
             h = h + self._attention(i, rms_norm(h, layer.input_norm, cfg.rms_norm_eps), layer, cos, sin, positions,
                                     cache, start)
-            x = rms_norm(h, layer.post_norm, cfg.rms_norm_eps).reshape(b * s, -1)
+            x = rms_norm(h, layer.post_norm, cfg.rms_norm_eps).reshape(b * s, cfg.hidden_size)
             out, routing = self.moe(i, x, layer)
-            h = h + out.view(b, s, -1)
+            h = h + out.view(b, s, cfg.hidden_size)
             if self.trace is not None:
-                self.trace.append((i, x, routing, h.reshape(b * s, -1)))
+                self.trace.append((i, x, routing, h.reshape(b * s, cfg.hidden_size)))
         h = rms_norm(h, w.norm, cfg.rms_norm_eps)
         acc = torch.float64 if self.dtype == torch.float64 else torch.float32
         return (h @ w.lm_head.t()).to(acc)

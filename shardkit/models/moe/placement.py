@@ -83,34 +83,40 @@ class Placement:
 
     def dest_ranks(self, topk_idx: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The rank computing each slot, [N, K] int64 (see the module for the replica rule).
-        topk_idx [N, K] expert ids (>= 0); token_ids [N] (default 0..N-1) pick among copies."""
-        n, k = topk_idx.shape
-        dev = topk_idx.device
-        first = torch.tensor([r[0] for r in self.replicas], device=dev)
+        topk_idx [N, K] expert ids (>= 0); token_ids [N] (default 0..N-1) pick among copies.
+        No host synchronisation (CUDA-graph capturable once the tables are on the device)."""
+        first, has = _tables(self, topk_idx.device)
         ranks = first[topk_idx]
         if not self.replicated:
             return ranks
-        copies = torch.tensor([len(r) for r in self.replicas], device=dev)
-        has = torch.zeros(self.num_experts, self.world, dtype=torch.bool, device=dev)
-        for e, rs in enumerate(self.replicas):
-            has[e, list(rs)] = True
-        token_ids = torch.arange(n, device=dev) if token_ids is None else token_ids.to(dev)
-        single = copies[topk_idx] == 1
-        visited = torch.zeros(n, self.world, dtype=torch.bool, device=dev)  # ranks the token visits already
-        rows, cols = single.nonzero(as_tuple=True)
-        visited[rows, ranks[rows, cols]] = True
+        n, k = topk_idx.shape
+        token_ids = torch.arange(n, device=topk_idx.device) if token_ids is None else token_ids
+        single = has[topk_idx].sum(-1) == 1  # [N, K]
+        onehot = torch.nn.functional.one_hot(ranks, self.world).bool()
+        visited = (onehot & single[..., None]).any(1)  # [N, W]: ranks the token visits already
         for j in range(k):
-            rows = (~single[:, j]).nonzero().squeeze(1)
-            if rows.numel() == 0:
-                continue
-            cand = has[topk_idx[rows, j]]
-            shared = cand & visited[rows]
+            cand = has[topk_idx[:, j]]
+            shared = cand & visited
             cand = torch.where(shared.any(1, keepdim=True), shared, cand)
-            pick = token_ids[rows] % cand.sum(1)
+            pick = token_ids % cand.sum(1)
             choice = ((cand.cumsum(1) == (pick + 1)[:, None]) & cand).int().argmax(1)
-            ranks[rows, j] = choice
-            visited[rows, choice] = True
+            ranks[:, j] = torch.where(single[:, j], ranks[:, j], choice)
+            visited |= torch.nn.functional.one_hot(ranks[:, j], self.world).bool()
         return ranks
+
+
+_TABLES: dict = {}
+
+
+def _tables(p: Placement, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first rank of each expert [E], has [E, W] bool) on ``device``, made once per placement."""
+    key = (p.world, p.replicas, str(device))
+    if key not in _TABLES:
+        has = torch.zeros(p.num_experts, p.world, dtype=torch.bool)
+        for e, ranks in enumerate(p.replicas):
+            has[e, list(ranks)] = True
+        _TABLES[key] = (torch.tensor([r[0] for r in p.replicas], device=device), has.to(device))
+    return _TABLES[key]
 
 
 def contiguous(num_experts: int, world: int) -> Placement:

@@ -1,0 +1,75 @@
+"""The expert-parallel Mixtral (EPMoE over shardkit's MoeDispatcher) on CPU worlds against the
+single-process forward of the same sequences: prefill and decode with a KV cache, EP = 2, 3, 4,
+contiguous and mixed placements (per-layer permutations, uneven expert counts, replicated experts),
+a rank without tokens; the NCCL transport runs over gloo, the peer transport in the Triton interpreter.
+GPU: the real model in bf16 with NCCL and peer memory."""
+import pytest
+import torch
+
+from ..conftest import gpu_count
+from . import moe_ep_checks
+from .test_moe_model import needs_model
+
+# fp32: the EP sum runs per rank then across ranks (another order than the one-process sum)
+FP32_TOL = 2e-5
+
+
+def assert_close_to_reference(results, tol):
+    for r in results:
+        assert r["max_err"] <= tol * max(1.0, r["scale"]), r  # NaN fails this comparison
+
+
+def assert_within_dtype_error(results):
+    """bf16 EP logits are as close to the fp32 model as the one-process bf16 model is (within 2x)."""
+    for r in results:
+        assert r["max_err"] <= 2 * r["same_dtype_err"] + 1e-3 * r["scale"], r
+
+
+@needs_model
+def test_real_model_ep2_prefill_and_decode(worlds):
+    results = worlds(2).run(moe_ep_checks.check_ep_model, "real", "contiguous", 3, 9, 2, "nccl", "exact", "loop",
+                            "float32", 0)
+    assert [r["sequences"] for r in results] == [2, 1]
+    assert_close_to_reference(results, FP32_TOL)
+
+
+@pytest.mark.parametrize("world", [3, 4])
+def test_mixed_placements_with_replicas(worlds, world):
+    """EP=4 with 3 sequences: rank 3 has no tokens but serves its experts."""
+    results = worlds(world).run(moe_ep_checks.check_ep_model, "small", "mixed", 3, 7, 2, "nccl", "exact", "loop",
+                                "float32", world)
+    assert_close_to_reference(results, FP32_TOL)
+
+
+def test_grouped_mm_experts_over_ep(worlds):
+    from shardkit.models.moe.experts import has_grouped_mm
+    if not has_grouped_mm(torch.float32, torch.device("cpu")):
+        pytest.skip("no torch._grouped_mm on the CPU")
+    results = worlds(2).run(moe_ep_checks.check_ep_model, "small", "mixed", 4, 6, 1, "nccl", "exact", "grouped_mm",
+                            "float32", 7)
+    assert_close_to_reference(results, FP32_TOL)
+
+
+def test_peer_transport_in_interpreter(worlds):
+    """The peer-memory kernels (Triton interpreter on shared memory), graph mode, one decode step."""
+    results = worlds(2).run(moe_ep_checks.check_ep_model, "small", "contiguous", 2, 3, 1, "peer", "graph", "loop",
+                            "float32", 11)
+    assert_close_to_reference(results, FP32_TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(gpu_count() < 2, reason="needs 2 CUDA GPUs")
+@needs_model
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+def test_gpu_real_model_bf16(worlds, backend):
+    results = worlds(2, "nccl").run(moe_ep_checks.check_ep_model, "real", "mixed", 4, 33, 4, "auto", "graph", backend,
+                                    "bfloat16", 0)
+    assert_within_dtype_error(results)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(gpu_count() < 2, reason="needs 2 CUDA GPUs")
+@needs_model
+def test_gpu_decode_in_cuda_graph(worlds):
+    results = worlds(2, "nccl").run(moe_ep_checks.check_graph_decode, 4, 17, 6)
+    assert_within_dtype_error(results)
