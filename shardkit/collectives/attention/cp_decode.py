@@ -31,12 +31,9 @@ import torch.distributed as dist
 from ...kernels.attention.chunk import attention_chunk, check_positions, check_qkv
 from ...kernels.attention.merge import merge_attention
 from .partials import segment_bytes, segment_views, stacked_views
-from .plan import DTYPES, agree, bits, check_softmax_scale, gather_rows, unsorted
+from .plan import DTYPES, agree, all_gather_into, bits, check_softmax_scale, gather_rows, unsorted
 
 __all__ = ["cp_decode_attention", "decode_cache_rank"]
-
-# torch >= 2.13 renames all_gather_into_tensor to all_gather_single (the device image has 2.11).
-_all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 _FIELDS = ("error", "device_cuda", "dtype", "batch", "q_heads", "q_len", "head_dim", "kv_heads", "causal",
            "scale_bits", "unsorted")  # unsorted: filled on the device
@@ -126,7 +123,7 @@ def cp_decode_attention(
     if send.numel() == 0:  # no query rows (on every rank: the shapes agree): nothing to gather
         return q.new_empty(shape)
     recv = torch.empty(world * send.numel(), dtype=torch.uint8, device=q.device)
-    _all_gather_into(recv, send, group=group)
+    all_gather_into(recv, send, group=group)
     outs, lses = stacked_views(recv, world, shape, q.dtype)
     out, _ = merge_attention(outs, lses)
     return out

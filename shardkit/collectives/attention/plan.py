@@ -129,7 +129,7 @@ def check_inputs(q, k, v, k_cache, v_cache, q_pos, kv_pos, cache_pos, causal, va
 # ----------------------------------------------------------------------------------
 
 # torch >= 2.13 renames all_gather_into_tensor to all_gather_single (the device image has 2.11).
-_all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def bits(x: float) -> int:
@@ -160,7 +160,7 @@ def gather_rows(group, fields: Sequence[str], host: Dict[str, int],
         row[len(fields) - device_values.numel():] = device_values.to(dev)
     world = dist.get_world_size(group)
     gathered = torch.empty(world * len(fields), dtype=torch.int64, device=dev)
-    _all_gather_into(gathered, row, group=group)
+    all_gather_into(gathered, row, group=group)
     return [dict(zip(fields, r)) for r in gathered.view(world, len(fields)).tolist()]
 
 
