@@ -58,6 +58,19 @@ def moe_reference(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.T
     return out
 
 
+def e4m3_roundtrip(x: torch.Tensor, group: int = 128) -> torch.Tensor:
+    """x [N, hidden] as fp8 dispatch delivers it, in x's dtype: each group of ``group`` channels divided by
+    (its absolute max / 448) in fp32, rounded to e4m3 (nearest, ties to even), multiplied back."""
+    n, hidden = x.shape
+    groups = -(-hidden // group)
+    rows = torch.zeros(n, groups * group)
+    rows[:, :hidden] = x.float()
+    rows = rows.view(n, groups, group)
+    scale = rows.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 448.0
+    q = (rows / scale).to(torch.float8_e4m3fn).float()
+    return (q * scale).view(n, groups * group)[:, :hidden].to(x.dtype)
+
+
 def received_tokens(topk_idxs: list[torch.Tensor], expert_rank: list[int], rank: int) -> list[tuple[int, int]]:
     """(source, token) of every row ``rank`` receives, in its rank-major order: sources in order, each
     source's tokens in order, a token once however many of its experts live on ``rank``."""

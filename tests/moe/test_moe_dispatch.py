@@ -51,3 +51,10 @@ def test_combine_bitwise_identical_whatever_the_arrival_order(worlds):
     runs = [worlds(3).run(moe_checks.check_round, dict(BASE, programs=programs), CASES[3][:1], 16, delays)
             for programs, delays in ((2, [0.0, 0.0, 0.0]), (3, [0.6, 0.0, 0.3]), (1, [0.0, 0.5, 0.0]))]
     assert runs[0] == runs[1] == runs[2]
+
+
+def test_static_buffers_with_changing_routing(worlds):
+    """The CUDA-graph test's rounds (host-sync-free experts, static inputs rewritten between rounds)
+    eagerly on a CPU world."""
+    for worst in worlds(2).run(moe_checks.graph_replays, dict(BASE), 9, 6, 17):
+        assert worst < 1.0, worst

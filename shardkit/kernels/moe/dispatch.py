@@ -131,8 +131,9 @@ def moe_dispatch_kernel(
                 m = sent[:, None, None] & (cols < hidden)[None, :, :]
                 v = tl.load(x_ptr + t[:, None, None] * hidden + cols[None, :, :], mask=m, other=0.0)
                 if FP8:
-                    scale = tl.maximum(tl.max(tl.abs(v.to(tl.float32)), axis=2), 1e-12) / _E4M3_MAX
-                    v = round_to_e4m3(v.to(tl.float32) / scale[:, :, None])
+                    # IEEE divisions (Triton's ``/`` is approximate on GPUs): the same bits as quantize_e4m3
+                    scale = tl.div_rn(tl.maximum(tl.max(tl.abs(v.to(tl.float32)), axis=2), 1e-12), _E4M3_MAX)
+                    v = round_to_e4m3(tl.div_rn(v.to(tl.float32), scale[:, :, None]))
                     groups = c * GROUPS + tl.arange(0, GROUPS)
                     tl.store(scales + row[:, None] * scale_groups + groups[None, :], scale,
                              mask=sent[:, None] & (groups < scale_groups)[None, :])
