@@ -190,7 +190,8 @@ class Bench:
         """Every rank profiles its own device; returns every rank's fits (same on every rank)."""
         st = self.settings[name]
         samples = profile_compute(st["cfg"], device=device, dtype=st["dtype"], slice_lengths=st["slice_lengths"],
-                                  prefixes=st["prefixes"], reps=self.args.profile_reps)
+                                  prefixes=st["prefixes"], reps=self.args.profile_reps,
+                                  min_seconds=0.0 if device.type == "cuda" or self.args.smoke else 0.2)
         layer, head = ComputeCost.fit(samples["layer"]), ComputeCost.fit(samples["head"])
         fits = self.gather({"device": str(device), "layer": layer, "head": head, "samples": samples,
                             "layer_fit_error": layer.max_relative_error(samples["layer"])})
@@ -363,6 +364,8 @@ class Bench:
             ids = self.prompt(cfg, tokens)
             base = {"layers": cfg.layers, "hidden": cfg.hidden, "tokens": tokens, "part": part,
                     "stage1": "cpu" if part == "gpu_cpu" else "loaded " + device.type}
+            if not self.cuda:  # a shared CPU machine: how busy it was says how far to trust the times
+                base["host_load_1min"] = round(os.getloadavg()[0], 1)
             fits = self.profile(part, device)
             even = even_partition(cfg.layers, 2).bounds
             link = self.link(part, self.runtime(cfg, even, tokens, device, dtype, wire))

@@ -95,34 +95,44 @@ class LinkCost:
         return cls(float(latency), float(1.0 / per_byte) if per_byte > 0 else float("inf"))
 
 
-def time_call(fn: Callable[[], object], device: torch.device, reps: int = 3) -> List[float]:
-    """Seconds of each of ``reps`` calls of ``fn`` after one warm-up call (CUDA events on CUDA)."""
+def time_call(fn: Callable[[], object], device: torch.device, reps: int = 3, min_seconds: float = 0.0
+              ) -> List[float]:
+    """Seconds per call of ``fn`` in each of ``reps`` repetitions, after one warm-up call (CUDA events
+    on CUDA). A repetition calls ``fn`` as many times as it takes to last ``min_seconds``: on a
+    shared CPU a call of a few milliseconds runs in the scheduler's burst for a thread that just
+    woke up, faster than the same work sustained over seconds, as in a prefill."""
+    t0 = time.perf_counter()
     fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    calls = max(1, int(min_seconds / max(time.perf_counter() - t0, 1e-9) + 0.999))
     out = []
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         for _ in range(reps):
             start.record()
-            fn()
+            for _ in range(calls):
+                fn()
             end.record()
             end.synchronize()
-            out.append(start.elapsed_time(end) * 1e-3)
+            out.append(start.elapsed_time(end) * 1e-3 / calls)
     else:
         for _ in range(reps):
             t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
+            for _ in range(calls):
+                fn()
+            out.append((time.perf_counter() - t0) / calls)
     return out
 
 
 def profile_compute(config: LlamaConfig, *, device: torch.device | str, dtype: torch.dtype,
                     slice_lengths: Sequence[int], prefixes: Sequence[int], reps: int = 3, batch: int = 1,
-                    seed: int = 0) -> Dict[str, List[Tuple[int, int, float]]]:
+                    seed: int = 0, min_seconds: float = 0.0) -> Dict[str, List[Tuple[int, int, float]]]:
     """Median seconds of one decoder layer for every ``(s, p)`` in ``slice_lengths x prefixes`` and of
     the final norm + LM head for every ``s``, on ``device`` with random weights of ``config``'s shape.
 
     Returns ``{"layer": [(s, p, seconds), ...], "head": [(s, 0, seconds), ...]}``
-    (``ComputeCost.fit`` turns each into a model).
+    (``ComputeCost.fit`` turns each into a model). ``min_seconds``: see ``time_call``.
     """
     device = torch.device(device)
     if not slice_lengths or not prefixes or min(slice_lengths) < 1 or min(prefixes) < 0:
@@ -144,8 +154,9 @@ def profile_compute(config: LlamaConfig, *, device: torch.device | str, dtype: t
             def call(p: int = p, x: torch.Tensor = x) -> None:
                 layer.length = p  # the cache's contents do not change the time; its length does
                 layer.forward(x, p)
-            out["layer"].append((s, p, statistics.median(time_call(call, device, reps))))
-        out["head"].append((s, 0, statistics.median(time_call(lambda x=x: head.forward(x, 0), device, reps))))
+            out["layer"].append((s, p, statistics.median(time_call(call, device, reps, min_seconds))))
+        out["head"].append((s, 0, statistics.median(time_call(lambda x=x: head.forward(x, 0), device, reps,
+                                                                           min_seconds))))
     return out
 
 
