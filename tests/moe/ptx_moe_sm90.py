@@ -37,17 +37,18 @@ def compile_ptx(kernel, consts: dict, warps: int) -> str:
 
 
 def configs() -> dict:
-    """name -> (kernel, constexprs, warps): both payload kernels at one and four tokens per item, fp8 once."""
+    """name -> (kernel, constexprs, warps): the GPU launch configurations (peer.py)."""
     out = {}
-    for max_tokens, fp8 in ((128, True), (4096, False)):
-        block_t, block_h, warps = work_item(max_tokens, HIDDEN, 2, fp8, interpret=False)
-        out[f"dispatch-T{max_tokens}-fp8{int(fp8)}"] = (moe_dispatch_kernel, {
+    for fp8 in (False, True):
+        block_t, block_h, meta_t, warps = work_item(HIDDEN, 2, fp8, interpret=False)
+        out[f"dispatch-fp8{int(fp8)}"] = (moe_dispatch_kernel, {
             "K": TOPK, "K_P2": TOPK, "WORLD": WORLD, "WORLD_P2": WORLD, "BLOCK_T": block_t, "BLOCK_H": block_h,
-            "FP8": fp8}, warps)
-        block_t, block_h, warps = work_item(max_tokens, HIDDEN, 2, False, interpret=False)
-        out[f"combine-T{max_tokens}"] = (moe_combine_kernel, {
+            "META_T": meta_t, "FP8": fp8}, warps)
+    block_t, block_h, _, warps = work_item(HIDDEN, 2, False, interpret=False)
+    for residual in (False, True):
+        out[f"combine-residual{int(residual)}"] = (moe_combine_kernel, {
             "K": TOPK, "WORLD": WORLD, "WORLD_P2": WORLD, "BLOCK_T": block_t, "BLOCK_H": block_h,
-            "HAS_RESIDUAL": max_tokens > 128}, warps)
+            "HAS_RESIDUAL": residual}, 2 * warps)
     out["layout"] = (moe_layout_kernel, {"K": TOPK, "K_P2": TOPK, "WORLD": WORLD, "WORLD_P2": WORLD,
                                          "BLOCK_T": 64}, 4)
     out["counts"] = (moe_counts_kernel, {"WORLD": WORLD, "WORLD_P2": WORLD, "CHUNKS_P2": 64, "E_P2": EXPERTS,

@@ -60,10 +60,9 @@ class NcclTransport:
 
     def _combine_flags(self, rejected: bool) -> None:
         """Every rank's 'I rejected my combine input' flag; fail if any is set (all ranks together)."""
-        flags = torch.empty(self.cfg.world, dtype=torch.int32, device=self.device)
-        dist.all_gather_into_tensor(flags, torch.tensor([int(rejected)], dtype=torch.int32, device=self.device),
-                                    group=self.group)
-        culprits = [r for r, f in enumerate(flags.tolist()) if f]
+        flags = [torch.zeros(1, dtype=torch.int32, device=self.device) for _ in range(self.cfg.world)]
+        dist.all_gather(flags, torch.tensor([int(rejected)], dtype=torch.int32, device=self.device), group=self.group)
+        culprits = [r for r, f in enumerate(flags) if f.item()]
         if culprits:
             self._fail(f"rank(s) {culprits} rejected their combine input (see the error raised there)")
 
@@ -72,9 +71,9 @@ class NcclTransport:
         cfg = self.cfg
         row = torch.cat([torch.tensor([tokens, flags, 0, 0], device=self.device), per_rank.to(self.device),
                          per_expert.to(self.device)]).to(torch.int32)
-        rows = torch.empty(cfg.world * row.numel(), dtype=torch.int32, device=self.device)
-        dist.all_gather_into_tensor(rows, row, group=self.group)
-        rows = rows.view(cfg.world, -1).cpu()
+        rows = [torch.empty_like(row) for _ in range(cfg.world)]
+        dist.all_gather(rows, row, group=self.group)
+        rows = torch.stack(rows).cpu()
         ranks = lambda bit: [r for r in range(cfg.world) if rows[r, 1] & bit]  # noqa: E731
         if ranks(FLAG_BAD_INPUT):
             self._fail(f"rank(s) {ranks(FLAG_BAD_INPUT)} rejected their input to dispatch (see the error raised there)")

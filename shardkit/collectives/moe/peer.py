@@ -47,9 +47,10 @@ class PeerTransport:
                                  device=device)
         self.programs = programs
         elt = torch.empty((), dtype=cfg.dtype).element_size()
-        self.block_t, self.block_h, self.warps = work_item(cfg.max_tokens, cfg.hidden, elt, cfg.fp8, self.interpret)
-        _, self.combine_block_h, self.combine_warps = work_item(cfg.max_tokens, cfg.hidden, elt, False,
-                                                                self.interpret)
+        self.block_t, self.block_h, self.meta_t, self.warps = work_item(cfg.hidden, elt, cfg.fp8, self.interpret)
+        _, self.combine_block_h, _, warps = work_item(cfg.hidden, elt, False, self.interpret)
+        # The combine holds up to ``topk`` expert tiles per item: twice the warps, half the registers each.
+        self.combine_warps = warps if self.interpret else 2 * warps
         # Layout: chunks of >= 64 tokens over up to one program per SM (16 and 4 in the interpreter,
         # so that the CPU tests' token counts span several chunks and blocks).
         self.layout_min_chunk, self.layout_block_t, self.layout_max_programs, self.layout_warps = (
@@ -171,7 +172,7 @@ class PeerTransport:
                         self.slot_pos, self.chunk_base, self.send_base, self.expert_base, mem.table,
                         mem.error_record_addr, self.rank, cfg.world, self.sig_dispatch, mem.buffer_bytes,
                         self.timeout_iters, chunk, ws, cfg.fp8, self.programs, self.block_t, self.block_h,
-                        self.warps)
+                        self.meta_t, self.warps)
         if self.interpret:
             self.raise_if_failed()
         n = ws.recv_rows if num_recv is None else num_recv

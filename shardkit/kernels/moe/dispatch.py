@@ -71,7 +71,7 @@ def moe_dispatch_kernel(
     recv_x_off, row_elems, recv_scales_off, scale_groups,  # workspace layout (workspace.py)
     src_rank_off, src_token_off, local_expert_off, weight_off, expert_row_off, inv_off, expert_index_off,
     K: tl.constexpr, K_P2: tl.constexpr, WORLD: tl.constexpr, WORLD_P2: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, FP8: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, META_T: tl.constexpr, FP8: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -82,9 +82,11 @@ def moe_dispatch_kernel(
     own, epoch, flag, ok, _ = start_call(table_ptr, rank, sig, buffer_bytes)
     n_chunks = tl.cdiv(hidden, BLOCK_H)
     n_blocks = tl.cdiv(tokens, BLOCK_T)
+    n_meta = tl.cdiv(tokens, META_T)
     # A chunk of BLOCK_H channels as [GROUPS, GROUP] (one fp8 scale per group), for BLOCK_T tokens.
     grid_cols = tl.arange(0, GROUPS)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     offs_t = tl.arange(0, BLOCK_T)
+    offs_m = tl.arange(0, META_T)
     ks = tl.arange(0, K_P2)
     if ok:
         # Destinations in turn, starting at a different one in each program, so that the local copy
@@ -93,7 +95,7 @@ def moe_dispatch_kernel(
             r = (pid + j) % WORLD
             base = tl.load(send_base_ptr + r)
             recv = peer_ptr(table_ptr, r, recv_x_off, PAYLOAD)
-            # Metadata of token blocks pid, pid + G, ...; inv[rank][t] = the row, or -1 if not sent.
+            # Metadata of blocks of META_T tokens pid, pid + G, ...; inv[rank][t] = the row, or -1 if not sent.
             inv = peer_ptr(table_ptr, r, inv_off, tl.int32) + rank * max_tokens
             src_ranks = peer_ptr(table_ptr, r, src_rank_off, tl.int32)
             src_tokens = peer_ptr(table_ptr, r, src_token_off, tl.int32)
@@ -101,8 +103,8 @@ def moe_dispatch_kernel(
             weights = peer_ptr(table_ptr, r, weight_off, tl.float32)
             expert_rows = peer_ptr(table_ptr, r, expert_row_off, tl.int32)
             index = peer_ptr(table_ptr, r, expert_index_off, tl.int32)
-            for block in range(pid, n_blocks, nprog):
-                t = block * BLOCK_T + offs_t
+            for block in range(pid, n_meta, nprog):
+                t = block * META_T + offs_m
                 sent, row = _rows(t, r, tokens, chunk, base, mask_ptr, chunk_base_ptr, chunk_pos_ptr, WORLD)
                 tl.store(inv + t, tl.where(sent, row, -1), mask=t < tokens)
                 slot = sent[:, None] & (ks[None, :] < K)
@@ -111,14 +113,14 @@ def moe_dispatch_kernel(
                 here = valid & (tl.load(expert_rank_ptr + ids, mask=valid, other=-1) == r)
                 erow = (tl.load(expert_base_ptr + ids, mask=here, other=0)
                         + tl.load(slot_pos_ptr + t[:, None] * K + ks[None, :], mask=here, other=0))
-                tl.store(src_ranks + row, tl.zeros([BLOCK_T], tl.int32) + rank, mask=sent)
+                tl.store(src_ranks + row, tl.zeros([META_T], tl.int32) + rank, mask=sent)
                 tl.store(src_tokens + row, t, mask=sent)
                 slots = row[:, None] * K + ks[None, :]
                 tl.store(locals_ + slots, tl.load(expert_local_ptr + ids, mask=here, other=-1), mask=slot)
                 w = tl.load(weights_ptr + t[:, None] * K + ks[None, :], mask=slot, other=0.0)
                 tl.store(weights + slots, w.to(tl.float32), mask=slot)
                 tl.store(expert_rows + slots, tl.where(here, erow, -1), mask=slot)
-                tl.store(index + erow, row[:, None] + tl.zeros([BLOCK_T, K_P2], tl.int32), mask=here)
+                tl.store(index + erow, row[:, None] + tl.zeros([META_T, K_P2], tl.int32), mask=here)
             # Payload: a chunk of BLOCK_H channels of BLOCK_T tokens per item.
             if FP8:
                 scales = peer_ptr(table_ptr, r, recv_scales_off, tl.float32)
@@ -145,33 +147,37 @@ def moe_dispatch_kernel(
 _launch = CachedLauncher(moe_dispatch_kernel)
 
 
-def work_item(max_tokens: int, hidden: int, element_size: int, fp8: bool, interpret: bool) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_H, warps): the tokens and channels of one work item of the dispatch and combine
-    kernels (a pure function of the dispatcher's configuration: the combine's item map must be equal
-    on every rank).
+def work_item(hidden: int, element_size: int, fp8: bool, interpret: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_H, META_T, warps): the tokens and channels of one payload work item of the
+    dispatch and combine kernels, and the tokens of one metadata item of the dispatch. A pure function
+    of the dispatcher's configuration (the combine's item map must be equal on every rank).
 
-    GPU: 1024 channels (7168 = 7 chunks exactly), one 16-byte access per thread and token (4 warps in
-    bf16); one token per item up to 256 tokens (128 tokens already give ~900 items for ~132 programs),
-    then 2 and 4 (more bytes in flight per thread where every program has hundreds of items).
-    Interpreter: 16 tokens and 128 channels (few, slow, interpreted iterations; the CPU tests' rows of
-    200 channels span two chunks, their 33 tokens three blocks).
+    GPU: 2 KiB of a row (1024 bf16 channels: 7168 = 7 chunks exactly) for 4 tokens, i.e. 8 KiB per
+    item, four 16-byte accesses in flight per thread with 4 warps. A program's items run one after
+    another, each waiting for its loads (~1 us), so an item must carry enough bytes: NVLink's
+    ~366 GB/s over 132 SMs is ~2.8 GB/s per SM, ~5.6 KiB per 2-us item; and 128 tokens still make
+    224 items per destination, ~2 per program. Metadata in blocks of 32 tokens: its dependent small
+    loads cost the same per block whatever its size. Interpreter: 16 tokens and 128 channels (few,
+    slow, interpreted iterations; the CPU tests' rows of 200 channels span two chunks, their 33
+    tokens three blocks).
     """
     if interpret:
-        return 16, 128, 1
-    block_h = max(SCALE_GROUP if fp8 else 16, min(1024, triton.next_power_of_2(hidden)))
-    block_t = 1 if max_tokens <= 256 else 2 if max_tokens <= 1024 else 4
-    return block_t, block_h, max(1, min(8, block_h * element_size // 512))
+        return 16, 128, 16, 1
+    block_h = max(SCALE_GROUP if fp8 else 16, min(2048 // element_size, triton.next_power_of_2(hidden)))
+    return 4, block_h, 32, 4
 
 
 def launch_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, expert_rank: torch.Tensor,
                     expert_local: torch.Tensor, mask: torch.Tensor, chunk_pos: torch.Tensor, slot_pos: torch.Tensor,
                     chunk_base: torch.Tensor, send_base: torch.Tensor, expert_base: torch.Tensor, table: torch.Tensor,
                     error_record_addr: int, rank: int, world: int, sig: int, buffer_bytes: int, timeout_iters: int,
-                    chunk: int, ws, fp8: bool, programs: int, block_t: int, block_h: int, num_warps: int) -> None:
+                    chunk: int, ws, fp8: bool, programs: int, block_t: int, block_h: int, meta_t: int,
+                    num_warps: int) -> None:
     """Push ``x [T, hidden]`` to the ranks its ``topk_idx`` select; ``ws``: the MoeWorkspace."""
     tokens, hidden = x.shape
     consts = {"K": ws.topk, "K_P2": triton.next_power_of_2(ws.topk), "WORLD": world,
-              "WORLD_P2": triton.next_power_of_2(world), "BLOCK_T": block_t, "BLOCK_H": block_h, "FP8": fp8}
+              "WORLD_P2": triton.next_power_of_2(world), "BLOCK_T": block_t, "BLOCK_H": block_h, "META_T": meta_t,
+              "FP8": fp8}
     ints = (hidden, ws.experts, ws.max_tokens, ws.recv_x_off, ws.row_elems, ws.recv_scales_off, ws.scale_groups,
             ws.src_rank_off, ws.src_token_off, ws.local_expert_off, ws.weight_off, ws.expert_row_off, ws.inv_off,
             ws.expert_index_off)
