@@ -40,9 +40,6 @@ def _cfg(**kw) -> dict:
     _cfg(dtype="float16", T=1999, Hq=4, Hkv=4, seed=4),
     # Partial prefill: 300 new tokens after 2700 cached ones.
     _cfg(T=300, P=2700, variants=BOTH, seed=5),
-    # NaN in q (batch 0), a key (batch 1) and a value (batch 2): the output's NaN pattern is the reference's.
-    _cfg(T=2048, B=3, nan=[("q", 0, 700), ("k", 1, 1500), ("v", 2, 1000)], seed=9),
-    _cfg(T=300, P=2700, B=3, variants=BOTH, nan=[("q", 0, 100), ("k", 1, 2000), ("v", 2, 2900)], seed=10),
 ])
 def test_ring_gpu(worlds, world_size, cfg):
     digests = worlds(world_size, "nccl").run(ring_checks.check_ring, cfg)
@@ -57,7 +54,6 @@ def test_ring_gpu(worlds, world_size, cfg):
     _cfg(T=4099, seed=11),                                   # every block shape, uneven shards
     _cfg(T=700, P=3001, variants=BOTH, seed=12),             # cache + new tokens
     _cfg(T=2500, layout="random", pass_pos=True, variants=["pass_kv"], seed=13),  # position fallback
-    _cfg(T=2048, B=3, variants=BOTH, nan=[("q", 0, 700), ("k", 1, 1500), ("v", 2, 1000)], seed=14),
 ])
 def test_ring_local_backends_gpu(worlds, world_size, backend, cfg):
     worlds(world_size, "nccl").run(ring_checks.check_ring, dict(cfg, local_backend=backend))
@@ -70,8 +66,26 @@ def test_cp_decode_gpu(worlds, world_size):
     assert len(set(digests)) == 1, "ranks got different decode outputs"
     cfg.update(n=4, causal=True, seed=7)
     worlds(world_size, "nccl").run(ring_checks.check_decode, cfg)
-    cfg.update(nan=[("q", 0, 1), ("k", 1, 5034), ("v", 2, 100)], seed=8)  # k[5034]: hidden from query row 0
-    worlds(world_size, "nccl").run(ring_checks.check_decode, cfg)
+
+
+@pytest.mark.parametrize("world_size", WORLDS)
+@pytest.mark.parametrize("backend", ["triton"] + list(sdpa_backends(torch.device("cuda"), torch.bfloat16))
+                         if NGPU else ["triton"])
+@pytest.mark.parametrize("cfg", [
+    # NaN in q (batch 0), a key (batch 1) and a value (batch 2): the output's NaN pattern is the reference's.
+    _cfg(T=2048, B=3, variants=BOTH, nan=[("q", 0, 700), ("k", 1, 1500), ("v", 2, 1000)], seed=9),
+    _cfg(T=300, P=2700, B=3, variants=BOTH, nan=[("q", 0, 100), ("k", 1, 2000), ("v", 2, 2900)], seed=10),
+])
+def test_ring_nan_gpu(worlds, world_size, backend, cfg):
+    worlds(world_size, "nccl").run(ring_checks.check_ring, dict(cfg, local_backend=backend))
+
+
+@pytest.mark.parametrize("world_size", WORLDS)
+def test_cp_decode_nan_gpu(worlds, world_size):
+    cfg = dict(B=4, Hq=32, Hkv=8, D=128, n=4, prefix=5000, generated=37, causal=True, dtype="bfloat16", seed=8,
+               nan=[("q", 0, 1), ("k", 1, 5034), ("v", 2, 100)])  # k[5034]: hidden from query row 0 (5033)
+    digests = worlds(world_size, "nccl").run(ring_checks.check_decode, cfg)
+    assert len(set(digests)) == 1, "ranks got different decode outputs"
 
 
 @pytest.mark.parametrize("world_size", WORLDS)
