@@ -1,7 +1,7 @@
 """Sync-Point Drop quality study on the real model (CPU, fp32): sensitivity classes, perplexity and
 next-token agreement against the number of SPD blocks, zero-shot / distilled / head-grouped.
 
-    python bench/spd_quality.py [--tp 2] [--eval-seqs 16] [--calib-seqs 12] [--seq 256] [--steps 80]
+    python bench/spd_quality.py [--tp 2] [--eval-seqs 16] [--calib-seqs 12] [--seq 256] [--steps 60]
     python bench/spd_quality.py --smoke        # minutes: tiny text, few steps, no records
 
 Model: ../shared/models/tiny-llama-pycode (--model). Text: this project's own Python sources at
@@ -15,8 +15,8 @@ tensor-parallel model within 1e-4):
 2. sensitivity: per block, the calibration loss increase of a zero-shot SPD of that block alone;
    classes: ISB <= --isb-max nats/token, SB <= --sb-max, ESB above;
 3. per block, block-to-block distillation (Adam, --steps steps, MSE to the original block's output
-   on calibration activations) with the contiguous head placement ("distilled"); for the SB and
-   ESB blocks also with heads grouped by attention-score similarity ("grouped" + distilled);
+   on calibration activations) with the contiguous head placement ("distilled"); for the ESB
+   blocks also with heads grouped by attention-score similarity ("grouped" + distilled);
    block-level errors on held-out calibration sequences for all of them, and for the zero-shot
    block with heads kept together / spread apart;
 4. the curve: SPD on the k least sensitive blocks, k = 0..layers, evaluated zero-shot, distilled
@@ -109,7 +109,8 @@ def study(args: argparse.Namespace, tp: int, log) -> tuple[list[dict], dict]:
     log(f"text {args.text_commit}: {len(calib_files)} calibration files ({calib.numel()} tokens used), "
         f"{len(eval_files)} evaluation files ({evals.numel()} tokens used)")
     model = SimulatedTP(config, weights, tp)
-    tag = f"tp{tp}_seq{args.seq}_c{args.calib_seqs}_e{args.eval_seqs}_s{args.steps}_lr{args.lr}_{args.text_commit}"
+    tag = f"tp{tp}_seq{args.seq}_c{args.calib_seqs}_e{args.eval_seqs}_{args.text_commit}"
+    train_tag = f"s{args.steps}_lr{args.lr}_b{args.batch}_len{args.distill_len}"
     cache_path = os.path.join(args.cache, f"spd_quality_{tag}.pt")
     os.makedirs(args.cache, exist_ok=True)
     cache = torch.load(cache_path, weights_only=False) if os.path.exists(cache_path) else {}
@@ -130,7 +131,9 @@ def study(args: argparse.Namespace, tp: int, log) -> tuple[list[dict], dict]:
     blocks = []
     for i in range(n):
         layer = weights.layers[i]
-        train_in, train_out = states[i][:-held], states[i + 1][:-held]
+        # distillation sees the first distill_len positions of each training sequence (a causal prefix
+        # is a whole sequence): half the cost per step of full sequences, on a shared CPU
+        train_in, train_out = states[i][:-held, :args.distill_len], states[i + 1][:-held, :args.distill_len]
         test_in, test_out = states[i][-held:], states[i + 1][-held:]
         sim = cached(cache, cache_path, f"sim{i}", lambda: head_similarity(config, layer, train_in[:4]))
         together, apart = group_heads(sim, tp, True), group_heads(sim, tp, False)
@@ -143,8 +146,8 @@ def study(args: argparse.Namespace, tp: int, log) -> tuple[list[dict], dict]:
                 f"({time.perf_counter() - t0:.0f} s)")
             return trained
 
-        distilled = cached(cache, cache_path, f"distilled{i}", lambda: train(contiguous, "distilled"))
-        grouped = None if classes[i] == "ISB" else cached(cache, cache_path, f"grouped{i}",
+        distilled = cached(cache, cache_path, f"distilled{i}_{train_tag}", lambda: train(contiguous, "distilled"))
+        grouped = None if classes[i] != "ESB" else cached(cache, cache_path, f"grouped{i}_{train_tag}",
                                                           lambda: train(together, f"grouped {together}"))
         info = {"block": i, "delta_nll": delta[i], "class": classes[i], "together": together, "apart": apart,
                 "similarity_within": {name: float(sum(sim[a, b] for g in p for a in g for b in g if a < b))
@@ -178,7 +181,8 @@ def study(args: argparse.Namespace, tp: int, log) -> tuple[list[dict], dict]:
     for k in range(n + 1):
         for variant in VARIANTS if k else VARIANTS[:1]:
             picked = choices(k, variant)
-            res = cached(cache, cache_path, f"eval{picked}",
+            key = f"eval{picked}" if all(h == "zero_shot" for _, h in picked) else f"eval{picked}_{train_tag}"
+            res = cached(cache, cache_path, key,
                          lambda: {key: v for key, v in model.evaluate(evals, plan(picked), base["argmax"]).items()
                                   if key != "argmax"})
             row = {"k": k, "variant": variant, "blocks": sorted(order[:k]), "how": [h for _, h in picked], **res,
@@ -198,7 +202,8 @@ def to_records(summary: dict, args: argparse.Namespace) -> list[dict]:
     tp = summary["tp"]
     common = dict(gpu="cpu", world=tp, dtype="float32", mode="cpu", us=None)
     params0 = {"model": "tiny-llama-pycode", "seq": args.seq, "eval_tokens": summary["eval_tokens"],
-               "calib_tokens": summary["calib_tokens"], "text_commit": args.text_commit, "steps": args.steps}
+               "calib_tokens": summary["calib_tokens"], "text_commit": args.text_commit, "steps": args.steps,
+               "lr": args.lr, "distill_len": args.distill_len}
     recs = [store.record("spd_quality", "baseline", params={**params0, "k": 0}, metrics=summary["base"], **common)]
     for b in summary["blocks"]:
         recs.append(store.record("spd_quality", "sensitivity", params={**params0, "block": b["block"]},
@@ -276,7 +281,8 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--calib-seqs", type=int, default=12)
     p.add_argument("--eval-seqs", type=int, default=16)
-    p.add_argument("--steps", type=int, default=80, help="distillation steps per block")
+    p.add_argument("--steps", type=int, default=60, help="distillation steps per block")
+    p.add_argument("--distill-len", type=int, default=128, help="positions of each sequence distillation sees")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch", type=int, default=1, help="sequences per distillation step")
     p.add_argument("--isb-max", type=float, default=ISB_MAX, help="ISB: zero-shot loss increase <= this "
@@ -290,7 +296,7 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="a tiny run (few sequences and steps), no records")
     args = p.parse_args()
     if args.smoke:
-        args.seq, args.calib_seqs, args.eval_seqs, args.steps = 32, 4, 2, 3
+        args.seq, args.calib_seqs, args.eval_seqs, args.steps, args.distill_len = 32, 4, 2, 3, 16
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
 

@@ -12,7 +12,8 @@ interpreter; the times say nothing about GPUs):
 
 Block (``--what block``): hidden 8192, 64 query / 8 KV heads (head dim 128), FFN 28672, TP=2 (32 query
 and 4 KV heads, FFN 14336 per rank), bf16, random weights, one decode token per sequence at position
-``context - 1`` (KV cache of ``context`` = 4096 positions, all visible), batch 1, 8, 32. The block is
+``context - 1`` (KV cache of ``context`` = 4096 positions, all visible: SDPA without a mask, as a
+kernel that knows the sequence lengths runs), batch 1, 8, 32. The block is
 ``shardkit.models.TPLlama``'s own (fused q/k/v and gate/up GEMMs, SDPA on the cache), replayed from a
 CUDA graph of ``--iters`` blocks; µs per block, median of ``--reps``, max over ranks. Variants:
   none        no all-reduce: local add + RMSNorm (the compute alone; not a correct model)
@@ -128,14 +129,14 @@ def bench_block(args: argparse.Namespace, env: dict, comm, device: torch.device,
         residual = torch.randn(batch, 1, config.hidden_size, generator=gen, device=device).to(dtype)
         x = torch.nn.functional.rms_norm(residual, (config.hidden_size,), shard.layers[0].input_norm, 1e-5)
         pos = torch.full((1,), args.context - 1, dtype=torch.long, device=device)
-        mask = (model.key_positions <= pos).view(1, 1, 1, -1)
+        rope = model.rope_rows(pos)  # once per token in a model, not per block
         outputs = {}
         for name in variants:
             model.sync = make_sync(name, comm, args.slow_link)
             model.set_spd([name.endswith("_spd")])
 
             def step() -> tuple[torch.Tensor, torch.Tensor]:
-                return model.run_block(0, x, residual, pos, args.context, mask)
+                return model.run_block(0, x, residual, pos, args.context, None, rope)
 
             outputs[name] = [t.clone() for t in step()]
             ref = outputs.get("nccl_spd" if name.endswith("_spd") else "nccl")

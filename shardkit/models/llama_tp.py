@@ -266,18 +266,26 @@ class TPLlama:
         eps = self.config.rms_norm_eps
         h = F.embedding(tokens, self.embed)
         x = F.rms_norm(h, (h.shape[-1],), self.layers[0].input_norm, eps)
-        cos, sin = self.cos[positions], self.sin[positions]
+        cos, sin = self.rope_rows(positions)
         residual = h
         for i in range(len(self.layers)):
             x, residual = self._block(i, x, residual, cos, sin, positions, kv_len, mask)
         return F.linear(x, self.lm_head)
 
     def run_block(self, i: int, x: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor, kv_len: int,
-                  mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  mask: torch.Tensor | None = None,
+                  rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Block ``i`` alone (benchmarks): x [B, T, hidden] its RMSNorm'ed input, residual the stream,
         positions [T] on the device (written into the KV cache), keys 0..kv_len-1 visible through
-        ``mask`` (None: all of them, or causal for T > 1). Returns (next block's input, residual)."""
-        return self._block(i, x, residual, self.cos[positions], self.sin[positions], positions, kv_len, mask)
+        ``mask`` (None: all of them, or causal for T > 1); rope: the (cos, sin) rows of ``positions``
+        (``rope_rows``), which a forward pass gathers once for all blocks. Returns (next block's
+        input, residual)."""
+        cos, sin = self.rope_rows(positions) if rope is None else rope
+        return self._block(i, x, residual, cos, sin, positions, kv_len, mask)
+
+    def rope_rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE cos, sin [T, head_dim] of ``positions`` [T]."""
+        return self.cos[positions], self.sin[positions]
 
     def _block(self, i: int, x: torch.Tensor, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                positions: torch.Tensor, kv_len: int, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
