@@ -313,7 +313,8 @@ def markdown(env: dict, records: list[dict], world: int, functional: bool) -> st
     for tokens in dict.fromkeys(r["params"]["tokens"] for r in records):
         cells, copies = [], "-"
         for impl, mode in columns:
-            r = next((r for r in records if (r["impl"], r["mode"], r["params"]["tokens"]) == (impl, mode, tokens)), None)
+            r = next((r for r in records
+                      if (r["impl"], r["mode"], r["params"]["tokens"]) == (impl, mode, tokens)), None)
             m = (r or {}).get("metrics", {})
             copies = m.get("copies_per_token", copies)
             if r is None:
@@ -361,7 +362,8 @@ def main() -> None:
     p.add_argument("--cpu-world", type=int, default=0, help="no GPUs: run a CPU world of this many processes")
     args = p.parse_args()
     cpu = args.cpu_world > 0
-    args.tokens = [int(t) for t in (args.tokens or ("1,7" if cpu else QUICK_TOKENS if args.quick else TOKENS)).split(",")]
+    tokens = args.tokens or ("1,7" if cpu else QUICK_TOKENS if args.quick else TOKENS)
+    args.tokens = [int(t) for t in tokens.split(",")]
     args.hidden = args.hidden or (256 if cpu else 7168)
     args.experts = args.experts or (8 if cpu else 256)
     args.topk = args.topk or (2 if cpu else 8)

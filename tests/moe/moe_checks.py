@@ -6,6 +6,7 @@ and the list of rows it must receive by itself; results come back as small pickl
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -185,7 +186,7 @@ def bad_input_rounds(kinds: list[str], culprit: int, kwargs: dict, seed: int) ->
     (TypeError/ValueError on the culprit, CollectiveError on the others; ids are checked in the kernel,
     so there every rank raises CollectiveError), and the dispatcher must refuse further calls.
     Returns this rank's messages."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     kwargs = dict(kwargs)
     dtype = DTYPES[kwargs.pop("dtype", "bfloat16")]
     messages = []
@@ -278,7 +279,7 @@ def check_ops(kwargs: dict, tokens: list[int], seed: int) -> list[int]:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    import shardkit.ops  # noqa: F401
+    import shardkit.ops  # noqa: F401  (registers the ops)
 
     rank, world = dist.get_rank(), dist.get_world_size()
     disp = MoeDispatcher(name="moe_ops_test", **kwargs)
@@ -335,7 +336,7 @@ def graph_experts(recv_x: torch.Tensor, handle, local_experts: torch.Tensor, sca
     return (rows * scale[g][:, None] + bias[g]).to(dtype)
 
 
-def capture(fn) -> "Callable[[], None]":
+def capture(fn: Callable[[], None]) -> Callable[[], None]:
     """``fn``'s work captured in a CUDA graph (after two warm-up calls on a side stream): its replay."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

@@ -42,7 +42,8 @@ class MoeConfig:
     expert_rows: int = field(init=False)
 
     def __post_init__(self) -> None:
-        per_rank = tuple(tuple(e for e in range(self.num_experts) if self.expert_rank[e] == r) for r in range(self.world))
+        per_rank = tuple(tuple(e for e in range(self.num_experts) if self.expert_rank[e] == r)
+                         for r in range(self.world))
         local = [0] * self.num_experts
         for experts in per_rank:
             for i, e in enumerate(experts):

@@ -66,7 +66,8 @@ class NcclTransport:
         if culprits:
             self._fail(f"rank(s) {culprits} rejected their combine input (see the error raised there)")
 
-    def _exchange_counts(self, tokens: int, flags: int, per_rank: torch.Tensor, per_expert: torch.Tensor) -> torch.Tensor:
+    def _exchange_counts(self, tokens: int, flags: int, per_rank: torch.Tensor,
+                         per_expert: torch.Tensor) -> torch.Tensor:
         """All ranks' counts rows [W, 4 + W + E] on the host (the size exchange)."""
         cfg = self.cfg
         row = torch.cat([torch.tensor([tokens, flags, 0, 0], device=self.device), per_rank.to(self.device),

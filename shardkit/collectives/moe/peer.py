@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import triton
 
-from ...errors import CollectiveError, ShardkitError
+from ...errors import CollectiveError
 from ...kernels.moe.combine import launch_combine
 from ...kernels.moe.counts import launch_counts
 from ...kernels.moe.dispatch import launch_dispatch, work_item
@@ -20,8 +20,8 @@ from ...kernels.moe.layout import launch_layout, layout_programs
 from ...kernels.moe.workspace import BAD_EXPERT_ID, BAD_INPUT, RECV_OVERFLOW, moe_workspace
 from ...memory import protocol
 from ...memory.peer_memory import PeerMemory
-from ...memory.protocol import MAX_PROGRAMS, MISMATCH, SIGNAL_BYTES, call_signature, describe_failure
-from .config import MoeConfig, MoeHandle, SUPPORTED_DTYPES
+from ...memory.protocol import MISMATCH, SIGNAL_BYTES, call_signature, describe_failure
+from .config import MoeConfig, MoeHandle
 
 # Op codes of the MoE launches in the call fingerprints (protocol.OP_CODES holds one per kind of call).
 for _op, _code in (("moe_counts", 21), ("moe_dispatch", 22), ("moe_combine", 23)):
@@ -45,6 +45,10 @@ class PeerTransport:
         # The workspace uses everything past the signal area (staging + both epoch buffers) as one region.
         self.memory = PeerMemory(group, buffer_bytes=-(-(ws.nbytes - SIGNAL_BYTES) // 3), backend=backend,
                                  device=device)
+        # Symmetric memory comes uninitialised: zero it, so that graph mode's rows and indices past the
+        # used ones are harmless (an index is always a valid row, a payload byte never NaN). Peers write
+        # here only after our first barrier, which this precedes on our stream.
+        self.memory.buffer[SIGNAL_BYTES:ws.nbytes].zero_()
         self.programs = programs
         elt = torch.empty((), dtype=cfg.dtype).element_size()
         self.block_t, self.block_h, self.meta_t, self.warps = work_item(cfg.hidden, elt, cfg.fp8, self.interpret)
@@ -121,8 +125,8 @@ class PeerTransport:
     def _describe(self, record) -> str:
         code, wanted, culprits, epoch = (int(v) for v in record)
         ranks = [r for r in range(self.cfg.world) if culprits >> r & 1]
-        tail = (f" This dispatcher is unusable now; its outputs from this round on are NaN or stale. "
-                f"Create a new MoeDispatcher.")
+        tail = (" This dispatcher is unusable now; its outputs from this round on are NaN or stale. "
+                "Create a new MoeDispatcher.")
         head = f"shardkit MoE dispatch failed on rank {self.rank}: "
         if code == BAD_EXPERT_ID:
             return head + (f"rank(s) {ranks} passed expert ids outside [-1, {self.cfg.num_experts}) in topk_idx "
