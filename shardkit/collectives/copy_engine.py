@@ -23,9 +23,10 @@ Per call, on each rank r, with two streams (the caller's, "main", and a side str
 
   1. reduce-scatter: for each chunk k of shard r, on the side stream, pull the W-1 peers' copies of
      chunk k (from their S) into T; on main, as each chunk lands, sum the W pieces in rank order.
-     Staged inputs: main copies chunk k of every other shard into S and then passes a barrier, so
-     peers pull chunk k while chunk k+1 is being staged (the staging copy is overlapped); zero-copy
-     inputs need only one barrier before the first pull.
+     A start barrier comes first (after it no peer still reads our workspace for an earlier call:
+     the epoch-buffer rule of the protocol). Staged inputs: main then copies chunk k of every other
+     shard into S and passes a barrier, so peers pull chunk k while chunk k+1 is being staged (the
+     staging copy is overlapped); zero-copy inputs need no barrier beyond the start.
   2. all-gather:
      * zero-copy in place (the input is in the staging area and is the output, the probe of
        issue 14): the sums are written over our shard of the input, and the side stream pushes
@@ -319,8 +320,11 @@ def _call(memory: PeerMemory, lanes: _Lanes, x: torch.Tensor, out: torch.Tensor,
             sum_in_rank_order([pieces[r] for r in range(world)], reduced_dst(lo, hi))
         reduced.append(lanes.mark())
 
+    # First a barrier: after it no peer still reads our workspace for an earlier call (the tree
+    # kernel's all-gather reads our epoch buffer after its last barrier), and zero-copy inputs are ready.
+    barrier()
+    ready = lanes.mark()
     for k in range(plan.chunks):
-        ready = None
         if staged:
             for p in peers:
                 lo, hi = plan.chunk_range(p, k)
@@ -328,11 +332,9 @@ def _call(memory: PeerMemory, lanes: _Lanes, x: torch.Tensor, out: torch.Tensor,
                     view(rank, epoch0, lo, hi).copy_(x[lo:hi])
             barrier()
             ready = lanes.mark()
-        elif k == 0:
-            barrier()
-            ready = lanes.mark()
         with lanes.side_stream():
             lanes.wait(ready, on_side=True)
+            ready = None
             if k >= 2:  # T's slot k % 2 is free once chunk k-2 is summed
                 lanes.wait(reduced[k - 2], on_side=True)
             lo, hi = plan.chunk_range(rank, k)

@@ -1,0 +1,205 @@
+"""Functions run on every rank of a ProcessWorld for the copy-engine all-reduce tests (CPU and GPU).
+
+Every rank rebuilds all ranks' inputs from a seed (``rank_inputs``), so it checks its result
+against the float64 sum by itself; results come back as digests, compared across ranks by the test.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from shardkit import CollectiveError, Communicator
+from shardkit.collectives import copy_engine
+from shardkit.reference.all_reduce import all_reduce_reference, rank_inputs
+
+from ..tolerances import ROUNDING, tol
+from .rank_checks import DTYPES, device, digest, error_messages
+
+
+def _check(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    assert bool(torch.isfinite(got).all()), f"{what}: non-finite values (an element was not written?)"
+    torch.testing.assert_close(got.double(), ref, **tol(ROUNDING, got.dtype), msg=lambda m: f"{what}: {m}")
+
+
+def check_copy_all_reduce(dtype_name: str, sizes: list[int], buffer_bytes: int, chunk_bytes: int | None,
+                          seed: int, compare_tree: bool) -> list[str]:
+    """Each size in every mode (out-of-place, in place, zero-copy out-of-place and in place when the
+    message fits the staging area), with ``chunk_bytes`` pipeline chunks (None: the launch policy's),
+    against the float64 sum; all modes bitwise equal, and equal to the tree kernel's bits when
+    ``compare_tree``. Returns one digest per size."""
+    dtype = DTYPES[dtype_name]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    comm = Communicator(buffer_bytes=buffer_bytes)
+    config = None if chunk_bytes is None else copy_engine.CopyConfig(chunk_bytes)
+
+    def run(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if config is None:
+            return comm.all_reduce(x, algo="copy", out=out)
+        return copy_engine.all_reduce(comm.memory, x, out, timeout_iters=comm._timeout_iters, config=config)
+
+    digests = []
+    try:
+        for i, n in enumerate(sizes):
+            xs = rank_inputs(world, n, dtype, seed=seed * 1000 + i, device=device())
+            ref = all_reduce_reference(xs)
+            x = xs[rank]
+            what = f"copy {dtype_name} n={n} world={world} chunk={chunk_bytes}"
+
+            out = torch.full_like(x, float("nan"))  # poison: every element must be written
+            assert run(x, out) is out
+            assert torch.equal(x, xs[rank]), f"{what}: the input was modified"
+            _check(out, ref, what + " out-of-place")
+
+            inplace = x.clone()
+            run(inplace, inplace)
+            assert torch.equal(inplace, out), f"{what}: in place differs from out-of-place"
+
+            if n * x.element_size() <= comm.memory.buffer_bytes:
+                staged = comm.staging_buffer(x.shape, dtype)
+                staged.copy_(x)
+                out_zc = torch.full_like(x, float("nan"))
+                run(staged, out_zc)
+                assert torch.equal(staged, x), f"{what}: zero-copy input was modified"
+                assert torch.equal(out_zc, out), f"{what}: zero-copy differs from out-of-place"
+                staged.fill_(float("nan"))
+                staged.copy_(x)
+                run(staged, staged)  # the push path
+                assert torch.equal(staged, out), f"{what}: zero-copy in place differs from out-of-place"
+
+            if compare_tree:
+                tree = comm.all_reduce(x, algo="tree")
+                assert torch.equal(tree, out), f"{what}: bits differ from the tree kernel's"
+            digests.append(digest(out))
+        comm.check()
+    finally:
+        comm.close()
+    return digests
+
+
+def check_shard_hook(n: int, seed: int) -> list[str]:
+    """A shard hook (x2, in place) on both all-gather paths: the result is twice the sum."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    comm = Communicator(buffer_bytes=16384)
+    digests = []
+    try:
+        xs = rank_inputs(world, n, torch.float32, seed=seed, device=device())
+        ref = all_reduce_reference(xs) * 2
+        calls = []
+
+        def double(shard: torch.Tensor) -> None:
+            calls.append(shard.numel())
+            shard.mul_(2)
+
+        kw = dict(timeout_iters=comm._timeout_iters, config=copy_engine.CopyConfig(1024), shard_hook=double)
+        out = torch.full_like(xs[rank], float("nan"))
+        copy_engine.all_reduce(comm.memory, xs[rank], out, **kw)
+        _check(out, ref, "hook, pull all-gather")
+        staged = comm.staging_buffer((n,), torch.float32)
+        staged.copy_(xs[rank])
+        copy_engine.all_reduce(comm.memory, staged, staged, **kw)
+        assert torch.equal(staged, out), "hook, push all-gather differs from the pull all-gather"
+        lo, hi = min(rank * copy_engine.shard_elements(n, world), n), min((rank + 1) * copy_engine.shard_elements(n, world), n)
+        assert calls == ([hi - lo] * 2 if hi > lo else []), calls
+        digests.append(digest(out))
+        comm.check()
+    finally:
+        comm.close()
+    return digests
+
+
+def check_mixed_calls(seed: int) -> int:
+    """copy, flat, tree, auto-picked copy, zero-copy copy calls interleaved on one communicator (they
+    share the workspace and the call epoch); each against float64. Returns the number of calls."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    comm = Communicator(buffer_bytes=8192, rules=[(1024, "flat"), (None, "copy")])
+    algos = ["copy", "flat", "copy", "tree", "auto", "copy", "auto"]
+    sizes = [3000, 200, 1500, 900, 100, 5, 2500]
+    try:
+        for i, (algo, n) in enumerate(zip(algos, sizes)):
+            xs = rank_inputs(world, n, torch.float32, seed=seed * 100 + i, device=device())
+            x = xs[rank]
+            if i == 5:  # zero-copy in place
+                x = comm.staging_buffer((n,), torch.float32)
+                x.copy_(xs[rank])
+                got = comm.all_reduce_(x, algo=algo)
+            else:
+                got = comm.all_reduce(x, algo=algo)
+            _check(got, all_reduce_reference(xs), f"call {i} ({algo}, n={n})")
+        comm.check()
+    finally:
+        comm.close()
+    return len(algos)
+
+
+def mismatched_copy_call() -> str:
+    """Rank 0 calls with another element count: every rank raises CollectiveError (no hang)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    comm = Communicator(buffer_bytes=8192)
+    try:
+        x = torch.ones(1000 + (7 if rank == 0 else 0), device=device())
+        try:
+            comm.all_reduce(x, algo="copy")
+            comm.check()
+        except CollectiveError as e:
+            return str(e)
+        raise AssertionError("a mismatched call did not raise")
+    finally:
+        comm.close()
+
+
+def copy_bad_inputs() -> list[str]:
+    """Bad arguments raise TypeError/ValueError naming them, on every rank, before any transfer."""
+    comm = Communicator(buffer_bytes=8192)
+    mem, dev = comm.memory, device()
+    x = torch.ones(100, device=dev)
+    try:
+        return error_messages([
+            lambda: copy_engine.all_reduce(mem, x.int(), x.int(), timeout_iters=10),
+            lambda: copy_engine.all_reduce(mem, x, torch.ones(99, device=dev), timeout_iters=10),
+            lambda: copy_engine.all_reduce(mem, torch.ones(10, 10, device=dev).t(), torch.ones(10, 10, device=dev),
+                                           timeout_iters=10),
+            lambda: copy_engine.all_reduce(mem, x, x, timeout_iters=10, config=copy_engine.CopyConfig(0)),
+            lambda: copy_engine.all_reduce(mem, x, x, timeout_iters=10, config=(4096,)),
+            lambda: comm.all_reduce(x.half(), algo="copy", out=x),
+        ])
+    finally:
+        comm.close()
+
+
+def copy_graph_replays(n: int, replays: int, seed: int) -> float:
+    """CUDA graph of an out-of-place and a zero-copy in-place copy all-reduce, replayed on fresh
+    inputs; returns the worst relative error (inputs change between replays, so a graph that froze
+    any per-call state would be caught)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    comm = Communicator(buffer_bytes=4 * n * 2)
+    config = copy_engine.CopyConfig(max(256, n * 2 // world // 3))  # a few chunks per shard
+    x = torch.empty(n, dtype=torch.bfloat16, device=device())
+    out = torch.empty_like(x)
+    staged = comm.staging_buffer((n,), torch.bfloat16)
+    kw = dict(timeout_iters=comm._timeout_iters, config=config)
+    worst = 0.0
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up (compiles the barrier kernel) outside the capture
+            copy_engine.all_reduce(comm.memory, x.normal_(), out, **kw)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            copy_engine.all_reduce(comm.memory, x, out, **kw)
+            copy_engine.all_reduce(comm.memory, staged, staged, **kw)
+        for i in range(replays):
+            xs = rank_inputs(world, n, torch.bfloat16, seed=seed * 100_000 + i, device=device())
+            ys = rank_inputs(world, n, torch.bfloat16, seed=seed * 100_000 + i + 50_000, device=device())
+            x.copy_(xs[rank])
+            staged.copy_(ys[rank])
+            graph.replay()
+            for got, inputs in ((out, xs), (staged, ys)):
+                ref = all_reduce_reference(inputs)
+                err = ((got.double() - ref).norm() / ref.norm()).item()
+                worst = max(worst, err if err == err else float("inf"))
+        comm.check()
+    finally:
+        comm.close()
+    return worst

@@ -1,0 +1,72 @@
+"""Copy-engine all-reduce (algo="copy"): CPU worlds (shared memory, barrier kernel in the Triton
+interpreter) against float64 and the tree kernel's bits; GPU tests (2+ GPUs) at GPU sizes and in
+CUDA graphs."""
+import pytest
+
+from ..conftest import gpu_count
+from . import copy_checks
+
+SMALL_BUFFER = 8192  # bytes: larger messages go in call-chunks
+
+
+# The interpreter truncates fp32 -> bf16 casts (the tree kernel's -0.4509 became -0.4492 where the
+# GPU and torch round to nearest even, -0.4512), so bf16 bits are compared with the tree's on GPUs only.
+@pytest.mark.parametrize("world_size,dtype,sizes,chunk_bytes,compare_tree", [
+    (2, "bfloat16", [7, 3000, 5000], 2048, False),  # 2 chunks per shard; 5000 goes in 2 call-chunks
+    (3, "float16", [1000], None, True),            # the launch policy's chunks through Communicator(algo="copy")
+    (4, "float32", [7, 1500], 1024, True),          # W > 2: the fp32 accumulator; 2 chunks per shard
+])
+def test_matches_float64_and_tree_bits(worlds, world_size, dtype, sizes, chunk_bytes, compare_tree):
+    digests = worlds(world_size).run(copy_checks.check_copy_all_reduce, dtype, sizes, SMALL_BUFFER, chunk_bytes,
+                                     world_size, compare_tree)
+    assert all(d == digests[0] for d in digests), "ranks got different bits"
+
+
+def test_shard_hook_on_both_all_gathers(worlds):
+    digests = worlds(3).run(copy_checks.check_shard_hook, 1501, 4)
+    assert all(d == digests[0] for d in digests)
+
+
+def test_interleaved_with_flat_tree_and_auto(worlds):
+    assert worlds(2).run(copy_checks.check_mixed_calls, 6) == [7, 7]
+
+
+def test_ranks_disagreeing_all_raise(worlds):
+    for message in worlds(2).run(copy_checks.mismatched_copy_call, timeout=120):
+        assert "different element count" in message, message
+
+
+def test_bad_inputs_raise_on_every_rank(worlds):
+    for messages in worlds(2).run(copy_checks.copy_bad_inputs):
+        assert "x must be float32" in messages[0] and "out must have x's shape" in messages[1]
+        assert "contiguous" in messages[2] and "CopyConfig" in messages[3] and "CopyConfig" in messages[4]
+
+
+# ----------------------------------------------------------------------------- GPU
+GPU_WORLDS = sorted({2, min(4, gpu_count())}) if gpu_count() >= 2 else []
+
+
+@pytest.mark.parametrize("world_size", GPU_WORLDS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("buffer_bytes,chunk_bytes", [(1 << 20, None), (32 << 20, 1 << 20)])
+@pytest.mark.gpu
+@pytest.mark.skipif(gpu_count() < 2, reason="needs 2+ CUDA GPUs")
+def test_gpu_matches_float64_and_tree_bits(worlds, world_size, dtype, buffer_bytes, chunk_bytes):
+    sizes = [1, 4099, 1_000_003, 3_000_017]  # with 1 MiB: call-chunked; with 32 MiB: one call, 1 MiB chunks
+    digests = worlds(world_size, "nccl").run(copy_checks.check_copy_all_reduce, dtype, sizes, buffer_bytes,
+                                             chunk_bytes, 3, True)
+    assert all(d == digests[0] for d in digests), "ranks got different bits"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(gpu_count() < 2, reason="needs 2+ CUDA GPUs")
+def test_gpu_cuda_graph_replays(worlds):
+    for worst in worlds(GPU_WORLDS[-1], "nccl").run(copy_checks.copy_graph_replays, 1_000_003, 50, 5):
+        assert worst < 2e-2, worst
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(gpu_count() < 2, reason="needs 2+ CUDA GPUs")
+def test_gpu_ranks_disagreeing_all_raise(worlds):
+    for message in worlds(2, "nccl").run(copy_checks.mismatched_copy_call, timeout=120):
+        assert "different element count" in message, message
