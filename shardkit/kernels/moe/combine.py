@@ -50,7 +50,7 @@ def moe_combine_kernel(
         weights = peer_ptr(table_ptr, rank, weight_off, tl.float32)
         expert_rows = peer_ptr(table_ptr, rank, expert_row_off, tl.int32)
         for s in tl.static_range(WORLD):
-            back = peer_ptr(table_ptr, s, comb_off, DTYPE) + rank * max_tokens * comb_elems
+            back = peer_ptr(table_ptr, s, comb_off, DTYPE) + rank.to(tl.int64) * max_tokens * comb_elems
             src_tokens = tl.load(counts + s * counts_row)
             for item in range(pid, tl.cdiv(src_tokens, BLOCK_T) * n_chunks, nprog):
                 block = item // n_chunks
@@ -65,7 +65,7 @@ def moe_combine_kernel(
                     v = tl.load(expert_out_ptr + row.to(tl.int64)[:, None] * hidden + cols[None, :],
                                 mask=m & (row >= 0)[:, None], other=0.0)
                     acc += w[:, None] * v.to(tl.float32)
-                tl.store(back + t[:, None] * comb_elems + cols[None, :], acc.to(DTYPE), mask=m)
+                tl.store(back + t.to(tl.int64)[:, None] * comb_elems + cols[None, :], acc.to(DTYPE), mask=m)
     ok = peer_barrier(table_ptr, rank, 0, flag, ok, error_record_addr, timeout_iters, WORLD, WORLD_P2)
     comb = peer_ptr(table_ptr, rank, comb_off, DTYPE)
     for item in range(pid, tl.cdiv(tokens, BLOCK_T) * n_chunks, nprog):
@@ -80,7 +80,8 @@ def moe_combine_kernel(
             acc = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
         for r in tl.static_range(WORLD):
             got = ok & (((bits >> r) & 1) != 0)
-            acc += tl.load(comb + (r * max_tokens + t)[:, None] * comb_elems + cols[None, :], mask=m & got[:, None],
+            rows = (r * max_tokens + t).to(tl.int64)  # 64-bit offsets: the region may exceed 2**31 elements
+            acc += tl.load(comb + rows[:, None] * comb_elems + cols[None, :], mask=m & got[:, None],
                            other=0.0).to(tl.float32)
         tl.store(out_ptr + t[:, None] * hidden + cols[None, :], tl.where(ok, acc, float("nan")).to(DTYPE), mask=m)
     finish_call(own, epoch)
@@ -95,7 +96,8 @@ def launch_combine(expert_out: torch.Tensor, residual: torch.Tensor | None, out:
                    num_warps: int) -> None:
     """Combine into ``out [T, hidden]``; ``ws``: the MoeWorkspace (see the module)."""
     tokens, hidden = out.shape
-    consts = {"K": ws.topk, "WORLD": world, "WORLD_P2": triton.next_power_of_2(world), "BLOCK_T": block_t, "BLOCK_H": block_h,
+    consts = {"K": ws.topk, "WORLD": world, "WORLD_P2": triton.next_power_of_2(world), "BLOCK_T": block_t,
+              "BLOCK_H": block_h,
               "HAS_RESIDUAL": residual is not None}
     ints = (hidden, ws.max_tokens, ws.counts_off, ws.counts_row, ws.inv_off, ws.weight_off, ws.expert_row_off,
             ws.comb_off, ws.comb_elems)

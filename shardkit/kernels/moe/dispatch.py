@@ -139,7 +139,8 @@ def moe_dispatch_kernel(
                     groups = c * GROUPS + tl.arange(0, GROUPS)
                     tl.store(scales + row[:, None] * scale_groups + groups[None, :], scale,
                              mask=sent[:, None] & (groups < scale_groups)[None, :])
-                tl.store(recv + row[:, None, None] * row_elems + cols[None, :, :], v.to(PAYLOAD), mask=m)
+                tl.store(recv + row.to(tl.int64)[:, None, None] * row_elems + cols[None, :, :], v.to(PAYLOAD),
+                         mask=m)
     ok = peer_barrier(table_ptr, rank, 0, flag, ok, error_record_addr, timeout_iters, WORLD, WORLD_P2)
     finish_call(own, epoch)
 
