@@ -33,6 +33,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 OURS = ("flat", "tree", "auto")
 # The same algorithms on the Triton kernels, when the default communicator runs the CUDA ones.
 TRITON = ("flat_triton", "tree_triton")
+# The copy-engine algorithm on a communicator whose buffer holds the largest message (--copy-buffer):
+# "copy" out of place on an ordinary tensor (staging overlapped), "copy_zc" zero-copy in place (the
+# input written in the staging area: no staging copy at all).
+COPY = ("copy", "copy_zc")
 
 
 def parse_size(text: str) -> int:
@@ -98,10 +102,12 @@ def sweep_rank(args: argparse.Namespace) -> tuple[dict, list[dict]] | None:
     group_name = dist.group.WORLD.group_name
     extra = {} if cpu else symm_mem_algos(group_name)
     algos = [a for a in args.algos.split(",")
-             if a in ("nccl",) + OURS or a in extra or (a in TRITON and triton_comm is not None)]
+             if a in ("nccl",) + OURS + COPY or a in extra or (a in TRITON and triton_comm is not None)]
     modes = ["eager"] if cpu else args.modes.split(",")
     sizes = parse_sizes(args.sizes)
     elt = torch.empty((), dtype=dtype).element_size()
+    copy_buffer = args.copy_buffer or max(sizes)
+    copy_comm = shardkit.Communicator(buffer_bytes=copy_buffer) if any(a in COPY for a in algos) else None
 
     def sync() -> None:
         dist.barrier()
@@ -138,6 +144,12 @@ def sweep_rank(args: argparse.Namespace) -> tuple[dict, list[dict]] | None:
             elif algo in OURS:
                 out = torch.empty_like(x)
                 fn, got = (lambda a=algo, o=out: comm.all_reduce(x, algo=a, out=o)), out
+            elif algo == "copy":
+                out = torch.empty_like(x)
+                fn, got = (lambda o=out: copy_comm.all_reduce(x, algo="copy", out=o)), out
+            elif algo == "copy_zc":  # in place, so every call sums the last result: no NaN poison, x first
+                got = copy_comm.staging_buffer(x.shape, dtype)
+                fn = lambda g=got: copy_comm.all_reduce_(g, algo="copy")  # noqa: E731
             elif algo in TRITON:
                 out = torch.empty_like(x)
                 fn, got = (lambda a=algo.split("_")[0], o=out: triton_comm.all_reduce(x, algo=a, out=o)), out
@@ -148,7 +160,7 @@ def sweep_rank(args: argparse.Namespace) -> tuple[dict, list[dict]] | None:
                         bar.update(len(modes))
                     continue
             if got is not None:
-                if algo == "auto":
+                if algo in ("auto", "copy_zc"):
                     got.copy_(x)
                 else:
                     got.fill_(float("nan"))
@@ -174,8 +186,9 @@ def sweep_rank(args: argparse.Namespace) -> tuple[dict, list[dict]] | None:
                     samples = max_over_ranks(samples, device)  # each repetition: the slowest rank
                     busbw = numel * elt / (statistics.median(samples) * 1e-6) / 1e9 * 2 * (world - 1) / world
                     metrics["busbw_gbps"] = round(busbw, 2)
+                params = {"bytes": numel * elt, **({"buffer_bytes": copy_buffer} if algo in COPY else {})}
                 records.append(record("all_reduce", impl_name(algo, comm.kernels), gpu=env["gpu"], world=world,
-                                      dtype=dtype, mode="cpu" if cpu else mode, params={"bytes": numel * elt},
+                                      dtype=dtype, mode="cpu" if cpu else mode, params=params,
                                       us=samples, metrics=metrics, commit=commit,
                                       error=None if samples else error or "wrong result on another rank"))
                 if bar:
@@ -184,8 +197,9 @@ def sweep_rank(args: argparse.Namespace) -> tuple[dict, list[dict]] | None:
     if bar:
         bar.close()
     comm.close()
-    if triton_comm is not None:
-        triton_comm.close()
+    for extra_comm in (triton_comm, copy_comm):
+        if extra_comm is not None:
+            extra_comm.close()
     return (env, records) if rank == 0 else None
 
 
@@ -231,9 +245,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default=None, help="'1K-256M' (x4 steps) or a list '4K,1M' (default 1K-256M; CPU 1K-64K)")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    p.add_argument("--algos", default="nccl,flat,tree,auto,flat_triton,tree_triton,symm_1shot,symm_2shot",
+    p.add_argument("--algos", default="nccl,flat,tree,auto,flat_triton,tree_triton,copy,copy_zc,symm_1shot,symm_2shot",
                    help="flat/tree/auto use the CUDA kernels where built (else Triton); *_triton force Triton")
     p.add_argument("--modes", default="eager,graph")
+    p.add_argument("--copy-buffer", type=parse_size, default=None,
+                   help="buffer_bytes of the communicator of copy/copy_zc (default: the largest size)")
     p.add_argument("--iters", type=int, default=None, help="calls per repetition (default 100; CPU 3)")
     p.add_argument("--reps", type=int, default=None, help="repetitions (default 7; CPU 3)")
     p.add_argument("--out", default=None,
