@@ -18,16 +18,9 @@ from ...kernels.moe.counts import launch_counts
 from ...kernels.moe.dispatch import launch_dispatch, work_item
 from ...kernels.moe.layout import launch_layout, layout_programs
 from ...kernels.moe.workspace import BAD_EXPERT_ID, BAD_INPUT, RECV_OVERFLOW, moe_workspace
-from ...memory import protocol
 from ...memory.peer_memory import PeerMemory
 from ...memory.protocol import MISMATCH, SIGNAL_BYTES, call_signature, describe_failure
 from .config import MoeConfig, MoeHandle
-
-# Op codes of the MoE launches in the call fingerprints (protocol.OP_CODES holds one per kind of call).
-for _op, _code in (("moe_counts", 21), ("moe_dispatch", 22), ("moe_combine", 23)):
-    assert protocol.OP_CODES.get(_op, _code) == _code and _code not in (
-        v for k, v in protocol.OP_CODES.items() if k != _op), f"op code {_code} of {_op} taken"
-    protocol.OP_CODES[_op] = _code
 
 
 class PeerTransport:
