@@ -63,6 +63,36 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> str:
     return "same" if (a_lo, a_hi) == (b_lo, b_hi) else "partly"
 
 
+def peer_access_problem(group: dist.ProcessGroup, backend: str, device: torch.device) -> str | None:
+    """Why the ranks of ``group`` cannot use peer memory (agreed by all ranks), or None. ``backend``:
+    "cuda" (NCCL groups: one GPU per rank, same host, peer access between every pair) or "cpu" (gloo
+    groups: the ranks share a host's memory). Collective: every rank of the group calls it."""
+    world = dist.get_world_size(group)
+    reason = ""
+    info = socket.gethostname() if backend == "cpu" else (socket.gethostname(), device.index)
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, info, group=group)
+    if backend == "cpu":
+        if len(set(gathered)) != 1:
+            reason = "ranks are on different hosts"
+    else:
+        hosts = {h for h, _ in gathered}
+        devices = [d for _, d in gathered]
+        if len(hosts) != 1:
+            reason = "ranks are on different hosts"
+        elif len(set(devices)) != len(devices):
+            reason = "two ranks share one GPU"
+        else:
+            missing = [d for d in devices
+                       if d != device.index and not torch.cuda.can_device_access_peer(device.index, d)]
+            if missing:
+                reason = f"GPU {device.index} has no peer access to GPU(s) {missing}"
+    reasons: list = [None] * world
+    dist.all_gather_object(reasons, reason, group=group)
+    bad = [r for r in reasons if r]
+    return bad[0] if bad else None
+
+
 class Communicator:
     """All-reduce for the ranks of ``group`` (default: the world), all of which must construct it.
 
@@ -103,7 +133,7 @@ class Communicator:
         self.rules = rules if rules is not None else thresholds.select_rules(self.device_name, self.world_size)
         self._rmsnorm_tree_min_bytes = thresholds.rmsnorm_tree_min_bytes(self.device_name, self.world_size)
         self.memory: PeerMemory | None = None
-        self.fallback_reason = self._peer_access_problem()
+        self.fallback_reason = peer_access_problem(self.group, self.backend, self.device)
         if self.fallback_reason is None:
             self.memory = PeerMemory(self.group, buffer_bytes=buffer_bytes, backend=self.backend, device=self.device)
         elif self.rank == 0:
@@ -119,33 +149,6 @@ class Communicator:
         self._error: str | None = None
         self._closed = False
         _REGISTRY.setdefault(self.group.group_name, []).append(self)
-
-    # ------------------------------------------------------------------ topology
-    def _peer_access_problem(self) -> str | None:
-        """Why this group cannot use peer memory (agreed by all ranks), or None."""
-        reason = ""
-        info = socket.gethostname() if self.backend == "cpu" else (socket.gethostname(), self.device.index)
-        gathered: list = [None] * self.world_size
-        dist.all_gather_object(gathered, info, group=self.group)
-        if self.backend == "cpu":
-            if len(set(gathered)) != 1:
-                reason = "ranks are on different hosts"
-        else:
-            hosts = {h for h, _ in gathered}
-            devices = [d for _, d in gathered]
-            if len(hosts) != 1:
-                reason = "ranks are on different hosts"
-            elif len(set(devices)) != len(devices):
-                reason = "two ranks share one GPU"
-            else:
-                missing = [d for d in devices if d != self.device.index
-                           and not torch.cuda.can_device_access_peer(self.device.index, d)]
-                if missing:
-                    reason = f"GPU {self.device.index} has no peer access to GPU(s) {missing}"
-        reasons: list = [None] * self.world_size
-        dist.all_gather_object(reasons, reason, group=self.group)
-        bad = [r for r in reasons if r]
-        return bad[0] if bad else None
 
     # ------------------------------------------------------------------ public API
     def all_reduce(self, x: torch.Tensor, algo: str = "auto", out: torch.Tensor | None = None, *,

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from ...errors import ShardkitError
 from ...memory.peer_memory import in_interpreter
 from ...memory.protocol import MAX_PROGRAMS
-from ..communicator import DEFAULT_TIMEOUT_S, _POLLS_PER_S, Communicator
+from ..communicator import DEFAULT_TIMEOUT_S, _POLLS_PER_S, peer_access_problem
 from .config import MoeHandle, check_agreement, check_combine_args, check_dispatch_args, make_config
 from .nccl import NcclTransport
 from .peer import PeerTransport
@@ -105,7 +105,7 @@ class MoeDispatcher:
             raise ValueError(f"MoeDispatcher: programs must be in [1, {MAX_PROGRAMS}], got {programs}")
         self.fallback_reason = None
         if transport == "auto":
-            self.fallback_reason = Communicator._peer_access_problem(self)  # reads group/backend/device/world_size
+            self.fallback_reason = peer_access_problem(self.group, self.backend, self.device)
             transport = "nccl" if self.fallback_reason else "peer"
             if self.fallback_reason and self.rank == 0:
                 warnings.warn(f"shardkit: MoE dispatch over NCCL: {self.fallback_reason}", stacklevel=2)
