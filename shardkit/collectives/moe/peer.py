@@ -140,6 +140,12 @@ class PeerTransport:
         """This rank rejected its dispatch input: take part in the counts exchange with no tokens and the
         BAD_INPUT flag, so that every rank fails this round together instead of waiting for us."""
         self._counts(tokens=0, n_chunks=0, input_error=1)
+        self._rejected("dispatch")
+
+    def _rejected(self, what: str) -> None:
+        """Fail here at once (on GPUs the kernels that record the failure may still be queued)."""
+        self.error = self.error or (f"shardkit MoE dispatch failed on rank {self.rank}: this rank rejected its "
+                                    f"input to {what}. This dispatcher is unusable now. Create a new MoeDispatcher.")
 
     # ------------------------------------------------------------------ a round
     def _counts(self, tokens: int, n_chunks: int, input_error: int) -> None:
@@ -199,11 +205,11 @@ class PeerTransport:
 
     def poison_combine(self) -> None:
         """This rank rejected its combine input: arrive at the combine barrier with another signature
-        and no work, so that the peers fail this round instead of waiting for us (ranks that all
-        rejected their input agree, and the dispatcher stays usable)."""
+        and no work, so that the peers fail this round instead of waiting for us."""
         dummy = torch.empty(0, self.cfg.hidden, dtype=self.cfg.dtype, device=self.device)
         self._combine(torch.empty(1, self.cfg.hidden, dtype=self.cfg.dtype, device=self.device), None, dummy,
                       poisoned=True)
+        self._rejected("combine")
 
     def _combine(self, expert_out: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor,
                  poisoned: bool) -> None:
