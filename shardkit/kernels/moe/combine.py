@@ -17,9 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch import CachedLauncher, int_key, ptr_key
+from ..launch import CachedLauncher, ptr_key
 from ..peer_tiles import peer_ptr
 from ..sync import finish_call, peer_barrier, start_call
+from .workspace import int_keys
 
 
 @triton.jit(do_not_specialize=["error_record_addr", "rank", "sig", "buffer_bytes", "timeout_iters", "tokens",
@@ -102,6 +103,6 @@ def launch_combine(expert_out: torch.Tensor, residual: torch.Tensor | None, out:
     ints = (hidden, ws.max_tokens, ws.counts_off, ws.counts_row, ws.inv_off, ws.weight_off, ws.expert_row_off,
             ws.comb_off, ws.comb_elems)
     res = residual if residual is not None else out
-    key = (ptr_key(expert_out), ptr_key(res), ptr_key(out), *(int_key(v) for v in ints))
+    key = (ptr_key(expert_out), ptr_key(res), ptr_key(out), int_keys(ints))
     _launch(key, programs, (expert_out, res, out, mask, table, error_record_addr, rank, sig, buffer_bytes,
                             timeout_iters, tokens, int(skip), *ints), consts, num_warps)

@@ -24,10 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch import CachedLauncher, int_key
+from ..launch import CachedLauncher
 from ..peer_tiles import peer_ptr
 from ..sync import finish_call, peer_barrier, record_error, start_call
-from .workspace import BAD_EXPERT_ID, BAD_INPUT, FLAG_BAD_IDS, FLAG_BAD_INPUT, RECV_OVERFLOW
+from .workspace import BAD_EXPERT_ID, BAD_INPUT, FLAG_BAD_IDS, FLAG_BAD_INPUT, RECV_OVERFLOW, int_keys
 
 _FLAG_BAD_IDS = tl.constexpr(FLAG_BAD_IDS)
 _FLAG_BAD_INPUT = tl.constexpr(FLAG_BAD_INPUT)
@@ -159,7 +159,7 @@ def launch_counts(table: torch.Tensor, error_record_addr: int, rank: int, world:
               "CHUNKS_P2": triton.next_power_of_2(chunk_counts.shape[0]), "E_P2": triton.next_power_of_2(experts),
               "L_P2": l2g.shape[1], "ALIGN_P2": triton.next_power_of_2(align)}
     ints = (experts, align, recv_rows, expert_rows, counts_off, counts_row, expert_index_off)
-    _launch(tuple(int_key(v) for v in ints), 1,
+    _launch(int_keys(ints), 1,
             (table, error_record_addr, rank, sig, buffer_bytes, timeout_iters, chunk_counts, chunk_bad, cursor, l2g,
              chunk_base, send_base, expert_base, recv_counts, recv_offsets, expert_offsets, expert_counts, recv_info,
              n_chunks, tokens, input_error, *ints), consts, num_warps)

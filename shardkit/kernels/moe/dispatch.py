@@ -19,10 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch import CachedLauncher, int_key, ptr_key
+from ..launch import CachedLauncher, ptr_key
 from ..peer_tiles import peer_ptr
 from ..sync import finish_call, peer_barrier, start_call
-from .workspace import SCALE_GROUP
+from .workspace import SCALE_GROUP, int_keys
 
 E4M3_MAX = 448.0
 _E4M3_MAX = tl.constexpr(E4M3_MAX)
@@ -182,7 +182,7 @@ def launch_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch
     ints = (hidden, ws.experts, ws.max_tokens, ws.recv_x_off, ws.row_elems, ws.recv_scales_off, ws.scale_groups,
             ws.src_rank_off, ws.src_token_off, ws.local_expert_off, ws.weight_off, ws.expert_row_off, ws.inv_off,
             ws.expert_index_off)
-    key = (ptr_key(x), ptr_key(topk_idx), ptr_key(topk_weights), *(int_key(v) for v in ints))
+    key = (ptr_key(x), ptr_key(topk_idx), ptr_key(topk_weights), int_keys(ints))
     _launch(key, programs,
             (x, topk_idx, topk_weights, expert_rank, expert_local, mask, chunk_pos, slot_pos, chunk_base, send_base,
              expert_base, table, error_record_addr, rank, sig, buffer_bytes, timeout_iters, tokens, chunk, *ints),

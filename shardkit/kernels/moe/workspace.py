@@ -29,11 +29,13 @@ dispatch's outputs valid until the next dispatch (the dispatcher enforces the or
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from ...memory.protocol import SIGNAL_BYTES
+from ..launch import int_key
 
 # Error codes of the MoE launches (first word of the error record), beside the protocol's 0..4.
 BAD_EXPERT_ID = 16   # an expert id outside [-1, experts) on the culprit ranks
@@ -110,3 +112,10 @@ def moe_workspace(world: int, max_tokens: int, hidden: int, topk: int, experts: 
     return MoeWorkspace(world=world, max_tokens=max_tokens, hidden=hidden, topk=topk, experts=experts,
                         recv_rows=recv_rows, expert_rows=expert_rows, row_elems=row_elems, comb_elems=comb_elems,
                         scale_groups=scale_groups, counts_row=counts_row, nbytes=at, **offsets)
+
+
+@functools.lru_cache(maxsize=None)
+def int_keys(ints: tuple[int, ...]) -> tuple:
+    """The CachedLauncher key of integer arguments that are constant per dispatcher (offsets, sizes):
+    computed once, not at every eager launch."""
+    return tuple(int_key(v) for v in ints)
