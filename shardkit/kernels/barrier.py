@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import CachedLauncher, ptr_key
+from .launch import CachedLauncher, int_key, ptr_key
 from .sync import finish_call, peer_barrier, start_call
 
 
@@ -41,5 +41,6 @@ def launch_barrier(table: torch.Tensor, error_record_addr: int, rank: int, world
                    timeout_iters: int) -> None:
     """Enqueue one barrier of the ranks of ``table`` on the current stream (see the module)."""
     consts = {"WORLD": world, "WORLD_P2": triton.next_power_of_2(world)}
-    key = (ptr_key(table),)  # the integer arguments are not specialised on
+    # Unspecialised integers still compile as i32 or i64 by value: the key carries their range.
+    key = (ptr_key(table), int_key(error_record_addr), int_key(buffer_bytes), int_key(timeout_iters))
     _launch(key, 1, (table, error_record_addr, rank, sig, buffer_bytes, timeout_iters), consts, 1)

@@ -133,7 +133,7 @@ class PeerMemory:
         self._check_open()
         if self._peer_bytes is None:  # cuda: every rank's whole workspace as a uint8 tensor on this device
             views = [self._handle.get_buffer(r, (self.nbytes,), torch.uint8) for r in range(self.world_size)]
-            if [v.data_ptr() for v in views] != self.table.tolist():
+            if [v.data_ptr() for v in views] != list(self._handle.buffer_ptrs):  # the table's addresses
                 raise ShardkitError("peer_view: torch's symmetric-memory buffers do not start at the pointer table's "
                                     "addresses")
             self._peer_bytes = views
