@@ -3,14 +3,15 @@ peer memory, the fastest way to write a peer measured here: 366 GB/s with both G
 
 Program p of G (G equal on every rank) serves the destinations in turn, starting at rank p mod W
 (so that the local copy and the pushes to the peers overlap across programs). For destination r it
-first writes the metadata of tokens p, p + G, ... that go to r, into row ``send_base[r] +
-chunk_base[chunk, r] + chunk_pos[t, r]`` of r's receive rows (layout.py, counts.py): source rank
-and index, the top-k weights, and per top-k slot the expert's local index on r and its expert-major
-row there (-1 where the expert lives elsewhere), plus the expert-major index entry (that row ->
-receive row) and ``inv[rank][t]`` (the receive row, or -1 for tokens not sent to r), which the
-combine follows back. Then the payload: a work item is one chunk of BLOCK_H channels of one token,
-items p, p + G, ... One barrier at the end: when a rank's launch has finished, every peer's program
-has pushed all its rows to it.
+first writes the metadata of its blocks of META_T tokens (block G-1-p, 2G-1-p, ...: the last programs,
+which get fewer payload items) that go to r, into row ``send_base[r] + chunk_base[chunk, r] +
+chunk_pos[t, r]`` of r's receive rows (layout.py, counts.py): source rank and index, the top-k
+weights, and per top-k slot the expert's local index on r and its expert-major row there (-1 where
+the expert lives elsewhere), plus the expert-major index entry (that row -> receive row) and
+``inv[rank][t]`` (the receive row, or -1 for tokens not sent to r), which the combine follows back.
+Then the payload: a work item is a chunk of BLOCK_H channels of BLOCK_T tokens, items p, p + G, ...
+One barrier at the end: when a rank's launch has finished, every peer's program has pushed all its
+rows to it.
 
 fp8 (DeepSeek-V3 style): each group of 128 channels is scaled by amax / 448 and rounded to e4m3;
 the receiver gets the bytes and one fp32 scale per group (half the bytes of bf16 on the wire).
@@ -95,7 +96,8 @@ def moe_dispatch_kernel(
             r = (pid + j) % WORLD
             base = tl.load(send_base_ptr + r)
             recv = peer_ptr(table_ptr, r, recv_x_off, PAYLOAD)
-            # Metadata of blocks of META_T tokens pid, pid + G, ...; inv[rank][t] = the row, or -1 if not sent.
+            # Metadata of blocks of META_T tokens, from the last program down (the first ones get the extra
+            # payload items); inv[rank][t] = the row, or -1 if not sent.
             inv = peer_ptr(table_ptr, r, inv_off, tl.int32) + rank * max_tokens
             src_ranks = peer_ptr(table_ptr, r, src_rank_off, tl.int32)
             src_tokens = peer_ptr(table_ptr, r, src_token_off, tl.int32)
@@ -103,7 +105,7 @@ def moe_dispatch_kernel(
             weights = peer_ptr(table_ptr, r, weight_off, tl.float32)
             expert_rows = peer_ptr(table_ptr, r, expert_row_off, tl.int32)
             index = peer_ptr(table_ptr, r, expert_index_off, tl.int32)
-            for block in range(pid, n_meta, nprog):
+            for block in range(nprog - 1 - pid, n_meta, nprog):
                 t = block * META_T + offs_m
                 sent, row = _rows(t, r, tokens, chunk, base, mask_ptr, chunk_base_ptr, chunk_pos_ptr, WORLD)
                 tl.store(inv + t, tl.where(sent, row, -1), mask=t < tokens)
