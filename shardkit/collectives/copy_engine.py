@@ -19,24 +19,28 @@ rank r owns shard r. Each shard is cut into K chunks of c elements, the pipeline
     so it never meets the staged shards p != r);
   * T, the pulled pieces of our shard: epoch buffer 1, a ring of two slots of (W-1) x c elements.
 
-Per call, on each rank r, with two streams (the caller's, "main", and a side stream for copies):
+Per call, on each rank r, with two streams (the caller's, "main", and a side stream for copies),
+after a start barrier (after it no peer still reads our workspace for an earlier call, the
+protocol's epoch-buffer rule, and zero-copy inputs are ready):
 
-  1. reduce-scatter: for each chunk k of shard r, on the side stream, pull the W-1 peers' copies of
-     chunk k (from their S) into T; on main, as each chunk lands, sum the W pieces in rank order.
-     A start barrier comes first (after it no peer still reads our workspace for an earlier call:
-     the epoch-buffer rule of the protocol). Staged inputs: main then copies chunk k of every other
-     shard into S and passes a barrier, so peers pull chunk k while chunk k+1 is being staged (the
-     staging copy is overlapped); zero-copy inputs need no barrier beyond the start.
-  2. all-gather:
-     * zero-copy in place (the input is in the staging area and is the output, the probe of
-       issue 14): the sums are written over our shard of the input, and the side stream pushes
-       each reduced chunk into the same place of every peer's input as soon as it is summed. Two
-       barriers per call and no local copy at all. Pushes into a peer's shard r are safe: only
-       rank r reads that range (its own pulls, earlier on the same stream).
-     * otherwise: the sums go to R, a barrier says every rank's R is complete, and the side stream
-       pulls the peers' reduced shards straight into ``out`` (no copy-out of a landing area).
-  3. an end barrier: no peer still reads or writes our workspace, so the next call (of any
-     algorithm) may reuse it.
+  * zero-copy in place (the input is in the staging area and is the output; the probe of issue
+    14): the side stream pulls the W-1 peers' copies of chunk k of shard r into T, chunk after
+    chunk; main sums each chunk in rank order over our input as it lands; then the side stream
+    pushes each summed chunk into the same place of every peer's input. Two barriers per call, no
+    local copy, and the side stream never waits (push k needs sum k, done during the later pulls).
+    Pushes into a peer's shard r are safe: only rank r reads that range (its own pulls, earlier on
+    the same stream).
+  * otherwise (ordinary inputs, or zero-copy out of place): main stages chunk k of every other
+    shard into S (ordinary inputs only), sums chunk k into R, and passes barrier k, which says
+    that every rank's chunk k is summed (and chunk k+2 staged). The side stream pulls chunk k+2 of
+    our shard into T and gathers chunk k of every peer's shard from their R straight into
+    ``out``, alternating: pulls run two chunks ahead of the sums, so the staging copies, the sums
+    and the barriers hide behind transfers, and the link never waits for the last sum. Our own
+    reduced chunk is copied from R to ``out`` after barrier k, off the peers' path. K + 2 barriers
+    (+2 for the first two staged chunks).
+
+An end barrier closes the call: no peer still reads or writes our workspace, so the next call (of
+any algorithm) may reuse it.
 
 Barriers are ``kernels/barrier.py``: one program of the workspace protocol, enqueued on main (CUDA
 graphs capture it), carrying the call's fingerprint (op, sizes, dtype, chunking, zero-copy
@@ -56,9 +60,10 @@ Messages larger than the workspace's ``buffer_bytes`` go in call-chunks of at mo
 a complete call with its own barriers; the fast configuration is a communicator whose
 ``buffer_bytes`` holds the largest message (the staging area is the zero-copy capacity anyway).
 
-``shard_hook`` (used by ``collectives/hierarchical.py``) runs, on main, on this rank's reduced shard
-(a view of the workspace) between the two phases, and must update it in place: e.g. an NCCL
-all-reduce of the shard across nodes. The peers then gather the hooked shard.
+``shard_hook`` (used by ``collectives/hierarchical.py``) runs on main on each summed chunk of this
+rank's shard (a view of the workspace, before the peers gather it) and must update it in place:
+e.g. an NCCL all-reduce of the chunk across nodes, which then overlaps the copies of the other
+chunks. Every rank of the hook's group sees the same chunks (empty chunks are skipped).
 """
 from __future__ import annotations
 
@@ -220,8 +225,8 @@ def all_reduce(memory: PeerMemory, x: torch.Tensor, out: torch.Tensor, *, timeou
     out: contiguous, x's shape and dtype; may be ``x``.
     timeout_iters: barrier polls before a missing peer is declared failed.
     config: the pipeline chunk (default ``copy_config``); the same on every rank.
-    shard_hook: called on this rank's reduced shard (a workspace view) between reduce-scatter and
-       all-gather, to be updated in place (see the module); the same on every rank.
+    shard_hook: called on each summed chunk of this rank's shard (a workspace view) before the peers
+       gather it, to update it in place (see the module); the same on every rank.
     Returns ``out``. Every rank gets bitwise the same result (see the module for the summation order).
     """
     _validate(memory, x, out)
@@ -291,67 +296,60 @@ def _call(memory: PeerMemory, lanes: _Lanes, x: torch.Tensor, out: torch.Tensor,
     base = memory.staging_offset
     epoch0, epoch1 = base + memory.buffer_bytes, base + 2 * memory.buffer_bytes
     src_off = epoch0 if staged else x_offset  # S
+    peers = plan.peers()
     barriers = iter(range(1 << 30))
+    pulled, reduced = [], []
 
-    def barrier() -> None:
+    def barrier() -> torch.cuda.Event | None:
+        """A barrier on main; returns an event after it (for the side stream to wait on)."""
         sig = call_signature(OP, *fingerprint, mode, next(barriers))
         launch_barrier(memory.table, memory.error_record_addr, rank, world, sig, memory.buffer_bytes, timeout_iters)
+        return lanes.mark()
 
     def view(r: int, offset: int, lo: int, hi: int) -> torch.Tensor:
         return memory.peer_view(r, offset + lo * es, hi - lo, dtype)
 
-    def slot(k: int, i: int, length: int) -> torch.Tensor:  # T: piece i (i-th peer) of chunk k
-        return memory.peer_view(rank, epoch1 + ((k % 2) * (world - 1) + i) * plan.chunk * es, length, dtype)
+    def stage(k: int) -> None:  # main: chunk k of every other shard into S (epoch buffer 0)
+        for p in peers:
+            lo, hi = plan.chunk_range(p, k)
+            if hi > lo:
+                view(rank, epoch0, lo, hi).copy_(x[lo:hi])
 
-    # The reduced chunk k of our shard: over our input (push) or into R.
-    def reduced_dst(lo: int, hi: int) -> torch.Tensor:
-        return x[lo:hi] if push else view(rank, epoch0, lo, hi)
-
-    # 1. Reduce-scatter.
-    peers = plan.peers()
-    pulled, reduced = [], []
-
-    def add(k: int) -> None:
-        lo, hi = plan.chunk_range(rank, k)
-        lanes.wait(pulled[k])
-        if hi > lo:
-            pieces = {r: slot(k, i, hi - lo) for i, r in enumerate(peers)}
-            pieces[rank] = x[lo:hi]
-            sum_in_rank_order([pieces[r] for r in range(world)], reduced_dst(lo, hi))
-        reduced.append(lanes.mark())
-
-    # First a barrier: after it no peer still reads our workspace for an earlier call (the tree
-    # kernel's all-gather reads our epoch buffer after its last barrier), and zero-copy inputs are ready.
-    barrier()
-    ready = lanes.mark()
-    for k in range(plan.chunks):
-        if staged:
-            for p in peers:
-                lo, hi = plan.chunk_range(p, k)
-                if hi > lo:
-                    view(rank, epoch0, lo, hi).copy_(x[lo:hi])
-            barrier()
-            ready = lanes.mark()
+    def pull(k: int, ready: torch.cuda.Event | None) -> None:  # side: the peers' copies of our chunk k into T
         with lanes.side_stream():
             lanes.wait(ready, on_side=True)
-            ready = None
             if k >= 2:  # T's slot k % 2 is free once chunk k-2 is summed
                 lanes.wait(reduced[k - 2], on_side=True)
             lo, hi = plan.chunk_range(rank, k)
-            if hi > lo:
-                for i, r in enumerate(peers):
-                    slot(k, i, hi - lo).copy_(view(r, src_off, lo, hi))
+            for i, r in enumerate(peers):
+                if hi > lo:
+                    slot = epoch1 + ((k % 2) * (world - 1) + i) * plan.chunk * es
+                    memory.peer_view(rank, slot, hi - lo, dtype).copy_(view(r, src_off, lo, hi))
             pulled.append(lanes.mark(on_side=True))
-        if k >= 1:
-            add(k - 1)
-    add(plan.chunks - 1)
 
-    # 2. All-gather.
-    own_lo, own_hi = plan.shard_range(rank)
-    if shard_hook is not None and own_hi > own_lo:
-        shard_hook(reduced_dst(own_lo, own_hi))
-        reduced = [lanes.mark()] * plan.chunks
+    def add(k: int) -> None:  # main: sum chunk k in rank order over our input (push) or into R; the hook
+        lo, hi = plan.chunk_range(rank, k)
+        lanes.wait(pulled[k])
+        if hi > lo:
+            slots = [epoch1 + ((k % 2) * (world - 1) + i) * plan.chunk * es for i in range(world - 1)]
+            pieces = {r: memory.peer_view(rank, slot, hi - lo, dtype) for r, slot in zip(peers, slots)}
+            pieces[rank] = x[lo:hi]
+            dst = x[lo:hi] if push else view(rank, epoch0, lo, hi)
+            sum_in_rank_order([pieces[r] for r in range(world)], dst)
+            if shard_hook is not None:
+                shard_hook(dst)
+        reduced.append(lanes.mark())
+
+    # Start: after this barrier no peer still reads our workspace for an earlier call (the tree
+    # kernel's all-gather reads our epoch buffer after its last barrier), and zero-copy inputs are ready.
+    ready = barrier()
     if push:
+        # Pull every chunk, summing each as it lands; then push the sums into the peers' inputs.
+        for k in range(plan.chunks):
+            pull(k, ready if k == 0 else None)
+            if k >= 1:
+                add(k - 1)
+        add(plan.chunks - 1)
         with lanes.side_stream():
             for k in range(plan.chunks):
                 lanes.wait(reduced[k], on_side=True)
@@ -360,17 +358,31 @@ def _call(memory: PeerMemory, lanes: _Lanes, x: torch.Tensor, out: torch.Tensor,
                     for r in peers:
                         view(r, src_off, lo, hi).copy_(x[lo:hi])
     else:
-        barrier()
-        ready = lanes.mark()
-        with lanes.side_stream():
-            lanes.wait(ready, on_side=True)
-            for r in peers:
-                lo, hi = plan.shard_range(r)
-                if hi > lo:
-                    out[lo:hi].copy_(view(r, epoch0, lo, hi))
-        if own_hi > own_lo:  # after the barrier: off the path from the last sum to the peers' pulls
-            out[own_lo:own_hi].copy_(view(rank, epoch0, own_lo, own_hi))
+        # Pulls run two chunks ahead of the sums; barrier k says that every rank's chunk k is summed
+        # into R (and chunk k+2 staged), so the side stream then gathers chunk k of every shard into
+        # out, between the pulls: the link never waits for the last sum.
+        for k in range(min(2, plan.chunks)):
+            if staged:
+                stage(k)
+                ready = barrier()
+            pull(k, ready)
+        for k in range(plan.chunks):
+            add(k)
+            if staged and k + 2 < plan.chunks:
+                stage(k + 2)
+            ready = barrier()
+            with lanes.side_stream():
+                lanes.wait(ready, on_side=True)
+                for r in peers:
+                    lo, hi = plan.chunk_range(r, k)
+                    if hi > lo:
+                        out[lo:hi].copy_(view(r, epoch0, lo, hi))
+            if k + 2 < plan.chunks:
+                pull(k + 2, None)
+            lo, hi = plan.chunk_range(rank, k)
+            if hi > lo:  # our own chunk, off the path to the peers
+                out[lo:hi].copy_(view(rank, epoch0, lo, hi))
     lanes.wait(lanes.mark(on_side=True))
 
-    # 3. Nobody touches our workspace after this.
+    # End: nobody touches our workspace after this.
     barrier()

@@ -13,10 +13,11 @@ Algorithms (``algo``):
   * ``"sharded"`` (large messages): reduce-scatter inside the node by copy-engine pulls, NCCL
     all-reduce of this rank's shard (1/L of the message) on its rail, all-gather inside the node by
     copy-engine pulls. It is ``collectives/copy_engine.py``'s all-reduce with the rail's all-reduce
-    as its shard hook: the node's sum of shard l lives in local rank l's workspace between the two
-    phases and NCCL reduces it there, in place, so the composition costs no extra copy. Each GPU
-    sends 1/L of the message over the network (L rails in parallel) and the node's NVLink carries
-    a reduce-scatter and an all-gather: the bandwidth-optimal split (docs/HIERARCHICAL.md).
+    as its shard hook: each summed chunk of shard l lives in local rank l's workspace until the
+    peers gather it, and NCCL reduces it there, in place, chunk by chunk (no extra copy, and the
+    network transfer of chunk k overlaps the NVLink transfers of the other chunks). Each GPU sends
+    1/L of the message over the network (L rails in parallel) and the node's NVLink carries a
+    reduce-scatter and an all-gather: the bandwidth-optimal split (docs/HIERARCHICAL.md).
   * ``"full"`` (small messages, where latency rules): the intra-node Communicator's all-reduce
     (its own ``auto`` rule: flat/tree/...), then NCCL all-reduce of the whole message on every
     rail at once. Two steps instead of three; L times the network bytes, which do not matter there.

@@ -77,7 +77,8 @@ def check_copy_all_reduce(dtype_name: str, sizes: list[int], buffer_bytes: int, 
 
 
 def check_shard_hook(n: int, seed: int) -> list[str]:
-    """A shard hook (x2, in place) on both all-gather paths: the result is twice the sum."""
+    """A shard hook (x2, in place) on both all-gather paths: the result is twice the sum; the hook
+    sees each chunk of this rank's shard once per call."""
     rank, world = dist.get_rank(), dist.get_world_size()
     comm = Communicator(buffer_bytes=16384)
     digests = []
@@ -98,8 +99,10 @@ def check_shard_hook(n: int, seed: int) -> list[str]:
         staged.copy_(xs[rank])
         copy_engine.all_reduce(comm.memory, staged, staged, **kw)
         assert torch.equal(staged, out), "hook, push all-gather differs from the pull all-gather"
-        lo, hi = min(rank * copy_engine.shard_elements(n, world), n), min((rank + 1) * copy_engine.shard_elements(n, world), n)
-        assert calls == ([hi - lo] * 2 if hi > lo else []), calls
+        shard = copy_engine.shard_elements(n, world)
+        lo, hi = min(rank * shard, n), min((rank + 1) * shard, n)
+        chunks = [min(256, hi - c) for c in range(lo, hi, 256)]  # 1024-byte fp32 chunks of our shard
+        assert calls == chunks * 2, calls
         digests.append(digest(out))
         comm.check()
     finally:
