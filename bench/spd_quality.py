@@ -101,15 +101,17 @@ def block_error(config, layer, inputs, targets, world, heads) -> float:
 
 def study(args: argparse.Namespace, tp: int, log) -> tuple[list[dict], dict]:
     config, weights = load_llama(args.model, torch.float32)
+    weights = weights.to(args.device)
     files = python_sources(args.text_commit)
     calib_files = [f for f in files if is_calibration(f[0])]
     eval_files = [f for f in files if not is_calibration(f[0])]
-    calib = token_sequences(args.model, calib_files, args.seq, args.calib_seqs)
-    evals = token_sequences(args.model, eval_files, args.seq, args.eval_seqs)
+    calib = token_sequences(args.model, calib_files, args.seq, args.calib_seqs).to(args.device)
+    evals = token_sequences(args.model, eval_files, args.seq, args.eval_seqs).to(args.device)
     log(f"text {args.text_commit}: {len(calib_files)} calibration files ({calib.numel()} tokens used), "
         f"{len(eval_files)} evaluation files ({evals.numel()} tokens used)")
     model = SimulatedTP(config, weights, tp)
-    tag = f"tp{tp}_seq{args.seq}_c{args.calib_seqs}_e{args.eval_seqs}_{args.text_commit}"
+    tag = f"tp{tp}_seq{args.seq}_c{args.calib_seqs}_e{args.eval_seqs}_{args.text_commit}" + (
+        "" if args.device == "cpu" else f"_{args.device}")
     train_tag = f"s{args.steps}_lr{args.lr}_b{args.batch}_len{args.distill_len}"
     cache_path = os.path.join(args.cache, f"spd_quality_{tag}.pt")
     os.makedirs(args.cache, exist_ok=True)
@@ -193,14 +195,17 @@ def study(args: argparse.Namespace, tp: int, log) -> tuple[list[dict], dict]:
     summary = {"tp": tp, "config": tag, "base": {k: v for k, v in base.items() if k != "argmax"},
                "order": order, "blocks": [{k: v for k, v in b.items() if k not in ("distilled", "grouped")}
                                           for b in blocks], "curve": curve,
-               "calib_tokens": calib.numel(), "eval_tokens": evals.numel(), "text_commit": args.text_commit}
+               "calib_tokens": calib.numel(), "eval_tokens": evals.numel(), "text_commit": args.text_commit,
+               "device": args.device}
     return curve, summary
 
 
 # ---------------------------------------------------------------------------------------------- output
 def to_records(summary: dict, args: argparse.Namespace) -> list[dict]:
     tp = summary["tp"]
-    common = dict(gpu="cpu", world=tp, dtype="float32", mode="cpu", us=None)
+    cuda = args.device.startswith("cuda")
+    common = dict(gpu=torch.cuda.get_device_name(args.device) if cuda else "cpu", world=tp, dtype="float32",
+                  mode="eager" if cuda else "cpu", us=None)
     params0 = {"model": "tiny-llama-pycode", "seq": args.seq, "eval_tokens": summary["eval_tokens"],
                "calib_tokens": summary["calib_tokens"], "text_commit": args.text_commit, "steps": args.steps,
                "lr": args.lr, "distill_len": args.distill_len}
@@ -220,7 +225,7 @@ def to_records(summary: dict, args: argparse.Namespace) -> list[dict]:
 
 def markdown(summary: dict) -> str:
     tp, base = summary["tp"], summary["base"]
-    lines = [f"# SPD quality: tiny-llama-pycode, TP={tp} (simulated ranks), fp32, CPU", "",
+    lines = [f"# SPD quality: tiny-llama-pycode, TP={tp} (simulated ranks), fp32, {summary['device']}", "",
              f"Evaluation: {summary['eval_tokens']} tokens of this project's Python sources (commit "
              f"{summary['text_commit']}), calibration {summary['calib_tokens']} tokens of other files. "
              f"Baseline (TP model, no SPD): perplexity {base['ppl']:.4f}.", "",
@@ -293,6 +298,7 @@ def main() -> None:
     p.add_argument("--out", default=None, help="records to DIR/records.jsonl and tables to DIR "
                    "(default: the store and bench/results)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="where the simulation runs (cpu; cuda works too, in fp32)")
     p.add_argument("--smoke", action="store_true", help="a tiny run (few sequences and steps), no records")
     args = p.parse_args()
     if args.smoke:

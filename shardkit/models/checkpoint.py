@@ -103,6 +103,13 @@ class LlamaWeights:
     lm_head: torch.Tensor
     layers: list[LayerWeights]
 
+    def to(self, device: torch.device | str) -> "LlamaWeights":
+        """A copy on ``device`` (a tied LM head stays the embedding)."""
+        embed = self.embed.to(device)
+        return LlamaWeights(embed=embed, norm=self.norm.to(device),
+                            lm_head=embed if self.lm_head is self.embed else self.lm_head.to(device),
+                            layers=[layer.map(lambda t: t.to(device)) for layer in self.layers])
+
 
 def read_safetensors(path: str) -> dict[str, torch.Tensor]:
     """Every tensor of one ``.safetensors`` file (8-byte header length, JSON header, raw data)."""
