@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 
 import torch
 
@@ -176,20 +177,29 @@ def greedy(topk_idx: torch.Tensor, num_experts: int, world: int) -> Placement:
 class _Search:
     """Steepest-descent local search over placements for one layer's fit routing.
 
-    The objective is ``cost(placement)`` plus a penalty for max/mean load above ``cap``; moves are
-    swaps of two experts between ranks, and with spare slots (``slot_cap`` > E / W) also moving an
-    expert copy to another rank and adding or dropping a replica."""
+    The objective is ``cost(placement, ranks, weights)`` plus a penalty for max/mean load above
+    ``cap`` (``penalty`` per unit); moves are swaps of two experts between ranks, and with spare
+    slots (``slot_cap`` > E / W) also moving an expert copy to another rank and adding (up to
+    ``max_copies`` per expert, at most ``max_replicas`` in all) or dropping a replica. Tokens are compressed to their distinct (sorted
+    expert set, token id mod lcm(1..max_copies)) rows with multiplicities: exact for the copies and
+    loads of every candidate, and 10-20x fewer rows than tokens."""
 
     def __init__(self, topk_idx: torch.Tensor, num_experts: int, world: int, cap: float, slot_cap: int,
-                 cost, max_replicas: int) -> None:
-        self.idx, self.E, self.W, self.cap, self.slot_cap = topk_idx, num_experts, world, cap, slot_cap
-        self.cost, self.max_replicas = cost, max_replicas
+                 cost, max_replicas: int, max_copies: int) -> None:
+        k = topk_idx.shape[1]
+        period = math.lcm(*range(1, max_copies + 1)) if max_replicas else 1
+        rows = torch.cat([topk_idx.sort(1).values, (torch.arange(topk_idx.shape[0]) % period)[:, None]], 1)
+        unique, counts = rows.unique(dim=0, return_counts=True)
+        self.idx, self.token, self.weight = unique[:, :k].contiguous(), unique[:, k], counts.double()
+        self.slot_weight = self.weight.repeat_interleave(k)
+        self.E, self.W, self.cap, self.slot_cap = num_experts, world, cap, slot_cap
+        self.cost, self.max_replicas, self.max_copies = cost, max_replicas, max_copies
 
-    def score(self, p: Placement) -> float:
-        ranks = p.dest_ranks(self.idx)
-        loads = torch.bincount(ranks.reshape(-1), minlength=self.W).double()
+    def score(self, p: Placement, penalty: float) -> float:
+        ranks = p.dest_ranks(self.idx, self.token)
+        loads = torch.zeros(self.W, dtype=torch.float64).index_add_(0, ranks.reshape(-1), self.slot_weight)
         ratio = float(loads.max() / loads.mean())
-        return self.cost(p, ranks) + 100.0 * max(0.0, ratio - self.cap)
+        return self.cost(p, ranks, self.weight) + penalty * max(0.0, ratio - self.cap)
 
     def neighbours(self, p: Placement):
         reps = [list(r) for r in p.replicas]
@@ -208,7 +218,7 @@ class _Search:
                     continue
                 for src in reps[e]:  # move a copy
                     yield self._replace(reps, {e: (src, r)})
-                if extra < self.max_replicas:  # add a replica
+                if extra < self.max_replicas and len(reps[e]) < self.max_copies:  # add a replica
                     yield Placement(self.W, tuple(tuple(sorted(x + [r])) if i == e else tuple(x)
                                                   for i, x in enumerate(reps)))
             if len(reps[e]) > 1:  # drop a replica
@@ -225,30 +235,45 @@ class _Search:
             out.append(tuple(sorted(x)))
         return Placement(self.W, tuple(out))
 
-    def run(self, start: Placement, max_steps: int = 200) -> Placement:
-        best, best_score = start, self.score(start)
-        for _ in range(max_steps):
-            step = min(((self.score(q), q) for q in self.neighbours(best)), key=lambda sq: sq[0], default=None)
-            if step is None or step[0] >= best_score - 1e-9:
-                break
-            best_score, best = step
-        return best
+    def run(self, starts: list[Placement], max_steps: int = 200) -> Placement:
+        """The best local optimum (steepest descent) reached from any of ``starts``: first with a mild
+        load penalty (10 per unit over the cap: a step that fixes much of the load at a small cost in
+        copies, e.g. a hot expert's copy, is not passed over for one that fixes a little more load
+        and fills the slot the copy needs), then with a strict one (100) that restores the cap."""
+        found = []
+        for best in starts:
+            for penalty in (10.0, 100.0):
+                best_score = self.score(best, penalty)
+                for _ in range(max_steps):
+                    step = min(((self.score(q, penalty), q) for q in self.neighbours(best)), key=lambda sq: sq[0],
+                               default=None)
+                    if step is None or step[0] >= best_score - 1e-9:
+                        break
+                    best_score, best = step
+            found.append((best_score, best))
+        return min(found, key=lambda sp: sp[0])[1]
 
 
-def _copies_cost(p: Placement, ranks: torch.Tensor) -> float:
-    return distinct_per_row(ranks).double().mean().item()
+def _copies_cost(p: Placement, ranks: torch.Tensor, weight: torch.Tensor) -> float:
+    return float((distinct_per_row(ranks).double() * weight).sum() / weight.sum())
 
 
 def s_eg(topk_idx: torch.Tensor, num_experts: int, world: int, cap: float = 1.15, extra_slots: int = 0,
-         max_replicas: int | None = None, start: Placement | None = None) -> Placement:
+         max_replicas: int | None = None, max_copies: int = 2, starts: list[Placement] | None = None) -> Placement:
     """Co-activation grouping: minimise copies per token on ``topk_idx`` with max/mean load <= ``cap``.
-    ``extra_slots``: expert slots per rank beyond E / W (uneven counts and replicas of hot experts;
-    at most ``max_replicas`` replicas in all, default world * extra_slots)."""
+    ``extra_slots``: expert slots per rank beyond E / W (uneven counts and replicas of hot experts:
+    at most ``max_replicas`` in all, default world * extra_slots, and ``max_copies`` copies of one
+    expert). ``starts``: where the search starts (default: greedy and contiguous; with extra slots,
+    the best placement without them)."""
     slot_cap = -(-num_experts // world) + extra_slots
     search = _Search(topk_idx, num_experts, world, cap, slot_cap, _copies_cost,
-                     world * extra_slots if max_replicas is None else max_replicas)
+                     world * extra_slots if max_replicas is None else max_replicas, max_copies)
     name = "s_eg" if extra_slots == 0 else f"s_eg_rep{extra_slots}"
-    return search.run(start or greedy(topk_idx, num_experts, world)).with_name(name)
+    if starts is None:
+        starts = [greedy(topk_idx, num_experts, world), contiguous(num_experts, world)]
+        if extra_slots:  # replicas extend the best grouping without them
+            starts = [s_eg(topk_idx, num_experts, world, cap, starts=starts)]
+    return search.run(starts).with_name(name)
 
 
 def anti_correlation(topk_idx: torch.Tensor, num_experts: int, world: int, cap: float = 1.15) -> Placement:
@@ -259,8 +284,8 @@ def anti_correlation(topk_idx: torch.Tensor, num_experts: int, world: int, cap: 
     corr = torch.nan_to_num(torch.corrcoef(active.t()), nan=0.0)
     corr.fill_diagonal_(0.0)
 
-    def cost(p: Placement, ranks: torch.Tensor) -> float:
+    def cost(p: Placement, ranks: torch.Tensor, weight: torch.Tensor) -> float:
         return sum(float(corr[x][:, x].sum()) / 2 for x in (torch.tensor(es) for es in p.rank_experts()))
 
-    search = _Search(topk_idx, num_experts, world, cap, -(-num_experts // world), cost, 0)
-    return search.run(greedy(topk_idx, num_experts, world)).with_name("anti_correlation")
+    search = _Search(topk_idx, num_experts, world, cap, -(-num_experts // world), cost, 0, 1)
+    return search.run([greedy(topk_idx, num_experts, world)]).with_name("anti_correlation")

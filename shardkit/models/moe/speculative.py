@@ -12,8 +12,8 @@ on rank r, under that layer's placement). Predictors, fitted on one text, evalua
 - ``PregatePredictor``: layer l+1's router applied to the residual stream after layer l (known one
   attention block early; "pre-gating"), its top-k experts mapped through the placement. No fitting.
 - ``ProbePredictor``: multinomial logistic regression over the destination sets, on features known
-  at layer l (router probabilities, the one-hot top-k, the pre-gate probabilities), fitted on the fit
-  text (L-BFGS, L2-regularised).
+  at layer l (router log-probabilities, the one-hot top-k, the pre-gate log-probabilities, the pre-gate's
+  own destination set and its mass per rank), fitted on the fit text (L-BFGS, L2-regularised).
 
 ``coverage`` / ``waste`` say what a prediction means for s-TS: the share of the needed copies that
 were sent early, and the copies sent to ranks that did not need them.
@@ -103,22 +103,29 @@ class PregatePredictor:
         return rank_sets(self.placement, trace.pregate[layer].topk(self.topk, -1).indices)
 
 
-def probe_features(trace: RoutingTrace, layer: int) -> torch.Tensor:
-    """[N, 3E + 1]: router probs at l, one-hot top-k at l, pre-gate probs of l+1, a constant."""
-    n, e = trace.tokens, trace.num_experts
+def probe_features(trace: RoutingTrace, layer: int, placement: Placement) -> torch.Tensor:
+    """[N, 3E + 2^W + W + 1]: at layer l the log router probs and one-hot top-k; layer l+1's pre-gate
+    log probs, the destination set its top-k gives (one-hot) and its probability mass per rank; a
+    constant."""
+    n, e, k = trace.tokens, trace.num_experts, trace.topk_idx.shape[2]
     onehot = torch.zeros(n, e).scatter_(1, trace.topk_idx[layer], 1.0)
-    return torch.cat([trace.probs[layer], onehot, trace.pregate[layer], torch.ones(n, 1)], dim=1).double()
+    pre = trace.pregate[layer]
+    pre_set = torch.nn.functional.one_hot(rank_sets(placement, pre.topk(k, -1).indices), 1 << placement.world)
+    owner = torch.nn.functional.one_hot(placement.dest_ranks(torch.arange(e)[None, :])[0], placement.world).float()
+    return torch.cat([trace.probs[layer].clamp(min=1e-6).log(), onehot, pre.clamp(min=1e-6).log(), pre_set.float(),
+                      pre @ owner, torch.ones(n, 1)], dim=1).double()
 
 
 class ProbePredictor:
-    """Multinomial logistic regression: features at layer l -> destination set at l+1."""
+    """Multinomial logistic regression: features at layer l (``probe_features``) -> destination set
+    at l+1 (the pre-gate's own guess is among the features, so the probe learns where to trust it)."""
     name = "probe"
 
-    def __init__(self, world: int, l2: float = 1e-4, steps: int = 100) -> None:
-        self.classes, self.l2, self.steps = (1 << world), l2, steps
+    def __init__(self, placement: Placement, l2: float = 1e-5, steps: int = 200) -> None:
+        self.placement, self.classes, self.l2, self.steps = placement, 1 << placement.world, l2, steps
 
     def fit(self, trace: RoutingTrace, layer: int, target: torch.Tensor) -> "ProbePredictor":
-        x = probe_features(trace, layer)
+        x = probe_features(trace, layer, self.placement)
         self.weight = torch.zeros(x.shape[1], self.classes, dtype=torch.float64, requires_grad=True)
         opt = torch.optim.LBFGS([self.weight], max_iter=self.steps, line_search_fn="strong_wolfe")
 
@@ -134,7 +141,7 @@ class ProbePredictor:
         return self
 
     def predict(self, trace: RoutingTrace, layer: int) -> torch.Tensor:
-        logits = probe_features(trace, layer) @ self.weight
+        logits = probe_features(trace, layer, self.placement) @ self.weight
         logits[:, 0] = float("-inf")  # the empty set is never a destination
         return logits.argmax(1)
 
@@ -148,13 +155,21 @@ def popcount(mask: torch.Tensor) -> torch.Tensor:
     return bits
 
 
-def prediction_quality(predicted: torch.Tensor, actual: torch.Tensor) -> dict[str, float]:
-    """accuracy (exact set), coverage (needed copies sent early / needed copies), waste (copies sent
-    early that were not needed, per token), late copies per token (sent after routing: the critical
-    path)."""
+def prediction_quality(predicted: torch.Tensor, actual: torch.Tensor,
+                       src_rank: torch.Tensor | None = None) -> dict[str, float]:
+    """Of predicted and actual destination sets [N] (bitmasks): accuracy (exact set), coverage (needed
+    copies sent early / needed copies), waste (copies sent early that were not needed, per token),
+    late copies per token (needed, not sent early: the corrective dispatch). With ``src_rank`` [N]
+    (the token's own rank, whose copy never crosses a link): remote copies per token (what a dispatch
+    without speculation sends after routing) and late remote copies (what s-TS still sends then)."""
     needed = popcount(actual).double()
     hit = popcount(predicted & actual).double()
-    return {"accuracy": (predicted == actual).double().mean().item(),
-            "coverage": (hit.sum() / needed.sum()).item(),
-            "waste_per_token": popcount(predicted & ~actual).double().mean().item(),
-            "late_copies_per_token": (needed - hit).mean().item()}
+    out = {"accuracy": (predicted == actual).double().mean().item(),
+           "coverage": (hit.sum() / needed.sum()).item(),
+           "waste_per_token": popcount(predicted & ~actual).double().mean().item(),
+           "late_copies_per_token": (needed - hit).mean().item()}
+    if src_rank is not None:
+        remote = ~(1 << src_rank)
+        out["remote_copies_per_token"] = popcount(actual & remote).double().mean().item()
+        out["late_remote_copies_per_token"] = popcount(actual & ~predicted & remote).double().mean().item()
+    return out
