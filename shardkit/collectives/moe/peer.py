@@ -39,9 +39,12 @@ class PeerTransport:
         self.memory = PeerMemory(group, buffer_bytes=-(-(ws.nbytes - SIGNAL_BYTES) // 3), backend=backend,
                                  device=device)
         # Symmetric memory comes uninitialised: zero it, so that graph mode's rows and indices past the
-        # used ones are harmless (an index is always a valid row, a payload byte never NaN). Peers write
-        # here only after our first barrier, which this precedes on our stream.
+        # used ones are harmless (an index is always a valid row, a payload byte never NaN). A peer's first
+        # counts launch writes into our counts region before any barrier: it must not start before this.
         self.memory.buffer[SIGNAL_BYTES:ws.nbytes].zero_()
+        if backend == "cuda":
+            torch.cuda.synchronize(device)
+        dist.barrier(group=group)
         self.programs = programs
         elt = torch.empty((), dtype=cfg.dtype).element_size()
         self.block_t, self.block_h, self.meta_t, self.warps = work_item(cfg.hidden, elt, cfg.fp8, self.interpret)
