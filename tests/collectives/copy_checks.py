@@ -151,7 +151,8 @@ def mismatched_copy_call() -> str:
 
 
 def copy_bad_inputs() -> list[str]:
-    """Bad arguments raise TypeError/ValueError naming them, on every rank, before any transfer."""
+    """Bad arguments raise TypeError/ValueError naming them, on every rank, before any transfer; and
+    PeerMemory.peer_view refuses ranks, misaligned offsets and ranges outside the workspace."""
     comm = Communicator(buffer_bytes=8192)
     mem, dev = comm.memory, device()
     x = torch.ones(100, device=dev)
@@ -164,6 +165,9 @@ def copy_bad_inputs() -> list[str]:
             lambda: copy_engine.all_reduce(mem, x, x, timeout_iters=10, config=copy_engine.CopyConfig(0)),
             lambda: copy_engine.all_reduce(mem, x, x, timeout_iters=10, config=(4096,)),
             lambda: comm.all_reduce(x.half(), algo="copy", out=x),
+            lambda: mem.peer_view(dist.get_world_size(), 0, 1, torch.float32),
+            lambda: mem.peer_view(0, 2, 1, torch.float32),
+            lambda: mem.peer_view(0, mem.nbytes - 4, 2, torch.float32),
         ])
     finally:
         comm.close()

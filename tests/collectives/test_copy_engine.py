@@ -40,6 +40,8 @@ def test_bad_inputs_raise_on_every_rank(worlds):
     for messages in worlds(2).run(copy_checks.copy_bad_inputs):
         assert "x must be float32" in messages[0] and "out must have x's shape" in messages[1]
         assert "contiguous" in messages[2] and "CopyConfig" in messages[3] and "CopyConfig" in messages[4]
+        assert "out must have x's shape" in messages[5] and "rank must be in 0..1" in messages[6]
+        assert all("not an aligned range" in m for m in messages[7:9])
 
 
 # ----------------------------------------------------------------------------- GPU
