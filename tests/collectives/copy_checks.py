@@ -136,7 +136,7 @@ def check_mixed_calls(seed: int) -> int:
 
 def mismatched_copy_call() -> str:
     """Rank 0 calls with another element count: every rank raises CollectiveError (no hang)."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     comm = Communicator(buffer_bytes=8192)
     try:
         x = torch.ones(1000 + (7 if rank == 0 else 0), device=device())
