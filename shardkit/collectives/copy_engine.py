@@ -67,6 +67,7 @@ chunks. Every rank of the hook's group sees the same chunks (empty chunks are sk
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
 from dataclasses import dataclass
@@ -189,15 +190,8 @@ class _Lanes:
             (self.side if on_side else self.main).wait_event(event)
 
     def side_stream(self):
-        return torch.cuda.stream(self.side) if self.cuda else _NoStream()
-
-
-class _NoStream:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc) -> None:
-        return None
+        """A context in which work goes to the side stream (on CPU: nothing changes)."""
+        return torch.cuda.stream(self.side) if self.cuda else contextlib.nullcontext()
 
 
 def sum_in_rank_order(pieces: list[torch.Tensor], dst: torch.Tensor) -> None:
