@@ -5,7 +5,10 @@ Run as a module in a process *without* TRITON_INTERPRET (interpreted kernels can
     python -m tests.moe.ptx_moe_sm90
 """
 import json
+import os
 import re
+import subprocess
+import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -14,7 +17,7 @@ from triton.compiler import ASTSource
 from shardkit.kernels.moe.combine import moe_combine_kernel
 from shardkit.kernels.moe.counts import moe_counts_kernel
 from shardkit.kernels.moe.dispatch import moe_dispatch_kernel, work_item
-from shardkit.kernels.moe.layout import moe_layout_kernel
+from shardkit.kernels.moe.layout import layout_block, moe_layout_kernel
 
 HIDDEN, TOPK, EXPERTS, WORLD = 7168, 8, 256, 2
 # Pointers (dtype by name; the rest int32), and arguments that are multiples of 16 on every call.
@@ -49,15 +52,28 @@ def configs() -> dict:
         out[f"combine-residual{int(residual)}"] = (moe_combine_kernel, {
             "K": TOPK, "WORLD": WORLD, "WORLD_P2": WORLD, "BLOCK_T": block_t, "BLOCK_H": block_h,
             "HAS_RESIDUAL": residual}, 2 * warps)
+    block_t, warps = layout_block(EXPERTS, interpret=False)
     out["layout"] = (moe_layout_kernel, {"K": TOPK, "K_P2": TOPK, "WORLD": WORLD, "WORLD_P2": WORLD,
-                                         "BLOCK_T": 64}, 4)
+                                         "E_P2": EXPERTS, "BLOCK_T": block_t}, warps)
     out["counts"] = (moe_counts_kernel, {"WORLD": WORLD, "WORLD_P2": WORLD, "CHUNKS_P2": 64, "E_P2": EXPERTS,
-                                         "L_P2": EXPERTS // WORLD, "ALIGN_P2": 16}, 4)
+                                         "L_P2": EXPERTS // WORLD, "ALIGN_P2": 16, "CHUNK_BLOCK": 16}, warps)
     return out
+
+
+def spill_bytes(ptx: str) -> int:
+    """Bytes of register spill stores that Triton's bundled ptxas reports for the PTX at sm_90a."""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        info = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull], capture_output=True,
+                              text=True, check=True).stderr
+    return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", info))
 
 
 def features(ptx: str) -> dict:
     return {
+        "spill_bytes": spill_bytes(ptx),
         "loads": sorted(set(re.findall(r"ld\.global\S*", ptx))),
         "stores": sorted(set(re.findall(r"st\.global\S*", ptx))),
         "release_arrival": bool(re.search(r"atom\.global\.sys\.release\.exch\.b64", ptx)),

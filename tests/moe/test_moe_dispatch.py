@@ -59,3 +59,8 @@ def test_static_buffers_with_changing_routing(worlds):
     eagerly on a CPU world."""
     for worst in worlds(2).run(moe_checks.graph_replays, dict(BASE), 9, 6, 17):
         assert worst < 1.0, worst
+
+
+def test_peer_and_nccl_transports_lay_out_rounds_alike(worlds):
+    kwargs = dict(BASE, placement=[2, 0, 1, 1, 0, 2], align=2)
+    worlds(3).run(moe_checks.compare_transports, kwargs, [9, 0, 33], "duplicates", 18)

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import triton
 
 from ...errors import CollectiveError
 from ...kernels.moe.combine import launch_combine
 from ...kernels.moe.counts import launch_counts
 from ...kernels.moe.dispatch import launch_dispatch, work_item
-from ...kernels.moe.layout import launch_layout, layout_programs
-from ...kernels.moe.workspace import BAD_EXPERT_ID, BAD_INPUT, RECV_OVERFLOW, moe_workspace
+from ...kernels.moe.layout import launch_layout, layout_block, layout_programs
+from ...kernels.moe.workspace import BAD_EXPERT_ID, BAD_INPUT, RECV_OVERFLOW, RoundBuffers, moe_workspace
 from ...memory.peer_memory import PeerMemory
 from ...memory.protocol import MISMATCH, SIGNAL_BYTES, call_signature, describe_failure
 from .config import MoeConfig, MoeHandle
@@ -51,41 +50,18 @@ class PeerTransport:
         _, self.combine_block_h, _, warps = work_item(cfg.hidden, elt, False, self.interpret)
         # The combine holds up to ``topk`` expert tiles per item: twice the warps, half the registers each.
         self.combine_warps = warps if self.interpret else 2 * warps
-        # Layout: chunks of >= 64 tokens over up to one program per SM (16 and 4 in the interpreter,
-        # so that the CPU tests' token counts span several chunks and blocks).
-        self.layout_min_chunk, self.layout_block_t, self.layout_max_programs, self.layout_warps = (
-            (16, 8, 4, 1) if self.interpret else (64, 64, programs, 4))
+        # Layout: chunks of >= 64 tokens over up to one program per SM (16 and 4 in the interpreter, so
+        # that the CPU tests' token counts span several chunks and blocks).
+        self.layout_block_t, self.layout_warps = layout_block(cfg.num_experts, self.interpret)
+        self.layout_min_chunk, self.layout_max_programs = (16, 4) if self.interpret else (64, programs)
         max_chunks = layout_programs(cfg.max_tokens, self.layout_min_chunk, self.layout_max_programs)[0]
         fp = cfg.fingerprint()
         self.sig_counts = call_signature("moe_counts", *fp)
         self.sig_dispatch = call_signature("moe_dispatch", *fp, programs, self.block_t, self.block_h)
         self.sig_combine = call_signature("moe_combine", *fp, programs, self.block_t, self.combine_block_h)
-
-        i32 = dict(dtype=torch.int32, device=device)
-        w, e, t, k = cfg.world, cfg.num_experts, cfg.max_tokens, cfg.topk
-        self.expert_rank = torch.tensor(cfg.expert_rank, **i32)
-        self.expert_local = torch.tensor(cfg.expert_local, **i32)
-        l_p2 = triton.next_power_of_2(cfg.max_local_experts)
-        l2g = torch.full((w, l_p2), -1, dtype=torch.int32)
-        for r, experts in enumerate(cfg.local_experts):
-            l2g[r, :len(experts)] = torch.tensor(experts, dtype=torch.int32)
-        self.l2g = l2g.to(device)
         self.n_local = len(cfg.local_experts[rank])
-        # The round's local state (layout -> counts -> dispatch -> combine).
-        self.mask = torch.zeros(t, **i32)
-        self.chunk_pos = torch.zeros(t, w, **i32)
-        self.slot_pos = torch.zeros(t, k, **i32)
-        self.cursor = torch.zeros(e, **i32)
-        self.chunk_counts = torch.zeros(max_chunks, w, **i32)
-        self.chunk_bad = torch.zeros(max_chunks, **i32)
-        self.chunk_base = torch.zeros(max_chunks, w, **i32)
-        self.send_base = torch.zeros(w, **i32)
-        self.expert_base = torch.zeros(e, **i32)
-        self.recv_counts = torch.zeros(w, **i32)
-        self.recv_offsets = torch.zeros(w, **i32)
-        self.expert_offsets = torch.zeros(l_p2 + 1, **i32)
-        self.expert_counts = torch.zeros(l_p2, **i32)
-        self.recv_info = torch.zeros(2, **i32)
+        self.b = RoundBuffers.make(list(cfg.expert_rank), list(cfg.expert_local), [list(e) for e in cfg.local_experts],
+                                   cfg.max_tokens, cfg.topk, max_chunks, device)
         self._views(ws)
         self._graph_views = self._handle_views(ws.recv_rows, ws.expert_rows)
         self.error: str | None = None
@@ -154,11 +130,7 @@ class PeerTransport:
     def _counts(self, tokens: int, n_chunks: int, input_error: int) -> None:
         mem, ws = self.memory, self.ws
         launch_counts(mem.table, mem.error_record_addr, self.rank, self.cfg.world, self.sig_counts, mem.buffer_bytes,
-                      self.timeout_iters, self.chunk_counts, self.chunk_bad, self.cursor, self.l2g, self.chunk_base,
-                      self.send_base, self.expert_base, self.recv_counts, self.recv_offsets, self.expert_offsets,
-                      self.expert_counts, self.recv_info, n_chunks, tokens, input_error, self.cfg.align,
-                      ws.recv_rows, ws.expert_rows, ws.counts_off, ws.counts_row, ws.expert_index_off,
-                      num_warps=self.layout_warps)
+                      self.timeout_iters, self.b, n_chunks, tokens, input_error, self.cfg.align, ws, self.layout_warps)
 
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                  round_id: int) -> tuple[torch.Tensor, MoeHandle]:
@@ -166,18 +138,15 @@ class PeerTransport:
         self.raise_if_failed()
         tokens = x.shape[0]
         programs, chunk = layout_programs(tokens, self.layout_min_chunk, self.layout_max_programs)
-        launch_layout(topk_idx, self.expert_rank, self.mask, self.chunk_pos, self.slot_pos, self.cursor,
-                      self.chunk_counts, self.chunk_bad, cfg.world, programs, chunk, self.layout_block_t,
-                      self.layout_warps)
+        launch_layout(topk_idx, self.b, cfg.world, programs, chunk, self.layout_block_t, self.layout_warps)
         self._counts(tokens, programs, 0)
         num_recv = num_expert_rows = None
         if cfg.mode == "exact":
-            num_recv, num_expert_rows = self.recv_info.tolist()  # the host waits for the sizes here
+            num_recv, num_expert_rows = self.b.recv_info.tolist()  # the host waits for the sizes here
         if self.interpret or cfg.mode == "exact":
             self.raise_if_failed()
-        launch_dispatch(x, topk_idx, topk_weights, self.expert_rank, self.expert_local, self.mask, self.chunk_pos,
-                        self.slot_pos, self.chunk_base, self.send_base, self.expert_base, mem.table,
-                        mem.error_record_addr, self.rank, cfg.world, self.sig_dispatch, mem.buffer_bytes,
+        launch_dispatch(x, topk_idx, topk_weights, self.b, mem.table, mem.error_record_addr, self.rank, cfg.world,
+                        self.sig_dispatch, mem.buffer_bytes,
                         self.timeout_iters, chunk, ws, cfg.fp8, self.programs, self.block_t, self.block_h,
                         self.meta_t, self.warps)
         if self.interpret:
@@ -193,9 +162,9 @@ class PeerTransport:
         return dict(recv_x=self.recv_x[:rows], src_rank=self.src_rank[:rows], src_token=self.src_token[:rows],
                     local_expert=self.local_expert[:rows], weights=self.weights[:rows],
                     expert_row=self.expert_row[:rows], expert_index=self.expert_index[:expert_rows],
-                    expert_offsets=self.expert_offsets[:self.n_local + 1],
-                    expert_counts=self.expert_counts[:self.n_local], recv_counts=self.recv_counts,
-                    recv_offsets=self.recv_offsets, recv_info=self.recv_info,
+                    expert_offsets=self.b.expert_offsets[:self.n_local + 1],
+                    expert_counts=self.b.expert_counts[:self.n_local], recv_counts=self.b.recv_counts,
+                    recv_offsets=self.b.recv_offsets, recv_info=self.b.recv_info,
                     scales=self.scales[:rows] if self.scales is not None else None)
 
     def combine(self, expert_out: torch.Tensor, handle: MoeHandle, residual: torch.Tensor | None,
@@ -217,7 +186,7 @@ class PeerTransport:
     def _combine(self, expert_out: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor,
                  poisoned: bool) -> None:
         mem = self.memory
-        launch_combine(expert_out, residual, out, self.mask, mem.table, mem.error_record_addr, self.rank,
+        launch_combine(expert_out, residual, out, self.b.mask, mem.table, mem.error_record_addr, self.rank,
                        self.cfg.world, self.sig_combine ^ int(poisoned), mem.buffer_bytes, self.timeout_iters,
                        self.ws, poisoned, self.programs, self.block_t, self.combine_block_h,
                        self.combine_warps)

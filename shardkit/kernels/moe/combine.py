@@ -98,8 +98,7 @@ def launch_combine(expert_out: torch.Tensor, residual: torch.Tensor | None, out:
     """Combine into ``out [T, hidden]``; ``ws``: the MoeWorkspace (see the module)."""
     tokens, hidden = out.shape
     consts = {"K": ws.topk, "WORLD": world, "WORLD_P2": triton.next_power_of_2(world), "BLOCK_T": block_t,
-              "BLOCK_H": block_h,
-              "HAS_RESIDUAL": residual is not None}
+              "BLOCK_H": block_h, "HAS_RESIDUAL": residual is not None}
     ints = (hidden, ws.max_tokens, ws.counts_off, ws.counts_row, ws.inv_off, ws.weight_off, ws.expert_row_off,
             ws.comb_off, ws.comb_elems)
     res = residual if residual is not None else out

@@ -6,7 +6,8 @@ pairs to each expert) into row ``rank`` of every rank's counts region, passes on
 holds the whole matrix locally. From it, each rank computes by itself (all in device memory, so a
 CUDA graph replays it with new routings):
 
-    chunk_base[p, r]  exclusive scan of its layout's chunk counts (its own rows' order)
+    chunk_base[p, r], chunk_expert_base[p, e]   exclusive scans of its layout's chunk counts (the
+                      order of its own rows to each rank and of its own pairs to each expert)
     send_base[r]      its first row in rank r's receive rows: tokens that ranks < rank send to r
     expert_base[e]    its first row in e's expert-major block on e's rank: that rank's earlier
                       experts (each padded to ``align`` rows) + pairs that ranks < rank send to e
@@ -27,7 +28,7 @@ import triton.language as tl
 from ..launch import CachedLauncher
 from ..peer_tiles import peer_ptr
 from ..sync import finish_call, peer_barrier, record_error, start_call
-from .workspace import BAD_EXPERT_ID, BAD_INPUT, FLAG_BAD_IDS, FLAG_BAD_INPUT, RECV_OVERFLOW, int_keys
+from .workspace import BAD_EXPERT_ID, BAD_INPUT, FLAG_BAD_IDS, FLAG_BAD_INPUT, RECV_OVERFLOW, RoundBuffers, int_keys
 
 _FLAG_BAD_IDS = tl.constexpr(FLAG_BAD_IDS)
 _FLAG_BAD_INPUT = tl.constexpr(FLAG_BAD_INPUT)
@@ -48,9 +49,10 @@ def moe_counts_kernel(
     table_ptr, error_record_addr, rank, sig, buffer_bytes, timeout_iters,  # the protocol's (see flat.py)
     chunk_counts_ptr,   # int32[n_chunks, WORLD] from the layout launch
     chunk_bad_ptr,      # int32[n_chunks]
-    cursor_ptr,         # int32[E]: pairs per expert from the layout launch; zeroed here for the next round
+    chunk_experts_ptr,  # int32[n_chunks, E]: pairs per chunk and expert, from the layout launch
     l2g_ptr,            # int32[WORLD, L_P2]: global id of rank r's local expert l, -1 past its last
     chunk_base_ptr,     # out int32[n_chunks, WORLD]
+    chunk_expert_base_ptr,  # out int32[n_chunks, E]
     send_base_ptr,      # out int32[WORLD]
     expert_base_ptr,    # out int32[E]
     recv_counts_ptr,    # out int32[WORLD]
@@ -62,7 +64,7 @@ def moe_counts_kernel(
     experts, align, recv_rows, expert_rows,  # E, expert-major block alignment, capacities
     counts_off, counts_row, expert_index_off,  # workspace layout (bytes / int32 words)
     WORLD: tl.constexpr, WORLD_P2: tl.constexpr, CHUNKS_P2: tl.constexpr, E_P2: tl.constexpr,
-    L_P2: tl.constexpr, ALIGN_P2: tl.constexpr,
+    L_P2: tl.constexpr, ALIGN_P2: tl.constexpr, CHUNK_BLOCK: tl.constexpr,
 ):
     own, epoch, flag, ok, _ = start_call(table_ptr, rank, sig, buffer_bytes)
     ranks = tl.arange(0, WORLD_P2)
@@ -76,8 +78,14 @@ def moe_counts_kernel(
     bad_ids = tl.max(tl.load(chunk_bad_ptr + chunks, mask=chunks < n_chunks, other=0), axis=0)
     flags = tl.where(bad_ids != 0, _FLAG_BAD_IDS, 0) | tl.where(input_error != 0, _FLAG_BAD_INPUT, 0)
     ex = tl.arange(0, E_P2)
-    pairs = tl.load(cursor_ptr + ex, mask=ex < experts, other=0)
-    tl.store(cursor_ptr + ex, tl.zeros([E_P2], tl.int32), mask=ex < experts)
+    pairs = tl.zeros([E_P2], tl.int32)  # ours to each expert, summed over the chunks in order
+    for c0 in range(0, n_chunks, CHUNK_BLOCK):
+        cs = c0 + tl.arange(0, CHUNK_BLOCK)
+        m = (cs < n_chunks)[:, None] & (ex < experts)[None, :]
+        tile = tl.load(chunk_experts_ptr + cs[:, None] * experts + ex[None, :], mask=m, other=0)
+        tl.store(chunk_expert_base_ptr + cs[:, None] * experts + ex[None, :],
+                 tl.cumsum(tile, axis=0) - tile + pairs[None, :], mask=m)
+        pairs += tl.sum(tile, axis=0)
 
     if ok:  # our counts row into every rank's counts region
         for r in tl.static_range(WORLD):
@@ -147,19 +155,17 @@ _launch = CachedLauncher(moe_counts_kernel)
 
 
 def launch_counts(table: torch.Tensor, error_record_addr: int, rank: int, world: int, sig: int, buffer_bytes: int,
-                  timeout_iters: int, chunk_counts: torch.Tensor, chunk_bad: torch.Tensor, cursor: torch.Tensor,
-                  l2g: torch.Tensor, chunk_base: torch.Tensor, send_base: torch.Tensor, expert_base: torch.Tensor,
-                  recv_counts: torch.Tensor, recv_offsets: torch.Tensor, expert_offsets: torch.Tensor,
-                  expert_counts: torch.Tensor, recv_info: torch.Tensor, n_chunks: int, tokens: int, input_error: int,
-                  align: int, recv_rows: int, expert_rows: int, counts_off: int, counts_row: int,
-                  expert_index_off: int, num_warps: int) -> None:
-    """One counts exchange (see the module); ``chunk_counts`` has room for every possible chunk."""
-    experts = cursor.numel()
+                  timeout_iters: int, b: RoundBuffers, n_chunks: int, tokens: int, input_error: int, align: int, ws,
+                  num_warps: int) -> None:
+    """One counts exchange (see the module) from the layout's outputs in ``b`` into ``b``; ``ws``: the
+    MoeWorkspace."""
+    experts = b.expert_rank.numel()
     consts = {"WORLD": world, "WORLD_P2": triton.next_power_of_2(world),
-              "CHUNKS_P2": triton.next_power_of_2(chunk_counts.shape[0]), "E_P2": triton.next_power_of_2(experts),
-              "L_P2": l2g.shape[1], "ALIGN_P2": triton.next_power_of_2(align)}
-    ints = (experts, align, recv_rows, expert_rows, counts_off, counts_row, expert_index_off)
+              "CHUNKS_P2": triton.next_power_of_2(b.chunk_counts.shape[0]), "E_P2": triton.next_power_of_2(experts),
+              "L_P2": b.l2g.shape[1], "ALIGN_P2": triton.next_power_of_2(align), "CHUNK_BLOCK": 16}
+    ints = (experts, align, ws.recv_rows, ws.expert_rows, ws.counts_off, ws.counts_row, ws.expert_index_off)
     _launch(int_keys(ints), 1,
-            (table, error_record_addr, rank, sig, buffer_bytes, timeout_iters, chunk_counts, chunk_bad, cursor, l2g,
-             chunk_base, send_base, expert_base, recv_counts, recv_offsets, expert_offsets, expert_counts, recv_info,
-             n_chunks, tokens, input_error, *ints), consts, num_warps)
+            (table, error_record_addr, rank, sig, buffer_bytes, timeout_iters, b.chunk_counts, b.chunk_bad,
+             b.chunk_experts, b.l2g, b.chunk_base, b.chunk_expert_base, b.send_base, b.expert_base, b.recv_counts,
+             b.recv_offsets, b.expert_offsets, b.expert_counts, b.recv_info, n_chunks, tokens, input_error, *ints),
+            consts, num_warps)

@@ -23,7 +23,7 @@ import triton.language as tl
 from ..launch import CachedLauncher, ptr_key
 from ..peer_tiles import peer_ptr
 from ..sync import finish_call, peer_barrier, start_call
-from .workspace import SCALE_GROUP, int_keys
+from .workspace import SCALE_GROUP, RoundBuffers, int_keys
 
 E4M3_MAX = 448.0
 _E4M3_MAX = tl.constexpr(E4M3_MAX)
@@ -64,7 +64,7 @@ def moe_dispatch_kernel(
     expert_rank_ptr,   # int32[E]
     expert_local_ptr,  # int32[E]: index of each expert among its rank's experts
     mask_ptr, chunk_pos_ptr, slot_pos_ptr,  # from layout.py
-    chunk_base_ptr, send_base_ptr, expert_base_ptr,  # from counts.py
+    chunk_base_ptr, chunk_expert_base_ptr, send_base_ptr, expert_base_ptr,  # from counts.py
     table_ptr, error_record_addr, rank, sig, buffer_bytes, timeout_iters,  # the protocol's
     tokens,            # T
     chunk,             # tokens per layout chunk
@@ -114,6 +114,7 @@ def moe_dispatch_kernel(
                 valid = slot & (ids >= 0) & (ids < experts)
                 here = valid & (tl.load(expert_rank_ptr + ids, mask=valid, other=-1) == r)
                 erow = (tl.load(expert_base_ptr + ids, mask=here, other=0)
+                        + tl.load(chunk_expert_base_ptr + (t // chunk)[:, None] * experts + ids, mask=here, other=0)
                         + tl.load(slot_pos_ptr + t[:, None] * K + ks[None, :], mask=here, other=0))
                 tl.store(src_ranks + row, tl.zeros([META_T], tl.int32) + rank, mask=sent)
                 tl.store(src_tokens + row, t, mask=sent)
@@ -170,13 +171,12 @@ def work_item(hidden: int, element_size: int, fp8: bool, interpret: bool) -> tup
     return 4, block_h, 32, 4
 
 
-def launch_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, expert_rank: torch.Tensor,
-                    expert_local: torch.Tensor, mask: torch.Tensor, chunk_pos: torch.Tensor, slot_pos: torch.Tensor,
-                    chunk_base: torch.Tensor, send_base: torch.Tensor, expert_base: torch.Tensor, table: torch.Tensor,
-                    error_record_addr: int, rank: int, world: int, sig: int, buffer_bytes: int, timeout_iters: int,
-                    chunk: int, ws, fp8: bool, programs: int, block_t: int, block_h: int, meta_t: int,
-                    num_warps: int) -> None:
-    """Push ``x [T, hidden]`` to the ranks its ``topk_idx`` select; ``ws``: the MoeWorkspace."""
+def launch_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, b: RoundBuffers,
+                    table: torch.Tensor, error_record_addr: int, rank: int, world: int, sig: int, buffer_bytes: int,
+                    timeout_iters: int, chunk: int, ws, fp8: bool, programs: int, block_t: int, block_h: int,
+                    meta_t: int, num_warps: int) -> None:
+    """Push ``x [T, hidden]`` to the ranks its ``topk_idx`` select, with the round's layout and offsets
+    in ``b``; ``ws``: the MoeWorkspace."""
     tokens, hidden = x.shape
     consts = {"K": ws.topk, "K_P2": triton.next_power_of_2(ws.topk), "WORLD": world,
               "WORLD_P2": triton.next_power_of_2(world), "BLOCK_T": block_t, "BLOCK_H": block_h, "META_T": meta_t,
@@ -186,6 +186,6 @@ def launch_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch
             ws.expert_index_off)
     key = (ptr_key(x), ptr_key(topk_idx), ptr_key(topk_weights), int_keys(ints))
     _launch(key, programs,
-            (x, topk_idx, topk_weights, expert_rank, expert_local, mask, chunk_pos, slot_pos, chunk_base, send_base,
-             expert_base, table, error_record_addr, rank, sig, buffer_bytes, timeout_iters, tokens, chunk, *ints),
-            consts, num_warps)
+            (x, topk_idx, topk_weights, b.expert_rank, b.expert_local, b.mask, b.chunk_pos, b.slot_pos, b.chunk_base,
+             b.chunk_expert_base, b.send_base, b.expert_base, table, error_record_addr, rank, sig, buffer_bytes,
+             timeout_iters, tokens, chunk, *ints), consts, num_warps)

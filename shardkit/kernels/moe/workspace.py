@@ -119,3 +119,56 @@ def int_keys(ints: tuple[int, ...]) -> tuple:
     """The CachedLauncher key of integer arguments that are constant per dispatcher (offsets, sizes):
     computed once, not at every eager launch."""
     return tuple(int_key(v) for v in ints)
+
+
+@dataclass
+class RoundBuffers:
+    """One rank's local (not peer-visible) state of a round, int32 device tensors made once per
+    dispatcher: the placement, what the layout writes and what the counts exchange derives from it.
+
+    expert_rank [E], expert_local [E], l2g [W, L_P2]   placement (l2g: global id of rank r's l-th
+                                                         expert, -1 past its last)
+    mask [T], chunk_pos [T, W], slot_pos [T, K], chunk_counts [C, W], chunk_experts [C, E],
+    chunk_bad [C]                                        layout.py (C = the most layout programs)
+    chunk_base [C, W], chunk_expert_base [C, E], send_base [W], expert_base [E], recv_counts [W],
+    recv_offsets [W], expert_offsets [L_P2 + 1], expert_counts [L_P2], recv_info [2]   counts.py
+    """
+
+    expert_rank: torch.Tensor
+    expert_local: torch.Tensor
+    l2g: torch.Tensor
+    mask: torch.Tensor
+    chunk_pos: torch.Tensor
+    slot_pos: torch.Tensor
+    chunk_counts: torch.Tensor
+    chunk_experts: torch.Tensor
+    chunk_bad: torch.Tensor
+    chunk_base: torch.Tensor
+    chunk_expert_base: torch.Tensor
+    send_base: torch.Tensor
+    expert_base: torch.Tensor
+    recv_counts: torch.Tensor
+    recv_offsets: torch.Tensor
+    expert_offsets: torch.Tensor
+    expert_counts: torch.Tensor
+    recv_info: torch.Tensor
+
+    @classmethod
+    def make(cls, expert_rank: list[int], expert_local: list[int], local_experts: list[list[int]], max_tokens: int,
+             topk: int, max_chunks: int, device: torch.device) -> "RoundBuffers":
+        world, experts = len(local_experts), len(expert_rank)
+        l_p2 = 1 << max(0, max(len(e) for e in local_experts) - 1).bit_length()
+        l2g = torch.full((world, l_p2), -1, dtype=torch.int32)
+        for r, ids in enumerate(local_experts):
+            l2g[r, :len(ids)] = torch.tensor(ids, dtype=torch.int32)
+
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=torch.int32, device=device)
+        return cls(expert_rank=torch.tensor(expert_rank, dtype=torch.int32, device=device),
+                   expert_local=torch.tensor(expert_local, dtype=torch.int32, device=device), l2g=l2g.to(device),
+                   mask=zeros(max_tokens), chunk_pos=zeros(max_tokens, world), slot_pos=zeros(max_tokens, topk),
+                   chunk_counts=zeros(max_chunks, world), chunk_experts=zeros(max_chunks, experts),
+                   chunk_bad=zeros(max_chunks), chunk_base=zeros(max_chunks, world),
+                   chunk_expert_base=zeros(max_chunks, experts), send_base=zeros(world), expert_base=zeros(experts),
+                   recv_counts=zeros(world), recv_offsets=zeros(world), expert_offsets=zeros(l_p2 + 1),
+                   expert_counts=zeros(l_p2), recv_info=zeros(2))
