@@ -190,8 +190,10 @@ class MoeHandle:
         recv_counts, recv_offsets   int32[W]
         recv_info             int32[2]: (rows received, expert-major rows) on the device
         scales                fp32[N, ceil(hidden / 128)] with fp8 dispatch, else None
-    Expert outputs for the combine are ``[X, hidden]`` in this expert-major order (``expert_major``
-    gathers the received rows into it: the input of a grouped GEMM).
+    The expert-major order: by local expert, then source rank, token and top-k slot (each expert's
+    block padded to ``align`` rows); like the rank-major order, a function of the routing alone.
+    Expert outputs for the combine are ``[X, hidden]`` in this order (``expert_major`` gathers the
+    received rows into it: the input of a grouped GEMM).
     """
 
     round: int
