@@ -31,7 +31,7 @@ from shardkit.models.moe.mixtral import Mixtral, combine_local, load_mixtral, ro
 from shardkit.models.moe.trace import RoutingTrace, collect_trace  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL = os.path.join(os.path.dirname(ROOT), "shared", "models", "tiny-moe-pycode")
+MODEL = os.environ.get("SHARDKIT_MOE_MODEL") or os.path.join(os.path.dirname(ROOT), "shared", "models", "tiny-moe-pycode")
 RESULTS = os.path.join(ROOT, "bench", "results")
 SEQ_LEN = 512
 

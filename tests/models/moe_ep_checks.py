@@ -15,8 +15,10 @@ from shardkit.models.moe.ep import EPMoE
 from shardkit.models.moe.mixtral import MixtralConfig, Mixtral, load_mixtral, random_mixtral
 from shardkit.models.moe.placement import Placement, contiguous
 
-MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))),
-                     "shared", "models", "tiny-moe-pycode")
+# the checkpoint: $SHARDKIT_MOE_MODEL, else ../shared/models/tiny-moe-pycode beside the checkout
+MODEL = os.environ.get("SHARDKIT_MOE_MODEL") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))),
+    "shared", "models", "tiny-moe-pycode")
 
 # A small config with the real model's routing shape (16 experts, top-4) and odd sizes.
 SMALL = MixtralConfig(vocab_size=97, hidden_size=48, intermediate_size=40, num_layers=3, num_heads=6, num_kv_heads=2,
@@ -133,3 +135,38 @@ def check_graph_decode(batch: int, prompt: int, steps: int) -> dict:
     scale = max(o[1].abs().max().item() for o in outs)
     return {"rank": dist.get_rank(), "sequences": seqs.shape[0], "max_err": _max_err((o[0], o[1]) for o in outs).item(),
             "same_dtype_err": _max_err((o[2], o[1]) for o in outs).item(), "scale": scale}
+
+
+def predict_rank0(layer: int, h: torch.Tensor, layer_weights) -> torch.Tensor:
+    """A poor s-TS predictor: every token to rank 0 only (rows wasted there, late rows elsewhere)."""
+    masks = torch.zeros(h.shape[0], dist.get_world_size(), dtype=torch.bool, device=h.device)
+    masks[:, 0] = True
+    return masks
+
+
+def check_sts_model(source: str, batch: int, prompt: int, decode_steps: int, speculate: bool, seed: int,
+                    predictor: str = "pregate") -> dict:
+    """SpeculativeEPMoE (``predictor``: "pregate" or "rank0", corrections) against the fp32
+    single-process model: prefill + decode; returns the max error, the scale and this rank's row
+    counts (early / late / wasted / needed over all layers)."""
+    from shardkit.models.moe.sts import SpeculativeEPMoE
+    rank, world = dist.get_rank(), dist.get_world_size()
+    config, weights, tokens = model_and_batch(source, torch.float32, batch, prompt + decode_steps, seed)
+    placements = [Placement(world, tuple((r[0],) for r in p.replicas))
+                  for p in placements_for("mixed", config.num_layers, config.num_experts, world)]
+    moe = SpeculativeEPMoE.from_layers(weights.layers, placements, topk=config.topk, rms_eps=config.rms_norm_eps,
+                                       speculate=speculate, predictor=predict_rank0 if predictor == "rank0" else None)
+    ep, ref = Mixtral(config, weights, moe), Mixtral(config, weights)
+    seqs = tokens[list(range(rank, batch, world))]
+    total = prompt + decode_steps
+    caches = [ep.new_cache(seqs.shape[0], total), ref.new_cache(seqs.shape[0], total)]
+    outs = []
+    with torch.no_grad():
+        outs.append([m.forward(seqs[:, :prompt], c, 0) for m, c in zip((ep, ref), caches)])
+        for pos in range(prompt, total):
+            outs.append([m.forward(seqs[:, pos:pos + 1], c, pos) for m, c in zip((ep, ref), caches)])
+    scale = max((o[1].abs().max().item() for o in outs if o[1].numel()), default=0.0)
+    st = moe.stats
+    return {"rank": rank, "max_err": _max_err((o[0], o[1]) for o in outs).item(), "scale": scale,
+            "early": sum(s.early_rows for s in st), "late": sum(s.late_rows for s in st),
+            "wasted": sum(s.wasted_rows for s in st), "needed": sum(s.needed_rows for s in st)}

@@ -73,3 +73,21 @@ def test_gpu_real_model_bf16(worlds, backend):
 def test_gpu_decode_in_cuda_graph(worlds):
     results = worlds(2, "nccl").run(moe_ep_checks.check_graph_decode, 4, 17, 6)
     assert_within_dtype_error(results)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_speculative_token_shuffling_equals_the_exact_model(worlds, world):
+    """s-TS with the pre-gate prediction, with a poor one (every token to rank 0: rows wasted there
+    at EP=3, late rows elsewhere) and without speculation: logits equal the single-process model, every needed
+    copy travels exactly once."""
+    for speculate, predictor in ((True, "pregate"), (True, "rank0"), (False, "pregate")):
+        results = worlds(world).run(moe_ep_checks.check_sts_model, "small", 3, 6, 2, speculate, 13, predictor)
+        assert_close_to_reference(results, FP32_TOL)
+        early, late, wasted, needed = (sum(r[key] for r in results) for key in ("early", "late", "wasted", "needed"))
+        assert early - wasted + late == needed, results
+        if not speculate:
+            assert early == 0 and late == needed, results
+        elif predictor == "pregate":
+            assert early > late > 0, results
+        else:  # at EP=2 almost every token needs rank 0 too: waste shows at EP=3
+            assert late > 0 and (wasted > 0 or world == 2), results

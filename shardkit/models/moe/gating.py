@@ -62,7 +62,8 @@ class CapacityMoE:
 
 def capacity_moe(x: torch.Tensor, routing: Routing, layer: MixtralLayer, factor: float,
                  dropped: list | None = None) -> torch.Tensor:
-    """sum over kept slots of weight * expert(x) with static capacity ``factor`` (see the module)."""
+    """sum over kept slots of weight * expert(x) with static capacity ``factor`` (see the module).
+    No host synchronisation (CUDA-graph capturable) unless ``dropped`` asks for the count."""
     tokens, hidden = x.shape
     e, k = layer.router.shape[0], routing.topk_idx.shape[1]
     c = capacity(tokens, k, e, factor)
@@ -70,14 +71,12 @@ def capacity_moe(x: torch.Tensor, routing: Routing, layer: MixtralLayer, factor:
     keep = pos < c
     if dropped is not None:
         dropped.append((int((~keep).sum()), keep.numel()))
-    buf = x.new_zeros(e * c, hidden)
-    slot = (routing.topk_idx * c + pos)[keep]
-    token = torch.arange(tokens, device=x.device)[:, None].expand(-1, k)[keep]
-    buf[slot] = x[token]
-    buf = buf.view(e, c, hidden)
-    gate, up = torch.bmm(buf, layer.gate_up.transpose(1, 2)).chunk(2, dim=-1)
+    slot = torch.where(keep, routing.topk_idx * c + pos, e * c)  # dropped slots -> a spare row past the buffer
+    buf = x.new_zeros(e * c + 1, hidden)
+    buf[slot.reshape(-1)] = x.repeat_interleave(k, dim=0)
+    gate, up = torch.bmm(buf[:-1].view(e, c, hidden), layer.gate_up.transpose(1, 2)).chunk(2, dim=-1)
     y = torch.bmm(torch.nn.functional.silu(gate) * up, layer.down.transpose(1, 2)).view(e * c, hidden)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    per_slot = torch.zeros(tokens, k, hidden, dtype=acc, device=x.device)
-    per_slot[keep] = y[slot].to(acc) * routing.topk_weights[keep][:, None].to(acc)
-    return per_slot.sum(1).to(x.dtype)
+    weight = torch.where(keep, routing.topk_weights.to(acc), 0.0)
+    y = torch.cat([y, y.new_zeros(1, hidden)])[slot.reshape(-1)].view(tokens, k, hidden)
+    return (y.to(acc) * weight[..., None]).sum(1).to(x.dtype)

@@ -216,6 +216,9 @@ class MoEBlock(Protocol):
 
     def __call__(self, layer_index: int, x: torch.Tensor, layer: MixtralLayer) -> tuple[torch.Tensor, Routing]: ...
 
+    # optional: after_layer(layer_index, h [T, hidden] the residual after the layer, next MixtralLayer),
+    # called between layers (SpeculativeEPMoE predicts the next layer's destinations there)
+
 
 class LocalMoE:
     """Every expert in this process: route, then ``combine_local`` (``backend``: see experts.py)."""
@@ -244,7 +247,8 @@ def group_slots(topk_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor,
     """The (token, slot) pairs sorted by expert (stable: token order within an expert): flat slot
     indices [T*K] and counts per expert [E] (an id < 0 counts as expert 0; ``weighted_sum`` zeroes it)."""
     safe = topk_idx.reshape(-1).clamp(min=0)
-    return torch.argsort(safe, stable=True), torch.bincount(safe, minlength=num_experts)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=safe.device).scatter_add_(0, safe, torch.ones_like(safe))
+    return torch.argsort(safe, stable=True), counts  # (bincount would read the max on the host: no graphs)
 
 
 def weighted_sum(y: torch.Tensor, order: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
@@ -310,6 +314,7 @@ class Mixtral:
         positions = torch.arange(s, device=self.device) + start
         cos, sin = rope_tables(cfg, positions, self.dtype)
         h = w.embed[tokens]
+        after_layer = getattr(self.moe, "after_layer", None)  # a block that looks one layer ahead (sts.py)
         for i, layer in enumerate(w.layers):
             h = h + self._attention(i, rms_norm(h, layer.input_norm, cfg.rms_norm_eps), layer, cos, sin, positions,
                                     cache, start)
@@ -318,6 +323,8 @@ class Mixtral:
             h = h + out.view(b, s, cfg.hidden_size)
             if self.trace is not None:
                 self.trace.append((i, x, routing, h.reshape(b * s, cfg.hidden_size)))
+            if after_layer is not None and i + 1 < cfg.num_layers:
+                after_layer(i, h.reshape(b * s, cfg.hidden_size), w.layers[i + 1])
         h = rms_norm(h, w.norm, cfg.rms_norm_eps)
         acc = torch.float64 if self.dtype == torch.float64 else torch.float32
         return (h @ w.lm_head.t()).to(acc)
