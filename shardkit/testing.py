@@ -79,6 +79,12 @@ def _worker(rank: int, world_size: int, backend: str, port: int, tasks: mp.Queue
     dist.destroy_process_group()
 
 
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
 class RankError(AssertionError):
     """Raised by ProcessWorld.run when a rank raised; ``errors`` maps rank -> (type name, message)."""
 
@@ -100,6 +106,7 @@ class ProcessWorld:
         self._procs = [ctx.Process(target=_worker, daemon=True,
                                    args=(r, world_size, backend, port, self._tasks[r], self._results, os.getpid()))
                        for r in range(world_size)]
+        self._suspect = False  # a rank raised: its process group may be broken (e.g. a gloo timeout)
         for p in self._procs:
             p.start()
         self._collect(start_timeout, "start")
@@ -112,6 +119,18 @@ class ProcessWorld:
     @property
     def alive(self) -> bool:
         return bool(self._procs) and all(p.is_alive() for p in self._procs)
+
+    def healthy(self) -> bool:
+        """Alive and, if a rank raised since the last check, its process group still works (a
+        barrier); a broken world (e.g. after a gloo timeout) is stopped, so that one failure does
+        not fail every later user of a shared world."""
+        if self.alive and self._suspect:
+            self._suspect = False
+            try:
+                self.run(_barrier, timeout=60.0)
+            except (RankError, TimeoutError):
+                self.close(kill=True)
+        return self.alive
 
     def run(self, fn: Callable[..., Any], *args: Any, timeout: float = 300.0) -> list[Any]:
         """Run ``fn(*args)`` on every rank; return the results in rank order.
@@ -142,6 +161,7 @@ class ProcessWorld:
             else:
                 results[rank] = payload
         if errors:
+            self._suspect = True
             raise RankError(errors)
         return [results[r] for r in range(self.world_size)]
 

@@ -30,7 +30,7 @@ def worlds():
 
     def get(n: int, backend: str = "gloo") -> ProcessWorld:
         w = cache.get((n, backend))
-        if w is None or not w.alive:
+        if w is None or not w.healthy():
             w = cache[(n, backend)] = ProcessWorld(n, backend)
         return w
 

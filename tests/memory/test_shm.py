@@ -7,11 +7,13 @@ import sys
 import time
 import uuid
 
+import pytest
 import torch
 import torch.distributed as dist
 
 from shardkit import PeerMemory
 from shardkit.memory.shm import PREFIX, SHM_DIR, session_id, session_segments, sweep_dead_segments
+from shardkit.testing import ProcessWorld, RankError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -167,3 +169,25 @@ def test_watchdog_alone_ends_an_orphan():
     if not _gone(pid):
         os.kill(pid, signal.SIGKILL)
         raise AssertionError("the orphan outlived its parent by 5 s")
+
+
+def fail_on_rank_1(leave_group: bool) -> None:
+    if dist.get_rank() == 1:
+        if leave_group:
+            dist.destroy_process_group()
+        raise RuntimeError("rank 1 fails")
+
+
+def test_a_world_whose_group_broke_is_not_reused():
+    """A rank error leaves a shared world usable only if its process group still works."""
+    world = ProcessWorld(2)
+    try:
+        pids = world.pids
+        with pytest.raises(RankError):
+            world.run(fail_on_rank_1, False)
+        assert world.healthy() and world.pids == pids
+        with pytest.raises(RankError):
+            world.run(fail_on_rank_1, True)
+        assert not world.healthy() and not world.alive
+    finally:
+        world.close(kill=True)
