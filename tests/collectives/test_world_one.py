@@ -5,6 +5,7 @@ import torch
 import torch.distributed as dist
 
 from shardkit import Communicator
+from shardkit.collectives.communicator import ALGOS
 from shardkit.reference.all_reduce import all_reduce_residual_rmsnorm_reference, rank_inputs
 
 from ..conftest import gpu_count
@@ -22,7 +23,7 @@ def world_of_one(dtype_name: str, n: int, tokens: int, hidden: int, kernels: str
     try:
         x = rank_inputs(1, n, dtype, seed=n, device=device())[0]
         x_before = x.clone()
-        for algo in ("auto", "flat", "tree", "nccl"):
+        for algo in ALGOS:
             out = torch.full_like(x, float("nan"))
             assert comm.all_reduce(x, algo=algo, out=out) is out
             assert torch.equal(out, x) and torch.equal(x, x_before), algo
@@ -38,7 +39,7 @@ def world_of_one(dtype_name: str, n: int, tokens: int, hidden: int, kernels: str
         residual = rank_inputs(1, tokens * hidden, dtype, seed=2, device=device())[0].view(tokens, hidden)
         weight = rank_inputs(1, hidden, dtype, seed=3, device=device())[0]
         ref_out, ref_res = all_reduce_residual_rmsnorm_reference(xs, residual, weight, 1e-5)
-        for algo in ("auto", "flat", "tree", "nccl"):
+        for algo in Communicator.RMSNORM_ALGOS:
             out, res_out = torch.full_like(xs[0], float("nan")), torch.full_like(xs[0], float("nan"))
             comm.all_reduce_residual_rmsnorm(xs[0], residual, weight, 1e-5, algo, out=out, residual_out=res_out)
             torch.testing.assert_close(res_out.double(), ref_res, **tol(ROUNDING, dtype), msg=lambda m: f"{algo}: {m}")
@@ -51,9 +52,12 @@ def world_of_one(dtype_name: str, n: int, tokens: int, hidden: int, kernels: str
     return calls
 
 
+CALLS = 4 * len(ALGOS) + len(Communicator.RMSNORM_ALGOS)  # calls per world_of_one
+
+
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
 def test_world_of_one_is_a_copy(worlds, dtype_name):
-    assert worlds(1).run(world_of_one, dtype_name, 1000, 5, 96) == [20]
+    assert worlds(1).run(world_of_one, dtype_name, 1000, 5, 96) == [CALLS]
 
 
 @pytest.mark.gpu
@@ -64,4 +68,4 @@ def test_world_of_one_gpu(worlds, kernels):
 
     if kernels == "cuda" and not cuda_dda.available():
         pytest.skip("CUDA library not built")
-    assert worlds(1, "nccl").run(world_of_one, "bfloat16", 1 << 20, 64, 4096, kernels) == [20]
+    assert worlds(1, "nccl").run(world_of_one, "bfloat16", 1 << 20, 64, 4096, kernels) == [CALLS]
