@@ -1,7 +1,7 @@
 """Sync-Point Drop quality study on the real model (CPU, fp32): sensitivity classes, perplexity and
 next-token agreement against the number of SPD blocks, zero-shot / distilled / head-grouped.
 
-    python bench/spd_quality.py [--tp 2] [--eval-seqs 16] [--calib-seqs 12] [--seq 256] [--steps 60]
+    python bench/spd_quality.py [--tp 2] [--eval-seqs 32] [--calib-seqs 48] [--seq 256] [--steps 100]
     python bench/spd_quality.py --smoke        # minutes: tiny text, few steps, no records
 
 Model: ../shared/models/tiny-llama-pycode (--model). Text: this project's own Python sources at
@@ -14,14 +14,16 @@ tensor-parallel model within 1e-4):
 1. baseline: perplexity of the TP model (= the original model) on the evaluation text;
 2. sensitivity: per block, the calibration loss increase of a zero-shot SPD of that block alone;
    classes: ISB <= --isb-max nats/token, SB <= --sb-max, ESB above;
-3. per block, block-to-block distillation (Adam, --steps steps, MSE to the original block's output
-   on calibration activations) with the contiguous head placement ("distilled"); for the ESB
-   blocks also with heads grouped by attention-score similarity ("grouped" + distilled);
-   block-level errors on held-out calibration sequences for all of them, and for the zero-shot
-   block with heads kept together / spread apart;
-4. the curve: SPD on the k least sensitive blocks, k = 0..layers, evaluated zero-shot, distilled
-   (every SPD block distilled), and with the class recipe (ISB zero-shot, SB distilled, ESB grouped
-   + distilled). Identical plans are evaluated once.
+3. head grouping: the similarity of the heads' attention scores proposes two placements of heads
+   on ranks, similar heads together and similar heads spread apart (``group_heads``); the one with
+   the lower zero-shot SPD error on training calibration sequences initialises the grouped block;
+4. per block, block-to-block distillation (Adam, --steps steps, MSE to the original block's output
+   on calibration activations) with the contiguous head placement ("distilled") and with the
+   grouped placement ("grouped" + distilled); block-level errors on held-out calibration sequences
+   for all of them and for the zero-shot block under each placement;
+5. the curve: SPD on the k least sensitive blocks, k = 0..layers, evaluated zero-shot, distilled
+   (every SPD block distilled), grouped (every SPD block regrouped + distilled), and with the class
+   recipe (ISB zero-shot, SB distilled, ESB grouped + distilled). Identical plans are evaluated once.
 Writes bench "spd_quality" records to the store (or --out DIR/records.jsonl), and
 bench/results/spd_quality_tp<TP>.{md,png}. Intermediate results (sensitivity, trained blocks) are
 cached in --cache so that an interrupted run resumes.
@@ -47,7 +49,7 @@ from shardkit.models.spd import (SimulatedTP, SPDPlan, block_forward, block_io, 
 from shardkit.models.llama_tp import contiguous_head_groups, rope_tables  # noqa: E402
 
 DEFAULT_MODEL = os.path.join(ROOT, "..", "shared", "models", "tiny-llama-pycode")
-VARIANTS = ("zero_shot", "distilled", "recipe")
+VARIANTS = ("zero_shot", "distilled", "grouped", "recipe")
 RECIPE = {"ISB": "zero_shot", "SB": "distilled", "ESB": "grouped"}
 # ISB: a block whose zero-shot SPD costs <= 0.25% perplexity. With half of the 8 blocks dropped the
 # issue allows 1% in all, i.e. 0.25% per block if the costs add up (the curve checks that they do).
@@ -138,7 +140,10 @@ def study(args: argparse.Namespace, tp: int, log) -> tuple[list[dict], dict]:
         train_in, train_out = states[i][:-held, :args.distill_len], states[i + 1][:-held, :args.distill_len]
         test_in, test_out = states[i][-held:], states[i + 1][-held:]
         sim = cached(cache, cache_path, f"sim{i}", lambda: head_similarity(config, layer, train_in[:4]))
-        together, apart = group_heads(sim, tp, True), group_heads(sim, tp, False)
+        placements = {"contiguous": contiguous, "together": group_heads(sim, tp, True),
+                      "apart": group_heads(sim, tp, False)}
+        pick = min(("together", "apart"), key=lambda name: block_error(
+            config, layer, states[i][:8], states[i + 1][:8], tp, placements[name]))  # training sequences
 
         def train(heads, what):
             t0 = time.perf_counter()
@@ -149,20 +154,18 @@ def study(args: argparse.Namespace, tp: int, log) -> tuple[list[dict], dict]:
             return trained
 
         distilled = cached(cache, cache_path, f"distilled{i}_{train_tag}", lambda: train(contiguous, "distilled"))
-        grouped = None if classes[i] != "ESB" else cached(cache, cache_path, f"grouped{i}_{train_tag}",
-                                                          lambda: train(together, f"grouped {together}"))
-        info = {"block": i, "delta_nll": delta[i], "class": classes[i], "together": together, "apart": apart,
+        grouped = cached(cache, cache_path, f"grouped{i}_{pick}_{train_tag}",
+                         lambda: train(placements[pick], f"grouped ({pick}) {placements[pick]}"))
+        info = {"block": i, "delta_nll": delta[i], "class": classes[i], "grouping": pick,
+                "grouped_heads": placements[pick], "together": placements["together"], "apart": placements["apart"],
                 "similarity_within": {name: float(sum(sim[a, b] for g in p for a in g for b in g if a < b))
-                                      for name, p in (("contiguous", contiguous), ("together", together),
-                                                      ("apart", apart))},
-                "error": {"zero_shot": block_error(config, layer, test_in, test_out, tp, contiguous),
-                          "zero_shot_together": block_error(config, layer, test_in, test_out, tp, together),
-                          "zero_shot_apart": block_error(config, layer, test_in, test_out, tp, apart),
+                                      for name, p in placements.items()},
+                "error": {**{f"zero_shot_{name}": block_error(config, layer, test_in, test_out, tp, p)
+                             for name, p in placements.items()},
                           "distilled": block_error(config, distilled, test_in, test_out, tp, contiguous),
-                          "grouped": None if grouped is None else
-                          block_error(config, grouped, test_in, test_out, tp, together)},
+                          "grouped": block_error(config, grouped, test_in, test_out, tp, placements[pick])},
                 "distilled": distilled, "grouped": grouped}
-        log(f"block {i}: " + ", ".join(f"{k} {v:.4f}" for k, v in info["error"].items() if v is not None))
+        log(f"block {i}: " + ", ".join(f"{k} {v:.4f}" for k, v in info["error"].items()))
         blocks.append(info)
 
     def choices(k: int, variant: str) -> tuple:
@@ -176,7 +179,7 @@ def study(args: argparse.Namespace, tp: int, log) -> tuple[list[dict], dict]:
             if how != "zero_shot":
                 p.layers[i] = blocks[i][how]
             if how == "grouped":
-                p.heads[i] = blocks[i]["together"]
+                p.heads[i] = blocks[i]["grouped_heads"]
         return p
 
     curve = []
@@ -212,7 +215,8 @@ def to_records(summary: dict, args: argparse.Namespace) -> list[dict]:
     recs = [store.record("spd_quality", "baseline", params={**params0, "k": 0}, metrics=summary["base"], **common)]
     for b in summary["blocks"]:
         recs.append(store.record("spd_quality", "sensitivity", params={**params0, "block": b["block"]},
-                                 metrics={"delta_nll": b["delta_nll"], "class": b["class"], "together": b["together"],
+                                 metrics={"delta_nll": b["delta_nll"], "class": b["class"], "grouping": b["grouping"],
+                                          "grouped_heads": b["grouped_heads"], "together": b["together"],
                                           "apart": b["apart"], **{f"error_{k}": v for k, v in b["error"].items()}},
                                  **common))
     for row in summary["curve"]:
@@ -231,17 +235,18 @@ def markdown(summary: dict) -> str:
              f"Baseline (TP model, no SPD): perplexity {base['ppl']:.4f}.", "",
              "## Blocks", "",
              "Zero-shot loss increase of SPD on that block alone (calibration), class, and the block's error on "
-             "held-out calibration sequences relative to its update: zero-shot with contiguous heads / heads "
-             "grouped together / spread apart by attention-score similarity; after distillation (contiguous) "
-             "and grouped + distilled.", "",
-             "| block | Δ loss (nats/tok) | Δ ppl | class | grouped heads | zero-shot | together | apart | "
-             "distilled | grouped+distilled |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "held-out calibration sequences relative to its update (mean square of out - target over mean square "
+             "of the block's update): zero-shot with contiguous heads, with similar heads together, spread apart; "
+             "after distillation (contiguous) and grouped (the placement of the two with the lower zero-shot "
+             "error on training sequences) + distilled.", "",
+             "| block | Δ loss (nats/tok) | Δ ppl | class | zero-shot | together | apart | distilled | grouping | "
+             "grouped+distilled |", "|---|---|---|---|---|---|---|---|---|---|"]
     for b in summary["blocks"]:
         e = b["error"]
-        grouped = "-" if e["grouped"] is None else f"{e['grouped']:.4f}"
         lines.append(f"| {b['block']} | {b['delta_nll']:+.4f} | {100 * (math.exp(b['delta_nll']) - 1):+.2f}% | "
-                     f"{b['class']} | {b['together']} | {e['zero_shot']:.4f} | {e['zero_shot_together']:.4f} | "
-                     f"{e['zero_shot_apart']:.4f} | {e['distilled']:.4f} | {grouped} |")
+                     f"{b['class']} | {e['zero_shot_contiguous']:.4f} | {e['zero_shot_together']:.4f} | "
+                     f"{e['zero_shot_apart']:.4f} | {e['distilled']:.4f} | {b['grouping']} {b['grouped_heads']} | "
+                     f"{e['grouped']:.4f} |")
     lines += ["", "## Perplexity vs number of SPD blocks (least sensitive first)", "",
               f"Order: {summary['order']}. Cells: perplexity (increase over the baseline), next-token agreement "
               "with the TP model.", "",
@@ -284,9 +289,9 @@ def main() -> None:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--tp", default="2", help="tensor-parallel degrees, comma-separated (2, 4)")
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--calib-seqs", type=int, default=12)
-    p.add_argument("--eval-seqs", type=int, default=16)
-    p.add_argument("--steps", type=int, default=60, help="distillation steps per block")
+    p.add_argument("--calib-seqs", type=int, default=48)
+    p.add_argument("--eval-seqs", type=int, default=32)
+    p.add_argument("--steps", type=int, default=100, help="distillation steps per block")
     p.add_argument("--distill-len", type=int, default=128, help="positions of each sequence distillation sees")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch", type=int, default=1, help="sequences per distillation step")
