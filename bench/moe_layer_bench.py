@@ -20,6 +20,10 @@ the expert buffer at run time.
    7168 (bytes dominate); graph mode, mean over the 6 layers.
 3. ``moe_gating`` (GPU rows): one GPU, the DeepSeek-shaped layer over 1024 / 8192 tokens: dynamic
    (exact counts, grouped_mm) against static capacity (padded [E, C, hidden] bmm) at 1.0 / 1.25 / 2.0.
+5. ``moe_speculative`` (GPU rows): decode steps (8 sequences per rank after a 64-token prompt) of
+   tiny-moe-pycode (the checkpoint from $SHARDKIT_MOE_MODEL or ../shared/models, else random weights
+   of its shape) with EP=2 over NCCL all-to-all: ``SpeculativeEPMoE`` with the pre-gate prediction
+   against the same code without speculation; eager; rows sent early / late.
 4. ``moe_buffering`` (GPU rows): ``ExpertBuffer`` with 16 experts per layer of DeepSeek-V2-Lite's
    expert shape (hidden 2048, FFN 1408, bf16, pinned host copies), decode of 8 sequences replaying
    the held-out routing (6 layers, 48 steps), a 2048^2 GEMM per layer standing in for attention:
@@ -128,7 +132,6 @@ class Bench:
         router, gate_up, down = self.deepseek_weights(list(range(a.experts)))
         local = VirtualExperts(p).local(self.rank)
         local_gu, local_dn = gate_up[local].contiguous(), down[local].contiguous()
-        full = MixtralLayer(*([None] * 6), router=router, gate_up=gate_up, down=down)
         shape = {"experts": a.experts, "topk": a.topk, "hidden": a.hidden, "ffn": a.ffn}
         for tokens in a.tokens:
             gen = torch.Generator(device=self.dev)
@@ -165,7 +168,6 @@ class Bench:
                     self.add("moe_layer", impl, self.world, params, us, {"max_rel_err_vs_one_gpu": round(err, 5)},
                              mode="graph" if graph else ("eager" if self.cuda else "cpu"))
                 moe.close()
-                del moe
             if self.cuda:
                 torch.cuda.empty_cache()
 
@@ -237,9 +239,57 @@ class Bench:
                 self.add("moe_gating", name, 1, {**params, "factor": factor}, self.time_us(fn, self.cuda, False),
                          {"dropped_fraction": round(dropped, 5),
                           "activation_bytes": gating.activation_bytes(rows, a.hidden, a.ffn, 2)})
-        del gate_up, down
-        if self.cuda:
-            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ 5. s-TS latency
+    def speculative(self) -> None:
+        """Decode steps of tiny-moe-pycode with EP over NCCL all-to-all: s-TS (pre-gate) vs the same
+        code without speculation; the real checkpoint where $SHARDKIT_MOE_MODEL (or
+        ../shared/models/tiny-moe-pycode) has it, else random weights of its shape."""
+        from shardkit.models.moe.mixtral import Mixtral, MixtralConfig, load_mixtral, random_mixtral
+        from shardkit.models.moe.sts import SpeculativeEPMoE
+        a = self.args
+        path = os.environ.get("SHARDKIT_MOE_MODEL") or os.path.join(os.path.dirname(os.path.dirname(
+            os.path.dirname(os.path.abspath(__file__)))), "shared", "models", "tiny-moe-pycode")
+        if os.path.exists(os.path.join(path, "model.safetensors")):
+            config, weights, source = *load_mixtral(path, torch.float32), "tiny-moe-pycode"
+        else:
+            config = MixtralConfig(vocab_size=8192, hidden_size=384, intermediate_size=192, num_layers=6, num_heads=6,
+                                   num_kv_heads=2, head_dim=64, num_experts=16, topk=4, rms_norm_eps=1e-5,
+                                   rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=True)
+            weights, source = random_mixtral(config, 0), "random weights of its shape"
+        self.log(f"\n5. s-TS decode latency, EP={self.world} over all_to_all_single, model: {source}")
+        weights = weights.to(self.dev, self.dtype)
+        p = contiguous(config.num_experts, self.world)
+        gen = torch.Generator().manual_seed(100 + self.rank)
+        prompt = torch.randint(0, config.vocab_size, (a.sts_batch, a.sts_prompt), generator=gen).to(self.dev)
+        steps = torch.randint(0, config.vocab_size, (a.sts_batch, a.sts_steps), generator=gen).to(self.dev)
+        for speculate in (False, True):
+            moe = SpeculativeEPMoE.from_layers(weights.layers, [p] * config.num_layers, device=self.dev,
+                                               topk=config.topk, rms_eps=config.rms_norm_eps, speculate=speculate,
+                                               backend=self.backend)
+            model = Mixtral(config, weights, moe)
+            times = []
+            for rep in range(a.reps):
+                cache = model.new_cache(a.sts_batch, a.sts_prompt + a.sts_steps)
+                model.forward(prompt, cache, 0)
+                self.barrier()
+                if self.cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for i in range(a.sts_steps):
+                    model.forward(steps[:, i:i + 1], cache, a.sts_prompt + i)
+                if self.cuda:
+                    torch.cuda.synchronize()
+                times.append((time.perf_counter() - t0) * 1e6 / a.sts_steps)
+            t = torch.tensor(times, dtype=torch.float64, device=self.dev)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            st = moe.stats
+            rows = {k: sum(getattr(x, k) for x in st) for k in ("early_rows", "late_rows", "wasted_rows",
+                                                                 "needed_rows")}
+            self.add("moe_speculative", "sts_pregate" if speculate else "no_speculation", self.world,
+                     {"model": source, "batch_per_rank": a.sts_batch, "prompt": a.sts_prompt, "phase": "decode"},
+                     t.tolist(), {**rows, "late_fraction": round(rows["late_rows"] / max(1, rows["needed_rows"]), 4)},
+                     mode="eager" if self.cuda else "cpu")
 
     # ------------------------------------------------------------------ 4. expert buffer
     def buffer(self, data: dict) -> None:
@@ -289,7 +339,6 @@ class Bench:
                              [us], {"hit_rate": round(hits, 4),
                                     "prefetches_per_call": round(sum(s.prefetches for s in buf.stats) / calls, 3)},
                              mode="eager" if self.cuda else "cpu")
-                    del buf
 
 
 def table_lines(records: list[dict], bench: str) -> list[str]:
@@ -322,7 +371,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="records to OUT/records.jsonl (default: the store on GPUs; "
                     "CPU smoke runs write records only with --out)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (gloo)")
-    ap.add_argument("--parts", nargs="+", default=["layer", "placement", "gating", "buffer"])
+    ap.add_argument("--parts", nargs="+", default=["layer", "placement", "gating", "buffer", "speculative"])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--iters", type=int, default=10)
     args = ap.parse_args()
@@ -335,6 +384,7 @@ def main() -> None:
     args.buf_hidden, args.buf_ffn = (64, 32) if small else (2048, 1408)
     args.buf_batch, args.buf_steps = 8, (4 if small else 48)
     args.buf_slots = [4, 16] if small else [4, 8, 12, 16]
+    args.sts_batch, args.sts_prompt, args.sts_steps = (2, 5, 2) if small else (8, 64, 32)
     cuda = torch.cuda.is_available() and not small
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -353,12 +403,14 @@ def main() -> None:
                 b.gating()
             if data is not None and "buffer" in args.parts:
                 b.buffer(data)
+            if "speculative" in args.parts:
+                b.speculative()
     except Exception:
         print(f"rank {b.rank}: {traceback.format_exc()}", file=sys.stderr, flush=True)
         b.failed.append("exception (see above)")
     if b.rank == 0:
         path = rec.destination(args.out, cuda)
-        for bench in ("moe_layer", "moe_placement", "moe_gating", "moe_buffering"):
+        for bench in ("moe_layer", "moe_placement", "moe_gating", "moe_buffering", "moe_speculative"):
             lines = table_lines(b.records, bench)
             if lines:
                 print("\n" + "\n".join(lines), flush=True)

@@ -178,27 +178,32 @@ class _Search:
     """Steepest-descent local search over placements for one layer's fit routing.
 
     The objective is ``cost(placement, ranks, weights)`` plus a penalty for max/mean load above
-    ``cap`` (``penalty`` per unit); moves are swaps of two experts between ranks, and with spare
-    slots (``slot_cap`` > E / W) also moving an expert copy to another rank and adding (up to
-    ``max_copies`` per expert, at most ``max_replicas`` in all) or dropping a replica. Tokens are compressed to their distinct (sorted
-    expert set, token id mod lcm(1..max_copies)) rows with multiplicities: exact for the copies and
-    loads of every candidate, and 10-20x fewer rows than tokens."""
+    ``cap`` (``penalty`` per unit) on the worst of the token ``chunks`` (default: all tokens as one;
+    chunks of different text make the cap hold on text the fit has not seen); moves are swaps of two
+    experts between ranks, and with spare slots (``slot_cap`` > E / W) also moving an expert copy to
+    another rank and adding (up to ``max_copies`` per expert, at most ``max_replicas`` in all) or
+    dropping a replica. Tokens are compressed to their distinct (sorted expert set, token id mod
+    lcm(1..max_copies)) rows with multiplicities per chunk: exact for the copies and loads of every
+    candidate, and 10-20x fewer rows than tokens."""
 
     def __init__(self, topk_idx: torch.Tensor, num_experts: int, world: int, cap: float, slot_cap: int,
-                 cost, max_replicas: int, max_copies: int) -> None:
-        k = topk_idx.shape[1]
+                 cost, max_replicas: int, max_copies: int, chunks: torch.Tensor | None = None) -> None:
+        n, k = topk_idx.shape
         period = math.lcm(*range(1, max_copies + 1)) if max_replicas else 1
-        rows = torch.cat([topk_idx.sort(1).values, (torch.arange(topk_idx.shape[0]) % period)[:, None]], 1)
-        unique, counts = rows.unique(dim=0, return_counts=True)
-        self.idx, self.token, self.weight = unique[:, :k].contiguous(), unique[:, k], counts.double()
-        self.slot_weight = self.weight.repeat_interleave(k)
+        rows = torch.cat([topk_idx.sort(1).values, (torch.arange(n) % period)[:, None]], 1)
+        unique, inverse = rows.unique(dim=0, return_inverse=True)
+        chunks = torch.zeros(n, dtype=torch.long) if chunks is None else chunks.long()
+        self.chunk_weight = torch.zeros(int(chunks.max()) + 1, unique.shape[0], dtype=torch.float64)
+        self.chunk_weight.index_put_((chunks, inverse), torch.ones(n, dtype=torch.float64), accumulate=True)
+        self.idx, self.token, self.weight = unique[:, :k].contiguous(), unique[:, k], self.chunk_weight.sum(0)
         self.E, self.W, self.cap, self.slot_cap = num_experts, world, cap, slot_cap
         self.cost, self.max_replicas, self.max_copies = cost, max_replicas, max_copies
 
     def score(self, p: Placement, penalty: float) -> float:
         ranks = p.dest_ranks(self.idx, self.token)
-        loads = torch.zeros(self.W, dtype=torch.float64).index_add_(0, ranks.reshape(-1), self.slot_weight)
-        ratio = float(loads.max() / loads.mean())
+        per_row = torch.nn.functional.one_hot(ranks, self.W).sum(1).double()  # [R, W] slots per rank
+        loads = self.chunk_weight @ per_row  # [chunks, W]
+        ratio = float((loads.max(1).values / loads.mean(1)).max())
         return self.cost(p, ranks, self.weight) + penalty * max(0.0, ratio - self.cap)
 
     def neighbours(self, p: Placement):
@@ -259,26 +264,30 @@ def _copies_cost(p: Placement, ranks: torch.Tensor, weight: torch.Tensor) -> flo
 
 
 def s_eg(topk_idx: torch.Tensor, num_experts: int, world: int, cap: float = 1.15, extra_slots: int = 0,
-         max_replicas: int | None = None, max_copies: int = 2, starts: list[Placement] | None = None) -> Placement:
+         max_replicas: int | None = None, max_copies: int = 2, starts: list[Placement] | None = None,
+         chunks: torch.Tensor | None = None) -> Placement:
     """Co-activation grouping: minimise copies per token on ``topk_idx`` with max/mean load <= ``cap``.
     ``extra_slots``: expert slots per rank beyond E / W (uneven counts and replicas of hot experts:
     at most ``max_replicas`` in all, default world * extra_slots, and ``max_copies`` copies of one
     expert). ``starts``: where the search starts (default: greedy and contiguous; with extra slots,
-    the best placement without them)."""
+    the best placement without them). ``chunks`` [N]: the cap must hold on each chunk of tokens
+    (e.g. parts of the fit text), not only on all of them."""
     slot_cap = -(-num_experts // world) + extra_slots
     search = _Search(topk_idx, num_experts, world, cap, slot_cap, _copies_cost,
-                     world * extra_slots if max_replicas is None else max_replicas, max_copies)
+                     world * extra_slots if max_replicas is None else max_replicas, max_copies, chunks)
     name = "s_eg" if extra_slots == 0 else f"s_eg_rep{extra_slots}"
     if starts is None:
         starts = [greedy(topk_idx, num_experts, world), contiguous(num_experts, world)]
         if extra_slots:  # replicas extend the best grouping without them
-            starts = [s_eg(topk_idx, num_experts, world, cap, starts=starts)]
+            starts = [s_eg(topk_idx, num_experts, world, cap, starts=starts, chunks=chunks)]
     return search.run(starts).with_name(name)
 
 
-def anti_correlation(topk_idx: torch.Tensor, num_experts: int, world: int, cap: float = 1.15) -> Placement:
+def anti_correlation(topk_idx: torch.Tensor, num_experts: int, world: int, cap: float = 1.15,
+                     chunks: torch.Tensor | None = None) -> Placement:
     """Experts with negatively correlated activations share a rank: swaps minimising the sum over
-    ranks of the pairwise Pearson correlations of their experts' activation indicators, load <= cap."""
+    ranks of the pairwise Pearson correlations of their experts' activation indicators, load <= cap
+    (on each of ``chunks``, as ``s_eg``)."""
     active = torch.zeros(topk_idx.shape[0], num_experts, dtype=torch.float64)
     active.scatter_(1, topk_idx, 1.0)
     corr = torch.nan_to_num(torch.corrcoef(active.t()), nan=0.0)
@@ -287,5 +296,5 @@ def anti_correlation(topk_idx: torch.Tensor, num_experts: int, world: int, cap: 
     def cost(p: Placement, ranks: torch.Tensor, weight: torch.Tensor) -> float:
         return sum(float(corr[x][:, x].sum()) / 2 for x in (torch.tensor(es) for es in p.rank_experts()))
 
-    search = _Search(topk_idx, num_experts, world, cap, -(-num_experts // world), cost, 0, 1)
+    search = _Search(topk_idx, num_experts, world, cap, -(-num_experts // world), cost, 0, 1, chunks)
     return search.run([greedy(topk_idx, num_experts, world)]).with_name("anti_correlation")

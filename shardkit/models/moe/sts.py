@@ -120,7 +120,7 @@ class SpeculativeEPMoE:
 
     def __call__(self, layer_index: int, x: torch.Tensor, layer: MixtralLayer) -> tuple[torch.Tensor, Routing]:
         self._device = x.device
-        w, me = self.world, self.rank
+        w = self.world
         spec = self._pending if self._pending is not None and self._pending[0] == layer_index else None
         self._pending = None
         if spec is not None:  # 2. rows to the predicted ranks now, while the router runs
