@@ -61,20 +61,17 @@ def series(bench: str, recs: Records) -> str:
     return ""
 
 
-def _cases(recs: Records) -> int:
-    return len({tuple(sorted(r["params"].items())) for r in recs})
-
-
 def newest(records: Iterable[dict], bench: str | None = None) -> dict[tuple[str, str, int], Records]:
-    """(bench, gpu, world) -> the records of its newest run (of each series), for every group. A run
-    that measured fewer cases than the one it would replace (a focused scan, e.g. a few sizes of the
-    sweep) does not replace it: the tables show the newest full run; the scan stays in the store."""
+    """(bench, gpu, world) -> the records of its newest run (of each series), for every group. A sweep
+    run without ``auto`` is a focused scan (``--algos`` a few algorithms): it stays in the store but
+    does not replace the newest full sweep in the tables."""
     chosen: dict[tuple, Records] = {}
     for (b, gpu, _, _), recs in runs(records).items():
         if bench is None or b == bench:
             key = (b, gpu, max(r["world"] for r in recs), series(b, recs))
-            if key not in chosen or _cases(recs) >= _cases(chosen[key]):
-                chosen[key] = recs  # later runs overwrite
+            if b == "all_reduce" and key in chosen and not any(r["impl"].startswith("auto") for r in recs):
+                continue
+            chosen[key] = recs  # later runs overwrite
     out: dict[tuple[str, str, int], Records] = {}
     for (b, gpu, world, _), recs in chosen.items():
         out.setdefault((b, gpu, world), []).extend(recs)
