@@ -25,10 +25,10 @@ the expert buffer at run time.
    of its shape) with EP=2 over NCCL all-to-all: ``SpeculativeEPMoE`` with the pre-gate prediction
    against the same code without speculation; eager; rows sent early / late.
 4. ``moe_buffering`` (GPU rows): ``ExpertBuffer`` with 16 experts per layer of DeepSeek-V2-Lite's
-   expert shape (hidden 2048, FFN 1408, bf16, pinned host copies), decode of 8 sequences replaying
-   the held-out routing (6 layers, 48 steps), a 2048^2 GEMM per layer standing in for attention:
-   time per layer call for LIFO / LRU, 4 / 8 / 12 / 16 slots, with and without pre-gate prefetch on
-   a side stream.
+   expert shape (hidden 2048, FFN 1408, bf16, pinned host copies), replaying the held-out routing
+   (6 layers): decode of 8 sequences (48 steps) and prefill of 8 512-token chunks, a 2048^2 GEMM per
+   layer standing in for attention: time per layer call for LIFO / LRU, 4 / 8 / 12 / 16 slots, with
+   and without pre-gate prefetch on a side stream.
 
 Records go to bench/results/records.jsonl (or ``--out DIR``/records.jsonl); tables
 ``bench/results/moe_<part>_<card>_x2.md``.
@@ -194,13 +194,13 @@ class Bench:
             gen.manual_seed(self.rank)
             x = torch.randn(mine.numel(), hidden, generator=gen, device=self.dev).to(self.dtype)
             for name, spec in data["placements"].get(str(self.world), {}).items():
-                p = Placement(self.world, tuple(tuple(r) for r in spec["replicas"]), name)
-                v = VirtualExperts(p)
-                disp = MoeDispatcher(num_experts=len(v.rank_of), hidden=hidden, dtype=self.dtype, max_tokens=max(counts),
-                                     topk=data["topk"], placement=list(v.rank_of),
-                                     mode="graph" if self.cuda else "exact", transport="auto" if self.cuda else "nccl")
                 per_layer = []
-                for layer in range(data["layers"]):
+                for layer, table in enumerate(spec["replicas"]):  # each layer has its own placement
+                    v = VirtualExperts(Placement(self.world, tuple(tuple(r) for r in table), name))
+                    disp = MoeDispatcher(num_experts=len(v.rank_of), hidden=hidden, dtype=self.dtype,
+                                         max_tokens=max(counts), topk=data["topk"], placement=list(v.rank_of),
+                                         mode="graph" if self.cuda else "exact",
+                                         transport="auto" if self.cuda else "nccl")
                     idx = v.ids(data["topk_idx"][layer, mine].to(self.dev)).contiguous()
                     w = torch.full(idx.shape, 1.0 / idx.shape[1], device=self.dev)
 
@@ -209,7 +209,7 @@ class Bench:
                         return disp.combine(handle.expert_major(recv), handle)
 
                     per_layer.append(statistics.median(self.time_us(step, self.cuda)))
-                disp.close()
+                    disp.close()
                 self.add("moe_placement", name, self.world, {"hidden": hidden, "tokens": data["tokens"],
                                                              "cap": spec["cap"]},
                          [sum(per_layer) / len(per_layer)],
@@ -295,50 +295,55 @@ class Bench:
     def buffer(self, data: dict) -> None:
         a = self.args
         self.log(f"\n4. Expert buffer: 16 experts/layer of hidden {a.buf_hidden}, FFN {a.buf_ffn}; decode of "
-                 f"{a.buf_batch} sequences, {a.buf_steps} steps")
+                 f"{a.buf_batch} sequences ({a.buf_steps} steps), prefill of {a.buf_batch} {a.buf_chunk}-token chunks")
         gen = torch.Generator().manual_seed(5)
         layers = [MixtralLayer(*([None] * 6), router=None,
                                gate_up=(torch.randn(16, 2 * a.buf_ffn, a.buf_hidden, generator=gen) * 0.02).to(self.dtype),
                                down=(torch.randn(16, a.buf_hidden, a.buf_ffn, generator=gen) * 0.02).to(self.dtype))
                   for _ in range(data["layers"])]
+        n_layers, k = data["layers"], data["topk"]
         seq_len = data["tokens"] // a.buf_batch
-        idx = data["topk_idx"].view(data["layers"], a.buf_batch, seq_len, -1)
-        pre = data["pregate_topk"].view(data["layers"], a.buf_batch, seq_len, -1)
-        x = torch.randn(a.buf_batch, a.buf_hidden, device=self.dev).to(self.dtype)
-        w = torch.full((a.buf_batch, idx.shape[-1]), 1.0 / idx.shape[-1], device=self.dev)
+        idx = data["topk_idx"].view(n_layers, a.buf_batch, seq_len, k)
+        pre = data["pregate_topk"].view(n_layers, a.buf_batch, seq_len, k)
         attn_a = torch.randn(a.buf_hidden, a.buf_hidden, device=self.dev).to(self.dtype)
-        steps = [[idx[l, :, s].to(self.dev).contiguous() for l in range(data["layers"])] for s in range(a.buf_steps)]
-        predicted = [[None] + [torch.bincount(pre[l - 1, :, s].reshape(-1), minlength=16).argsort(descending=True)[
-            :int((torch.bincount(pre[l - 1, :, s].reshape(-1), minlength=16) > 0).sum())].tolist()
-            for l in range(1, data["layers"])] for s in range(a.buf_steps)]
-        for policy in ("lifo", "lru"):
-            for slots in a.buf_slots:
-                for prefetch in (False, True):
-                    buf = buffering.ExpertBuffer(layers, slots, policy, self.dev)
 
-                    def decode() -> None:
-                        for s in range(a.buf_steps):
-                            for l in range(data["layers"]):
-                                if prefetch and predicted[s][l]:
-                                    buf.prefetch(l, predicted[s][l])
+        def by_count(ids: torch.Tensor) -> list[int]:
+            counts = torch.bincount(ids.reshape(-1), minlength=16)
+            return [e for e in counts.argsort(descending=True).tolist() if counts[e] > 0]
+
+        # (per call: per layer the routing [T, K] and the pre-gate prediction, or None for layer 0)
+        phases = {"decode": [(idx[:, :, s], pre[:, :, s]) for s in range(a.buf_steps)],
+                  "prefill": [(idx[:, q, :a.buf_chunk], pre[:, q, :a.buf_chunk]) for q in range(a.buf_batch)]}
+        for phase, calls in phases.items():
+            tokens = calls[0][0].shape[1]
+            x = torch.randn(tokens, a.buf_hidden, device=self.dev).to(self.dtype)
+            w = torch.full((tokens, k), 1.0 / k, device=self.dev)
+            steps = [[ids[l].to(self.dev).contiguous() for l in range(n_layers)] for ids, _ in calls]
+            predicted = [[None] + [by_count(p[l - 1]) for l in range(1, n_layers)] for _, p in calls]
+            for policy in ("lifo", "lru"):
+                for slots in a.buf_slots:
+                    for prefetch in (False, True):
+                        buf = buffering.ExpertBuffer(layers, slots, policy, self.dev)
+                        if self.cuda:
+                            torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                        for step, guess in zip(steps, predicted):
+                            for l in range(n_layers):
+                                if prefetch and guess[l]:
+                                    buf.prefetch(l, guess[l])
                                 attn_a @ attn_a  # stands in for the layer's attention
-                                buf.run(l, x, steps[s][l], w)
-
-                    if self.cuda:
-                        torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    decode()
-                    if self.cuda:
-                        torch.cuda.synchronize()
-                    calls = a.buf_steps * data["layers"]
-                    us = (time.perf_counter() - t0) * 1e6 / calls
-                    hits = sum(s.hits for s in buf.stats) / max(1, sum(s.requests for s in buf.stats))
-                    name = policy + ("+prefetch" if prefetch else "")
-                    self.add("moe_buffering", name, 1, {"phase": "decode", "size": a.buf_batch, "slots": slots,
-                                                       "hidden": a.buf_hidden, "ffn": a.buf_ffn},
-                             [us], {"hit_rate": round(hits, 4),
-                                    "prefetches_per_call": round(sum(s.prefetches for s in buf.stats) / calls, 3)},
-                             mode="eager" if self.cuda else "cpu")
+                                buf.run(l, x, step[l], w)
+                        if self.cuda:
+                            torch.cuda.synchronize()
+                        n = len(steps) * n_layers
+                        us = (time.perf_counter() - t0) * 1e6 / n
+                        hits = sum(st.hits for st in buf.stats) / max(1, sum(st.requests for st in buf.stats))
+                        self.add("moe_buffering", policy + ("+prefetch" if prefetch else ""), 1,
+                                 {"phase": phase, "size": a.buf_batch if phase == "decode" else a.buf_chunk,
+                                  "slots": slots, "hidden": a.buf_hidden, "ffn": a.buf_ffn}, [us],
+                                 {"hit_rate": round(hits, 4),
+                                  "prefetches_per_call": round(sum(st.prefetches for st in buf.stats) / n, 3)},
+                                 mode="eager" if self.cuda else "cpu")
 
 
 def table_lines(records: list[dict], bench: str) -> list[str]:
@@ -382,7 +387,7 @@ def main() -> None:
     args.gating_tokens = [64] if small else [1024, 8192]
     args.replay_hidden = [64] if small else [384, 7168]
     args.buf_hidden, args.buf_ffn = (64, 32) if small else (2048, 1408)
-    args.buf_batch, args.buf_steps = 8, (4 if small else 48)
+    args.buf_batch, args.buf_steps, args.buf_chunk = 8, (4 if small else 48), (16 if small else 512)
     args.buf_slots = [4, 16] if small else [4, 8, 12, 16]
     args.sts_batch, args.sts_prompt, args.sts_steps = (2, 5, 2) if small else (8, 64, 32)
     cuda = torch.cuda.is_available() and not small
