@@ -17,7 +17,7 @@ the expert buffer at run time.
 2. ``moe_placement`` (GPU rows): dispatch + combine (identity experts) of the held-out routing of
    ``tiny-moe-pycode`` (bench/results/moe_replay.json, written by bench/moe_studies.py: 4096 tokens,
    sequence s on rank s mod 2) under each studied placement, rows of hidden 384 (the model) and
-   7168 (bytes dominate); graph mode, mean over the 6 layers.
+   7168 (bytes dominate); graph mode, mean over layers 0, 2, 4 (each with its own placement).
 3. ``moe_gating`` (GPU rows): one GPU, the DeepSeek-shaped layer over 1024 / 8192 tokens: dynamic
    (exact counts, grouped_mm) against static capacity (padded [E, C, hidden] bmm) at 1.0 / 1.25 / 2.0.
 5. ``moe_speculative`` (GPU rows): decode steps (8 sequences per rank after a 64-token prompt) of
@@ -30,8 +30,8 @@ the expert buffer at run time.
    layer standing in for attention: time per layer call for LIFO / LRU, 4 / 8 / 12 / 16 slots, with
    and without pre-gate prefetch on a side stream.
 
-Records go to bench/results/records.jsonl (or ``--out DIR``/records.jsonl); tables
-``bench/results/moe_<part>_<card>_x2.md``.
+No new measurement starts after ``--budget-s`` (default 140 s). Records go to
+bench/results/records.jsonl (or ``--out DIR``/records.jsonl); tables ``moe_<part>_<card>_x2.md`` beside them.
 """
 from __future__ import annotations
 
@@ -79,6 +79,14 @@ class Bench:
         self.mode_name = "graph" if self.cuda else "cpu"
         self.records: list[dict] = []
         self.failed: list[str] = []
+
+    def over_budget(self, what: str) -> bool:
+        """Rank 0 decides (the ranks must agree) whether ``--budget-s`` is spent; then ``what`` is skipped."""
+        flag = torch.tensor([time.monotonic() - self.t0 > self.args.budget_s], dtype=torch.int32, device=self.dev)
+        dist.broadcast(flag, 0)
+        if flag.item():
+            self.log(f"  skipped (budget of {self.args.budget_s:g} s spent): {what}")
+        return bool(flag.item())
 
     def log(self, msg: str) -> None:
         if self.rank == 0:
@@ -134,6 +142,8 @@ class Bench:
         local_gu, local_dn = gate_up[local].contiguous(), down[local].contiguous()
         shape = {"experts": a.experts, "topk": a.topk, "hidden": a.hidden, "ffn": a.ffn}
         for tokens in a.tokens:
+            if self.over_budget(f"moe_layer at {tokens} tokens per rank"):
+                break
             gen = torch.Generator(device=self.dev)
             gen.manual_seed(self.rank * 7919 + tokens)
             x = torch.randn(tokens, a.hidden, generator=gen, device=self.dev).to(self.dtype)
@@ -194,8 +204,11 @@ class Bench:
             gen.manual_seed(self.rank)
             x = torch.randn(mine.numel(), hidden, generator=gen, device=self.dev).to(self.dtype)
             for name, spec in data["placements"].get(str(self.world), {}).items():
+                if self.over_budget(f"moe_placement {name} hidden {hidden}"):
+                    return
                 per_layer = []
-                for layer, table in enumerate(spec["replicas"]):  # each layer has its own placement
+                for layer in self.args.replay_layers:  # each layer has its own placement
+                    table = spec["replicas"][layer]
                     v = VirtualExperts(Placement(self.world, tuple(tuple(r) for r in table), name))
                     disp = MoeDispatcher(num_experts=len(v.rank_of), hidden=hidden, dtype=self.dtype,
                                          max_tokens=max(counts), topk=data["topk"], placement=list(v.rank_of),
@@ -211,7 +224,7 @@ class Bench:
                     per_layer.append(statistics.median(self.time_us(step, self.cuda)))
                     disp.close()
                 self.add("moe_placement", name, self.world, {"hidden": hidden, "tokens": data["tokens"],
-                                                             "cap": spec["cap"]},
+                                                             "cap": spec["cap"], "layers": self.args.replay_layers},
                          [sum(per_layer) / len(per_layer)],
                          {"copies_per_token": spec["copies_per_token"], "max_load_ratio": spec["max_load_ratio"],
                           "per_layer_us": [round(u, 2) for u in per_layer]})
@@ -321,6 +334,8 @@ class Bench:
             steps = [[ids[l].to(self.dev).contiguous() for l in range(n_layers)] for ids, _ in calls]
             predicted = [[None] + [by_count(p[l - 1]) for l in range(1, n_layers)] for _, p in calls]
             for policy in ("lifo", "lru"):
+                if self.over_budget(f"moe_buffering {phase} {policy}"):
+                    return
                 for slots in a.buf_slots:
                     for prefetch in (False, True):
                         buf = buffering.ExpertBuffer(layers, slots, policy, self.dev)
@@ -379,6 +394,8 @@ def main() -> None:
     ap.add_argument("--parts", nargs="+", default=["layer", "placement", "gating", "buffer", "speculative"])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--budget-s", type=float, default=140.0, help="no new measurement starts after this (the run "
+                    "keeps what it has)")
     args = ap.parse_args()
     small = args.smoke
     args.experts, args.topk = (16, 4) if small else (256, 8)
@@ -386,6 +403,7 @@ def main() -> None:
     args.tokens = [1, 5, 33] if small else [1, 16, 128, 512, 2048]
     args.gating_tokens = [64] if small else [1024, 8192]
     args.replay_hidden = [64] if small else [384, 7168]
+    args.replay_layers = [0, 2, 4]
     args.buf_hidden, args.buf_ffn = (64, 32) if small else (2048, 1408)
     args.buf_batch, args.buf_steps, args.buf_chunk = 8, (4 if small else 48), (16 if small else 512)
     args.buf_slots = [4, 16] if small else [4, 8, 12, 16]
@@ -404,11 +422,11 @@ def main() -> None:
             data = b.replay()
             if data is not None and "placement" in args.parts:
                 b.placements(data)
-            if "gating" in args.parts:
+            if "gating" in args.parts and not b.over_budget("moe_gating"):
                 b.gating()
             if data is not None and "buffer" in args.parts:
                 b.buffer(data)
-            if "speculative" in args.parts:
+            if "speculative" in args.parts and not b.over_budget("moe_speculative"):
                 b.speculative()
     except Exception:
         print(f"rank {b.rank}: {traceback.format_exc()}", file=sys.stderr, flush=True)
