@@ -276,9 +276,13 @@ def plot(summary: dict, path: str) -> None:
     ax.axhline(1, color="gray", lw=0.8, ls="--", label="1% budget")
     ax.set_xlabel("SPD blocks (least sensitive first)")
     ax.set_ylabel("perplexity increase over the TP model (%)")
+    ax.set_yscale("symlog", linthresh=1, linscale=1.5)  # linear within the 1% budget, log above
+    ticks = [t for t in (0, 0.5, 1, 2, 5, 10, 20, 50, 100) if t <= max(r["ppl_increase_pct"] for r in summary["curve"])]
+    ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
+    ax.set_ylim(bottom=min(-0.1, 1.2 * min(r["ppl_increase_pct"] for r in summary["curve"])))
     ax.set_title(f"tiny-llama-pycode, TP={summary['tp']}: Sync-Point Drop "
                  f"(baseline perplexity {summary['base']['ppl']:.2f})")
-    ax.legend()
+    ax.legend(loc="upper left")  # recipe = distilled wherever no ESB block is in SPD
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
