@@ -158,7 +158,6 @@ def bench_block(args: argparse.Namespace, env: dict, comm, device: torch.device,
             if rank == 0:
                 print(f"block batch {batch:3d} {name:10s} {link}: "
                       + (f"{records[-1]['us_median']:.1f} us" if samples else records[-1]["error"]), flush=True)
-        del model
     return records
 
 
