@@ -281,7 +281,7 @@ def block_table(recs: list[dict]) -> list[str]:
             base, base_spd = t.get("none"), t.get("none_spd")
             comm = None if None in (fused, base) else fused - base
             comm_spd = None if None in (spd, base_spd) else spd - base_spd
-            saves = f"{100 * (1 - comm_spd / comm):.0f}%" if comm and comm_spd is not None else "-"
+            saves = f"{100 * (1 - comm_spd / comm):.0f}%" if comm and comm > 0 and comm_spd is not None else "-"
             lines.append(f"| {batch} | " + " | ".join(cells) + f" | {comm:.1f} | {comm_spd:.1f} | {saves} |"
                          if comm is not None and comm_spd is not None else
                          f"| {batch} | " + " | ".join(cells) + " | - | - | - |")
