@@ -129,14 +129,13 @@ def bench_block(args: argparse.Namespace, env: dict, comm, device: torch.device,
         residual = torch.randn(batch, 1, config.hidden_size, generator=gen, device=device).to(dtype)
         x = torch.nn.functional.rms_norm(residual, (config.hidden_size,), shard.layers[0].input_norm, 1e-5)
         pos = torch.full((1,), args.context - 1, dtype=torch.long, device=device)
-        rope = model.rope_rows(pos)  # once per token in a model, not per block
         outputs = {}
         for name in variants:
             model.sync = make_sync(name, comm, args.slow_link)
             model.set_spd([name.endswith("_spd")])
 
             def step() -> tuple[torch.Tensor, torch.Tensor]:
-                return model.run_block(0, x, residual, pos, args.context, None, rope)
+                return model.run_block(0, x, residual, pos, args.context)
 
             outputs[name] = [t.clone() for t in step()]
             ref = outputs.get("nccl_spd" if name.endswith("_spd") else "nccl")

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ShardkitError
+from ..kernels.llama import rope_qkv_into_cache, swiglu
 from ..kernels.spd import add_rmsnorm
 from .checkpoint import LayerWeights, LlamaConfig, LlamaWeights
 
@@ -163,13 +164,6 @@ def rope_tables(config: LlamaConfig, positions: int) -> tuple[torch.Tensor, torc
     return emb.cos(), emb.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, T, hd] rotated by cos/sin [T, hd] (rotate-half convention)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
-
-
 class _DecodeGraph:
     """One decode step for a batch of ``batch`` sequences, captured in a CUDA graph.
 
@@ -221,6 +215,8 @@ class TPLlama:
         self.max_seq = int(max_seq or config.max_position_embeddings)
         if self.max_batch < 1 or self.max_seq < 1:
             raise ValueError(f"TPLlama: max_batch and max_seq must be >= 1, got {max_batch}, {max_seq}")
+        if config.head_dim & (config.head_dim - 1):
+            raise ShardkitError(f"TPLlama: head_dim must be a power of two (the RoPE kernel), got {config.head_dim}")
         move = dict(device=self.device, dtype=dtype)
         self.embed, self.norm = shard.embed.to(**move), shard.norm.to(**move)
         self.lm_head = self.embed if shard.lm_head is shard.embed else shard.lm_head.to(**move)
@@ -266,32 +262,23 @@ class TPLlama:
         eps = self.config.rms_norm_eps
         h = F.embedding(tokens, self.embed)
         x = F.rms_norm(h, (h.shape[-1],), self.layers[0].input_norm, eps)
-        cos, sin = self.rope_rows(positions)
         residual = h
         for i in range(len(self.layers)):
-            x, residual = self._block(i, x, residual, cos, sin, positions, kv_len, mask)
+            x, residual = self._block(i, x, residual, positions, kv_len, mask)
         return F.linear(x, self.lm_head)
 
     def run_block(self, i: int, x: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor, kv_len: int,
-                  mask: torch.Tensor | None = None,
-                  rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Block ``i`` alone (benchmarks): x [B, T, hidden] its RMSNorm'ed input, residual the stream,
         positions [T] on the device (written into the KV cache), keys 0..kv_len-1 visible through
-        ``mask`` (None: all of them, or causal for T > 1); rope: the (cos, sin) rows of ``positions``
-        (``rope_rows``), which a forward pass gathers once for all blocks. Returns (next block's
-        input, residual)."""
-        cos, sin = self.rope_rows(positions) if rope is None else rope
-        return self._block(i, x, residual, cos, sin, positions, kv_len, mask)
+        ``mask`` (None: all of them, or causal for T > 1). Returns (next block's input, residual)."""
+        return self._block(i, x, residual, positions, kv_len, mask)
 
-    def rope_rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE cos, sin [T, head_dim] of ``positions`` [T]."""
-        return self.cos[positions], self.sin[positions]
-
-    def _block(self, i: int, x: torch.Tensor, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               positions: torch.Tensor, kv_len: int, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _block(self, i: int, x: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor, kv_len: int,
+               mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         layer, eps = self.layers[i], self.config.rms_norm_eps
         next_norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
-        y = F.linear(self._attention(i, x, cos, sin, positions, kv_len, mask), layer.o)
+        y = F.linear(self._attention(i, x, positions, kv_len, mask), layer.o)
         if self.spd[i]:
             local = y if layer.o_bias is None else y + layer.o_bias
             ffn_in, _ = add_rmsnorm(local, residual, layer.post_norm, eps)
@@ -309,31 +296,26 @@ class TPLlama:
 
     @staticmethod
     def _ffn_hidden(layer: RankLayer, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return swiglu(F.linear(x, layer.gate_up, layer.gate_up_bias))
 
-    def _attention(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                   kv_len: int, mask: torch.Tensor | None) -> torch.Tensor:
+    def _attention(self, i: int, x: torch.Tensor, positions: torch.Tensor, kv_len: int,
+                   mask: torch.Tensor | None) -> torch.Tensor:
         """This rank's heads: [B, T, nq * hd] attention output, the KV cache updated at ``positions``."""
         layer, hd = self.layers[i], self.config.head_dim
         batch, length, _ = x.shape
         nq, nkv = len(layer.heads), len(layer.kv_heads)
-        q, k, v = F.linear(x, layer.qkv, layer.qkv_bias).split([nq * hd, nkv * hd, nkv * hd], dim=-1)
-        q = apply_rope(q.view(batch, length, nq, hd).transpose(1, 2), cos, sin)
-        k = apply_rope(k.view(batch, length, nkv, hd).transpose(1, 2), cos, sin)
-        v = v.view(batch, length, nkv, hd).transpose(1, 2)
-        k_cache, v_cache = self.k_cache[i][:batch], self.v_cache[i][:batch]
-        k_cache.index_copy_(2, positions, k)
-        v_cache.index_copy_(2, positions, v)
-        keys, values = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
+        # RoPE on q and k and the cache write in one kernel (kernels/llama/rope_cache.py): q [B, T, nq, hd]
+        q = rope_qkv_into_cache(F.linear(x, layer.qkv, layer.qkv_bias), positions, self.cos, self.sin,
+                                self.k_cache[i], self.v_cache[i], nq)
+        keys, values = self.k_cache[i][:batch, :, :kv_len], self.v_cache[i][:batch, :, :kv_len]
         group = nq // nkv
         if length == 1:  # decode: the query heads of a KV head become that head's query rows (no K/V copy)
-            out = F.scaled_dot_product_attention(q.reshape(batch, nkv, group, hd), keys, values, attn_mask=mask)
-        else:
-            if group > 1:
-                keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None)
-        return out.reshape(batch, nq, length, hd).transpose(1, 2).reshape(batch, length, nq * hd)
+            out = F.scaled_dot_product_attention(q.view(batch, nkv, group, hd), keys, values, attn_mask=mask)
+            return out.reshape(batch, 1, nq * hd)  # flash kernels return [B, L, H, D] memory: may copy
+        if group > 1:
+            keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, is_causal=mask is None)
+        return out.transpose(1, 2).reshape(batch, length, nq * hd)
 
     # ------------------------------------------------------------------ generation
     def decode_graph(self, batch: int) -> _DecodeGraph:

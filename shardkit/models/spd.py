@@ -32,10 +32,17 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import LayerWeights, LlamaConfig, LlamaWeights
-from .llama_tp import HeadGroups, apply_rope, check_head_groups, contiguous_head_groups, rope_tables
+from .llama_tp import HeadGroups, check_head_groups, contiguous_head_groups, rope_tables
 
 
 # ---------------------------------------------------------------------------------------------- forward
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, T, hd] rotated by cos/sin [T, hd] (rotate-half convention, as Hugging Face Llama)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
