@@ -215,8 +215,6 @@ class TPLlama:
         self.max_seq = int(max_seq or config.max_position_embeddings)
         if self.max_batch < 1 or self.max_seq < 1:
             raise ValueError(f"TPLlama: max_batch and max_seq must be >= 1, got {max_batch}, {max_seq}")
-        if config.head_dim & (config.head_dim - 1):
-            raise ShardkitError(f"TPLlama: head_dim must be a power of two (the RoPE kernel), got {config.head_dim}")
         move = dict(device=self.device, dtype=dtype)
         self.embed, self.norm = shard.embed.to(**move), shard.norm.to(**move)
         self.lm_head = self.embed if shard.lm_head is shard.embed else shard.lm_head.to(**move)

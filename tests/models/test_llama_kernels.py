@@ -22,7 +22,7 @@ def config(hd: int) -> LlamaConfig:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("batch, length, start, nq, nkv, hd", [(1, 1, 6, 4, 2, 16), (3, 5, 2, 4, 4, 8),
-                                                               (2, 3, 0, 9, 3, 32)])
+                                                               (2, 3, 0, 9, 3, 12)])
 def test_rope_and_cache_write_match_torch(dtype, batch, length, start, nq, nkv, hd):
     gen = torch.Generator().manual_seed(batch * 100 + length)
     cache_len, b_max = 12, batch + 1
@@ -65,6 +65,8 @@ def test_bad_arguments():
     pos = torch.zeros(1, dtype=torch.long, device=DEVICE)
     tab = torch.zeros(4, 8, device=DEVICE)
     cases = [(lambda: rope_qkv_into_cache(qkv, pos, tab, tab, cache, cache, 3), "qkv must be contiguous"),
+             (lambda: rope_qkv_into_cache(torch.zeros(1, 1, 4 * 7, device=DEVICE), pos, tab[:, :7], tab[:, :7],
+                                          cache[..., :7].contiguous(), cache[..., :7].contiguous(), 2), "even"),
              (lambda: rope_qkv_into_cache(qkv, pos.int(), tab, tab, cache, cache, 2), "positions must be int64"),
              (lambda: rope_qkv_into_cache(qkv, pos, tab[:2], tab, cache, cache, 2), "cos and sin"),
              (lambda: rope_qkv_into_cache(qkv, pos, tab, tab, cache.half(), cache, 2), "k_cache must be"),

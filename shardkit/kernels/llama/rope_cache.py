@@ -20,7 +20,7 @@ from ..launch import CachedLauncher, int_key, ptr_key
 
 @triton.jit
 def rope_qkv_cache_kernel(qkv_ptr, q_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, pos_ptr, tokens_per_seq,
-                          nq, nkv, cache_len, HD: tl.constexpr, HB: tl.constexpr):
+                          nq, nkv, cache_len, HD: tl.constexpr, HALF_P2: tl.constexpr, HB: tl.constexpr):
     """Grid (B * T * cdiv(nq + 2 nkv, HB),): program n * chunks + j handles heads j*HB .. j*HB+HB-1 of
     token n (sequence n // T, position pos[n % T])."""
     total = nq + 2 * nkv
@@ -28,17 +28,18 @@ def rope_qkv_cache_kernel(qkv_ptr, q_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin
     pid = tl.program_id(0).to(tl.int64)
     n = pid // chunks
     heads = (pid % chunks) * HB + tl.arange(0, HB)
-    half = tl.arange(0, HD // 2)[None, :]  # the two halves as separate tiles: contiguous 16-byte loads
+    half = tl.arange(0, HALF_P2)[None, :]  # the two halves as separate tiles: contiguous 16-byte loads
     b = n // tokens_per_seq
     pos = tl.load(pos_ptr + n % tokens_per_seq)
-    valid = (heads < total)[:, None]
+    in_half = half < HD // 2
+    valid = (heads < total)[:, None] & in_half
     row = qkv_ptr + n * total * HD + heads[:, None] * HD
     x1 = tl.load(row + half, mask=valid, other=0.0).to(tl.float32)
     x2 = tl.load(row + HD // 2 + half, mask=valid, other=0.0).to(tl.float32)
-    cos1 = tl.load(cos_ptr + pos * HD + half).to(tl.float32)
-    cos2 = tl.load(cos_ptr + pos * HD + HD // 2 + half).to(tl.float32)
-    sin1 = tl.load(sin_ptr + pos * HD + half).to(tl.float32)
-    sin2 = tl.load(sin_ptr + pos * HD + HD // 2 + half).to(tl.float32)
+    cos1 = tl.load(cos_ptr + pos * HD + half, mask=in_half, other=0.0).to(tl.float32)
+    cos2 = tl.load(cos_ptr + pos * HD + HD // 2 + half, mask=in_half, other=0.0).to(tl.float32)
+    sin1 = tl.load(sin_ptr + pos * HD + half, mask=in_half, other=0.0).to(tl.float32)
+    sin2 = tl.load(sin_ptr + pos * HD + HD // 2 + half, mask=in_half, other=0.0).to(tl.float32)
     out1 = x1 * cos1 - x2 * sin1  # rotate-half: r = (-x2, x1)
     out2 = x2 * cos2 + x1 * sin2
     is_q = valid & (heads < nq)[:, None]
@@ -63,7 +64,7 @@ def launch_config(head_dim: int, heads: int) -> tuple[int, int]:
     two half-row tiles of 8 x hd/2; 8 values per thread per tile (16-byte bf16 accesses): 2 warps at
     hd 128 (sm_90 PTX: v4 loads and stores)."""
     per_program = min(8, triton.next_power_of_2(heads))
-    return per_program, max(1, min(8, per_program * head_dim // 512))
+    return per_program, max(1, min(8, per_program * triton.next_power_of_2(head_dim) // 512))
 
 
 def rope_qkv_into_cache(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -78,8 +79,8 @@ def rope_qkv_into_cache(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.T
     """
     batch, length, width = qkv.shape
     _, nkv, cache_len, hd = k_cache.shape
-    if hd & (hd - 1) or hd < 2:
-        raise ValueError(f"rope_qkv_into_cache: head_dim must be a power of two >= 2, got {hd}")
+    if hd % 2 or hd < 2:
+        raise ValueError(f"rope_qkv_into_cache: head_dim must be even, got {hd}")
     if width != (nq + 2 * nkv) * hd or not qkv.is_contiguous():
         raise ValueError(f"rope_qkv_into_cache: qkv must be contiguous [B, T, (nq + 2 nkv) * hd] = "
                          f"[{batch}, {length}, {(nq + 2 * nkv) * hd}], got {tuple(qkv.shape)}")
@@ -98,5 +99,5 @@ def rope_qkv_into_cache(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.T
     args = (qkv, q_out, k_cache, v_cache, cos.contiguous(), sin.contiguous(), positions, length, nq, nkv, cache_len)
     key = (*(ptr_key(t) for t in args[:7]), int_key(length), int_key(nq), int_key(nkv), int_key(cache_len))
     _launch(key, batch * length * triton.cdiv(nq + 2 * nkv, heads_per_program), args,
-            {"HD": hd, "HB": heads_per_program}, warps)
+            {"HD": hd, "HALF_P2": triton.next_power_of_2(hd // 2), "HB": heads_per_program}, warps)
     return q_out
