@@ -227,7 +227,6 @@ class TPLlama:
         self.k_cache = [torch.zeros(self.max_batch, len(layer.kv_heads), self.max_seq, hd, **move)
                         for layer in self.layers]
         self.v_cache = [torch.zeros_like(k) for k in self.k_cache]
-        self.spd = [False] * config.num_layers
         self.set_spd([False] * config.num_layers if spd is None else spd)
 
     def set_spd(self, spd: Sequence[bool]) -> None:
