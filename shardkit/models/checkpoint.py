@@ -13,13 +13,15 @@ import dataclasses
 import json
 import os
 import struct
+from typing import Iterable
 
 import torch
 
 from ..errors import ShardkitError
 
-# safetensors dtype names -> torch dtypes (the ones a Llama checkpoint uses)
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+# safetensors dtype names -> torch dtypes (the ones these checkpoints use)
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                       "I64": torch.int64, "I32": torch.int32}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,22 +113,32 @@ class LlamaWeights:
                             layers=[layer.map(lambda t: t.to(device)) for layer in self.layers])
 
 
-def read_safetensors(path: str) -> dict[str, torch.Tensor]:
-    """Every tensor of one ``.safetensors`` file (8-byte header length, JSON header, raw data)."""
+def read_safetensors(path: str, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors ``names`` (default: all) of a ``.safetensors`` file, as CPU tensors.
+
+    The format is an 8-byte little-endian header length, a JSON header mapping each name to its
+    dtype, shape and byte range, then the raw little-endian data; only the requested ranges are read,
+    so a pipeline stage loads just its own layers. A name the file lacks raises KeyError.
+    """
     with open(path, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(header_len))
-        data = bytearray(f.read())
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise ShardkitError(f"read_safetensors: {path}: tensor {name} has unsupported dtype {info['dtype']}")
-        begin, end = info["data_offsets"]
-        flat = torch.frombuffer(data, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin)
-        tensors[name] = flat.view(info["shape"])
+        header.pop("__metadata__", None)
+        wanted = list(header) if names is None else list(names)
+        missing = [n for n in wanted if n not in header]
+        if missing:
+            raise KeyError(f"{path}: no tensor named {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+        tensors = {}
+        for name in wanted:
+            info = header[name]
+            dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise ShardkitError(f"read_safetensors: {path}: tensor {name} has unsupported dtype {info['dtype']}")
+            begin, end = info["data_offsets"]
+            f.seek(8 + header_len + begin)
+            data = bytearray(f.read(end - begin))
+            flat = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+            tensors[name] = flat.reshape(info["shape"])
     return tensors
 
 

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
+
+from ..models.checkpoint import read_safetensors
 
 __all__ = ["LlamaConfig", "read_safetensors", "checkpoint_weights", "random_weights", "weight_names", "LlamaStage"]
 
@@ -72,39 +73,6 @@ class LlamaConfig:
                    head_dim=c.get("head_dim") or c["hidden_size"] // heads, ffn=c["intermediate_size"],
                    rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
                    eps=float(c.get("rms_norm_eps", 1e-5)), tie_embeddings=bool(c.get("tie_word_embeddings", False)))
-
-
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32}
-
-
-def read_safetensors(path: str, names: Optional[Iterable[str]] = None) -> Dict[str, torch.Tensor]:
-    """The tensors ``names`` (default: all) of a ``.safetensors`` file, as CPU tensors.
-
-    The format is an 8-byte little-endian header length, a JSON header mapping each name to its
-    dtype, shape and byte range, then the raw little-endian data; only the requested ranges are read,
-    so a stage loads just its own layers.
-    """
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
-        header.pop("__metadata__", None)
-        wanted = list(header) if names is None else list(names)
-        missing = [n for n in wanted if n not in header]
-        if missing:
-            raise KeyError(f"{path}: no tensor named {missing[:3]}{' ...' if len(missing) > 3 else ''}")
-        out = {}
-        for name in wanted:
-            meta = header[name]
-            if meta["dtype"] not in _ST_DTYPES:
-                raise ValueError(f"{path}: tensor {name} has unsupported dtype {meta['dtype']}")
-            begin, end = meta["data_offsets"]
-            f.seek(8 + header_len + begin)
-            data = bytearray(f.read(end - begin))
-            flat = torch.frombuffer(data, dtype=_ST_DTYPES[meta["dtype"]]) if data else \
-                torch.empty(0, dtype=_ST_DTYPES[meta["dtype"]])
-            out[name] = flat.reshape(meta["shape"])
-    return out
 
 
 def weight_names(config: LlamaConfig, layers: range, first: bool, last: bool) -> List[str]:
