@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import copy_engine
+from .checks import SUPPORTED_DTYPES, check_tensor
 from .. import thresholds
 from ..errors import CollectiveError, ShardkitError
 from ..kernels.all_reduce import cuda as cuda_dda
@@ -31,7 +32,6 @@ from ..kernels.all_reduce.tree import TreeConfig, launch_tree_all_reduce, shard_
 from ..memory.peer_memory import PeerMemory, in_interpreter
 from ..memory.protocol import DTYPE_CODES, MAX_PROGRAMS, call_signature, describe_failure, float_bits
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # A launch grid: the Triton kernels' FlatConfig / TreeConfig or the CUDA kernels' CudaConfig.
 LaunchConfig = FlatConfig | TreeConfig | cuda_dda.CudaConfig
 KERNELS = ("auto", "triton", "cuda")
@@ -233,14 +233,7 @@ class Communicator:
 
     # ------------------------------------------------------------------ internals
     def _validate(self, t: torch.Tensor, name: str) -> None:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"all_reduce: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"all_reduce: {name} must be float32, float16 or bfloat16, got {t.dtype}")
-        if t.device != self.device:
-            raise ValueError(f"all_reduce: {name} must be on {self.device} (this rank's device), got {t.device}")
-        if not t.is_contiguous():
-            raise ValueError(f"all_reduce: {name} must be contiguous (call .contiguous() first)")
+        check_tensor(t, name, self.device)
 
     def _raise_if_failed(self) -> None:
         if self._error is None and self.memory is not None and self.memory.error_record[0] != 0:

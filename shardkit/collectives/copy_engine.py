@@ -76,19 +76,13 @@ from typing import Callable
 import torch
 
 from ..kernels.barrier import launch_barrier
-from ..memory import protocol
 from ..memory.peer_memory import PeerMemory
 from ..memory.protocol import DTYPE_CODES, call_signature
+from .checks import check_tensor
 
-OP = "all_reduce_copy"
-# One op code per kind of call (protocol.OP_CODES); registered here as the MoE transport does.
-_CODE = 11
-assert protocol.OP_CODES.get(OP, _CODE) == _CODE and _CODE not in (
-    v for k, v in protocol.OP_CODES.items() if k != OP), f"op code {_CODE} of {OP} taken"
-protocol.OP_CODES[OP] = _CODE
+OP = "all_reduce_copy"  # its op code in protocol.OP_CODES
 
 ALIGN = 128  # elements: shard and chunk boundaries (256 bytes in bf16, a copy-engine packet)
-SUPPORTED_DTYPES = tuple(DTYPE_CODES)
 _MODE_PUSH, _MODE_PULL_ZERO_COPY, _MODE_PULL_STAGED = 1, 2, 3
 
 ShardHook = Callable[[torch.Tensor], None]
@@ -266,14 +260,7 @@ def all_reduce(memory: PeerMemory, x: torch.Tensor, out: torch.Tensor, *, timeou
 
 def _validate(memory: PeerMemory, x: torch.Tensor, out: torch.Tensor) -> None:
     for t, name in ((x, "x"), (out, "out")):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"all_reduce: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"all_reduce: {name} must be float32, float16 or bfloat16, got {t.dtype}")
-        if t.device != memory.device:
-            raise ValueError(f"all_reduce: {name} must be on {memory.device} (this rank's device), got {t.device}")
-        if not t.is_contiguous():
-            raise ValueError(f"all_reduce: {name} must be contiguous (call .contiguous() first)")
+        check_tensor(t, name, memory.device)
     if out.shape != x.shape or out.dtype != x.dtype:
         raise ValueError(f"all_reduce: out must have x's shape {tuple(x.shape)} and dtype {x.dtype}, "
                          f"got {tuple(out.shape)} and {out.dtype}")

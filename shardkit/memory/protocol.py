@@ -64,6 +64,7 @@ OP_CODES = {
     "all_reduce_tree_cuda": 4,
     "rmsnorm_flat": 5,
     "rmsnorm_tree": 6,
+    "all_reduce_copy": 11,  # collectives/copy_engine.py: the barriers of one copy-engine call
     "moe_counts": 21,    # shardkit/kernels/moe: the counts exchange, dispatch and combine launches
     "moe_dispatch": 22,
     "moe_combine": 23,
