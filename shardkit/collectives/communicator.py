@@ -244,8 +244,10 @@ class Communicator:
     def _run(self, x: torch.Tensor, out: torch.Tensor, algo: str, config: LaunchConfig | None) -> torch.Tensor:
         if algo not in ALGOS:
             raise ValueError(f"all_reduce: algo must be one of {ALGOS}, got {algo!r}")
-        if config is not None and algo not in ("flat", "tree"):
-            raise ValueError(f"all_reduce: a config needs algo 'flat' or 'tree', got {algo!r}")
+        if config is not None:
+            if algo not in ("flat", "tree"):
+                raise ValueError(f"all_reduce: a config needs algo 'flat' or 'tree', got {algo!r}")
+            self._check_config(algo, config)
         self._raise_if_failed()
         if self.world_size == 1:  # the sum over one rank is x (and the CUDA kernels need two ranks)
             if out is not x:
@@ -296,8 +298,8 @@ class Communicator:
         mem = self.memory
         numel = x.numel()
         shard = shard_elements(numel, self.world_size) if algo == "tree" else 0
-        config = config if config is not None else self._config(algo, numel, shard, x.element_size())
-        self._check_config(algo, config)
+        if config is None:  # the policy's (an explicit config was checked once per call, in _run)
+            config = self._config(algo, numel, shard, x.element_size())
         packed = self.kernels != "cuda" or (x.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0
                                             and numel % (16 // x.element_size()) == 0)
         sig = call_signature(f"all_reduce_{algo}_{self.kernels}", total, chunk, chunks, numel,
