@@ -26,7 +26,7 @@ from .. import thresholds
 from ..errors import CollectiveError, ShardkitError
 from ..kernels.all_reduce import cuda as cuda_dda
 from ..kernels.all_reduce.flat import FlatConfig, flat_config, launch_flat_all_reduce
-from ..kernels.all_reduce.rmsnorm import (MAX_HIDDEN, RMSNormConfig, launch_all_reduce_rmsnorm, max_rows,
+from ..kernels.all_reduce.rmsnorm import (RMSNormConfig, check_rmsnorm_operands, launch_all_reduce_rmsnorm, max_rows,
                                           rmsnorm_config)
 from ..kernels.all_reduce.tree import TreeConfig, launch_tree_all_reduce, shard_elements, tree_config
 from ..memory.peer_memory import PeerMemory, in_interpreter
@@ -423,19 +423,7 @@ class Communicator:
         what = "all_reduce_residual_rmsnorm"
         for t, name in ((x, "x"), (residual, "residual"), (weight, "weight")):
             self._validate(t, name)
-        if x.dim() == 0:
-            raise ValueError(f"{what}: x must be [..., hidden], got a 0-d tensor")
-        hidden = x.shape[-1]
-        if residual.shape != x.shape or residual.dtype != x.dtype:
-            raise ValueError(f"{what}: residual must have x's shape {tuple(x.shape)} and dtype {x.dtype}, "
-                             f"got {tuple(residual.shape)} and {residual.dtype}")
-        if weight.shape != (hidden,) or weight.dtype != x.dtype:
-            raise ValueError(f"{what}: weight must be [hidden] = [{hidden}] of x's dtype {x.dtype}, "
-                             f"got {tuple(weight.shape)} and {weight.dtype}")
-        if hidden > MAX_HIDDEN:
-            raise ValueError(f"{what}: hidden size {hidden} exceeds the supported {MAX_HIDDEN}")
-        if not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
-            raise ValueError(f"{what}: eps must be a finite number >= 0, got {eps!r}")
+        hidden = check_rmsnorm_operands(x, residual, weight, eps, what)
         if algo not in self.RMSNORM_ALGOS:
             raise ValueError(f"{what}: algo must be one of {self.RMSNORM_ALGOS}, got {algo!r}")
         for t, name in ((out, "out"), (residual_out, "residual_out")):

@@ -55,6 +55,28 @@ from ..sync import finish_call, peer_barrier, start_call, wait_tagged
 MAX_HIDDEN = 32768  # one row lives in registers: BLOCK_H fp32 values per program
 
 
+def check_rmsnorm_operands(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                           what: str) -> int:
+    """The operand contract of a residual add + RMSNorm over rows (this file's kernels and the SPD
+    block's local one), after each tensor's own dtype/device/contiguity checks: x [..., hidden],
+    residual x's shape and dtype, weight [hidden] of x's dtype, hidden <= MAX_HIDDEN, eps >= 0.
+    Raises a ValueError naming the argument; returns hidden."""
+    if x.dim() == 0:
+        raise ValueError(f"{what}: x must be [..., hidden], got a 0-d tensor")
+    hidden = x.shape[-1]
+    if residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ValueError(f"{what}: residual must have x's shape {tuple(x.shape)} and dtype {x.dtype}, "
+                         f"got {tuple(residual.shape)} and {residual.dtype}")
+    if weight.shape != (hidden,) or weight.dtype != x.dtype:
+        raise ValueError(f"{what}: weight must be [hidden] = [{hidden}] of x's dtype {x.dtype}, "
+                         f"got {tuple(weight.shape)} and {weight.dtype}")
+    if hidden > MAX_HIDDEN:
+        raise ValueError(f"{what}: hidden size {hidden} exceeds the supported {MAX_HIDDEN}")
+    if not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
+        raise ValueError(f"{what}: eps must be a finite number >= 0, got {eps!r}")
+    return hidden
+
+
 @triton.jit
 def _normalise(h, rstd, weight):
     """RMSNorm's last step, in one place: the owner of a row and every rank that gathers it compute

@@ -1,5 +1,5 @@
 """Device code of Sync-Point Drop blocks: the local (communication-free) residual + partial
 attention + RMSNorm that feeds an SPD block's FFN."""
-from .add_rmsnorm import MAX_HIDDEN, add_rmsnorm
+from .add_rmsnorm import add_rmsnorm
 
-__all__ = ["add_rmsnorm", "MAX_HIDDEN"]
+__all__ = ["add_rmsnorm"]

@@ -17,9 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..all_reduce.rmsnorm import check_rmsnorm_operands
 from ..launch import CachedLauncher, int_key, ptr_key
 
-MAX_HIDDEN = 32768  # one row lives in registers: BLOCK_H fp32 values per program
 
 
 @triton.jit
@@ -73,19 +73,7 @@ def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, e
             raise ValueError(f"{what}: {name} must be contiguous")
         if t.device != x.device:
             raise ValueError(f"{what}: {name} must be on x's device {x.device}, got {t.device}")
-    if x.dim() == 0:
-        raise ValueError(f"{what}: x must be [..., hidden], got a 0-d tensor")
-    hidden = x.shape[-1]
-    if residual.shape != x.shape or residual.dtype != x.dtype:
-        raise ValueError(f"{what}: residual must have x's shape {tuple(x.shape)} and dtype {x.dtype}, got "
-                         f"{tuple(residual.shape)} and {residual.dtype}")
-    if weight.shape != (hidden,) or weight.dtype != x.dtype:
-        raise ValueError(f"{what}: weight must be [hidden] = [{hidden}] of dtype {x.dtype}, got "
-                         f"{tuple(weight.shape)} and {weight.dtype}")
-    if hidden > MAX_HIDDEN:
-        raise ValueError(f"{what}: hidden size {hidden} exceeds the supported {MAX_HIDDEN}")
-    if not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
-        raise ValueError(f"{what}: eps must be a finite number >= 0, got {eps!r}")
+    hidden = check_rmsnorm_operands(x, residual, weight, eps, what)
     for t, name in ((out, "out"), (residual_out, "residual_out")):
         if t is not None and (t.shape != x.shape or t.dtype != x.dtype or not t.is_contiguous()
                               or t.device != x.device):
