@@ -117,16 +117,21 @@ def check_agreement(cfg: MoeConfig, group: dist.ProcessGroup, extra: dict) -> li
     return [g[1] for g in gathered]
 
 
+def _check_placed(t, name: str, device: torch.device, what: str) -> None:
+    """A tensor on this rank's device, contiguous (TypeError/ValueError naming ``name``)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"{what}: {name} must be on {device} (this rank's device), got {t.device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{what}: {name} must be contiguous (call .contiguous() first)")
+
+
 def check_dispatch_args(cfg: MoeConfig, device: torch.device, x, topk_idx, topk_weights) -> int:
     """Raise TypeError/ValueError naming the bad argument; returns T."""
     what = "dispatch"
     for name, t in (("x", x), ("topk_idx", topk_idx), ("topk_weights", topk_weights)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{what}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.device != device:
-            raise ValueError(f"{what}: {name} must be on {device} (this rank's device), got {t.device}")
-        if not t.is_contiguous():
-            raise ValueError(f"{what}: {name} must be contiguous (call .contiguous() first)")
+        _check_placed(t, name, device, what)
     if x.dtype != cfg.dtype:
         raise TypeError(f"{what}: x must be {cfg.dtype} (the dispatcher's dtype), got {x.dtype}")
     if x.dim() != 2 or x.shape[1] != cfg.hidden:
@@ -151,12 +156,7 @@ def check_combine_args(cfg: MoeConfig, device: torch.device, handle: "MoeHandle"
     for name, t in (("expert_out", expert_out), ("residual", residual), ("out", out)):
         if t is None and name != "expert_out":
             continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{what}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.device != device:
-            raise ValueError(f"{what}: {name} must be on {device} (this rank's device), got {t.device}")
-        if not t.is_contiguous():
-            raise ValueError(f"{what}: {name} must be contiguous (call .contiguous() first)")
+        _check_placed(t, name, device, what)
         if t.dtype != cfg.dtype:
             raise TypeError(f"{what}: {name} must be {cfg.dtype} (the dispatcher's dtype), got {t.dtype}")
     if expert_out.dim() != 2 or expert_out.shape[1] != cfg.hidden or expert_out.shape[0] < expert_rows:
