@@ -188,3 +188,13 @@ def run_distributed(rank_fn: Callable, args, report: Callable) -> None:
         env, records = result
         report(args, env, records, dist.get_world_size(), functional=False)
     dist.destroy_process_group()
+
+
+def budget_spent(t0: float, budget_s: float, device: torch.device) -> bool:
+    """Whether ``budget_s`` seconds have passed since ``t0`` (time.monotonic) on rank 0: rank 0
+    decides and broadcasts, since every rank must take the same decision or the collectives diverge."""
+    import time
+    flag = torch.tensor([time.monotonic() - t0 > budget_s], dtype=torch.int32, device=device)
+    dist.broadcast(flag, 0)
+    return bool(flag.item())
+

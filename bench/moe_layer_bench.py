@@ -54,7 +54,7 @@ import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench import records as rec  # noqa: E402
-from bench.common import environment, header_lines, time_cuda, time_host  # noqa: E402
+from bench.common import budget_spent, environment, header_lines, time_cuda, time_host  # noqa: E402
 from bench.report import card  # noqa: E402
 from shardkit.collectives.moe import MoeDispatcher  # noqa: E402
 from shardkit.models.moe import buffering, gating  # noqa: E402
@@ -81,12 +81,11 @@ class Bench:
         self.failed: list[str] = []
 
     def over_budget(self, what: str) -> bool:
-        """Rank 0 decides (the ranks must agree) whether ``--budget-s`` is spent; then ``what`` is skipped."""
-        flag = torch.tensor([time.monotonic() - self.t0 > self.args.budget_s], dtype=torch.int32, device=self.dev)
-        dist.broadcast(flag, 0)
-        if flag.item():
+        """Whether ``--budget-s`` is spent (rank 0 decides); then ``what`` is skipped."""
+        spent = budget_spent(self.t0, self.args.budget_s, self.dev)
+        if spent:
             self.log(f"  skipped (budget of {self.args.budget_s:g} s spent): {what}")
-        return bool(flag.item())
+        return spent
 
     def log(self, msg: str) -> None:
         if self.rank == 0:
@@ -433,6 +432,8 @@ def main() -> None:
         b.failed.append("exception (see above)")
     if b.rank == 0:
         path = rec.destination(args.out, cuda)
+        if path is not None:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
         for bench in ("moe_layer", "moe_placement", "moe_gating", "moe_buffering", "moe_speculative"):
             lines = table_lines(b.records, bench)
             if lines:

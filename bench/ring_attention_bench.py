@@ -54,7 +54,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from bench.common import best_cut, environment, header_lines  # noqa: E402
+from bench.common import best_cut, budget_spent, environment, header_lines  # noqa: E402
 from bench.records import record  # noqa: E402
 from bench.report import publish  # noqa: E402
 from shardkit import thresholds  # noqa: E402
@@ -105,12 +105,11 @@ class Bench:
     # ------------------------------------------------------------------ plumbing
 
     def over_budget(self, what: str) -> bool:
-        # Every rank must take the same decision, or the collectives would diverge: rank 0 decides.
-        flag = torch.tensor([time.monotonic() - self.t0 > self.args.budget_s], dtype=torch.int32, device=self.dev)
-        dist.broadcast(flag, 0)
-        if flag.item():
+        """Whether ``--budget-s`` is spent (rank 0 decides); then ``what`` is skipped."""
+        spent = budget_spent(self.t0, self.args.budget_s, self.dev)
+        if spent:
             self.log(f"  skipped (budget of {self.args.budget_s:g} s spent): {what}")
-        return bool(flag.item())
+        return spent
 
     def log(self, msg: str) -> None:
         if self.rank == 0:
