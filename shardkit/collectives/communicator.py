@@ -39,6 +39,13 @@ ALGOS = ("auto", "flat", "tree", "nccl", "copy")
 
 # Barrier polls per second, to turn timeout_s into a poll count (approximate by nature).
 _POLLS_PER_S = {"cuda": 4_000_000, "cpu": 500}  # measured: ~4M/s on H200 (volatile polls)
+
+
+def timeout_iters(timeout_s: float, backend: str) -> int:
+    """Barrier polls of a kernel that waits about ``timeout_s`` seconds on ``backend`` (approximate)."""
+    return int(timeout_s * _POLLS_PER_S[backend])
+
+
 DEFAULT_TIMEOUT_S = 60.0
 
 # The open communicators of each process group (by name), newest last: closing one leaves the others.
@@ -143,7 +150,7 @@ class Communicator:
         self._sm_count = (torch.cuda.get_device_properties(self.device).multi_processor_count
                           if self.backend == "cuda" else 0)
         self._interpret = self.backend == "cpu"
-        self._timeout_iters = int(self.timeout_s * _POLLS_PER_S[self.backend])
+        self._timeout_iters = timeout_iters(self.timeout_s, self.backend)
         self._host_table = (cuda_dda.HostTable(self.memory.table.tolist())
                             if self.memory is not None and self.kernels == "cuda" else None)
         self._error: str | None = None

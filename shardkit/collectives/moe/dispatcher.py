@@ -32,7 +32,7 @@ import torch.distributed as dist
 from ...errors import ShardkitError
 from ...memory.peer_memory import in_interpreter
 from ...memory.protocol import MAX_PROGRAMS
-from ..communicator import DEFAULT_TIMEOUT_S, _POLLS_PER_S, peer_access_problem
+from ..communicator import DEFAULT_TIMEOUT_S, peer_access_problem, timeout_iters
 from .config import MoeHandle, check_agreement, check_combine_args, check_dispatch_args, make_config
 from .nccl import NcclTransport
 from .peer import PeerTransport
@@ -120,7 +120,7 @@ class MoeDispatcher:
         self.timeout_s = float(timeout_s)
         if transport == "peer":
             self.transport = PeerTransport(self.cfg, self.group, self.rank, self.backend, self.device,
-                                           int(self.timeout_s * _POLLS_PER_S[self.backend]), self.timeout_s, programs)
+                                           timeout_iters(self.timeout_s, self.backend), self.timeout_s, programs)
         else:
             self.transport = NcclTransport(self.cfg, self.group, self.rank, self.device)
         self.rounds = 0
