@@ -16,8 +16,9 @@ from triton.compiler import ASTSource
 
 from shardkit.kernels.moe.combine import moe_combine_kernel
 from shardkit.kernels.moe.counts import moe_counts_kernel
-from shardkit.kernels.moe.dispatch import moe_dispatch_kernel, work_item
-from shardkit.kernels.moe.layout import layout_block, moe_layout_kernel
+from shardkit.kernels.moe.dispatch import moe_dispatch_kernel
+from shardkit.kernels.moe.launch_config import moe_launch_config
+from shardkit.kernels.moe.layout import moe_layout_kernel
 
 HIDDEN, TOPK, EXPERTS, WORLD = 7168, 8, 256, 2
 # Pointers (dtype by name; the rest int32), and arguments that are multiples of 16 on every call.
@@ -40,23 +41,23 @@ def compile_ptx(kernel, consts: dict, warps: int) -> str:
 
 
 def configs() -> dict:
-    """name -> (kernel, constexprs, warps): the GPU launch configurations (peer.py)."""
+    """name -> (kernel, constexprs, warps): the GPU launch configurations (launch_config.py, 132 SMs)."""
     out = {}
     for fp8 in (False, True):
-        block_t, block_h, meta_t, warps = work_item(HIDDEN, 2, fp8, interpret=False)
+        lc = moe_launch_config(HIDDEN, 2, fp8, 132, interpret=False)
         out[f"dispatch-fp8{int(fp8)}"] = (moe_dispatch_kernel, {
-            "K": TOPK, "K_P2": TOPK, "WORLD": WORLD, "WORLD_P2": WORLD, "BLOCK_T": block_t, "BLOCK_H": block_h,
-            "META_T": meta_t, "FP8": fp8}, warps)
-    block_t, block_h, _, warps = work_item(HIDDEN, 2, False, interpret=False)
+            "K": TOPK, "K_P2": TOPK, "WORLD": WORLD, "WORLD_P2": WORLD, "BLOCK_T": lc.dispatch_block_t,
+            "BLOCK_H": lc.dispatch_block_h, "META_T": lc.meta_t, "FP8": fp8}, lc.dispatch_warps)
+    lc = moe_launch_config(HIDDEN, 2, False, 132, interpret=False)
     for residual in (False, True):
         out[f"combine-residual{int(residual)}"] = (moe_combine_kernel, {
-            "K": TOPK, "WORLD": WORLD, "WORLD_P2": WORLD, "BLOCK_T": block_t, "BLOCK_H": block_h,
-            "HAS_RESIDUAL": residual}, 2 * warps)
-    block_t, warps = layout_block(EXPERTS, interpret=False)
+            "K": TOPK, "WORLD": WORLD, "WORLD_P2": WORLD, "BLOCK_T": lc.combine_block_t,
+            "BLOCK_H": lc.combine_block_h, "HAS_RESIDUAL": residual}, lc.combine_warps)
     out["layout"] = (moe_layout_kernel, {"K": TOPK, "K_P2": TOPK, "WORLD": WORLD, "WORLD_P2": WORLD,
-                                         "E_P2": EXPERTS, "BLOCK_T": block_t}, warps)
-    out["counts"] = (moe_counts_kernel, {"WORLD": WORLD, "WORLD_P2": WORLD, "CHUNKS_P2": 64, "E_P2": EXPERTS,
-                                         "L_P2": EXPERTS // WORLD, "ALIGN_P2": 16, "CHUNK_BLOCK": 16}, warps)
+                                         "E_P2": EXPERTS, "BLOCK_T": lc.layout_block_t}, lc.layout_warps)
+    out["counts"] = (moe_counts_kernel, {"WORLD": WORLD, "WORLD_P2": WORLD, "CHUNKS_P2": 256, "E_P2": EXPERTS,
+                                         "L_P2": EXPERTS // WORLD, "ALIGN_P2": 16, "CHUNK_BLOCK": 16},
+                     lc.layout_warps)
     return out
 
 

@@ -24,12 +24,14 @@ round's outputs are NaN and the next call, or ``check()``, raises).
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
 import torch.distributed as dist
 
 from ...errors import ShardkitError
+from ...kernels.moe.launch_config import MoeLaunchConfig, moe_launch_config
 from ...memory.peer_memory import in_interpreter
 from ...memory.protocol import MAX_PROGRAMS
 from ..communicator import DEFAULT_TIMEOUT_S, peer_access_problem, timeout_iters
@@ -72,13 +74,15 @@ class MoeDispatcher:
         timeout_s: how long a barrier waits for a peer before the round fails (peer transport).
         name: registry name for the torch ops (default "moe:<group name>").
         programs: programs per launch (peer transport; default one per SM, 2 in the interpreter).
+        launch_config: the kernels' grids (peer transport; a ``MoeLaunchConfig``, for tuning; default
+            ``moe_launch_config`` of this configuration; ``programs`` overrides its programs).
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None, *, num_experts: int, hidden: int,
                  dtype: torch.dtype = torch.bfloat16, max_tokens: int, topk: int, placement=None,
                  mode: str = "graph", fp8: bool = False, align: int = 1, max_recv_tokens: int | None = None,
                  transport: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S, name: str | None = None,
-                 programs: int | None = None) -> None:
+                 programs: int | None = None, launch_config: MoeLaunchConfig | None = None) -> None:
         if not dist.is_initialized():
             raise ShardkitError("MoeDispatcher needs an initialised torch.distributed process group")
         self.group = group if group is not None else dist.group.WORLD
@@ -99,10 +103,16 @@ class MoeDispatcher:
         if any(e["transport"] != transport for e in extras):
             raise ValueError(f"MoeDispatcher: ranks disagree about transport: {[e['transport'] for e in extras]}")
         # Dispatch and combine programs wait for the same-numbered program of every peer: equal grids.
-        if programs is None:
-            programs = 2 if self.backend == "cpu" else min(MAX_PROGRAMS, min(e["sm_count"] for e in extras))
-        if not 1 <= programs <= MAX_PROGRAMS:
-            raise ValueError(f"MoeDispatcher: programs must be in [1, {MAX_PROGRAMS}], got {programs}")
+        if launch_config is None:
+            launch_config = moe_launch_config(hidden, torch.empty((), dtype=dtype).element_size(), bool(fp8),
+                                              min(e["sm_count"] for e in extras), self.backend == "cpu")
+        if not isinstance(launch_config, MoeLaunchConfig):
+            raise TypeError(f"MoeDispatcher: launch_config must be a MoeLaunchConfig, got {type(launch_config).__name__}")
+        if programs is not None:
+            if not isinstance(programs, int) or not 1 <= programs <= MAX_PROGRAMS:
+                raise ValueError(f"MoeDispatcher: programs must be in [1, {MAX_PROGRAMS}], got {programs}")
+            launch_config = dataclasses.replace(launch_config, programs=programs)
+        launch_config.check(bool(fp8))
         self.fallback_reason = None
         if transport == "auto":
             self.fallback_reason = peer_access_problem(self.group, self.backend, self.device)
@@ -120,7 +130,8 @@ class MoeDispatcher:
         self.timeout_s = float(timeout_s)
         if transport == "peer":
             self.transport = PeerTransport(self.cfg, self.group, self.rank, self.backend, self.device,
-                                           timeout_iters(self.timeout_s, self.backend), self.timeout_s, programs)
+                                           timeout_iters(self.timeout_s, self.backend), self.timeout_s,
+                                           launch_config)
         else:
             self.transport = NcclTransport(self.cfg, self.group, self.rank, self.device)
         self.rounds = 0
@@ -138,6 +149,20 @@ class MoeDispatcher:
     def latest_handle(self) -> MoeHandle | None:
         """The handle of the latest dispatch (None before the first)."""
         return self._handle
+
+    @property
+    def launch_config(self) -> MoeLaunchConfig | None:
+        """The kernels' grids (peer transport; None over NCCL)."""
+        return getattr(self.transport, "launch", None)
+
+    def set_launch_config(self, config: MoeLaunchConfig) -> None:
+        """Use other grids from the next dispatch on (for tuning): call it on every rank alike, between a
+        combine and the next dispatch (ranks that differ fail that round at its first barrier)."""
+        if not isinstance(self.transport, PeerTransport):
+            raise ValueError("set_launch_config: the NCCL transport has no launch grids")
+        if not isinstance(config, MoeLaunchConfig):
+            raise TypeError(f"set_launch_config: config must be a MoeLaunchConfig, got {type(config).__name__}")
+        self.transport.set_launch(config)
 
     @property
     def expert_capacity(self) -> int:

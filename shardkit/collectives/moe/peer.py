@@ -14,11 +14,12 @@ import torch.distributed as dist
 from ...errors import CollectiveError
 from ...kernels.moe.combine import launch_combine
 from ...kernels.moe.counts import launch_counts
-from ...kernels.moe.dispatch import launch_dispatch, work_item
-from ...kernels.moe.layout import launch_layout, layout_block, layout_programs
+from ...kernels.moe.dispatch import launch_dispatch
+from ...kernels.moe.launch_config import MoeLaunchConfig
+from ...kernels.moe.layout import launch_layout, layout_programs
 from ...kernels.moe.workspace import BAD_EXPERT_ID, BAD_INPUT, RECV_OVERFLOW, RoundBuffers, moe_workspace
 from ...memory.peer_memory import PeerMemory
-from ...memory.protocol import MISMATCH, SIGNAL_BYTES, call_signature, describe_failure
+from ...memory.protocol import MAX_PROGRAMS, MISMATCH, SIGNAL_BYTES, call_signature, describe_failure
 from .config import MoeConfig, MoeHandle
 
 
@@ -28,7 +29,7 @@ class PeerTransport:
     name = "peer"
 
     def __init__(self, cfg: MoeConfig, group: dist.ProcessGroup, rank: int, backend: str, device: torch.device,
-                 timeout_iters: int, timeout_s: float, programs: int) -> None:
+                 timeout_iters: int, timeout_s: float, launch: MoeLaunchConfig) -> None:
         self.cfg, self.group, self.rank, self.device = cfg, group, rank, device
         self.timeout_iters, self.timeout_s = timeout_iters, timeout_s
         self.interpret = backend == "cpu"
@@ -44,27 +45,27 @@ class PeerTransport:
         if backend == "cuda":
             torch.cuda.synchronize(device)
         dist.barrier(group=group)
-        self.programs = programs
-        elt = torch.empty((), dtype=cfg.dtype).element_size()
-        self.block_t, self.block_h, self.meta_t, self.warps = work_item(cfg.hidden, elt, cfg.fp8, self.interpret)
-        _, self.combine_block_h, _, warps = work_item(cfg.hidden, elt, False, self.interpret)
-        # The combine holds up to ``topk`` expert tiles per item: twice the warps, half the registers each.
-        self.combine_warps = warps if self.interpret else 2 * warps
-        # Layout: chunks of >= 64 tokens over up to one program per SM (16 and 4 in the interpreter, so
-        # that the CPU tests' token counts span several chunks and blocks).
-        self.layout_block_t, self.layout_warps = layout_block(cfg.num_experts, self.interpret)
-        self.layout_min_chunk, self.layout_max_programs = (16, 4) if self.interpret else (64, programs)
-        max_chunks = layout_programs(cfg.max_tokens, self.layout_min_chunk, self.layout_max_programs)[0]
-        fp = cfg.fingerprint()
-        self.sig_counts = call_signature("moe_counts", *fp)
-        self.sig_dispatch = call_signature("moe_dispatch", *fp, programs, self.block_t, self.block_h)
-        self.sig_combine = call_signature("moe_combine", *fp, programs, self.block_t, self.combine_block_h)
+        self.launch: MoeLaunchConfig = launch
+        self.set_launch(launch)
         self.n_local = len(cfg.local_experts[rank])
+        max_chunks = layout_programs(cfg.max_tokens, 1, MAX_PROGRAMS)[0]  # any launch config's chunks
         self.b = RoundBuffers.make(list(cfg.expert_rank), list(cfg.expert_local), [list(e) for e in cfg.local_experts],
                                    cfg.max_tokens, cfg.topk, max_chunks, device)
         self._views(ws)
         self._graph_views = self._handle_views(ws.recv_rows, ws.expert_rows)
         self.error: str | None = None
+
+    def set_launch(self, launch: MoeLaunchConfig) -> None:
+        """Use ``launch``'s grids from the next round on (every rank must switch alike: the signatures
+        include the grids, so ranks that differ fail the round at its first barrier)."""
+        launch.check(self.cfg.fp8)
+        self.launch = launch
+        fp = self.cfg.fingerprint()
+        self.sig_counts = call_signature("moe_counts", *fp)
+        self.sig_dispatch = call_signature("moe_dispatch", *fp, launch.programs, launch.dispatch_block_t,
+                                           launch.dispatch_block_h, launch.meta_t)
+        self.sig_combine = call_signature("moe_combine", *fp, launch.programs, launch.combine_block_t,
+                                          launch.combine_block_h)
 
     def _views(self, ws) -> None:
         """Tensors over this rank's workspace regions (the received rows and their metadata)."""
@@ -130,15 +131,17 @@ class PeerTransport:
     def _counts(self, tokens: int, n_chunks: int, input_error: int) -> None:
         mem, ws = self.memory, self.ws
         launch_counts(mem.table, mem.error_record_addr, self.rank, self.cfg.world, self.sig_counts, mem.buffer_bytes,
-                      self.timeout_iters, self.b, n_chunks, tokens, input_error, self.cfg.align, ws, self.layout_warps)
+                      self.timeout_iters, self.b, n_chunks, tokens, input_error, self.cfg.align, ws,
+                      self.launch.layout_warps)
 
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                  round_id: int) -> tuple[torch.Tensor, MoeHandle]:
         cfg, mem, ws = self.cfg, self.memory, self.ws
         self.raise_if_failed()
         tokens = x.shape[0]
-        programs, chunk = layout_programs(tokens, self.layout_min_chunk, self.layout_max_programs)
-        launch_layout(topk_idx, self.b, cfg.world, programs, chunk, self.layout_block_t, self.layout_warps)
+        lc = self.launch
+        programs, chunk = layout_programs(tokens, lc.layout_block_t, lc.layout_programs)
+        launch_layout(topk_idx, self.b, cfg.world, programs, chunk, lc.layout_block_t, lc.layout_warps)
         self._counts(tokens, programs, 0)
         num_recv = num_expert_rows = None
         if cfg.mode == "exact":
@@ -147,8 +150,8 @@ class PeerTransport:
             self.raise_if_failed()
         launch_dispatch(x, topk_idx, topk_weights, self.b, mem.table, mem.error_record_addr, self.rank, cfg.world,
                         self.sig_dispatch, mem.buffer_bytes,
-                        self.timeout_iters, chunk, ws, cfg.fp8, self.programs, self.block_t, self.block_h,
-                        self.meta_t, self.warps)
+                        self.timeout_iters, chunk, ws, cfg.fp8, lc.programs, lc.dispatch_block_t, lc.dispatch_block_h,
+                        lc.meta_t, lc.dispatch_warps)
         if self.interpret:
             self.raise_if_failed()
         views = self._graph_views if num_recv is None else self._handle_views(num_recv, num_expert_rows)
@@ -188,8 +191,8 @@ class PeerTransport:
         mem = self.memory
         launch_combine(expert_out, residual, out, self.b.mask, mem.table, mem.error_record_addr, self.rank,
                        self.cfg.world, self.sig_combine ^ int(poisoned), mem.buffer_bytes, self.timeout_iters,
-                       self.ws, poisoned, self.programs, self.block_t, self.combine_block_h,
-                       self.combine_warps)
+                       self.ws, poisoned, self.launch.programs, self.launch.combine_block_t,
+                       self.launch.combine_block_h, self.launch.combine_warps)
 
     def close(self) -> None:
         self.memory.close()

@@ -151,26 +151,6 @@ def moe_dispatch_kernel(
 _launch = CachedLauncher(moe_dispatch_kernel)
 
 
-def work_item(hidden: int, element_size: int, fp8: bool, interpret: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_T, BLOCK_H, META_T, warps): the tokens and channels of one payload work item of the
-    dispatch and combine kernels, and the tokens of one metadata item of the dispatch. A pure function
-    of the dispatcher's configuration (the combine's item map must be equal on every rank).
-
-    GPU: 2 KiB of a row (1024 bf16 channels: 7168 = 7 chunks exactly) for 4 tokens, i.e. 8 KiB per
-    item, four 16-byte accesses in flight per thread with 4 warps. A program's items run one after
-    another, each waiting for its loads (~1 us), so an item must carry enough bytes: NVLink's
-    ~366 GB/s over 132 SMs is ~2.8 GB/s per SM, ~5.6 KiB per 2-us item; and 128 tokens still make
-    224 items per destination, ~2 per program. Metadata in blocks of 32 tokens: its dependent small
-    loads cost the same per block whatever its size. Interpreter: 16 tokens and 128 channels (few,
-    slow, interpreted iterations; the CPU tests' rows of 200 channels span two chunks, their 33
-    tokens three blocks).
-    """
-    if interpret:
-        return 16, 128, 16, 1
-    block_h = max(SCALE_GROUP if fp8 else 16, min(2048 // element_size, triton.next_power_of_2(hidden)))
-    return 4, block_h, 32, 4
-
-
 def launch_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, b: RoundBuffers,
                     table: torch.Tensor, error_record_addr: int, rank: int, world: int, sig: int, buffer_bytes: int,
                     timeout_iters: int, chunk: int, ws, fp8: bool, programs: int, block_t: int, block_h: int,
