@@ -30,7 +30,7 @@ from bench.common import (environment, header_lines, max_over_ranks, run_distrib
 from bench.records import current_commit, record  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-OURS = ("flat", "tree", "auto")
+OURS = ("flat", "tree", "auto", "ll")  # ll: the one-synchronisation kernel (CUDA kernels only)
 # The same algorithms on the Triton kernels, when the default communicator runs the CUDA ones.
 TRITON = ("flat_triton", "tree_triton")
 # The copy-engine algorithm on a communicator whose buffer holds the largest message (--copy-buffer):
@@ -102,7 +102,8 @@ def sweep_rank(args: argparse.Namespace) -> tuple[dict, list[dict]] | None:
     group_name = dist.group.WORLD.group_name
     extra = {} if cpu else symm_mem_algos(group_name)
     algos = [a for a in args.algos.split(",")
-             if a in ("nccl",) + OURS + COPY or a in extra or (a in TRITON and triton_comm is not None)]
+             if (a in ("nccl",) + OURS + COPY and not (a == "ll" and comm.kernels != "cuda")) or a in extra
+             or (a in TRITON and triton_comm is not None)]
     modes = ["eager"] if cpu else args.modes.split(",")
     sizes = parse_sizes(args.sizes)
     elt = torch.empty((), dtype=dtype).element_size()
@@ -204,10 +205,10 @@ def sweep_rank(args: argparse.Namespace) -> tuple[dict, list[dict]] | None:
 
 
 def derive_rules(records: list[dict], kernels: str) -> list[tuple[int | None, str]]:
-    """Fastest of flat/tree (of the given kernel family) and nccl per measured size (graph mode if
+    """Fastest of flat/tree/ll (of the given kernel family) and nccl per measured size (graph mode if
     measured), as threshold rules."""
     mode = "graph" if any(r["mode"] == "graph" for r in records) else "eager"
-    candidates = {impl_name(a, kernels): a for a in ("flat", "tree", "nccl")}
+    candidates = {impl_name(a, kernels): a for a in ("flat", "tree", "nccl", "ll")}
     best = {}
     for r in records:
         nbytes = r["params"]["bytes"]
@@ -246,7 +247,8 @@ def main() -> None:
     p.add_argument("--sizes", default=None, help="'1K-256M' (x4 steps) or a list '4K,1M' (default 1K-256M; CPU 1K-64K)")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--algos", default="nccl,flat,tree,auto,flat_triton,tree_triton,copy,copy_zc,symm_1shot,symm_2shot",
-                   help="flat/tree/auto use the CUDA kernels where built (else Triton); *_triton force Triton")
+                   help="flat/tree/auto use the CUDA kernels where built (else Triton); *_triton force Triton; "
+                        "ll (CUDA kernels only, e.g. --algos nccl,flat,ll --sizes 1K-256K) is skipped elsewhere")
     p.add_argument("--modes", default="eager,graph")
     p.add_argument("--copy-buffer", type=parse_size, default=None,
                    help="buffer_bytes of the communicator of copy/copy_zc (default: the largest size)")

@@ -27,7 +27,7 @@ import json
 import os
 
 PATH = os.path.join(os.path.dirname(__file__), "thresholds.json")
-ALGOS = ("flat", "tree", "nccl", "copy")
+ALGOS = ("flat", "tree", "nccl", "copy", "ll")
 DEFAULT_PASS_Q_MISS_RATE = 0.05  # Meta (arXiv 2411.01783), H100 hosts
 RING_RATES = ("attention_tflops", "p2p_gbps")
 

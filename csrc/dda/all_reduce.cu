@@ -8,17 +8,11 @@
 #include <type_traits>
 
 #include "all_reduce.h"
+#include "convert.cuh"
 #include "sync.cuh"
 
 namespace shardkit {
 namespace {
-
-template <typename T> __device__ __forceinline__ float to_float(T v) { return float(v); }
-template <> __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_float(float v) { return T(v); }
-template <> __device__ __forceinline__ __half from_float(float v) { return __float2half(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16(v); }
 
 // VEC elements moved as one unit: 16 bytes when the call is aligned, else one element.
 template <typename T, int VEC> struct alignas(sizeof(T) * VEC) Pack {

@@ -1,4 +1,5 @@
-// DDA flat (one-shot) and tree (two-shot) all-reduce on peer memory: host entry points.
+// DDA flat (one-shot), LL (one-shot, one synchronisation) and tree (two-shot) all-reduce on peer memory:
+// host entry points.
 // Raw pointers and CUDA runtime types only (no torch headers); the one binding layer is c_api.cu (C entry
 // points for ctypes: shardkit/kernels/all_reduce/cuda.py).
 #pragma once
@@ -16,6 +17,11 @@ constexpr int kMaxTreeThreads = 256;
 
 // Every rank reads every rank's staged copy and sums locally in fixed rank order (fp32).
 cudaError_t flat_all_reduce(const AllReduceArgs& args, cudaStream_t stream);
+
+// One synchronisation per call (ll_all_reduce.cu): every rank pushes its input as {data, flag} lines into its
+// slot of every peer's LL region and sums what it finds in its own. Up to kLLMaxBytes of payload, any
+// alignment; threads up to 1024, unroll 1; not zero_copy (x is read wherever it lives).
+cudaError_t ll_all_reduce(const AllReduceArgs& args, cudaStream_t stream);
 
 // Reduce-scatter over shards of `shard` elements (a multiple of 16), then all-gather.
 cudaError_t tree_all_reduce(const AllReduceArgs& args, int64_t shard, cudaStream_t stream);

@@ -45,6 +45,15 @@ int shardkit_flat_all_reduce(uintptr_t x, uintptr_t out, const int64_t* table, i
   return shardkit::flat_all_reduce(a, reinterpret_cast<cudaStream_t>(stream));
 }
 
+int shardkit_ll_all_reduce(uintptr_t x, uintptr_t out, const int64_t* table, int world, uintptr_t host_error_record,
+                           int64_t numel, int rank, uint32_t sig, int64_t x_offset, int64_t buffer_bytes,
+                           int64_t timeout_iters, int zero_copy, int programs, int threads, int unroll, int dtype,
+                           uintptr_t stream) {
+  const auto a = make_args(x, out, table, world, host_error_record, numel, rank, sig, x_offset, buffer_bytes, timeout_iters,
+                           zero_copy, programs, threads, unroll, dtype);
+  return shardkit::ll_all_reduce(a, reinterpret_cast<cudaStream_t>(stream));
+}
+
 int shardkit_tree_all_reduce(uintptr_t x, uintptr_t out, const int64_t* table, int world, uintptr_t host_error_record,
                              int64_t numel, int rank, uint32_t sig, int64_t x_offset, int64_t buffer_bytes,
                              int64_t timeout_iters, int zero_copy, int programs, int threads, int unroll, int dtype,

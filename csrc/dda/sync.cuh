@@ -31,9 +31,10 @@ __device__ __forceinline__ uint64_t load_acquire_sys(const uint64_t* p) {
 }
 
 struct CallState {
-  uint32_t epoch;  // this call's epoch (modulo 2**32)
-  uint64_t flag;   // sig << 32 | epoch
-  bool ok;         // no earlier failure recorded on this rank
+  uint32_t epoch;    // this call's epoch (modulo 2**32)
+  uint64_t flag;     // sig << 32 | epoch
+  uint32_t ll_call;  // this call's number among the LL calls (modulo 2**32), if it is one (ll_all_reduce.cu)
+  bool ok;           // no earlier failure recorded on this rank
 };
 
 // Read the epoch and the device error record once per block; every thread gets the same values.
@@ -45,6 +46,7 @@ __device__ inline CallState start_call(const PeerTable& t, int rank, uint32_t si
         uint32_t(*reinterpret_cast<volatile int64_t*>(own + kEpochOff)) + 1u;  // wraps modulo 2**32
     s.epoch = epoch;
     s.flag = (uint64_t(sig) << 32) | epoch;
+    s.ll_call = uint32_t(*reinterpret_cast<volatile int64_t*>(own + kLLCallsOff)) + 1u;
     s.ok = *reinterpret_cast<volatile int*>(own + kErrorOff) == 0;
   }
   __syncthreads();
@@ -111,8 +113,9 @@ __device__ inline bool block_barrier(const PeerTable& t, int rank, int world, in
   return code == 0;
 }
 
-// Count this block as done; the last block of the launch publishes the new epoch.
-__device__ inline void finish_call(const PeerTable& t, int rank, uint32_t epoch) {
+// Count this block as done; the last block of the launch publishes the new epoch (and, for an LL call,
+// `ll_call` >= 0, the new LL call count): every block read both at its start.
+__device__ inline void finish_call(const PeerTable& t, int rank, uint32_t epoch, int64_t ll_call = -1) {
   __syncthreads();
   if (threadIdx.x == 0) {
     char* own = t.base[rank];
@@ -121,6 +124,7 @@ __device__ inline void finish_call(const PeerTable& t, int rank, uint32_t epoch)
     if (finished == gridDim.x - 1) {
       *reinterpret_cast<volatile unsigned*>(own + kDoneOff) = 0u;
       *reinterpret_cast<volatile int64_t*>(own + kEpochOff) = int64_t(epoch);
+      if (ll_call >= 0) *reinterpret_cast<volatile int64_t*>(own + kLLCallsOff) = ll_call;
       __threadfence();
     }
   }

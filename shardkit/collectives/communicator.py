@@ -30,12 +30,12 @@ from ..kernels.all_reduce.rmsnorm import (RMSNormConfig, check_rmsnorm_operands,
                                           rmsnorm_config)
 from ..kernels.all_reduce.tree import TreeConfig, launch_tree_all_reduce, shard_elements, tree_config
 from ..memory.peer_memory import PeerMemory, in_interpreter
-from ..memory.protocol import DTYPE_CODES, MAX_PROGRAMS, call_signature, describe_failure, float_bits
+from ..memory.protocol import DTYPE_CODES, LL_MAX_BYTES, MAX_PROGRAMS, call_signature, describe_failure, float_bits
 
 # A launch grid: the Triton kernels' FlatConfig / TreeConfig or the CUDA kernels' CudaConfig.
 LaunchConfig = FlatConfig | TreeConfig | cuda_dda.CudaConfig
 KERNELS = ("auto", "triton", "cuda")
-ALGOS = ("auto", "flat", "tree", "nccl", "copy")
+ALGOS = ("auto", "flat", "tree", "nccl", "copy", "ll")
 
 # Barrier polls per second, to turn timeout_s into a poll count (approximate by nature).
 _POLLS_PER_S = {"cuda": 4_000_000, "cpu": 500}  # measured: ~4M/s on H200 (volatile polls)
@@ -165,12 +165,15 @@ class Communicator:
         x: contiguous fp32/fp16/bf16 tensor on this rank's device, any shape; same shape and dtype
            on every rank. Not modified (unless ``out`` is ``x``).
         algo: "auto" | "flat" | "tree" | "nccl" | "copy" (copy-engine transfers for large messages,
-           ``collectives/copy_engine.py``; fastest with a ``buffer_bytes`` that holds the message).
+           ``collectives/copy_engine.py``; fastest with a ``buffer_bytes`` that holds the message) | "ll"
+           (one synchronisation per call, flags carried in the data: csrc/dda/ll_all_reduce.cu; small
+           messages on the CUDA kernels; calls above ``protocol.LL_MAX_BYTES`` go in chunks; where
+           ``auto``'s rules pick it on the Triton kernels, flat runs instead).
         out: optional contiguous tensor of x's shape, dtype and device; it may be ``x`` (or x's memory
            exactly: in place), but not overlap x partly (ValueError).
         config: the launch grid instead of the launch policy's (for tuning): a ``FlatConfig`` /
            ``TreeConfig`` (Triton kernels) or a ``CudaConfig`` (CUDA kernels), with algo "flat" or
-           "tree"; the same on every rank. It applies to every chunk of the call.
+           "tree" (or "ll", CUDA kernels); the same on every rank. It applies to every chunk of the call.
         Returns the reduced tensor (``out`` when given). fp32 accumulation, ranks summed in rank
         order: every rank gets bitwise the same result.
         """
@@ -251,9 +254,12 @@ class Communicator:
     def _run(self, x: torch.Tensor, out: torch.Tensor, algo: str, config: LaunchConfig | None) -> torch.Tensor:
         if algo not in ALGOS:
             raise ValueError(f"all_reduce: algo must be one of {ALGOS}, got {algo!r}")
+        if algo == "ll" and self.kernels != "cuda":
+            raise ShardkitError("all_reduce(algo='ll') needs the CUDA kernels (Communicator(kernels='cuda') on GPUs, "
+                                "with the CUDA library built)")
         if config is not None:
-            if algo not in ("flat", "tree"):
-                raise ValueError(f"all_reduce: a config needs algo 'flat' or 'tree', got {algo!r}")
+            if algo not in ("flat", "tree", "ll"):
+                raise ValueError(f"all_reduce: a config needs algo 'flat', 'tree' or 'll', got {algo!r}")
             self._check_config(algo, config)
         self._raise_if_failed()
         if self.world_size == 1:  # the sum over one rank is x (and the CUDA kernels need two ranks)
@@ -263,6 +269,8 @@ class Communicator:
         nbytes = x.numel() * x.element_size()
         if algo == "auto":
             algo = thresholds.choose(self.rules, nbytes) if self.memory is not None else "nccl"
+            if algo == "ll" and self.kernels != "cuda":  # a rule measured on the CUDA kernels
+                algo = "flat"
         if algo == "nccl" or x.numel() == 0:
             if out is not x:
                 out.copy_(x)
@@ -279,13 +287,16 @@ class Communicator:
                 self._raise_if_failed()
             return out
         x_offset = mem.holds(x)
-        # A flat in-place call must stage: peers read our input until they are done.
-        zero_copy = x_offset is not None and x_offset % 16 == 0 and not (algo == "flat" and out is x)
+        # A flat in-place call must stage: peers read our input until they are done. LL pushes x from
+        # wherever it lives (no zero-copy mode) and holds LL_MAX_BYTES per call.
+        zero_copy = (x_offset is not None and x_offset % 16 == 0 and not (algo == "flat" and out is x)
+                     and algo != "ll")
+        capacity = LL_MAX_BYTES if algo == "ll" else mem.buffer_bytes
         xs, outs = x.view(-1), out.view(-1)
-        if zero_copy or nbytes <= mem.buffer_bytes:
+        if zero_copy or nbytes <= capacity:
             self._launch(algo, xs, outs, x_offset if zero_copy else 0, zero_copy, config, x.numel(), 0, 1)
         else:
-            step = mem.buffer_bytes // x.element_size()
+            step = capacity // x.element_size()
             chunks = -(-x.numel() // step)
             for i in range(chunks):
                 lo = i * step
@@ -307,14 +318,18 @@ class Communicator:
         shard = shard_elements(numel, self.world_size) if algo == "tree" else 0
         if config is None:  # the policy's (an explicit config was checked once per call, in _run)
             config = self._config(algo, numel, shard, x.element_size())
-        packed = self.kernels != "cuda" or (x.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0
-                                            and numel % (16 // x.element_size()) == 0)
+        # (LL's work map does not depend on alignment: every line carries its own flag.)
+        packed = algo == "ll" or self.kernels != "cuda" or (x.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0
+                                                            and numel % (16 // x.element_size()) == 0)
         sig = call_signature(f"all_reduce_{algo}_{self.kernels}", total, chunk, chunks, numel,
                              DTYPE_CODES[x.dtype], x_offset if zero_copy else -1, packed, *vars(config).values())
         common = dict(error_record_addr=mem.error_record_addr, rank=self.rank, sig=sig, x_offset=x_offset,
                       buffer_bytes=mem.buffer_bytes, timeout_iters=self._timeout_iters, zero_copy=zero_copy,
                       config=config)
-        if self.kernels == "cuda":
+        if algo == "ll":
+            cuda_dda.launch_ll_all_reduce(x, out, self._host_table, mem.error_record_addr, self.rank, sig,
+                                          mem.buffer_bytes, self._timeout_iters, config)
+        elif self.kernels == "cuda":
             launch = cuda_dda.launch_flat_all_reduce if algo == "flat" else cuda_dda.launch_tree_all_reduce
             launch(x, out, table=self._host_table, **common, **({"shard": shard} if algo == "tree" else {}))
         elif algo == "flat":
@@ -325,6 +340,8 @@ class Communicator:
     def _config(self, algo: str, numel: int, shard: int, element_size: int) -> LaunchConfig:
         """The launch policy's grid for this call (a pure function of the shape: the same on every rank)."""
         if self.kernels == "cuda":
+            if algo == "ll":
+                return cuda_dda.ll_config(numel, element_size, self._sm_count)
             if algo == "flat":
                 return cuda_dda.flat_config(numel, element_size, self._sm_count)
             return cuda_dda.tree_config(shard, element_size, self.world_size, self._sm_count)

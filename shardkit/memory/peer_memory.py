@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import ShardkitError
-from .protocol import MAX_WORLD, SIGNAL_BYTES, staging_offset, workspace_bytes
+from .protocol import MAX_WORLD, SIGNAL_BYTES, ll_offset, staging_offset, workspace_bytes
 from .shm import SharedSegments
 
 DEFAULT_BUFFER_BYTES = {"cuda": 32 << 20, "cpu": 256 << 10}
@@ -60,7 +60,7 @@ class PeerMemory:
         if size <= 0:
             raise ValueError(f"PeerMemory: buffer_bytes must be positive, got {buffer_bytes}")
         self.buffer_bytes = -(-size // _ALIGN) * _ALIGN
-        self.nbytes = workspace_bytes(self.buffer_bytes)
+        self.nbytes = workspace_bytes(self.buffer_bytes, self.world_size)
         self._closed = False
         if backend == "cpu":
             self.device = torch.device("cpu")
@@ -89,8 +89,10 @@ class PeerMemory:
             self.buffer = symm_mem.empty(self.nbytes, dtype=torch.uint8, device=self.device)
             self._handle = symm_mem.rendezvous(self.buffer, self.group.group_name)
             self.buffer[:SIGNAL_BYTES].zero_()
+            # The LL kernel's flags live in its data: no stale flag may equal a future one (protocol.py).
+            self.buffer[ll_offset(self.buffer_bytes):].zero_()
             torch.cuda.synchronize(self.device)
-        dist.barrier(group=self.group)  # nobody signals into a pad that is not zeroed yet
+        dist.barrier(group=self.group)  # nobody signals into a pad (or LL slot) that is not zeroed yet
         self._peer_bytes = None  # peer_view's tensors, made on first use
         return list(self._handle.buffer_ptrs)
 

@@ -10,12 +10,14 @@ Every rank's workspace (bytes)::
     [SIGNAL_BYTES, +buffer_bytes)                   staging: zero-copy inputs written by the user
     [SIGNAL_BYTES + buffer_bytes, +buffer_bytes)    epoch buffer 0 (calls with an even epoch)
     [SIGNAL_BYTES + 2*buffer_bytes, +buffer_bytes)  epoch buffer 1 (odd epochs)
+    [ll_offset(buffer_bytes), +ll_region_bytes(world)) LL slots (below), written only by the LL kernel
 
 Signal area::
 
     [0, 8)            int64  epoch: calls completed on this rank, modulo 2**32 (local only)
     [8, 12)           int32  done: programs of the running call that finished (local only)
     [16, 32)          int32  error record, device copy (local only)
+    [32, 40)          int64  LL calls completed on this rank, modulo 2**32 (local only)
     [SLOTS_OFF, ...)  int64  slots[NUM_STAGES * MAX_PROGRAMS][MAX_WORLD]: arrival flags, written by peers
 
 A call stages its data in the epoch buffer of its epoch's parity: call n+2 reuses call n's buffer
@@ -23,6 +25,14 @@ only after every peer has signalled in call n+1, i.e. after every peer's call-n 
 (``epoch_buffer_offset``). The error record is ``(code, slot, culprit-rank bitmask, epoch)``:
 ``describe_failure`` turns it into the message users see. Call fingerprints (``call_signature``)
 travel in the arrival flags, so ranks that disagree about a call fail at its first barrier.
+
+LL region (the one-synchronisation all-reduce, ``csrc/dda/ll_all_reduce.cu``, whose comment argues
+why it is safe): ``2 parities x world sources`` slots of ``LL_SLOT_BYTES``; the slot of LL call ``k``'s
+parity ``k % 2`` and source ``s`` on rank ``q`` holds what ``s`` pushed to ``q``: a 16-byte header
+``{sig, flag, sig, flag}`` and then lines of 16 bytes ``{data, flag, data, flag}`` (8 payload bytes
+each), every flag = ``k`` modulo 2**32 (the LL call counter at ``LL_CALLS_OFF``, not the epoch). The
+region is zeroed at allocation; LL calls with ``k % LL_CLEAN_PERIOD < 2`` push whole slots, so no
+line is older than ``LL_CLEAN_PERIOD + 2`` LL calls and a stale flag never equals a current one.
 """
 from __future__ import annotations
 
@@ -39,6 +49,11 @@ ERROR_OFF = 16
 SLOTS_OFF = 128
 SIGNAL_BYTES = 64 * 1024
 EPOCH_MOD = 1 << 32
+LL_CALLS_OFF = 32
+LL_MAX_BYTES = 256 * 1024  # payload of one LL call per rank; larger calls go in chunks
+LL_HEADER_BYTES = 16
+LL_SLOT_BYTES = LL_HEADER_BYTES + 2 * LL_MAX_BYTES  # lines of 8 payload + 8 flag bytes
+LL_CLEAN_PERIOD = 1 << 20  # LL calls; a power of two below 2**31 (divides 2**32)
 
 # Error codes in the first word of a rank's error record.
 OK = 0
@@ -51,6 +66,7 @@ ABORTED = 4  # another program of this rank failed first
 LOCAL_WAIT_SLOT = NUM_STAGES * MAX_PROGRAMS
 
 assert SLOTS_OFF + NUM_STAGES * MAX_PROGRAMS * MAX_WORLD * 8 <= SIGNAL_BYTES
+assert ERROR_OFF + 16 <= LL_CALLS_OFF and LL_CALLS_OFF + 8 <= SLOTS_OFF
 
 # dtype codes crossing the FFI into csrc (layout.h ``enum class DType``).
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -64,6 +80,7 @@ OP_CODES = {
     "all_reduce_tree_cuda": 4,
     "rmsnorm_flat": 5,
     "rmsnorm_tree": 6,
+    "all_reduce_ll_cuda": 7,  # the one-synchronisation (LL) kernel: its call signature travels in the slot header
     "all_reduce_copy": 11,  # collectives/copy_engine.py: the barriers of one copy-engine call
     "moe_counts": 21,    # shardkit/kernels/moe: the counts exchange, dispatch and combine launches
     "moe_dispatch": 22,
@@ -71,9 +88,25 @@ OP_CODES = {
 }
 
 
-def workspace_bytes(buffer_bytes: int) -> int:
-    """Bytes of one rank's workspace: the signal area, staging, and the two epoch buffers."""
+def workspace_bytes(buffer_bytes: int, world: int) -> int:
+    """Bytes of one rank's workspace: the signal area, staging, the two epoch buffers, the LL slots."""
+    return ll_offset(buffer_bytes) + ll_region_bytes(world)
+
+
+def ll_offset(buffer_bytes: int) -> int:
+    """Byte offset of the LL region in every workspace (after the epoch buffers)."""
     return SIGNAL_BYTES + 3 * buffer_bytes
+
+
+def ll_region_bytes(world: int) -> int:
+    """Bytes of the LL region of a ``world``-rank group: a slot per parity and source rank."""
+    return 2 * world * LL_SLOT_BYTES
+
+
+def ll_slot_offset(calls: int, source: int, world: int, buffer_bytes: int) -> int:
+    """Byte offset of the slot that LL call ``calls`` (1, 2, ...) of rank ``source`` pushes into
+    (``layout.h``'s ``ll_slot_offset`` computes the same)."""
+    return ll_offset(buffer_bytes) + ((calls % 2) * world + source) * LL_SLOT_BYTES
 
 
 def staging_offset() -> int:

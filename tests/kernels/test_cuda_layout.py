@@ -1,6 +1,6 @@
 """The CUDA kernels (csrc/dda/layout.h) and the Triton kernels share one workspace protocol, owned by
 shardkit/memory/protocol.py: the header is compiled with the host compiler and every constant, the
-FFI dtype codes and the epoch-buffer rule must agree with the Python owner (and the Triton side
+FFI dtype codes, the epoch-buffer rule and the LL slot rule must agree with the Python owner (and the Triton side
 must use the owner's constants)."""
 import os
 import shutil
@@ -29,9 +29,16 @@ int main() {
               kAborted);
   std::printf("float32 %d\nfloat16 %d\nbfloat16 %d\n", int(DType::kFloat32), int(DType::kFloat16),
               int(DType::kBFloat16));
+  std::printf("LL_CALLS_OFF %lld\nLL_MAX_BYTES %lld\nLL_HEADER_BYTES %lld\nLL_SLOT_BYTES %lld\nLL_CLEAN_PERIOD %u\n",
+              (long long)kLLCallsOff, (long long)kLLMaxBytes, (long long)kLLHeaderBytes, (long long)kLLSlotBytes,
+              kLLCleanPeriod);
   const unsigned epochs[] = {EPOCHS};
-  for (unsigned e : epochs)
+  for (unsigned e : epochs) {
     std::printf("buffer_%u %lld\n", e, (long long)epoch_buffer_offset(e, BUFFER_BYTES));
+    for (int world = 2; world <= kMaxWorld; world += 3)
+      for (int source = 0; source < world; source += 2)
+        std::printf("ll_slot_%u_%d_%d %lld\n", e, source, world, (long long)ll_slot_offset(e, source, world, BUFFER_BYTES));
+  }
   return 0;
 }
 """
@@ -66,6 +73,24 @@ def test_dtype_codes_match_the_protocol(header_values):
 def test_epoch_buffer_rule_matches_the_protocol(header_values):
     for e in EPOCHS:
         assert header_values[f"buffer_{e}"] == protocol.epoch_buffer_offset(e, BUFFER_BYTES), e
+
+
+def test_ll_layout_matches_the_protocol(header_values):
+    for name in ("LL_CALLS_OFF", "LL_MAX_BYTES", "LL_HEADER_BYTES", "LL_SLOT_BYTES", "LL_CLEAN_PERIOD"):
+        assert header_values[name] == getattr(protocol, name), name
+    checked = 0
+    for e in EPOCHS:  # LL call counts, here: the slot's parity is the count's
+        for world in range(2, protocol.MAX_WORLD + 1, 3):
+            for source in range(0, world, 2):
+                assert header_values[f"ll_slot_{e}_{source}_{world}"] == protocol.ll_slot_offset(
+                    e, source, world, BUFFER_BYTES), (e, source, world)
+                checked += 1
+    assert checked == len(EPOCHS) * (1 + 3 + 4)
+    # The cleaning period must divide 2**32 (so k % period is the same for k and k mod 2**32) and leave
+    # the previous period + 1 calls' flags distinct from this call's.
+    assert protocol.LL_CLEAN_PERIOD & (protocol.LL_CLEAN_PERIOD - 1) == 0 and protocol.LL_CLEAN_PERIOD + 2 < 2**32
+    last = protocol.ll_slot_offset(1, protocol.MAX_WORLD - 1, protocol.MAX_WORLD, BUFFER_BYTES) + protocol.LL_SLOT_BYTES
+    assert last == protocol.workspace_bytes(BUFFER_BYTES, protocol.MAX_WORLD)
 
 
 def test_triton_side_uses_the_protocol_constants():

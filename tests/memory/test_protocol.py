@@ -45,7 +45,8 @@ def test_epoch_buffers_alternate_after_staging():
     assert protocol.staging_offset() == protocol.SIGNAL_BYTES
     assert protocol.epoch_buffer_offset(2, b) == protocol.SIGNAL_BYTES + b
     assert protocol.epoch_buffer_offset(3, b) == protocol.SIGNAL_BYTES + 2 * b
-    assert protocol.epoch_buffer_offset(3, b) + b == protocol.workspace_bytes(b)
+    assert protocol.epoch_buffer_offset(3, b) + b == protocol.ll_offset(b)
+    assert protocol.workspace_bytes(b, 3) == protocol.ll_offset(b) + 2 * 3 * protocol.LL_SLOT_BYTES
 
 
 def test_failure_messages_name_the_ranks_and_what_happened():

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import ShardkitError
+from ...memory import protocol as _protocol
 from ...memory.protocol import DTYPE_CODES, MAX_PROGRAMS
 
 _PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "_dda.so")
@@ -35,6 +36,8 @@ def _load():
                   ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
         lib.shardkit_flat_all_reduce.argtypes = common + [ctypes.c_void_p]
         lib.shardkit_tree_all_reduce.argtypes = common + [ctypes.c_int64, ctypes.c_void_p]
+        lib.shardkit_ll_all_reduce.argtypes = common + [ctypes.c_void_p]
+        lib.shardkit_ll_all_reduce.restype = ctypes.c_int
         lib.shardkit_flat_all_reduce.restype = lib.shardkit_tree_all_reduce.restype = ctypes.c_int
         lib.shardkit_max_unroll.argtypes, lib.shardkit_max_unroll.restype = [ctypes.c_int], ctypes.c_int
         lib.shardkit_max_tree_threads.argtypes, lib.shardkit_max_tree_threads.restype = [], ctypes.c_int
@@ -95,6 +98,15 @@ def tree_config(shard: int, element_size: int, world: int, sm_count: int) -> Cud
     return CudaConfig(grid(shard, element_size, threads, unroll, sm_count), threads, unroll)
 
 
+@functools.lru_cache(maxsize=1024)
+def ll_config(numel: int, element_size: int, sm_count: int) -> CudaConfig:
+    """The LL kernel's grid (csrc/dda/ll_all_reduce.cu) for ``numel`` elements per rank, at most
+    ``LL_MAX_BYTES``: one 8-byte payload line per thread, 512 threads as the flat kernel (not tuned yet;
+    ``config=`` takes others), up to one program per SM. Pure: every rank gets the same."""
+    lines = -(-numel * element_size // 8)
+    return CudaConfig(max(1, min(sm_count, _protocol.MAX_PROGRAMS, -(-lines // 512))), 512, 1)
+
+
 class HostTable:
     """The workspace addresses as a C array, built once per PeerMemory (no per-call allocation)."""
 
@@ -118,6 +130,18 @@ def launch_flat_all_reduce(x: torch.Tensor, out: torch.Tensor, table: HostTable,
                                          x.numel(), rank, sig, x_offset, buffer_bytes, timeout_iters, int(zero_copy),
                                          config.programs, config.threads, config.unroll, DTYPE_CODES[x.dtype], stream),
            "flat all-reduce launch")
+
+
+def launch_ll_all_reduce(x: torch.Tensor, out: torch.Tensor, table: HostTable, error_record_addr: int, rank: int,
+                         sig: int, buffer_bytes: int, timeout_iters: int, config: CudaConfig) -> None:
+    """Launch the CUDA LL all-reduce (one synchronisation: flags in the data) of x (at most
+    ``protocol.LL_MAX_BYTES``, any alignment) into out (may be x); arguments as launch_flat_all_reduce,
+    without zero-copy (x is read wherever it lives)."""
+    stream = torch._C._cuda_getCurrentRawStream(x.device.index)
+    _check(_lib.shardkit_ll_all_reduce(x.data_ptr(), out.data_ptr(), table.array, table.world, error_record_addr,
+                                       x.numel(), rank, sig, 0, buffer_bytes, timeout_iters, 0, config.programs,
+                                       config.threads, config.unroll, DTYPE_CODES[x.dtype], stream),
+           "LL all-reduce launch")
 
 
 def launch_tree_all_reduce(x: torch.Tensor, out: torch.Tensor, table: HostTable, error_record_addr: int, rank: int,
