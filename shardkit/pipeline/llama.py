@@ -11,6 +11,17 @@ A stage is called slice by slice: ``forward(x, start)`` runs the tokens at posit
 cached key before them (a causal mask aligned to the bottom right of the ``[s, start + s]`` score
 block). Prefill in one call, prefill in slices, and decode (``s = 1``) are the same call.
 
+Attention of a slice is two standard blocks merged by their log-sum-exp (as ring attention merges
+chunks, ``shardkit.kernels.attention``): the slice's own keys, a square causal block, and the
+cached prefix, fully visible. Both are shapes the fast kernels take as they are; the bottom-right
+causal mask of the whole ``[s, start + s]`` block is not: torch sends it to FlashAttention-2 only
+(about 320 TFLOP/s on an H200, where cuDNN's kernel runs the same work at about 600). The block
+kernel (``ATTENTION_KERNELS``): ``"cudnn"`` for CUDA fp16/bf16 slices of ``CUDNN_MIN_QUERIES`` or
+more tokens (cuDNN builds an execution plan per shape, cached; decode steps meet a new key length
+every token, so short query blocks go to ``"flash"``), ``"flash"`` (FlashAttention-2 on CUDA, torch's
+flash kernel on the CPU), or ``"math"`` (plain torch in fp32: CUDA fp32, where no kernel returns
+the log-sum-exp, and head dims other than ``SUPPORTED_HEAD_DIMS``).
+
 Shapes: ``x`` is ``[B, s]`` int64 token ids on the first stage, else hidden states
 ``[B, s, hidden]``; the output is hidden states, or logits ``[B, s, vocab]`` on the last stage.
 """
@@ -19,12 +30,13 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
+from ..kernels.attention.chunk import SUPPORTED_HEAD_DIMS
+from ..kernels.attention.sdpa import sdpa_backends, sdpa_with_lse
 from ..models.checkpoint import read_safetensors
 
 __all__ = ["LlamaConfig", "read_safetensors", "checkpoint_weights", "random_weights", "weight_names", "LlamaStage"]
@@ -143,6 +155,34 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
 
 
+ATTENTION_KERNELS = ("auto", "cudnn", "flash", "math")
+CUDNN_MIN_QUERIES = 64
+
+
+def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q`` ``[B, H, s, D]`` to ``k``, ``v`` ``[B, Hkv, L, D]`` in fp32 (``causal``: ``s == L``,
+    key ``j`` visible to query ``i`` iff ``j <= i``). Returns ``out`` ``[B, H, s, D]`` in q's dtype and
+    the fp32 log-sum-exp ``[B, H, s]`` of the scaled scores."""
+    B, H, s, D = q.shape
+    qg = q.float().unflatten(1, (k.shape[1], H // k.shape[1]))  # [B, Hkv, G, s, D]: a q head reads its kv head
+    scores = (qg @ k.float()[:, :, None].transpose(-1, -2)) * D ** -0.5  # [B, Hkv, G, s, L]
+    if causal:
+        scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    lse = scores.logsumexp(-1)
+    out = (scores - lse[..., None]).exp() @ v.float()[:, :, None]
+    return out.flatten(1, 2).to(q.dtype), lse.flatten(1, 2)
+
+
+def _merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
+    """Attention over the union of two disjoint key sets from each one's ``(out, lse)``: the softmax
+    weights of the two parts are ``exp(lse_a - lse)`` and ``exp(lse_b - lse)`` with ``lse`` their
+    log-add-exp, so the merged output is ``out_a + w_b (out_b - out_a)`` (one ``lerp``). Both parts
+    see at least one key here (the slice sees itself), so no ``lse`` is ``-inf``."""
+    w_b = (lse_b - torch.logaddexp(lse_a, lse_b)).exp().unsqueeze(-1)
+    return torch.lerp(out_a, out_b, w_b.to(out_a.dtype))
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -172,15 +212,19 @@ class LlamaStage:
         device, dtype: where and in what precision the stage computes (also its KV cache and output).
         max_tokens: KV cache length (prompt + generated tokens).
         batch: sequences per call.
+        attention: the kernel of the two attention blocks (module docstring): ``"auto"`` (the
+            fastest this device and dtype have), or ``"cudnn"``, ``"flash"``, ``"math"`` to force one.
     """
 
     def __init__(self, config: LlamaConfig, weights: Dict[str, torch.Tensor], layers: range, *, first: bool,
                  last: bool, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 max_tokens: int, batch: int = 1) -> None:
+                 max_tokens: int, batch: int = 1, attention: str = "auto") -> None:
         if not isinstance(layers, range) or layers.step != 1 or not (0 <= layers.start <= layers.stop <= config.layers):
             raise ValueError(f"layers must be a contiguous range within 0..{config.layers}, got {layers!r}")
         if max_tokens < 1 or batch < 1:
             raise ValueError(f"max_tokens and batch must be >= 1, got max_tokens={max_tokens}, batch={batch}")
+        if attention not in ATTENTION_KERNELS:
+            raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {attention!r}")
         missing = [n for n in weight_names(config, layers, first, last) if n not in weights]
         if missing:
             raise KeyError(f"weights lack {len(missing)} tensors this stage needs, e.g. {missing[0]!r}")
@@ -194,6 +238,13 @@ class LlamaStage:
         self.device, self.dtype, self.max_tokens, self.batch = torch.device(device), dtype, max_tokens, batch
         if self.device.type == "cuda" and self.device.index is None:  # "cuda": the current device, by index
             self.device = torch.device("cuda", torch.cuda.current_device())
+        available = sdpa_backends(self.device, dtype) if config.head_dim in SUPPORTED_HEAD_DIMS else ()
+        if attention not in ("auto", "math") and attention not in available:
+            raise ValueError(f"attention={attention!r} is not available for {dtype} on {self.device} "
+                             f"(available: {available + ('math',)})")
+        self._kernels = (attention, attention) if attention != "auto" else \
+            ("cudnn" if "cudnn" in available else "flash" if "flash" in available else "math",
+             "flash" if "flash" in available else "math")  # (long query blocks, short ones)
 
         def w(name: str) -> torch.Tensor:
             return weights[name].to(device=self.device, dtype=dtype)
@@ -276,12 +327,26 @@ class LlamaStage:
         q = _rotate(qkv[:, :c.heads], cos, sin)
         k_cache[:, :, start:end] = _rotate(qkv[:, c.heads:c.heads + c.kv_heads], cos, sin)
         v_cache[:, :, start:end] = qkv[:, c.heads + c.kv_heads:]
-        k, v = k_cache[:, :, :end], v_cache[:, :, :end]
-        gqa = c.heads != c.kv_heads
-        if start == 0:
-            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:  # queries at the end of the keys: the bottom-right-aligned causal mask (flash on CUDA)
-            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(s, end), enable_gqa=gqa)
+        attn = self._attention(q, k_cache, v_cache, start, end)
         h = h + attn.transpose(1, 2).reshape(B, s, c.heads * c.head_dim) @ w.wo.T
         gate, up = (_rms_norm(h, w.ln2, c.eps) @ w.wgu.T).chunk(2, dim=-1)
         return h + (F.silu(gate) * up) @ w.wdown.T
+
+    def _attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int, end: int
+                   ) -> torch.Tensor:
+        """``q`` ``[B, H, s, D]`` at positions ``start..end-1`` over the cached keys ``0..end-1``: the
+        square causal block of the slice's own keys, merged with the fully visible prefix."""
+        kernel = self._kernels[0 if end - start >= CUDNN_MIN_QUERIES else 1]
+        out, lse = self._block(kernel, q, k_cache[:, :, start:end], v_cache[:, :, start:end], causal=True)
+        if start:
+            out_p, lse_p = self._block(kernel, q, k_cache[:, :, :start], v_cache[:, :, :start], causal=False)
+            out = _merge(out, lse, out_p, lse_p)
+        return out
+
+    @staticmethod
+    def _block(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+        if kernel == "math":
+            return _math_attention(q, k, v, causal)
+        # The model's activations hold no NaN to place exactly: skip sdpa_with_lse's NaN bookkeeping.
+        return sdpa_with_lse(q, k, v, causal=causal, backend=kernel, nan_exact=False)

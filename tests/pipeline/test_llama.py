@@ -11,7 +11,7 @@ from shardkit.pipeline.llama import LlamaConfig, LlamaStage, random_weights, rea
 from ._model import MODEL_DIR, config, needs_model, prompt, reference, relative_error, weights
 from .reference_llama import reference_logits
 
-SMALL = LlamaConfig(vocab=97, hidden=48, layers=5, heads=6, kv_heads=2, head_dim=8, ffn=80, rope_theta=500.0,
+SMALL = LlamaConfig(vocab=97, hidden=48, layers=5, heads=6, kv_heads=2, head_dim=16, ffn=80, rope_theta=500.0,
                     eps=1e-6, tie_embeddings=False)
 
 
@@ -48,17 +48,32 @@ def test_checkpoint_loads_only_its_layers():
         read_safetensors(f"{MODEL_DIR}/model.safetensors", ["model.layers.99.mlp.up_proj.weight"])
 
 
-def test_random_model_chained_stages_and_float64():
-    # Untied head, GQA 3:1, odd sizes; any cut of the layers gives the same model.
+@pytest.mark.parametrize("attention", ["auto", "flash", "math"])
+def test_random_model_chained_stages_and_float64(attention):
+    # Untied head, GQA 3:1, odd sizes; any cut of the layers gives the same model; every attention
+    # kernel of the CPU (the slice's causal block merged with the cached prefix).
     ids = torch.randint(0, SMALL.vocab, (2, 19), generator=torch.Generator().manual_seed(0))
     full = random_weights(SMALL, range(SMALL.layers), True, True, seed=5, dtype=torch.float32)
     want = reference_logits(SMALL, full, ids)
     cuts = [(0, 2), (2, 3), (3, 5)]
     stages = [LlamaStage(SMALL, random_weights(SMALL, range(a, b), a == 0, b == 5, seed=5, dtype=torch.float32),
-                         range(a, b), first=a == 0, last=b == 5, max_tokens=19, batch=2) for a, b in cuts]
+                         range(a, b), first=a == 0, last=b == 5, max_tokens=19, batch=2, attention=attention)
+              for a, b in cuts]
     with torch.no_grad():
-        got = run_slices(stages, ids, (4, 9, 6))
+        got = run_slices(stages, ids, (4, 9, 1, 5))
     assert relative_error(got, want) <= 1e-5
+
+
+def test_attention_kernel_choice():
+    w = random_weights(SMALL, range(1), False, False, dtype=torch.float32)
+    odd = LlamaConfig(**{**SMALL.__dict__, "head_dim": 10})
+    assert LlamaStage(SMALL, w, range(1), first=False, last=False, max_tokens=4)._kernels == ("flash", "flash")
+    w_odd = random_weights(odd, range(1), False, False, dtype=torch.float32)
+    assert LlamaStage(odd, w_odd, range(1), first=False, last=False, max_tokens=4)._kernels == ("math", "math")
+    with pytest.raises(ValueError, match="attention='cudnn' is not available"):
+        LlamaStage(SMALL, w, range(1), first=False, last=False, max_tokens=4, attention="cudnn")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        LlamaStage(SMALL, w, range(1), first=False, last=False, max_tokens=4, attention="sdpa")
 
 
 def test_head_false_returns_hidden():

@@ -85,6 +85,7 @@ def sdpa_with_lse(
     causal: bool = False,
     softmax_scale: Optional[float] = None,
     backend: str = "flash",
+    nan_exact: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention of a query block to a KV block on a torch SDPA kernel, with the LSE.
 
@@ -96,6 +97,9 @@ def sdpa_with_lse(
             block on the diagonal of a causal mask).
         softmax_scale: multiplies the scores; default ``1 / sqrt(D)``.
         backend: ``"flash"`` or ``"cudnn"`` (``sdpa_backends`` lists those available).
+        nan_exact: put NaN exactly where the reference does (module docstring); ``False`` skips
+            that bookkeeping (a few passes over k and v) for callers whose inputs hold no NaN,
+            e.g. a model's hot path, and leaves NaN where the kernel puts it.
 
     Returns:
         ``out`` ``[B, Hq, Lq, D]`` in q's dtype and ``lse`` ``[B, Hq, Lq]`` fp32 (natural log),
@@ -120,9 +124,10 @@ def sdpa_with_lse(
         return (torch.zeros((B, Hq, Lq, D), dtype=q.dtype, device=q.device),
                 torch.full((B, Hq, Lq), float("-inf"), dtype=torch.float32, device=q.device))
     groups = Hq // Hkv
-    k_nan, v_nan = torch.isnan(k), torch.isnan(v)
-    if causal:  # hidden NaN must not reach the kernel (see the module docstring)
-        k, v = k.masked_fill(k_nan, 0.0), v.masked_fill(v_nan, 0.0)
+    if nan_exact:
+        k_nan, v_nan = torch.isnan(k), torch.isnan(v)
+        if causal:  # hidden NaN must not reach the kernel (see the module docstring)
+            k, v = k.masked_fill(k_nan, 0.0), v.masked_fill(v_nan, 0.0)
     if backend in _EXPAND_KV:
         k, v = _expand(k, groups), _expand(v, groups)
     try:
@@ -134,7 +139,7 @@ def sdpa_with_lse(
         out, lse = _call(backend, q, _expand(k, groups), _expand(v, groups), causal, scale)
     # cuDNN returns [B, H, L, 1]; some flash builds pad L: keep the rows of this block.
     lse = lse.reshape(B, Hq, -1)[..., :Lq].float()
-    return _put_back_nan(q, k_nan, v_nan, out, lse, causal)
+    return _put_back_nan(q, k_nan, v_nan, out, lse, causal) if nan_exact else (out, lse)
 
 
 def _put_back_nan(q: torch.Tensor, k_nan: torch.Tensor, v_nan: torch.Tensor, out: torch.Tensor,
