@@ -12,12 +12,23 @@ and extending its own cache.
 
 Links: between two CUDA stages tensors travel as they are (NCCL); otherwise, or with
 ``wire="host"`` (a slow link, as between hosts), through host memory over gloo (the sender copies
-to the CPU, the receiver back to its device). A process group with both (``"cpu:gloo,cuda:nccl"``)
-serves every mix; CPU-only groups use gloo.
+to pinned host memory, the receiver back to its device without stalling its host thread). A
+process group with both (``"cpu:gloo,cuda:nccl"``) serves every mix; CPU-only groups use gloo.
+
+NCCL's point-to-point kernels occupy SMs while they wait for their peer, and the receive of the
+next slice is posted before this slice's compute (so that it arrives early): with NCCL's default
+channel count that took about 10% of an H200's compute from the receiving stage for as long as it
+computed (measured: every slice with a receive pending ran ~10% slower than the same slice on the
+sending GPU, the last one, with none pending, did not). So the device links run in a process
+group of their own whose NCCL communicators use at most ``link_ctas`` CTAs (``ncclConfig_t.maxCTAs``,
+which also caps NCCL's point-to-point channels): a waiting receive holds that many SMs, and a
+slice's activations (MBs) still cross NVLink in a fraction of a millisecond, under the next
+slice's compute.
 """
 from __future__ import annotations
 
 import time
+import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -67,15 +78,20 @@ class PipelineRuntime:
         group: the process group (one rank per stage, in pipeline order).
         wire: ``"auto"`` (CUDA-to-CUDA links carry device tensors, others go through host memory)
             or ``"host"`` (every link through host memory over gloo).
+        link_ctas: the most CTAs (SMs) an NCCL transfer of a device link may hold (module
+            docstring); ``None``: NCCL's default, the links then run in ``group`` itself.
     """
 
-    def __init__(self, stage: LlamaStage, group: Optional[dist.ProcessGroup] = None, wire: str = "auto") -> None:
+    def __init__(self, stage: LlamaStage, group: Optional[dist.ProcessGroup] = None, wire: str = "auto",
+                 link_ctas: Optional[int] = 2) -> None:
         if wire not in WIRES:
             raise ValueError(f"wire must be one of {WIRES}, got {wire!r}")
+        if link_ctas is not None and (isinstance(link_ctas, bool) or not isinstance(link_ctas, int) or link_ctas < 1):
+            raise ValueError(f"link_ctas must be None or an int >= 1, got {link_ctas!r}")
         self.stage, self.group = stage, group if group is not None else dist.group.WORLD
         self.index, self.stages = dist.get_rank(self.group), dist.get_world_size(self.group)
         mine = (stage.device.type, stage.layers.start, stage.layers.stop, stage.first, stage.last, stage.config,
-                str(stage.dtype), stage.batch, stage.max_tokens)
+                str(stage.dtype), stage.batch, stage.max_tokens, wire, link_ctas)
         infos: List[tuple] = [None] * self.stages  # type: ignore[list-item]
         dist.all_gather_object(infos, mine, group=self.group)
         problem = self._check_stages(infos)
@@ -84,6 +100,8 @@ class PipelineRuntime:
         self.devices = [info[0] for info in infos]
         self.layers = [range(info[1], info[2]) for info in infos]
         self.wire = wire
+        device_links = wire == "auto" and any(a == b == "cuda" for a, b in zip(self.devices, self.devices[1:]))
+        self._link_group = _capped_nccl_group(self.group, link_ctas) if device_links and link_ctas else self.group
         # Collectives (the final token broadcast) need one backend on every rank.
         self._coll_device = stage.device if wire == "auto" and all(d == "cuda" for d in self.devices) else \
             torch.device("cpu")
@@ -104,7 +122,8 @@ class PipelineRuntime:
             return f"the last rank ends at layer {infos[-1][2]}, the model has {infos[0][5].layers}"
         for m, info in enumerate(infos):
             if info[5:] != infos[0][5:]:
-                return (f"rank {m} has config/dtype/batch/max_tokens {info[5:]}, rank 0 has {infos[0][5:]}")
+                return (f"rank {m} has config/dtype/batch/max_tokens/wire/link_ctas {info[5:]}, "
+                        f"rank 0 has {infos[0][5:]}")
         return ""
 
     # --- links -------------------------------------------------------------------------------
@@ -113,21 +132,36 @@ class PipelineRuntime:
             return self.stage.device
         return torch.device("cpu")
 
+    def _link(self, peer: int) -> Tuple[torch.device, dist.ProcessGroup, bool]:
+        """(the device a transfer with ``peer`` travels from, its group, whether host buffers are pinned)."""
+        device = self._wire_device(peer)
+        pinned = device.type == "cpu" and self.stage.device.type == "cuda"
+        return device, self._link_group if device.type == "cuda" else self.group, pinned
+
     def send(self, t: torch.Tensor, peer: int) -> Tuple[dist.Work, torch.Tensor]:
         """Start sending ``t`` to stage ``peer``; returns the work and the tensor on the wire (keep
         both until the work is waited for)."""
-        wire = t.to(self._wire_device(peer)).contiguous()
-        return dist.isend(wire, dist.get_global_rank(self.group, peer), group=self.group), wire
+        device, group, pinned = self._link(peer)
+        if pinned:  # gloo reads the host copy as soon as isend returns: wait for the copy
+            wire = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            wire.copy_(t, non_blocking=True)
+            torch.cuda.current_stream(t.device).synchronize()
+        else:
+            wire = t.to(device).contiguous()
+        return dist.isend(wire, dist.get_global_rank(self.group, peer), group=group), wire
 
     def post_recv(self, shape: Tuple[int, ...], dtype: torch.dtype, peer: int) -> Tuple[dist.Work, torch.Tensor]:
         """Post the receive of a tensor from stage ``peer``; ``finish_recv`` returns it."""
-        buf = torch.empty(shape, dtype=dtype, device=self._wire_device(peer))
-        return dist.irecv(buf, dist.get_global_rank(self.group, peer), group=self.group), buf
+        device, group, pinned = self._link(peer)
+        buf = torch.empty(shape, dtype=dtype, device=device, pin_memory=pinned)
+        return dist.irecv(buf, dist.get_global_rank(self.group, peer), group=group), buf
 
     def finish_recv(self, pending: Tuple[dist.Work, torch.Tensor]) -> torch.Tensor:
+        """The tensor of a posted receive, on this stage's device (a host copy goes up in stream
+        order, without stalling this thread: its pinned buffer stays reserved until it is done)."""
         work, buf = pending
         work.wait()
-        return buf.to(self.stage.device)
+        return buf.to(self.stage.device, non_blocking=True)
 
     # --- prefill and decode ------------------------------------------------------------------
     def _agree(self, ids: torch.Tensor, slices: Sequence[int], new_tokens: int) -> None:
@@ -175,6 +209,8 @@ class PipelineRuntime:
         if sum(slices) != ids.shape[1]:
             raise ValueError(f"slices must sum to the prompt length {ids.shape[1]}, got {sum(slices)}")
         st, m, n = self.stage, self.index, len(slices)
+        if st.first:  # one copy up front: a per-slice copy from pageable memory would stall the host
+            ids = ids.to(st.device)
         st.reset()
         self._clock.marks = [self._clock.now()]
         sends = []
@@ -183,7 +219,7 @@ class PipelineRuntime:
         pos, out = 0, None
         for j, s in enumerate(slices):
             if st.first:
-                x = ids[:, pos:pos + s].to(st.device)
+                x = ids[:, pos:pos + s]
             else:
                 x = self.finish_recv(pending)
                 if j + 1 < n:  # the next slice's transfer proceeds while this one computes
@@ -239,3 +275,19 @@ class PipelineRuntime:
             torch.empty((st.batch, new_tokens), dtype=torch.int64, device=self._coll_device)
         dist.broadcast(out, dist.get_global_rank(self.group, last), group=self.group)
         return out.to(st.device), logits
+
+
+def _capped_nccl_group(group: dist.ProcessGroup, ctas: int) -> dist.ProcessGroup:
+    """A process group over ``group``'s ranks whose NCCL communicators use at most ``ctas`` CTAs per
+    kernel (collective over ``group``). Where this torch cannot configure NCCL so, ``group`` itself,
+    with a warning."""
+    try:
+        options = dist.ProcessGroupNCCL.Options()
+        options.config.max_ctas = ctas
+        options.config.min_ctas = 1
+    except (AttributeError, RuntimeError) as e:
+        warnings.warn(f"PipelineRuntime: NCCL CTAs cannot be capped with this torch ({e}); device links use "
+                      f"NCCL's default channels")
+        return group
+    return dist.new_group(dist.get_process_group_ranks(group), backend="nccl", pg_options=options,
+                          use_local_synchronization=True)
