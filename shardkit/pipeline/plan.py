@@ -4,7 +4,9 @@ The partition DP needs each layer's time for the whole prompt, which depends on 
 optimal slicing depends on the partition. ``plan_pipeline`` alternates the two, as HPipe's planner
 does: start from a uniform slicing, cut the layers (``partition_layers``), slice optimally for that
 cut (``optimal_slicing``), recompute the per-layer times under the new slicing, and stop when the
-cut repeats; the plan with the smallest modelled makespan wins.
+cut repeats; the plan with the smallest modelled makespan wins. For each cut the uniform slicings
+within the caps are candidates too, so that a plan never models slower than the best uniform
+slicing of its cut (the search is exact on its grid, but a uniform slicing need not lie on it).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from .partition import Partition, partition_layers, stage_loads
 from .profiler import ComputeCost, LinkCost
 from .slicing import Schedule, StageModel, optimal_slicing, schedule, uniform_slicing
 
-__all__ = ["Plan", "stage_models", "plan_pipeline"]
+__all__ = ["Plan", "stage_models", "plan_pipeline", "uniform_candidates"]
 
 
 def stage_models(bounds: Sequence[int], layer_cost: Sequence[ComputeCost], head_cost: ComputeCost,
@@ -53,8 +55,8 @@ class Plan:
 
 def plan_pipeline(layer_cost: Sequence[ComputeCost], head_cost: ComputeCost, link_cost: Sequence[LinkCost], *,
                   layers: int, tokens: int, bytes_per_token: int, granularity: int,
-                  max_slice_tokens: Optional[int] = None, bounds: Optional[Sequence[int]] = None,
-                  rounds: int = 4) -> Plan:
+                  max_slice_tokens: Optional[int] = None, lengths: Optional[Sequence[int]] = None,
+                  bounds: Optional[Sequence[int]] = None, rounds: int = 4) -> Plan:
     """The partition and slicing with the smallest modelled makespan (see the module doc).
 
     Args:
@@ -63,7 +65,7 @@ def plan_pipeline(layer_cost: Sequence[ComputeCost], head_cost: ComputeCost, lin
         link_cost: per stage boundary, the link's cost.
         layers, tokens: the model's decoder layers and the prompt's length.
         bytes_per_token: activation bytes a link carries per token (batch * hidden * element size).
-        granularity, max_slice_tokens: as in ``optimal_slicing``.
+        granularity, max_slice_tokens, lengths: as in ``optimal_slicing``.
         bounds: a fixed cut (e.g. the even split) to slice for, instead of the partition DP.
         rounds: at most this many partition/slicing alternations.
     """
@@ -81,7 +83,10 @@ def plan_pipeline(layer_cost: Sequence[ComputeCost], head_cost: ComputeCost, lin
             break
         seen.add(part.bounds)
         models = stage_models(part.bounds, layer_cost, head_cost, link_cost, bytes_per_token)
-        slices = optimal_slicing(models, tokens, granularity=granularity, max_slice_tokens=max_slice_tokens).slices
+        slices = optimal_slicing(models, tokens, granularity=granularity, max_slice_tokens=max_slice_tokens,
+                                 lengths=lengths).slices
+        slices = min([slices] + uniform_candidates(tokens, max_slice_tokens),
+                     key=lambda c: (schedule(models, c).makespan, c is not slices))
         plan = Plan(part, slices, tuple(models))
         if best is None or plan.makespan < best.makespan:
             best = plan
@@ -97,3 +102,9 @@ def _starts(slices: Sequence[int]) -> List[int]:
         out.append(p)
         p += s
     return out
+
+
+def uniform_candidates(tokens: int, max_slice_tokens: Optional[int] = None, most: int = 256) -> List[Tuple[int, ...]]:
+    """The uniform slicings of ``tokens`` into 1..``most`` slices whose longest slice is within the cap."""
+    return [uniform_slicing(tokens, n) for n in range(1, min(tokens, most) + 1)
+            if max_slice_tokens is None or -(-tokens // n) <= max_slice_tokens]

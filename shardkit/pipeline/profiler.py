@@ -9,12 +9,22 @@ slice lengths the planner uses, the lower efficiency of short slices. The fit we
 by ``1 / t`` (it minimises relative error) and keeps the coefficients >= 0. A link is fitted to
 ``t(n) = latency + n / bandwidth``.
 
+That smooth fit misses what depends on the exact slice length: GEMM tiles and waves (on an H200
+a slice of 1536 or 3584 tokens ran 10-18% slower than the fit through 1024, 2048, 4096 said, one of
+2048 or 4096 did not). So ``ComputeCost.fit`` also keeps, per profiled slice length ``s``, its own
+line in the prefix, ``t(s, p) = A_s + C_s p`` (the ``lengths`` table), and a cost called at a
+profiled length uses that line; the planner slices with profiled lengths only
+(``optimal_slicing(lengths=...)``), so its costs are interpolated in ``p`` only, never in ``s``.
+
 Samples are timed the way the runtime runs: the same ``LlamaStage`` code with random weights of
 the model's shape, on the device (under whatever load shares it: a co-running job on the device
 is part of what the profile measures), and the same transport (``PipelineRuntime``'s links, so a
 host-memory link includes its device-host copies). CUDA times by events, CPU times by the wall
-clock; the median of ``reps`` after one warm-up. ``save_profile`` / ``load_profile`` keep them as
-JSON.
+clock; the median of ``reps`` after one warm-up. A repetition calls the layer back to back for at
+least ``min_seconds`` as the runtime does (16 layers per slice, slice after slice): a lone call
+on an idle GPU shows the host's launch latency that a full queue hides, and a GPU under a
+sustained load clocks lower than in a short burst; a device time-sliced with another process
+needs many of its time slices per sample. ``save_profile`` / ``load_profile`` keep them as JSON.
 """
 from __future__ import annotations
 
@@ -54,22 +64,39 @@ def _fit_nonnegative(features: np.ndarray, seconds: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ComputeCost:
-    """Seconds of one call: ``a + b s + c s p + d s^2`` for ``s`` new tokens after ``p`` cached."""
+    """Seconds of one call for ``s`` new tokens after ``p`` cached: ``A_s + C_s p`` where ``lengths``
+    holds a row ``(s, A_s, C_s)`` for this ``s``, else ``a + b s + c s p + d s^2``."""
 
     a: float
     b: float
     c: float = 0.0
     d: float = 0.0
+    lengths: Tuple[Tuple[int, float, float], ...] = ()
+
+    def __post_init__(self) -> None:  # JSON gives lists back: keep the table hashable, looked up by s
+        object.__setattr__(self, "lengths", tuple((int(s), float(A), float(C)) for s, A, C in self.lengths))
+        object.__setattr__(self, "_by_length", {s: (A, C) for s, A, C in self.lengths})
 
     def __call__(self, s: int, p: int = 0) -> float:
+        row = self._by_length.get(s)
+        if row is not None:
+            return row[0] + row[1] * p
         return self.a + self.b * s + self.c * s * p + self.d * s * s
 
     @classmethod
     def fit(cls, samples: Sequence[Tuple[int, int, float]]) -> "ComputeCost":
-        """Least relative squares over ``(s, p, seconds)`` samples, coefficients >= 0."""
+        """Least relative squares over ``(s, p, seconds)`` samples, coefficients >= 0: the smooth
+        model over all samples, and a line in ``p`` for every ``s`` sampled at two or more ``p``."""
         x = np.array(samples, dtype=np.float64).reshape(-1, 3)
         s, p = x[:, 0], x[:, 1]
-        return cls(*map(float, _fit_nonnegative(np.stack([np.ones_like(s), s, s * p, s * s], axis=1), x[:, 2])))
+        smooth = _fit_nonnegative(np.stack([np.ones_like(s), s, s * p, s * s], axis=1), x[:, 2])
+        rows = []
+        for length in sorted(set(s.tolist())):
+            at = s == length
+            if len(set(p[at].tolist())) >= 2:
+                A, C = _fit_nonnegative(np.stack([np.ones(int(at.sum())), p[at]], axis=1), x[at, 2])
+                rows.append((int(length), float(A), float(C)))
+        return cls(*map(float, smooth), lengths=tuple(rows))
 
     def max_relative_error(self, samples: Sequence[Tuple[int, int, float]]) -> float:
         """Largest ``|model - measured| / measured`` over the samples."""
@@ -98,14 +125,19 @@ class LinkCost:
 def time_call(fn: Callable[[], object], device: torch.device, reps: int = 3, min_seconds: float = 0.0
               ) -> List[float]:
     """Seconds per call of ``fn`` in each of ``reps`` repetitions, after one warm-up call (CUDA events
-    on CUDA). A repetition calls ``fn`` as many times as it takes to last ``min_seconds``: on a
-    shared CPU a call of a few milliseconds runs in the scheduler's burst for a thread that just
-    woke up, faster than the same work sustained over seconds, as in a prefill."""
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    calls = max(1, int(min_seconds / max(time.perf_counter() - t0, 1e-9) + 0.999))
+    on CUDA). A repetition calls ``fn`` back to back as many times as it takes to last
+    ``min_seconds`` (the module docstring says why; on a shared CPU a call of a few milliseconds
+    also runs in the scheduler's burst for a thread that just woke up, faster than the same work
+    sustained over seconds, as in a prefill)."""
+    def once() -> float:
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    once()  # warm-up: kernels compile, execution plans are built, memory is allocated
+    calls = max(1, int(min_seconds / max(once(), 1e-9) + 0.999)) if min_seconds > 0 else 1
     out = []
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -22,7 +22,8 @@ in every coordinate. So at each cut position only the Pareto-minimal state vecto
 optimum; a DP over cut positions (multiples of ``granularity``) that keeps exactly those finds the
 minimal makespan over all slicings on that grid. Caps: ``max_slice_tokens`` (activation memory)
 and ``max_slice_seconds`` (no slice may occupy any stage longer: a latency bound, TeraPipe's
-``t_max``).
+``t_max``); ``lengths`` restricts every slice but the last to the given lengths (those whose cost
+was measured; the last slice ends the prompt, whatever is left).
 """
 from __future__ import annotations
 
@@ -135,10 +136,11 @@ def _pareto(states: np.ndarray) -> np.ndarray:
 
 
 def optimal_slicing(stages: Sequence[StageModel], tokens: int, *, granularity: int = 1,
-                    max_slice_tokens: Optional[int] = None, max_slice_seconds: Optional[float] = None
-                    ) -> SlicingResult:
+                    max_slice_tokens: Optional[int] = None, max_slice_seconds: Optional[float] = None,
+                    lengths: Optional[Sequence[int]] = None) -> SlicingResult:
     """The slicing of ``tokens`` with the smallest makespan (``schedule``) whose cuts lie on
-    multiples of ``granularity`` (the last slice ends at ``tokens``), subject to the caps.
+    multiples of ``granularity`` (the last slice ends at ``tokens``), subject to the caps; with
+    ``lengths``, every slice but the last has one of those lengths.
 
     Exact (Pareto DP, see the module doc); the work grows with the number of cut positions
     (``tokens / granularity``) squared times the Pareto front's size (tens to hundreds of states).
@@ -150,6 +152,7 @@ def optimal_slicing(stages: Sequence[StageModel], tokens: int, *, granularity: i
         raise ValueError(f"tokens and granularity must be >= 1, got tokens={tokens}, granularity={granularity}")
     if max_slice_tokens is not None and max_slice_tokens < 1:
         raise ValueError(f"max_slice_tokens must be >= 1 or None, got {max_slice_tokens}")
+    allowed = None if lengths is None else {int(x) for x in lengths}
     M = len(stages)
     cuts = list(range(0, tokens, granularity)) + [tokens]
     U = len(cuts) - 1
@@ -178,6 +181,8 @@ def optimal_slicing(stages: Sequence[StageModel], tokens: int, *, granularity: i
             s = cuts[k] - p
             if max_slice_tokens is not None and s > max_slice_tokens:
                 break
+            if allowed is not None and k < U and s not in allowed:
+                continue
             costs = [st.compute(s, p) + (st.final(s) if (m == M - 1 and k == U) else 0.0)
                      for m, st in enumerate(stages)]
             if max_slice_seconds is not None and max(costs) > max_slice_seconds:
@@ -193,7 +198,7 @@ def optimal_slicing(stages: Sequence[StageModel], tokens: int, *, granularity: i
             pending[k].append((new, i, np.arange(len(front))))
     if fronts[U] is None:
         raise ValueError(f"no slicing of {tokens} tokens meets max_slice_tokens={max_slice_tokens}, "
-                         f"max_slice_seconds={max_slice_seconds} on a {granularity}-token grid")
+                         f"max_slice_seconds={max_slice_seconds}, lengths={lengths} on a {granularity}-token grid")
     states, ppos, pidx = fronts[U]
     makespan = float(states[0, -1])
     slices = []

@@ -110,3 +110,17 @@ def test_bad_input():
         optimal_slicing(models, 10, granularity=0)
     with pytest.raises(ValueError, match="no slicing"):
         optimal_slicing(models, 10, max_slice_seconds=1e-9)
+
+
+def test_allowed_lengths_against_brute_force():
+    # Every slice but the last must have an allowed length (the profiled ones).
+    rng = random.Random(8)
+    for allowed in ([1, 2], [2, 3], [3]):
+        for _ in range(10):
+            models = random_stages(rng, rng.randint(1, 3))
+            units = rng.randint(1, 9)
+            ok = [c for c in compositions(units) if all(x in allowed for x in c[:-1])]
+            want = min(schedule(models, c).makespan for c in ok)
+            got = optimal_slicing(models, units, lengths=allowed)
+            assert got.makespan == pytest.approx(want, rel=1e-12)
+            assert all(x in allowed for x in got.slices[:-1]) and sum(got.slices) == units
