@@ -79,7 +79,7 @@ def settings(args: argparse.Namespace) -> dict:
     cfg = LlamaConfig(vocab=32000, hidden=4096, layers=layers, heads=32, kv_heads=8, head_dim=128, ffn=14336,
                       rope_theta=500000.0, tie_embeddings=False)
     big = dict(cfg=cfg, tokens=tokens, dtype=torch.bfloat16, granularity=512,
-               slice_lengths=[512, 1024, 2048, 4096, 8192], prefixes=[p for p in (0, 8192, 16384, 24576) if p < tokens],
+               slice_lengths=[512, 1024, 1536, 2048, 3072, 4096, 8192], prefixes=[p for p in (0, 8192, 16384, 24576) if p < tokens],
                uniform=[2, 4, 8, 16, 32] if args.quick else [1, 2, 4, 8, 16, 32, 64])
     # GPU + CPU stage: a smaller model in fp32 (the CPU's fast precision), a shorter prompt.
     small = LlamaConfig(vocab=32000, hidden=1024, layers=8, heads=8, kv_heads=8, head_dim=128, ffn=2816,
@@ -191,7 +191,7 @@ class Bench:
         st = self.settings[name]
         samples = profile_compute(st["cfg"], device=device, dtype=st["dtype"], slice_lengths=st["slice_lengths"],
                                   prefixes=st["prefixes"], reps=self.args.profile_reps,
-                                  min_seconds=0.0 if device.type == "cuda" or self.args.smoke else 0.2)
+                                  min_seconds=0.0 if self.args.smoke else self.args.profile_min_s)
         layer, head = ComputeCost.fit(samples["layer"]), ComputeCost.fit(samples["head"])
         fits = self.gather({"device": str(device), "layer": layer, "head": head, "samples": samples,
                             "layer_fit_error": layer.max_relative_error(samples["layer"])})
@@ -260,7 +260,8 @@ class Bench:
         """This rank's runtime for the cut ``bounds`` (kept while a part runs)."""
         key = (cfg, tuple(bounds), tokens, str(device), dtype, wire)
         if key not in self._runtimes:
-            self._runtimes[key] = PipelineRuntime(self.stage(cfg, bounds, tokens, device, dtype), wire=wire)
+            self._runtimes[key] = PipelineRuntime(self.stage(cfg, bounds, tokens, device, dtype), wire=wire,
+                                                  link_ctas=self.args.link_ctas or None)
         return self._runtimes[key]
 
     def drop_runtimes(self) -> None:
@@ -299,7 +300,8 @@ class Bench:
                        "timeline_s": [[[round(x, 6) for x in ab] for ab in tl] for tl in measured],
                        "predicted_timeline_s": [[[round(x, 6) for x in ab] for ab in row] for row in predicted.compute]}
             bounds = [r.start for r in rt.layers] + [rt.layers[-1].stop]
-            params = {**base, "label": c["label"], "partition": bounds, "slices": slices, "wire": rt.wire}
+            params = {**base, "label": c["label"], "partition": bounds, "slices": slices, "wire": rt.wire,
+                      "attention": list(rt.stage._kernels), "link_ctas": self.args.link_ctas or None}
             self.add(c["impl"], params, t[i].tolist(), metrics, rt.stage.dtype)
             self.schedules[c["label"]] = (measured, predicted, slices)
             medians.append(statistics.median(t[i].tolist()))
@@ -323,7 +325,7 @@ class Bench:
         bpt = cfg.hidden * torch.empty(0, dtype=dtype).element_size()
         bounds, slices = self.from_rank0(None if self.rank else plain(plan_pipeline(
             *costs, layers=cfg.layers, tokens=tokens, bytes_per_token=bpt, granularity=sh["granularity"],
-            max_slice_tokens=sh["slice_lengths"][-1])))
+            max_slice_tokens=sh["slice_lengths"][-1], lengths=sh["slice_lengths"])))
         self.log(f"  plan: cut {bounds}, {len(slices)} slices {slices}")
         rt, models = self.runtime(cfg, bounds, tokens, self.device, dtype, "auto"), stage_models(bounds, *costs, bpt)
         if tuple(bounds) != tuple(even):
@@ -372,7 +374,7 @@ class Bench:
             costs = ([f["layer"] for f in fits], fits[-1]["head"], [link])
             bpt = cfg.hidden * torch.empty(0, dtype=dtype).element_size()
             kw = dict(layers=cfg.layers, tokens=tokens, bytes_per_token=bpt, granularity=sh["granularity"],
-                      max_slice_tokens=sh["slice_lengths"][-1])
+                      max_slice_tokens=sh["slice_lengths"][-1], lengths=sh["slice_lengths"])
             plans = self.from_rank0(None if self.rank else {"even": plain(plan_pipeline(*costs, bounds=even, **kw)),
                                                             "dp": plain(plan_pipeline(*costs, **kw))})
             configs = []
@@ -497,6 +499,11 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, to check the script")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 3 on GPUs, 5 on the CPU)")
     ap.add_argument("--profile-reps", type=int, default=3)
+    ap.add_argument("--profile-min-s", type=float, default=None,
+                    help="each profile repetition calls the layer back to back for at least this long (default "
+                    "0.03 s on GPUs, 0.2 s on the CPU): as sustained as the prefill it predicts")
+    ap.add_argument("--link-ctas", type=int, default=2,
+                    help="most CTAs an NCCL link transfer may hold (PipelineRuntime link_ctas; 0: NCCL's default)")
     ap.add_argument("--loaded-wire", choices=("auto", "host"), default="host",
                     help="link of the loaded part: host memory over gloo (default, a slow link) or device")
     ap.add_argument("--budget-s", type=float, default=170.0, help="start no new part after this many seconds")
@@ -510,6 +517,8 @@ def parse() -> argparse.Namespace:
     cpu = args.device == "cpu"
     args.parts = [p for p in (args.parts or ("loaded" if cpu else "homogeneous,loaded,gpu_cpu")).split(",") if p]
     args.reps = args.reps or (5 if cpu else 3)
+    if args.profile_min_s is None:
+        args.profile_min_s = 0.2 if cpu else 0.03
     bad = [p for p in args.parts if p not in ("homogeneous", "loaded", "gpu_cpu")]
     if bad or ("gpu_cpu" in args.parts and args.device != "cuda"):
         ap.error(f"--parts: unknown or impossible here: {bad or ['gpu_cpu']}")
