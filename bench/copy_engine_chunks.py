@@ -1,15 +1,23 @@
-"""Copy-engine all-reduce: the pipeline chunk, scanned (calibrates ``copy_engine.copy_config``).
+"""Copy-engine all-reduce: schedule variants x pipeline chunks x placements, against NCCL and torch's
+two-shot in the same run (calibrates ``copy_engine.copy_config`` and picks the default schedule).
 
-    torchrun --standalone --nproc-per-node=2 bench/copy_engine_chunks.py [--sizes 64M,256M]
-        [--chunks 4M,8M,16M,32M,64M] [--modes graph] [--out DIR]
+    torchrun --standalone --nproc-per-node=2 bench/copy_engine_chunks.py [--sizes 16M,64M,256M]
+        [--variants barriers_ce,flags_ce,flags_sm] [--chunks 1M,2M,4M,8M,16M,32M,64M]
+        [--placements out,in,zc] [--modes graph] [--out DIR]
 
-bf16; "copy" out of place on an ordinary tensor (staging overlapped), "copy_zc" zero-copy in place
-(the input in the staging area), both on a communicator sized to the largest message, and NCCL in
-place in the same run. Every configuration is checked against NCCL's result before it is timed.
-Times: CUDA events around ``iters`` calls (one CUDA graph in graph mode), median of ``reps``, max
-over ranks. Prints the table and appends records (bench "all_reduce_copy_chunks", params bytes and
-chunk_bytes; chunk_bytes 0 = the launch policy's) to ``--out DIR``/records.jsonl or the store.
-GPUs only.
+bf16. Variants are ``CopyConfig(chunk, sync, gather)`` (``barriers_ce`` is today's default
+schedule; chunk 0 = the launch policy's chunk with that schedule). Placements: ``out`` out of place
+on ordinary tensors, ``in`` in place on an ordinary tensor, ``zc`` zero-copy in place (the input in
+the staging area), ``zco`` zero-copy out of place. Chunks larger than a shard or giving more than
+``--max-chunks`` chunks per shard are skipped. Baselines in the same run: NCCL in place, torch's
+symmetric-memory two-shot (out of place from its symmetric buffer), and at sizes up to 16 MiB
+shardkit's tree kernel and ``auto`` (default communicator). Every configuration is checked first
+(relative error vs NCCL <= 1e-2, and bitwise equal to the first copy variant's result: the schedules
+promise the same bits); a failing one is recorded with its error and not timed. Times: CUDA events
+around ``iters`` calls (one CUDA graph in graph mode), median of ``reps``, max over ranks. Prints
+one table per size (best chunk per variant and placement, then all rows) and appends records
+(bench "all_reduce_copy_chunks"; params bytes, chunk_bytes, variant, placement) to ``--out``
+DIR/records.jsonl or the store. GPUs only.
 """
 from __future__ import annotations
 
@@ -17,79 +25,155 @@ import argparse
 import os
 import statistics
 import sys
+import time
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.all_reduce_sweep import parse_size  # noqa: E402
-from bench.common import environment, max_over_ranks, time_cuda  # noqa: E402
+from bench.all_reduce_sweep import parse_size, symm_mem_algos  # noqa: E402
+from bench.common import environment, header_lines, max_over_ranks, time_cuda  # noqa: E402
 from bench.records import append, current_commit, destination, record  # noqa: E402
+
+BENCH = "all_reduce_copy_chunks"
+PLACEMENTS = ("out", "in", "zc", "zco")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="64M,256M")
-    p.add_argument("--chunks", default="4M,8M,16M,32M,64M", help="chunk_bytes values; 0 = the launch policy's")
+    p.add_argument("--sizes", default="16M,64M,256M")
+    p.add_argument("--variants", default="barriers_ce,flags_ce,flags_sm", help="<sync>_<gather> schedules")
+    p.add_argument("--chunks", default="0,1M,2M,4M,8M,16M,32M,64M", help="chunk_bytes values; 0 = the launch policy's")
+    p.add_argument("--max-chunks", type=int, default=32, help="skip chunks giving more chunks per shard than this")
+    p.add_argument("--placements", default="out,in,zc")
     p.add_argument("--modes", default="graph")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--budget-s", type=float, default=170.0, help="stop starting new sizes after this many seconds")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    t0 = time.monotonic()
 
-    dist.init_process_group("nccl")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
     rank, world = dist.get_rank(), dist.get_world_size()
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     import shardkit
     from shardkit.collectives import copy_engine
 
     sizes = [parse_size(s) for s in args.sizes.split(",")]
+    variants = [tuple(v.split("_")) for v in args.variants.split(",")]
     chunks = [parse_size(c) for c in args.chunks.split(",")]
-    comm = shardkit.Communicator(buffer_bytes=max(sizes))
+    placements = args.placements.split(",")
+    assert all(pl in PLACEMENTS for pl in placements), f"--placements: one of {PLACEMENTS}"
+    modes = args.modes.split(",")
+    comm = shardkit.Communicator(buffer_bytes=max(sizes))  # the copy algorithm's fast configuration
+    default_comm = shardkit.Communicator()
+    two_shot = symm_mem_algos(dist.group.WORLD.group_name).get("symm_2shot")
     env, commit, records, rows = environment(), current_commit(), [], []
 
     def sync() -> None:
         dist.barrier()
         torch.cuda.synchronize()
 
+    def flag_all(bad: bool) -> bool:
+        t = torch.tensor([int(bad)], device="cuda")
+        dist.all_reduce(t)
+        return bool(t.item())
+
+    def measure(nbytes: int, impl: str, params: dict, fn, got: torch.Tensor | None, prepare, expect) -> None:
+        """Check one call (``prepare`` resets the inputs; ``expect``: bits to match or None), then time."""
+        error = None
+        if got is not None:
+            prepare()
+            fn()
+            torch.cuda.synchronize()
+            rel = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
+            if not rel <= 1e-2:
+                error = f"relative error {rel:.3g} vs NCCL"
+            elif expect is not None and not torch.equal(got, expect):
+                error = "bits differ from the first copy variant's"
+        if flag_all(error is not None):
+            error = error or "wrong result on another rank"
+        for mode in modes:
+            us = None
+            if error is None:
+                prepare()
+                us = max_over_ranks(time_cuda(fn, args.iters, args.reps, mode == "graph", sync), x.device)
+            records.append(record(BENCH, impl, gpu=env["gpu"], world=world, dtype=torch.bfloat16, mode=mode,
+                                  params={"bytes": nbytes, **params}, us=us, commit=commit, error=error))
+            rows.append((nbytes >> 20, impl, params.get("placement", ""), params.get("chunk_bytes", 0) / (1 << 20),
+                         mode, statistics.median(us) if us else None, error))
+
     for nbytes in sizes:
+        if flag_all(time.monotonic() - t0 > args.budget_s and rank == 0):
+            print(f"budget of {args.budget_s:g} s spent: sizes from {nbytes >> 20} MiB on skipped", flush=True)
+            break
         numel = nbytes // 2
+        shard = copy_engine.shard_elements(numel, world) * 2
         x = torch.randn(numel, generator=torch.Generator().manual_seed(7 + rank)).to(torch.bfloat16).cuda()
         ref = x.clone()
         dist.all_reduce(ref)
         staged = comm.staging_buffer((numel,), torch.bfloat16)
         out = torch.empty_like(x)
+        work = torch.empty_like(x)  # in-place placements' tensor (x itself stays the pristine input)
+
         scratch = x.clone()
-        cases = [("nccl", 0, lambda: dist.all_reduce(scratch), None)]
-        for chunk in chunks:
-            kw = dict(timeout_iters=comm._timeout_iters, config=copy_engine.CopyConfig(chunk) if chunk else None)
-            cases.append(("copy", chunk, lambda kw=kw: copy_engine.all_reduce(comm.memory, x, out, **kw), out))
-            cases.append(("copy_zc", chunk, lambda kw=kw: copy_engine.all_reduce(comm.memory, staged, staged, **kw),
-                          staged))
-        for impl, chunk, fn, got in cases:
-            if got is not None:  # one checked call first (the zero-copy input is the output: x first)
-                if got is out:
-                    got.fill_(float("nan"))
-                else:
-                    got.copy_(x)
-                fn()
-                torch.cuda.synchronize()
-                rel = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
-                assert rel <= 1e-2, f"{impl} chunk {chunk}: relative error {rel:.3g} against NCCL"
-            for mode in args.modes.split(","):
-                staged.copy_(x)
-                us = max_over_ranks(time_cuda(fn, args.iters, args.reps, mode == "graph", sync), x.device)
-                records.append(record("all_reduce_copy_chunks", impl, gpu=env["gpu"], world=world, dtype=torch.bfloat16,
-                                      mode=mode, params={"bytes": nbytes, "chunk_bytes": chunk}, us=us,
-                                      commit=commit))
-                rows.append((nbytes >> 20, impl, chunk >> 20, mode, statistics.median(us)))
+        measure(nbytes, "nccl", {"placement": "in"}, lambda: dist.all_reduce(scratch), None, lambda: None, None)
+        if two_shot is not None:
+            fn2, got2 = two_shot(x)
+            if fn2 is not None:
+                measure(nbytes, "symm_2shot", {"placement": "out"}, fn2, got2, lambda: None, None)
+        if nbytes <= 16 << 20:
+            for algo in ("tree", "auto"):
+                tree_out = torch.empty_like(x)
+                measure(nbytes, algo, {"placement": "out"},
+                        lambda a=algo, o=tree_out: default_comm.all_reduce(x, algo=a, out=o), tree_out,
+                        lambda o=tree_out: o.fill_(float("nan")), None)
+
+        first = None
+        for sync_name, gather in variants:
+            for chunk in chunks:
+                if chunk > shard or (chunk and shard // chunk > args.max_chunks):
+                    continue
+                if chunk == 0 and (sync_name, gather) != ("barriers", "ce"):
+                    continue  # the launch policy's chunk is the barrier schedule's
+                config = copy_engine.CopyConfig(chunk, sync_name, gather) if chunk else None
+                kw = dict(timeout_iters=comm._timeout_iters, config=config)
+                for placement in placements:
+                    src, dst = {"out": (x, out), "in": (work, work), "zc": (staged, staged),
+                                "zco": (staged, out)}[placement]
+                    fn = (lambda s=src, d=dst, kw=kw: copy_engine.all_reduce(comm.memory, s, d, **kw))
+
+                    def prepare(s=src, d=dst) -> None:
+                        if d is not s:
+                            d.fill_(float("nan"))  # poison: every element must be written
+                        s.copy_(x)
+
+                    measure(nbytes, f"copy_{sync_name}_{gather}", {"placement": placement, "chunk_bytes": chunk},
+                            fn, dst, prepare, first)
+                    if first is None and rows[-1][-1] is None:
+                        first = dst.clone()
     comm.check()
     comm.close()
+    default_comm.close()
     if rank == 0:
-        print(f"{env['gpu']} x{world}, bf16, us per call (median, max over ranks); chunk 0 = launch policy")
-        print("| MiB | impl | chunk MiB | mode | us |\n|---|---|---|---|---|")
-        for r in rows:
-            print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.1f} |")
+        print("\n".join(header_lines(env)))
+        print(f"{env['gpu']} x{world}, bf16, us per call (median of {args.reps}, max over ranks); "
+              f"chunk 0 = launch policy; {time.monotonic() - t0:.0f} s")
+        for mode in modes:
+            for mib in sorted({r[0] for r in rows}):
+                here = [r for r in rows if r[0] == mib and r[4] == mode]
+                print(f"\n{mib} MiB, {mode}: best chunk per impl and placement")
+                print("| impl | placement | chunk MiB | us |\n|---|---|---|---|")
+                best = {}
+                for r in here:
+                    if r[5] is not None and ((r[1], r[2]) not in best or r[5] < best[r[1], r[2]][5]):
+                        best[r[1], r[2]] = r
+                for r in sorted(best.values(), key=lambda r: r[5]):
+                    print(f"| {r[1]} | {r[2]} | {r[3]:g} | {r[5]:.1f} |")
+                print("all: " + "; ".join(f"{r[1].removeprefix('copy_')}/{r[2]}/{r[3]:g}M "
+                                          + (f"{r[5]:.1f}" if r[5] is not None else f"ERROR {r[6]}") for r in here))
         path = destination(args.out, on_gpu=True)
         print(f"appended {append(records, path)} records to {path}")
     dist.destroy_process_group()

@@ -40,7 +40,32 @@ protocol's epoch-buffer rule, and zero-copy inputs are ready):
     (+2 for the first two staged chunks).
 
 An end barrier closes the call: no peer still reads or writes our workspace, so the next call (of
-any algorithm) may reuse it.
+any algorithm) may reuse it. That is the default schedule, ``CopyConfig(sync="barriers")``.
+
+``CopyConfig(sync="flags")`` (issue 14's large-message variants; measured side by side by
+``bench/copy_engine_chunks.py`` before any default changes) moves the same bytes with fewer
+synchronisations and no staging copy. T holds the W-1 peers' whole shards (slot i for the peer
+q with i = (q - r - 1) mod W), so a call needs (W-1) shards in epoch buffer 1 and the message in
+epoch buffer 0 (else call-chunks of ``buffer_bytes``). After the start barrier:
+
+  * "rs" stream: copy-engine *pushes* of chunk k of every peer's shard straight from ``x`` (ordinary
+    or zero-copy alike: nothing is staged) into that peer's T; then a one-program flag kernel on a
+    "sig" stream tells the peers "chunk k is in your T" (``kernels/chunk_flags.py``: one-way flags,
+    not barriers; the pushes never wait for anything but the start barrier);
+  * main: one flag kernel per chunk (signal "our chunk k-1 is reduced", wait for every peer's
+    pieces of chunk k), then the Triton chunk sum (``kernels/all_reduce/chunk_sum.py``: rank order,
+    fp32, rounded once, the same bits as the barrier schedule), which writes ``out`` and, in the
+    same pass, R (gather="ce") or every peer's workspace with SM stores (gather="sm": the
+    all-gather issued by the sum itself);
+  * "ag" stream, per chunk: wait for the peers' flags, then copy-engine pulls of their chunk from
+    their R into ``out`` (gather="ce") or a local copy of what they stored in our epoch buffer 0
+    (gather="sm"). Zero-copy in place needs no all-gather flags: the reduced chunk goes straight
+    into the peers' inputs (copy-engine pushes after the sum, or the sum's SM stores), which only
+    this rank reads or writes in that range, and the end barrier says it has landed.
+
+Every rank signals before it waits, in chunk order, so the schedule also runs in program order on
+CPU worlds; each wait has the barriers' timeout and error record. Chunks per shard are capped at
+``MAX_PROGRAMS`` (one flag row each).
 
 Barriers are ``kernels/barrier.py``: one program of the workspace protocol, enqueued on main (CUDA
 graphs capture it), carrying the call's fingerprint (op, sizes, dtype, chunking, zero-copy
@@ -75,9 +100,11 @@ from typing import Callable
 
 import torch
 
+from ..kernels.all_reduce.chunk_sum import launch_chunk_sum
 from ..kernels.barrier import launch_barrier
+from ..kernels.chunk_flags import launch_chunk_flags
 from ..memory.peer_memory import PeerMemory
-from ..memory.protocol import DTYPE_CODES, call_signature
+from ..memory.protocol import DTYPE_CODES, MAX_PROGRAMS, call_signature
 from .checks import check_tensor
 
 OP = "all_reduce_copy"  # its op code in protocol.OP_CODES
@@ -88,11 +115,32 @@ _MODE_PUSH, _MODE_PULL_ZERO_COPY, _MODE_PULL_STAGED = 1, 2, 3
 ShardHook = Callable[[torch.Tensor], None]
 
 
+SYNCS = ("barriers", "flags")
+GATHERS = ("ce", "sm")
+# The schedule's code in every fingerprint: ranks configured differently fail at the start barrier.
+_SCHEDULE_CODES = {("barriers", "ce"): 0, ("flags", "ce"): 1, ("flags", "sm"): 2}
+# Flag rows of the "flags" schedule (the barriers use slot 0): chunk k's reduce-scatter notice in
+# slot _RS_SLOT + k, its all-gather notice in _AG_SLOT + k; at most MAX_PROGRAMS chunks per shard.
+_RS_SLOT, _AG_SLOT = MAX_PROGRAMS, 2 * MAX_PROGRAMS
+_RS, _AG = 1, 2
+
+
 @dataclass(frozen=True)
 class CopyConfig:
-    """chunk_bytes: bytes of one pipeline chunk of a shard (one pull from one peer); rounded down to a
-    multiple of 128 elements (at least 128). The same on every rank."""
+    """The copy-engine schedule; the same on every rank.
+
+    chunk_bytes: bytes of one pipeline chunk of a shard (one transfer from or to one peer); rounded
+       down to a multiple of 128 elements (at least 128).
+    sync: "barriers" (the default: a full barrier per chunk on the caller's stream; reduce-scatter by
+       pulls from the input or its staged copy) or "flags" (reduce-scatter by copy-engine pushes
+       straight from the input, so nothing is staged; one-way per-chunk flags instead of barriers;
+       see the module).
+    gather: "ce" (all-gather by copy-engine transfers) or "sm" ("flags" only: the sum kernel stores
+       each reduced chunk into every peer's workspace itself).
+    """
     chunk_bytes: int
+    sync: str = "barriers"
+    gather: str = "ce"
 
 
 def shard_elements(numel: int, world: int) -> int:
@@ -154,38 +202,49 @@ def _plan(numel: int, world: int, rank: int, chunk: int) -> _Plan:
     return _Plan(numel, world, rank, shard, chunk, -(-shard // chunk))
 
 
-_SIDE_STREAMS: "weakref.WeakKeyDictionary[PeerMemory, torch.cuda.Stream]" = weakref.WeakKeyDictionary()
+_SIDE_STREAMS: "weakref.WeakKeyDictionary[PeerMemory, dict[str, torch.cuda.Stream]]" = weakref.WeakKeyDictionary()
 
 
 class _Lanes:
-    """The caller's stream (main) and the memory's side stream on CUDA; on CPU everything runs in
-    program order and events are None."""
+    """The caller's stream ("main") and the memory's side streams by name ("side": the barrier
+    schedule's copies; "rs", "sig", "ag": the flags schedule's pushes, notices and all-gather) on
+    CUDA; on CPU everything runs in program order and events are None."""
 
     def __init__(self, memory: PeerMemory) -> None:
         self.cuda = memory.backend == "cuda"
         if self.cuda:
-            self.main = torch.cuda.current_stream(memory.device)
-            side = _SIDE_STREAMS.get(memory)
-            if side is None:
-                side = _SIDE_STREAMS[memory] = torch.cuda.Stream(memory.device)
-            self.side = side
+            self.device = memory.device
+            self.streams = {"main": torch.cuda.current_stream(memory.device)}
+            self.cached = _SIDE_STREAMS.setdefault(memory, {})
 
-    def mark(self, on_side: bool = False) -> torch.cuda.Event | None:
-        """An event after the work enqueued so far on main (or the side stream)."""
+    def stream(self, lane: str) -> torch.cuda.Stream:
+        if lane not in self.streams:
+            if lane not in self.cached:
+                self.cached[lane] = torch.cuda.Stream(self.device)
+            self.streams[lane] = self.cached[lane]
+        return self.streams[lane]
+
+    def mark(self, lane: str = "main") -> torch.cuda.Event | None:
+        """An event after the work enqueued so far on ``lane``."""
         if not self.cuda:
             return None
         event = torch.cuda.Event()
-        event.record(self.side if on_side else self.main)
+        event.record(self.stream(lane))
         return event
 
-    def wait(self, event: torch.cuda.Event | None, on_side: bool = False) -> None:
-        """Make main (or the side stream) wait for ``event``."""
+    def wait(self, event: torch.cuda.Event | None, lane: str = "main") -> None:
+        """Make ``lane`` wait for ``event``."""
         if event is not None:
-            (self.side if on_side else self.main).wait_event(event)
+            self.stream(lane).wait_event(event)
 
-    def side_stream(self):
-        """A context in which work goes to the side stream (on CPU: nothing changes)."""
-        return torch.cuda.stream(self.side) if self.cuda else contextlib.nullcontext()
+    def on(self, lane: str):
+        """A context in which work goes to ``lane`` (on CPU: nothing changes)."""
+        return torch.cuda.stream(self.stream(lane)) if self.cuda else contextlib.nullcontext()
+
+    def join(self) -> None:
+        """Make main wait for everything enqueued on the side streams used so far."""
+        for lane in [name for name in getattr(self, "streams", {}) if name != "main"]:
+            self.wait(self.mark(lane))
 
 
 def sum_in_rank_order(pieces: list[torch.Tensor], dst: torch.Tensor) -> None:
@@ -233,29 +292,56 @@ def all_reduce(memory: PeerMemory, x: torch.Tensor, out: torch.Tensor, *, timeou
     x_offset = memory.holds(x)
     if config is None:
         config = copy_config(shard_elements(n, world) * es, world, memory.buffer_bytes, es, interpret)
-    elif type(config) is not CopyConfig or config.chunk_bytes <= 0:
-        raise ValueError(f"all_reduce: config must be a CopyConfig with chunk_bytes > 0, got {config!r}")
+    else:
+        _check_config(config, shard_hook)
     chunk = _chunk_elements(config, es)
-    if x_offset is not None and _pieces_fit(n, world, chunk, es, memory.buffer_bytes):
+    flags = config.sync == "flags"
+    if flags:
+        fits = _flags_fit(n, world, es, memory.buffer_bytes)
+    else:
+        fits = _pieces_fit(n, world, chunk, es, memory.buffer_bytes)
+    if fits and (flags or x_offset is not None):
         calls = [(0, n, x_offset)]
     else:
-        # Call-chunks that fill epoch buffer 0 (S and R) and whose pulled pieces fit T.
+        # Call-chunks that fill epoch buffer 0 (S and R) and whose pieces fit T.
         step = memory.buffer_bytes // es // (ALIGN * world) * (ALIGN * world)
         if step == 0:
             raise ValueError(f"all_reduce: a workspace of {memory.buffer_bytes} bytes is too small for the copy "
                              f"algorithm on {world} ranks ({ALIGN * world} elements at least)")
-        while not _pieces_fit(step, world, chunk, es, memory.buffer_bytes):
+        while not flags and not _pieces_fit(step, world, chunk, es, memory.buffer_bytes):
             chunk //= 2  # only for buffers too small for two slots of the configured chunk
             if chunk < ALIGN:
                 raise ValueError(f"all_reduce: a workspace of {memory.buffer_bytes} bytes is too small for the "
                                  f"copy algorithm on {world} ranks")
         calls = [(lo, min(lo + step, n), None) for lo in range(0, n, step)]
     lanes = _Lanes(memory)
+    schedule = _SCHEDULE_CODES[config.sync, config.gather]
     for i, (lo, hi, offset) in enumerate(calls):
-        _call(memory, lanes, xs[lo:hi], outs[lo:hi], offset, chunk, timeout_iters, shard_hook,
-              (n, i, len(calls), hi - lo, DTYPE_CODES[x.dtype], -1 if offset is None else offset, chunk,
-               shard_hook is not None))
+        fingerprint = (n, i, len(calls), hi - lo, DTYPE_CODES[x.dtype], -1 if offset is None else offset, chunk,
+                       shard_hook is not None, schedule)
+        if flags:
+            _call_flags(memory, lanes, xs[lo:hi], outs[lo:hi], offset, chunk, config.gather, timeout_iters,
+                        shard_hook, fingerprint)
+        else:
+            _call(memory, lanes, xs[lo:hi], outs[lo:hi], offset, chunk, timeout_iters, shard_hook, fingerprint)
     return out
+
+
+def _check_config(config: CopyConfig, shard_hook: ShardHook | None) -> None:
+    if type(config) is not CopyConfig or config.chunk_bytes <= 0:
+        raise ValueError(f"all_reduce: config must be a CopyConfig with chunk_bytes > 0, got {config!r}")
+    if (config.sync, config.gather) not in _SCHEDULE_CODES:
+        raise ValueError(f"all_reduce: config.sync must be one of {SYNCS} and config.gather one of {GATHERS} "
+                         f"(gather='sm' with sync='flags' only), got {config!r}")
+    if config.gather == "sm" and shard_hook is not None:
+        raise ValueError("all_reduce: a shard_hook needs config.gather='ce' (with 'sm' the sum kernel hands each "
+                         "chunk to the peers before a hook could update it)")
+
+
+def _flags_fit(numel: int, world: int, element_size: int, buffer_bytes: int) -> bool:
+    """Whether one "flags" call over ``numel`` elements fits the workspace: R (this rank's shard at its
+    message offset) in epoch buffer 0, the W-1 peers' whole shards (T) in epoch buffer 1."""
+    return max(numel, (world - 1) * shard_elements(numel, world)) * element_size <= buffer_bytes
 
 
 def _validate(memory: PeerMemory, x: torch.Tensor, out: torch.Tensor) -> None:
@@ -297,16 +383,16 @@ def _call(memory: PeerMemory, lanes: _Lanes, x: torch.Tensor, out: torch.Tensor,
                 view(rank, epoch0, lo, hi).copy_(x[lo:hi])
 
     def pull(k: int, ready: torch.cuda.Event | None) -> None:  # side: the peers' copies of our chunk k into T
-        with lanes.side_stream():
-            lanes.wait(ready, on_side=True)
+        with lanes.on("side"):
+            lanes.wait(ready, "side")
             if k >= 2:  # T's slot k % 2 is free once chunk k-2 is summed
-                lanes.wait(reduced[k - 2], on_side=True)
+                lanes.wait(reduced[k - 2], "side")
             lo, hi = plan.chunk_range(rank, k)
             for i, r in enumerate(peers):
                 if hi > lo:
                     slot = epoch1 + ((k % 2) * (world - 1) + i) * plan.chunk * es
                     memory.peer_view(rank, slot, hi - lo, dtype).copy_(view(r, src_off, lo, hi))
-            pulled.append(lanes.mark(on_side=True))
+            pulled.append(lanes.mark("side"))
 
     def add(k: int) -> None:  # main: sum chunk k in rank order over our input (push) or into R; the hook
         lo, hi = plan.chunk_range(rank, k)
@@ -331,9 +417,9 @@ def _call(memory: PeerMemory, lanes: _Lanes, x: torch.Tensor, out: torch.Tensor,
             if k >= 1:
                 add(k - 1)
         add(plan.chunks - 1)
-        with lanes.side_stream():
+        with lanes.on("side"):
             for k in range(plan.chunks):
-                lanes.wait(reduced[k], on_side=True)
+                lanes.wait(reduced[k], "side")
                 lo, hi = plan.chunk_range(rank, k)
                 if hi > lo:
                     for r in peers:
@@ -352,8 +438,8 @@ def _call(memory: PeerMemory, lanes: _Lanes, x: torch.Tensor, out: torch.Tensor,
             if staged and k + 2 < plan.chunks:
                 stage(k + 2)
             ready = barrier()
-            with lanes.side_stream():
-                lanes.wait(ready, on_side=True)
+            with lanes.on("side"):
+                lanes.wait(ready, "side")
                 for r in peers:
                     lo, hi = plan.chunk_range(r, k)
                     if hi > lo:
@@ -363,7 +449,116 @@ def _call(memory: PeerMemory, lanes: _Lanes, x: torch.Tensor, out: torch.Tensor,
             lo, hi = plan.chunk_range(rank, k)
             if hi > lo:  # our own chunk, off the path to the peers
                 out[lo:hi].copy_(view(rank, epoch0, lo, hi))
-    lanes.wait(lanes.mark(on_side=True))
+    lanes.join()
 
     # End: nobody touches our workspace after this.
     barrier()
+
+
+def _call_flags(memory: PeerMemory, lanes: _Lanes, x: torch.Tensor, out: torch.Tensor, x_offset: int | None,
+                chunk: int, gather: str, timeout_iters: int, shard_hook: ShardHook | None, fingerprint: tuple) -> None:
+    """One call-chunk of the "flags" schedule (see the module): x and out flat, fitting the workspace
+    (``_flags_fit``)."""
+    rank, world, dtype, es = memory.rank, memory.world_size, x.dtype, x.element_size()
+    plan = _plan(x.numel(), world, rank, chunk)
+    if plan.chunks > MAX_PROGRAMS:  # one flag row per chunk: larger chunks, the same on every rank
+        plan = _plan(x.numel(), world, rank, -(-plan.shard // (MAX_PROGRAMS * ALIGN)) * ALIGN)
+    base = memory.staging_offset
+    epoch0, epoch1 = base + memory.buffer_bytes, base + 2 * memory.buffer_bytes
+    zc_in_place = x_offset is not None and out.data_ptr() == x.data_ptr()
+    sm = gather == "sm"
+    peers = plan.peers()
+    ws = memory.peer_view(rank, 0, 1, torch.uint8).data_ptr()  # this rank's workspace address (an empty view has none)
+    interpret = memory.backend == "cpu"
+    shard_lo = plan.shard_range(rank)[0]
+
+    def flags(signal: tuple[int, int] | None = None, wait: tuple[int, int] | None = None) -> None:
+        launch_chunk_flags(memory.table, memory.error_record_addr, rank, world, timeout_iters, signal=signal, wait=wait)
+
+    def notice(phase: int, k: int) -> tuple[int, int]:
+        return (_RS_SLOT if phase == _RS else _AG_SLOT) + k, call_signature(OP, *fingerprint, phase, k)
+
+    def view(r: int, offset: int, lo: int, hi: int) -> torch.Tensor:
+        return memory.peer_view(r, offset + lo * es, hi - lo, dtype)
+
+    def reduce_scatter(k: int, start: torch.cuda.Event | None) -> None:
+        """rs: push our pieces of chunk k of every peer's shard into its T; sig: say so."""
+        with lanes.on("rs"):
+            lanes.wait(start, "rs")
+            for p in peers:
+                lo, hi = plan.chunk_range(p, k)
+                if hi > lo:
+                    slot = (rank - p - 1) % world  # our place among p's senders (the T layout)
+                    dst = epoch1 + (slot * plan.shard + lo - plan.shard_range(p)[0]) * es
+                    memory.peer_view(p, dst, hi - lo, dtype).copy_(x[lo:hi])
+            pushed = lanes.mark("rs")
+        with lanes.on("sig"):
+            lanes.wait(pushed, "sig")
+            flags(signal=notice(_RS, k))
+
+    def reduce(k: int) -> torch.cuda.Event | None:
+        """main: sum chunk k of our shard into out (and R, or the peers' workspaces); the hook."""
+        lo, hi = plan.chunk_range(rank, k)
+        if hi > lo:
+            own = x[lo:hi]
+            dst = x_offset if zc_in_place else epoch0  # where the peers' copies of the result live
+            r_view = view(rank, epoch0, lo, hi)
+            hooked = shard_hook is not None and not zc_in_place
+            target = r_view if hooked else out[lo:hi]
+            launch_chunk_sum(memory.table, rank, world, dtype, hi - lo, own.data_ptr(),
+                             ws + epoch1 + (lo - shard_lo) * es, plan.shard * es, target.data_ptr(),
+                             copy_addr=None if (sm or zc_in_place or hooked) else r_view.data_ptr(),
+                             push_offset=dst + lo * es if sm else None, interpret=interpret)
+            if shard_hook is not None:
+                shard_hook(target)
+                if hooked:
+                    out[lo:hi].copy_(r_view)
+        return lanes.mark()
+
+    def all_gather(k: int, summed: torch.cuda.Event | None, start: torch.cuda.Event | None) -> None:
+        """ag: chunk k of every shard into out (pulls from the peers' R, or our own workspace after
+        their SM pushes), or our chunk k into the peers' inputs (zero-copy in place)."""
+        if zc_in_place and sm:
+            return  # the sum kernel stored it in the peers' inputs already
+        with lanes.on("ag"):
+            lanes.wait(start, "ag")
+            if zc_in_place:
+                lanes.wait(summed, "ag")
+                lo, hi = plan.chunk_range(rank, k)
+                if hi > lo:
+                    for p in peers:
+                        view(p, x_offset, lo, hi).copy_(x[lo:hi])
+                return
+            flags(wait=notice(_AG, k))
+            for p in peers:
+                lo, hi = plan.chunk_range(p, k)
+                if hi > lo:
+                    out[lo:hi].copy_(view(rank if sm else p, epoch0, lo, hi))
+
+    # Start: after this barrier no peer still reads or writes our workspace for an earlier call, and
+    # zero-copy inputs are ready.
+    launch_barrier(memory.table, memory.error_record_addr, rank, world, call_signature(OP, *fingerprint, 0),
+                   memory.buffer_bytes, timeout_iters)
+    start = lanes.mark()
+    ag_notices = not zc_in_place
+    summed = None
+    # Per chunk: the pushes of chunk k, then main's notice of chunk k-1's sum with its wait for chunk
+    # k's pieces (one flag kernel), the sum of chunk k, and the all-gather of chunk k-1. Every rank
+    # signals before it waits, so the same order also runs on CPU worlds (program order).
+    for k in range(plan.chunks + 1):
+        if k < plan.chunks:
+            reduce_scatter(k, start if k == 0 else None)
+        signal = notice(_AG, k - 1) if k > 0 and ag_notices else None
+        if k < plan.chunks:
+            flags(signal=signal, wait=notice(_RS, k))
+        elif signal is not None:
+            flags(signal=signal)
+        if k > 0:
+            all_gather(k - 1, summed, start if k == 1 else None)
+        if k < plan.chunks:
+            summed = reduce(k)
+    lanes.join()
+
+    # End: nobody touches our workspace after this.
+    launch_barrier(memory.table, memory.error_record_addr, rank, world, call_signature(OP, *fingerprint, 1),
+                   memory.buffer_bytes, timeout_iters)

@@ -22,15 +22,19 @@ def _check(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
 
 
 def check_copy_all_reduce(dtype_name: str, sizes: list[int], buffer_bytes: int, chunk_bytes: int | None,
-                          seed: int, compare_tree: bool) -> list[str]:
+                          seed: int, compare_tree: bool, sync: str = "barriers", gather: str = "ce") -> list[str]:
     """Each size in every mode (out-of-place, in place, zero-copy out-of-place and in place when the
-    message fits the staging area), with ``chunk_bytes`` pipeline chunks (None: the launch policy's),
-    against the float64 sum; all modes bitwise equal, and equal to the tree kernel's bits when
-    ``compare_tree``. Returns one digest per size."""
+    message fits the staging area), with ``chunk_bytes`` pipeline chunks (None: the launch policy's)
+    and the ``sync``/``gather`` schedule, against the float64 sum; all modes bitwise equal, and equal
+    to the tree kernel's bits when ``compare_tree``. Returns one digest per size."""
     dtype = DTYPES[dtype_name]
     rank, world = dist.get_rank(), dist.get_world_size()
     comm = Communicator(buffer_bytes=buffer_bytes)
-    config = None if chunk_bytes is None else copy_engine.CopyConfig(chunk_bytes)
+    config = None
+    if chunk_bytes is not None or (sync, gather) != ("barriers", "ce"):
+        es = torch.empty((), dtype=dtype).element_size()
+        policy = copy_engine.copy_config(1 << 20, world, buffer_bytes, es, dist.get_backend() != "nccl")
+        config = copy_engine.CopyConfig(chunk_bytes or policy.chunk_bytes, sync, gather)
 
     def run(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if config is None:
@@ -43,7 +47,7 @@ def check_copy_all_reduce(dtype_name: str, sizes: list[int], buffer_bytes: int, 
             xs = rank_inputs(world, n, dtype, seed=seed * 1000 + i, device=device())
             ref = all_reduce_reference(xs)
             x = xs[rank]
-            what = f"copy {dtype_name} n={n} world={world} chunk={chunk_bytes}"
+            what = f"copy {dtype_name} n={n} world={world} chunk={chunk_bytes} {sync}/{gather}"
 
             out = torch.full_like(x, float("nan"))  # poison: every element must be written
             assert run(x, out) is out
@@ -76,9 +80,9 @@ def check_copy_all_reduce(dtype_name: str, sizes: list[int], buffer_bytes: int, 
     return digests
 
 
-def check_shard_hook(n: int, seed: int) -> list[str]:
-    """A shard hook (x2, in place) on both all-gather paths: the result is twice the sum; the hook
-    sees each chunk of this rank's shard once per call."""
+def check_shard_hook(n: int, seed: int, sync: str = "barriers") -> list[str]:
+    """A shard hook (x2, in place) on both all-gather paths of the ``sync`` schedule: the result is
+    twice the sum; the hook sees each chunk of this rank's shard once per call."""
     rank, world = dist.get_rank(), dist.get_world_size()
     comm = Communicator(buffer_bytes=16384)
     digests = []
@@ -91,7 +95,8 @@ def check_shard_hook(n: int, seed: int) -> list[str]:
             calls.append(shard.numel())
             shard.mul_(2)
 
-        kw = dict(timeout_iters=comm._timeout_iters, config=copy_engine.CopyConfig(1024), shard_hook=double)
+        kw = dict(timeout_iters=comm._timeout_iters, config=copy_engine.CopyConfig(1024, sync),
+              shard_hook=double)
         out = torch.full_like(xs[rank], float("nan"))
         copy_engine.all_reduce(comm.memory, xs[rank], out, **kw)
         _check(out, ref, "hook, pull all-gather")
@@ -134,14 +139,18 @@ def check_mixed_calls(seed: int) -> int:
     return len(algos)
 
 
-def mismatched_copy_call() -> str:
-    """Rank 0 calls with another element count: every rank raises CollectiveError (no hang)."""
+def mismatched_copy_call(schedules: tuple[tuple[str, str], ...] = (("barriers", "ce"),)) -> str:
+    """Rank 0 calls with another element count (or, with two ``schedules``, rank 0 uses the first
+    (sync, gather) schedule and the others the second): every rank raises CollectiveError (no hang)."""
     rank = dist.get_rank()
     comm = Communicator(buffer_bytes=8192)
     try:
-        x = torch.ones(1000 + (7 if rank == 0 else 0), device=device())
+        sync, gather = schedules[min(rank, len(schedules) - 1)]
+        n = 1000 + (7 if rank == 0 and len(schedules) == 1 else 0)
+        x = torch.ones(n, device=device())
         try:
-            comm.all_reduce(x, algo="copy")
+            copy_engine.all_reduce(comm.memory, x, torch.empty_like(x), timeout_iters=comm._timeout_iters,
+                                   config=copy_engine.CopyConfig(1024, sync, gather))
             comm.check()
         except CollectiveError as e:
             return str(e)
@@ -164,6 +173,12 @@ def copy_bad_inputs() -> list[str]:
                                            timeout_iters=10),
             lambda: copy_engine.all_reduce(mem, x, x, timeout_iters=10, config=copy_engine.CopyConfig(0)),
             lambda: copy_engine.all_reduce(mem, x, x, timeout_iters=10, config=(4096,)),
+            lambda: copy_engine.all_reduce(mem, x, x, timeout_iters=10, config=copy_engine.CopyConfig(4096, "flag")),
+            lambda: copy_engine.all_reduce(mem, x, x, timeout_iters=10, config=copy_engine.CopyConfig(4096, "barriers",
+                                                                                                     "sm")),
+            lambda: copy_engine.all_reduce(mem, x, x, timeout_iters=10,
+                                           config=copy_engine.CopyConfig(4096, "flags", "sm"),
+                                           shard_hook=lambda chunk: None),
             lambda: comm.all_reduce(x.half(), algo="copy", out=x),
             lambda: mem.peer_view(dist.get_world_size(), 0, 1, torch.float32),
             lambda: mem.peer_view(0, 2, 1, torch.float32),
@@ -173,13 +188,13 @@ def copy_bad_inputs() -> list[str]:
         comm.close()
 
 
-def copy_graph_replays(n: int, replays: int, seed: int) -> float:
-    """CUDA graph of an out-of-place and a zero-copy in-place copy all-reduce, replayed on fresh
-    inputs; returns the worst relative error (inputs change between replays, so a graph that froze
-    any per-call state would be caught)."""
+def copy_graph_replays(n: int, replays: int, seed: int, sync: str = "barriers", gather: str = "ce") -> float:
+    """CUDA graph of an out-of-place and a zero-copy in-place copy all-reduce (the ``sync``/``gather``
+    schedule), replayed on fresh inputs; returns the worst relative error (inputs change between
+    replays, so a graph that froze any per-call state would be caught)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     comm = Communicator(buffer_bytes=4 * n * 2)
-    config = copy_engine.CopyConfig(max(256, n * 2 // world // 3))  # a few chunks per shard
+    config = copy_engine.CopyConfig(max(256, n * 2 // world // 3), sync, gather)  # a few chunks per shard
     x = torch.empty(n, dtype=torch.bfloat16, device=device())
     out = torch.empty_like(x)
     staged = comm.staging_buffer((n,), torch.bfloat16)

@@ -11,19 +11,28 @@ SMALL_BUFFER = 8192  # bytes: larger messages go in call-chunks
 
 # The interpreter truncates fp32 -> bf16 casts (the tree kernel's -0.4509 became -0.4492 where the
 # GPU and torch round to nearest even, -0.4512), so bf16 bits are compared with the tree's on GPUs only.
-@pytest.mark.parametrize("world_size,dtype,sizes,chunk_bytes,compare_tree", [
-    (2, "bfloat16", [7, 3000, 5000], 2048, False),  # 2 chunks per shard; 5000 goes in 2 call-chunks
-    (3, "float16", [1000], None, True),            # the launch policy's chunks through Communicator(algo="copy")
-    (4, "float32", [7, 1500], 1024, True),          # W > 2: the fp32 accumulator; 2 chunks per shard
+@pytest.mark.parametrize("world_size,dtype,sizes,chunk_bytes,compare_tree,sync,gather", [
+    (2, "bfloat16", [7, 3000, 5000], 2048, False, "barriers", "ce"),  # 2 chunks per shard; 5000: 2 call-chunks
+    (3, "float16", [1000], None, True, "barriers", "ce"),  # the launch policy's chunks via Communicator(algo="copy")
+    (4, "float32", [7, 1500], 1024, True, "barriers", "ce"),  # W > 2: the fp32 accumulator; 2 chunks per shard
+    # The flags schedule (pushes, per-chunk flags, the Triton chunk sum), both all-gathers, worlds 2-4;
+    # fp16/fp32 give the tree kernel's bits (the interpreter truncates bf16 casts: no bit check there).
+    (2, "bfloat16", [7, 3000, 5000], 2048, False, "flags", "ce"),
+    (2, "float32", [3001], 2048, True, "flags", "sm"),  # 4 chunks per shard, 2 call-chunks
+    (3, "float16", [1000, 5000], 1024, True, "flags", "ce"),
+    (3, "float32", [7, 1000], 1024, True, "flags", "sm"),
+    (4, "float32", [1500], 1024, True, "flags", "ce"),
+    (4, "float16", [7, 2001], 1024, True, "flags", "sm"),
 ])
-def test_matches_float64_and_tree_bits(worlds, world_size, dtype, sizes, chunk_bytes, compare_tree):
+def test_matches_float64_and_tree_bits(worlds, world_size, dtype, sizes, chunk_bytes, compare_tree, sync, gather):
     digests = worlds(world_size).run(copy_checks.check_copy_all_reduce, dtype, sizes, SMALL_BUFFER, chunk_bytes,
-                                     world_size, compare_tree)
+                                     world_size, compare_tree, sync, gather)
     assert all(d == digests[0] for d in digests), "ranks got different bits"
 
 
-def test_shard_hook_on_both_all_gathers(worlds):
-    digests = worlds(3).run(copy_checks.check_shard_hook, 1501, 4)
+@pytest.mark.parametrize("sync", ["barriers", "flags"])
+def test_shard_hook_on_both_all_gathers(worlds, sync):
+    digests = worlds(3).run(copy_checks.check_shard_hook, 1501, 4, sync)
     assert all(d == digests[0] for d in digests)
 
 
@@ -31,8 +40,10 @@ def test_interleaved_with_flat_tree_and_auto(worlds):
     assert worlds(2).run(copy_checks.check_mixed_calls, 6) == [7, 7]
 
 
-def test_ranks_disagreeing_all_raise(worlds):
-    for message in worlds(2).run(copy_checks.mismatched_copy_call, timeout=120):
+@pytest.mark.parametrize("schedules", [(("barriers", "ce"),), (("flags", "ce"),), (("flags", "sm"),),
+                                       (("flags", "ce"), ("flags", "sm")), (("barriers", "ce"), ("flags", "ce"))])
+def test_ranks_disagreeing_all_raise(worlds, schedules):
+    for message in worlds(2).run(copy_checks.mismatched_copy_call, schedules, timeout=120):
         assert "different element count" in message, message
 
 
@@ -40,30 +51,36 @@ def test_bad_inputs_raise_on_every_rank(worlds):
     for messages in worlds(2).run(copy_checks.copy_bad_inputs):
         assert "x must be float32" in messages[0] and "out must have x's shape" in messages[1]
         assert "contiguous" in messages[2] and "CopyConfig" in messages[3] and "CopyConfig" in messages[4]
-        assert "out must have x's shape" in messages[5] and "rank must be in 0..1" in messages[6]
-        assert all("not an aligned range" in m for m in messages[7:9])
+        assert all("config.sync must be one of" in m for m in messages[5:7]) and "shard_hook" in messages[7]
+        assert "out must have x's shape" in messages[8] and "rank must be in 0..1" in messages[9]
+        assert all("not an aligned range" in m for m in messages[10:12])
 
 
 # ----------------------------------------------------------------------------- GPU
 GPU_WORLDS = sorted({2, min(4, gpu_count())}) if gpu_count() >= 2 else []
 
 
+SCHEDULES = [("barriers", "ce"), ("flags", "ce"), ("flags", "sm")]
+
+
 @pytest.mark.parametrize("world_size", GPU_WORLDS)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("buffer_bytes,chunk_bytes", [(1 << 20, None), (32 << 20, 1 << 20)])
+@pytest.mark.parametrize("sync,gather", SCHEDULES)
 @pytest.mark.gpu
 @pytest.mark.skipif(gpu_count() < 2, reason="needs 2+ CUDA GPUs")
-def test_gpu_matches_float64_and_tree_bits(worlds, world_size, dtype, buffer_bytes, chunk_bytes):
+def test_gpu_matches_float64_and_tree_bits(worlds, world_size, dtype, buffer_bytes, chunk_bytes, sync, gather):
     sizes = [1, 4099, 1_000_003, 3_000_017]  # with 1 MiB: call-chunked; with 32 MiB: one call, 1 MiB chunks
     digests = worlds(world_size, "nccl").run(copy_checks.check_copy_all_reduce, dtype, sizes, buffer_bytes,
-                                             chunk_bytes, 3, True)
+                                             chunk_bytes, 3, True, sync, gather)
     assert all(d == digests[0] for d in digests), "ranks got different bits"
 
 
+@pytest.mark.parametrize("sync,gather", SCHEDULES)
 @pytest.mark.gpu
 @pytest.mark.skipif(gpu_count() < 2, reason="needs 2+ CUDA GPUs")
-def test_gpu_cuda_graph_replays(worlds):
-    for worst in worlds(GPU_WORLDS[-1], "nccl").run(copy_checks.copy_graph_replays, 1_000_003, 50, 5):
+def test_gpu_cuda_graph_replays(worlds, sync, gather):
+    for worst in worlds(GPU_WORLDS[-1], "nccl").run(copy_checks.copy_graph_replays, 1_000_003, 50, 5, sync, gather):
         assert worst < 2e-2, worst
 
 
