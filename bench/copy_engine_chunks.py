@@ -81,9 +81,11 @@ def main() -> None:
         dist.all_reduce(t)
         return bool(t.item())
 
-    def measure(nbytes: int, impl: str, params: dict, fn, got: torch.Tensor | None, prepare, expect) -> None:
-        """Check one call (``prepare`` resets the inputs; ``expect``: bits to match or None), then time."""
-        error = None
+    def measure(nbytes: int, impl: str, params: dict, fn, got: torch.Tensor | None, prepare,
+                expect: torch.Tensor | None) -> torch.Tensor | None:
+        """Check one call (``prepare`` resets the inputs; ``expect``: bits to match or None), then time.
+        Returns a copy of the checked result (None when the check failed or there is none)."""
+        error, checked = None, None
         if got is not None:
             prepare()
             fn()
@@ -93,6 +95,8 @@ def main() -> None:
                 error = f"relative error {rel:.3g} vs NCCL"
             elif expect is not None and not torch.equal(got, expect):
                 error = "bits differ from the first copy variant's"
+            else:
+                checked = got.clone()
         if flag_all(error is not None):
             error = error or "wrong result on another rank"
         for mode in modes:
@@ -104,6 +108,7 @@ def main() -> None:
                                   params={"bytes": nbytes, **params}, us=us, commit=commit, error=error))
             rows.append((nbytes >> 20, impl, params.get("placement", ""), params.get("chunk_bytes", 0) / (1 << 20),
                          mode, statistics.median(us) if us else None, error))
+        return checked if error is None else None
 
     for nbytes in sizes:
         if flag_all(time.monotonic() - t0 > args.budget_s and rank == 0):
@@ -150,10 +155,9 @@ def main() -> None:
                             d.fill_(float("nan"))  # poison: every element must be written
                         s.copy_(x)
 
-                    measure(nbytes, f"copy_{sync_name}_{gather}", {"placement": placement, "chunk_bytes": chunk},
-                            fn, dst, prepare, first)
-                    if first is None and rows[-1][-1] is None:
-                        first = dst.clone()
+                    checked = measure(nbytes, f"copy_{sync_name}_{gather}",
+                                      {"placement": placement, "chunk_bytes": chunk}, fn, dst, prepare, first)
+                    first = checked if first is None else first
     comm.check()
     comm.close()
     default_comm.close()
