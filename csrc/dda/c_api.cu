@@ -1,9 +1,12 @@
-// C entry points of the DDA kernels for Python's ctypes (shardkit/kernels/cuda_dda.py): plain
-// integers and addresses in, a cudaError_t out. No torch headers, no Python headers: calling through
-// ctypes costs ~1 us, far less than a Triton launch from Python.
+// C entry points of the DDA kernels for Python's ctypes (shardkit/kernels/all_reduce/cuda.py), declared in
+// c_api.h: plain integers and addresses in, a cudaError_t out. No torch headers, no Python headers: calling
+// through ctypes costs ~1 us, far less than a Triton launch from Python.
+#include "c_api.h"
+
 #include <cstring>
 
 #include "all_reduce.h"
+#include "policy.h"
 
 namespace {
 
@@ -35,7 +38,6 @@ shardkit::AllReduceArgs make_args(uintptr_t x, uintptr_t out, const int64_t* tab
 
 extern "C" {
 
-// table: host array of `world` workspace addresses; stream: a cudaStream_t (0 = legacy default).
 int shardkit_flat_all_reduce(uintptr_t x, uintptr_t out, const int64_t* table, int world, uintptr_t host_error_record,
                              int64_t numel, int rank, uint32_t sig, int64_t x_offset, int64_t buffer_bytes,
                              int64_t timeout_iters, int zero_copy, int programs, int threads, int unroll, int dtype,
@@ -66,6 +68,20 @@ int shardkit_tree_all_reduce(uintptr_t x, uintptr_t out, const int64_t* table, i
 int shardkit_max_unroll(int world) { return shardkit::max_unroll(world); }
 
 int shardkit_max_tree_threads() { return shardkit::kMaxTreeThreads; }
+
+void shardkit_flat_config(int64_t numel, int element_size, int sm_count, int* config) {
+  const auto c = shardkit::flat_config(numel, element_size, sm_count);
+  config[0] = c.programs, config[1] = c.threads, config[2] = c.unroll;
+}
+
+void shardkit_tree_config(int64_t shard, int element_size, int world, int sm_count, int* config) {
+  const auto c = shardkit::tree_config(shard, element_size, world, sm_count);
+  config[0] = c.programs, config[1] = c.threads, config[2] = c.unroll;
+}
+
+int shardkit_grid(int64_t elements, int element_size, int threads, int unroll, int max_programs) {
+  return shardkit::grid(elements, element_size, threads, unroll, max_programs);
+}
 
 const char* shardkit_error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
 

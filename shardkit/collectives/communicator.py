@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import copy_engine
+from . import host_path as host_path_mod
 from .checks import SUPPORTED_DTYPES, check_tensor
 from .. import thresholds
 from ..errors import CollectiveError, ShardkitError
@@ -111,10 +112,14 @@ class Communicator:
         rules: [(max_bytes or None, algo)] for algo="auto"; default from thresholds.json.
         kernels: "triton", "cuda" (the CUDA C++ kernels of csrc/, GPUs only, when built) or "auto"
             (cuda where built, else triton). Every rank must choose the same.
+        host_path: how all_reduce reaches the CUDA kernels: "cpp" (the C++ host path, shardkit._C:
+            the whole eager call in one C++ call), "python", or "auto" (cpp where built). Same calls,
+            same results; ranks may differ in this.
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None, *, buffer_bytes: int | None = None,
-                 timeout_s: float = DEFAULT_TIMEOUT_S, rules: list | None = None, kernels: str = "auto") -> None:
+                 timeout_s: float = DEFAULT_TIMEOUT_S, rules: list | None = None, kernels: str = "auto",
+                 host_path: str = "auto") -> None:
         if not dist.is_initialized():
             raise ShardkitError("Communicator needs an initialised torch.distributed process group")
         self.group = group if group is not None else dist.group.WORLD
@@ -153,6 +158,16 @@ class Communicator:
         self._timeout_iters = timeout_iters(self.timeout_s, self.backend)
         self._host_table = (cuda_dda.HostTable(self.memory.table.tolist())
                             if self.memory is not None and self.kernels == "cuda" else None)
+        if host_path not in host_path_mod.HOST_PATHS:
+            raise ValueError(f"Communicator: host_path must be one of {host_path_mod.HOST_PATHS}, got {host_path!r}")
+        if host_path == "cpp" and (self.kernels != "cuda" or not host_path_mod.available()):
+            raise ShardkitError(f"Communicator(host_path='cpp') needs the CUDA kernels and the torch binding "
+                                f"(shardkit._C: {host_path_mod.IMPORT_ERROR or 'kernels are ' + self.kernels})")
+        # The C++ host path (all_reduce on the CUDA kernels; it hands back what it does not handle).
+        self._host = (host_path_mod.make_host(self.memory, self.rank, self.world_size, self.device, self._timeout_iters,
+                                              self._sm_count, self.rules)
+                      if host_path != "python" and self._host_table is not None and self.world_size > 1
+                      and host_path_mod.available() else None)
         self._error: str | None = None
         self._closed = False
         _REGISTRY.setdefault(self.group.group_name, []).append(self)
@@ -177,6 +192,10 @@ class Communicator:
         Returns the reduced tensor (``out`` when given). fp32 accumulation, ranks summed in rank
         order: every rank gets bitwise the same result.
         """
+        if self._host is not None and config is None:
+            result = self._host.all_reduce(x, out, algo)
+            if result is not None:
+                return result
         self._check_open("all_reduce")
         self._validate(x, "x")
         if out is None:
@@ -196,6 +215,8 @@ class Communicator:
 
     def all_reduce_(self, x: torch.Tensor, algo: str = "auto", *, config: LaunchConfig | None = None) -> torch.Tensor:
         """In-place sum of ``x`` over the ranks; returns ``x``; arguments as ``all_reduce``."""
+        if self._host is not None and config is None and self._host.all_reduce(x, x, algo) is not None:
+            return x
         self._check_open("all_reduce_")
         self._validate(x, "x")
         return self._run(x, x, algo, config)
@@ -228,6 +249,7 @@ class Communicator:
         """Release the peer memory (idempotent); every later call raises ShardkitError. Other
         communicators of the group stay registered for the torch ops."""
         self._closed = True
+        self._host = None
         if self.memory is not None:
             self.memory.close()
             self.memory = None

@@ -4,11 +4,9 @@ Built by setup.py where nvcc is present. ``available()`` says whether the librar
 launchers take the same arguments as the Triton launchers, so the Communicator can use either.
 A ctypes call costs about a microsecond: in eager mode this path avoids Triton's Python launch cost.
 
-Launch policy (``flat_config``, ``tree_config``; bench/tune_all_reduce.py --kernels cuda on 2 and 4
-H200s): flat, one 16-byte pack per thread per tile and 512 threads (measured faster than Triton's
-flat grid); tree, 256 threads, every tile at once up to one program per SM, and more packs in flight
-per thread as the shard grows: 1 up to 256 KiB per shard, 2 up to 2 MiB, then 4 (8 on 2 GPUs was
-not measured).
+Launch policy (``flat_config``, ``tree_config``, ``grid``): C++ is its one source of truth
+(csrc/dda/policy.h, where the measured rules are written down); these call it through the library, and
+the torch binding (csrc/torch, the C++ host path of the Communicator) calls it directly.
 """
 from __future__ import annotations
 
@@ -21,7 +19,7 @@ import torch
 
 from ...errors import ShardkitError
 from ...memory import protocol as _protocol
-from ...memory.protocol import DTYPE_CODES, MAX_PROGRAMS
+from ...memory.protocol import DTYPE_CODES
 
 _PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "_dda.so")
 _lib = None
@@ -42,6 +40,12 @@ def _load():
         lib.shardkit_max_unroll.argtypes, lib.shardkit_max_unroll.restype = [ctypes.c_int], ctypes.c_int
         lib.shardkit_max_tree_threads.argtypes, lib.shardkit_max_tree_threads.restype = [], ctypes.c_int
         lib.shardkit_error_string.argtypes, lib.shardkit_error_string.restype = [ctypes.c_int], ctypes.c_char_p
+        config = ctypes.POINTER(ctypes.c_int)
+        lib.shardkit_flat_config.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int, config]
+        lib.shardkit_tree_config.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int, config]
+        lib.shardkit_flat_config.restype = lib.shardkit_tree_config.restype = None
+        lib.shardkit_grid.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        lib.shardkit_grid.restype = ctypes.c_int
         _lib = lib
     return _lib
 
@@ -69,8 +73,8 @@ def max_tree_threads() -> int:
 
 def grid(elements: int, element_size: int, threads: int, unroll: int, max_programs: int) -> int:
     """Programs for ``elements`` in tiles of ``threads * unroll`` 16-byte packs: one per tile, at
-    most ``max_programs``."""
-    return max(1, min(max_programs, MAX_PROGRAMS, -(-elements // (threads * (16 // element_size) * unroll))))
+    most ``max_programs`` (and the protocol's MAX_PROGRAMS)."""
+    return _load().shardkit_grid(elements, element_size, threads, unroll, max_programs)
 
 
 @dataclass(frozen=True)
@@ -86,16 +90,17 @@ class CudaConfig:
 @functools.lru_cache(maxsize=1024)
 def flat_config(numel: int, element_size: int, sm_count: int) -> CudaConfig:
     """The flat kernel's grid for ``numel`` elements per rank (pure: every rank gets the same)."""
-    return CudaConfig(grid(numel, element_size, 512, 1, sm_count), 512, 1)
+    config = (ctypes.c_int * 3)()
+    _load().shardkit_flat_config(numel, element_size, sm_count, config)
+    return CudaConfig(*config)
 
 
 @functools.lru_cache(maxsize=1024)
 def tree_config(shard: int, element_size: int, world: int, sm_count: int) -> CudaConfig:
     """The tree kernel's grid for shards of ``shard`` elements (pure: every rank gets the same)."""
-    shard_bytes = shard * element_size
-    threads = max_tree_threads()
-    unroll = min(1 if shard_bytes <= 256 << 10 else 2 if shard_bytes <= 2 << 20 else 4, max_unroll(world))
-    return CudaConfig(grid(shard, element_size, threads, unroll, sm_count), threads, unroll)
+    config = (ctypes.c_int * 3)()
+    _load().shardkit_tree_config(shard, element_size, world, sm_count, config)
+    return CudaConfig(*config)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -1,0 +1,50 @@
+// Launch policy of the CUDA DDA kernels: pure functions of a call's shape, so every rank reaches the same
+// grid (the grid is part of the call fingerprint). The one source of truth: the torch binding
+// (csrc/torch/all_reduce_host.cpp) calls these directly, Python (shardkit/kernels/all_reduce/cuda.py)
+// through the C entry points of c_api.cu.
+//
+// Measured (bench/tune_all_reduce.py --kernels cuda on 2 and 4 H200s): flat, one 16-byte pack per thread
+// per tile and 512 threads; tree, kMaxTreeThreads threads, every tile at once up to one program per SM,
+// and more packs in flight per thread as the shard grows: 1 up to 256 KiB per shard, 2 up to 2 MiB, then
+// 4 (capped by max_unroll(world)).
+#pragma once
+#include <algorithm>
+#include <cstdint>
+
+#include "all_reduce.h"
+
+namespace shardkit {
+
+struct LaunchConfig {
+  int programs;  // blocks, 1..kMaxPrograms
+  int threads;   // threads per block
+  int unroll;    // 16-byte packs per thread per tile
+};
+
+// Programs for `elements` in tiles of threads * unroll 16-byte packs: one per tile, at most max_programs
+// (the SM count: every program must be resident, since programs wait for the peers' same-numbered ones).
+inline int grid(int64_t elements, int element_size, int threads, int unroll, int max_programs) {
+  const int64_t tile = int64_t(threads) * (16 / element_size) * unroll;
+  const int64_t tiles = (elements + tile - 1) / tile;
+  return int(std::max<int64_t>(1, std::min<int64_t>({int64_t(max_programs), int64_t(kMaxPrograms), tiles})));
+}
+
+inline LaunchConfig flat_config(int64_t numel, int element_size, int sm_count) {
+  constexpr int kThreads = 512;
+  return {grid(numel, element_size, kThreads, 1, sm_count), kThreads, 1};
+}
+
+// Elements per shard of a tree call: numel / world rounded up to a multiple of 16 (16-byte aligned
+// shard starts for every dtype; the Triton tree kernel's shard_elements is the same rule).
+inline int64_t shard_elements(int64_t numel, int world) {
+  const int64_t step = 16 * int64_t(world);
+  return (numel + step - 1) / step * 16;
+}
+
+inline LaunchConfig tree_config(int64_t shard, int element_size, int world, int sm_count) {
+  const int64_t shard_bytes = shard * element_size;
+  const int unroll = std::min(shard_bytes <= (256 << 10) ? 1 : shard_bytes <= (2 << 20) ? 2 : 4, max_unroll(world));
+  return {grid(shard, element_size, kMaxTreeThreads, unroll, sm_count), kMaxTreeThreads, unroll};
+}
+
+}  // namespace shardkit

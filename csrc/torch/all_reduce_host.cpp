@@ -1,0 +1,292 @@
+// The C++ host path of Communicator.all_reduce on the CUDA kernels (shardkit._C, used by
+// shardkit/collectives/host_path.py): argument checks with errors naming the argument, the algorithm
+// choice of algo="auto", zero-copy detection, chunking, the launch policy, the call fingerprint, the
+// launch on torch's current stream and its error check, all in one call from Python. The Python host path
+// spent ~25 us per call on these (bench/profile_eager.py); this one spends about a microsecond plus
+// the launch.
+//
+// The one binding layer between torch and the raw-pointer kernels of csrc/dda, which stay free of torch
+// headers (FlashInfer keeps its kernels and its torch binding apart the same way). A pybind11 class rather
+// than a TORCH_LIBRARY custom class or op: calling a custom-class method from Python cost 5.5-8 us and a
+// torch.ops op 2.7-3 us on the CPU machine, a pybind11 method 0.5-0.8 us. The stream comes from c10's
+// device-guard interface (libc10, present in CPU wheels too), so nothing here links libc10_cuda.
+//
+// Calls it does not handle (algo "nccl" / "copy" / unknown, "auto" choosing those, a communicator whose
+// error record is set) return None: the Python path then runs them, with its own messages.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <iterator>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "dda/all_reduce.h"
+#include "dda/c_api.h"
+#include "dda/layout.h"
+#include "dda/policy.h"
+
+namespace py = pybind11;
+
+namespace shardkit {
+namespace {
+
+// The FFI dtype code of a reducible dtype (layout.h, checked against protocol.DTYPE_CODES).
+std::optional<DType> dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: return std::nullopt;
+  }
+}
+
+// Python's spelling of an attribute of a tensor argument (torch.float16, cuda:1, (4, 5)) for a message;
+// only ever called on the way to an error.
+std::string python_text(py::handle obj, const char* attr, bool as_tuple = false) {
+  py::object value = obj.attr(attr);
+  if (as_tuple) value = py::reinterpret_steal<py::object>(PySequence_Tuple(value.ptr()));  // (4, 5), not torch.Size
+  return as_tuple ? std::string(py::repr(value)) : std::string(py::str(value));
+}
+
+// One launch of a call: a chunk of `numel` elements from element `lo`.
+struct Launch {
+  bool tree;
+  int64_t lo, numel, shard;
+  bool zero_copy;
+  int64_t x_offset;  // byte offset of x in every workspace (zero copy), else 0
+  bool packed;       // the kernels' 16-byte path (the fingerprint tells it from the element path)
+  uint32_t sig;
+  LaunchConfig config;
+};
+
+// A checked call: what the kernels need to know about x and out.
+struct Call {
+  at::Tensor x, out;
+  bool tree, in_place;
+  py::object result;  // what all_reduce returns: the out the caller gave, or the new tensor
+};
+
+}  // namespace
+
+class AllReduceHost {
+ public:
+  // table: every rank's workspace address; workspace: this rank's (PeerMemory.buffer); staging_offset: where
+  // the zero-copy staging area starts in every workspace (protocol.staging_offset); error_record: this
+  // rank's int32[4] error record (host memory);
+  // rules: [(max_bytes, algo)] of algo="auto", max_bytes < 0 for no limit; flat_op / tree_op:
+  // protocol.OP_CODES of the CUDA kernels' calls; error_type: the exception raised when a launch fails.
+  AllReduceHost(int rank, int world, int device_index, std::string device_text, std::vector<int64_t> table,
+                int64_t workspace, int64_t staging_offset, int64_t error_record, int64_t buffer_bytes, int64_t timeout_iters, int sm_count,
+                std::vector<std::pair<int64_t, std::string>> rules, int flat_op, int tree_op, py::object error_type)
+      : rank_(rank), world_(world), device_(device_index < 0 ? c10::Device(c10::kCPU)
+                                                              : c10::Device(c10::kCUDA, c10::DeviceIndex(device_index))),
+        device_text_(std::move(device_text)), workspace_(workspace), staging_offset_(staging_offset),
+        error_record_(reinterpret_cast<int*>(error_record)), buffer_bytes_(buffer_bytes),
+        timeout_iters_(timeout_iters), sm_count_(sm_count), flat_op_(flat_op), tree_op_(tree_op),
+        error_type_(std::move(error_type)) {
+    if (world < 2 || world > kMaxWorld || rank < 0 || rank >= world || int(table.size()) != world) {
+      throw py::value_error("AllReduceHost: needs 2.." + std::to_string(kMaxWorld) + " ranks, a rank below the world " +
+                            "size and one workspace address per rank");
+    }
+    for (int r = 0; r < world; ++r) table_.base[r] = reinterpret_cast<char*>(table[r]);
+    for (auto& [max_bytes, algo] : rules) rules_.emplace_back(max_bytes, algo == "flat" ? kFlat : algo == "tree" ? kTree : kOther);
+    if (device_.is_cuda()) guard_ = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+  }
+
+  // Communicator.all_reduce(x, algo, out) (out may be x: in place); None where the Python path must run.
+  py::object all_reduce(py::handle x, py::handle out, const std::string& algo) {
+    std::optional<Call> call = prepare(x, out, algo);
+    if (!call) return py::none();
+    if (guard_ == nullptr) throw py::value_error("all_reduce: this AllReduceHost was made for the CPU (tests only)");
+    const auto stream = static_cast<cudaStream_t>(guard_->getStreamNativeHandle(guard_->getStream(device_)));
+    for_each_launch(*call, [&](const Launch& l) { launch(*call, l, stream); });
+    return std::move(call->result);
+  }
+
+  // The launches all_reduce would make, as dicts (CPU tests compare them with the Python path's), or None.
+  py::object plan(py::handle x, py::handle out, const std::string& algo) {
+    std::optional<Call> call = prepare(x, out, algo);
+    if (!call) return py::none();
+    py::list launches;
+    for_each_launch(*call, [&](const Launch& l) {
+      launches.append(py::dict(py::arg("algo") = l.tree ? "tree" : "flat", py::arg("lo") = l.lo,
+                               py::arg("numel") = l.numel, py::arg("shard") = l.shard,
+                               py::arg("zero_copy") = l.zero_copy, py::arg("x_offset") = l.x_offset,
+                               py::arg("packed") = l.packed, py::arg("sig") = l.sig,
+                               py::arg("config") = py::make_tuple(l.config.programs, l.config.threads, l.config.unroll)));
+    });
+    return std::move(launches);
+  }
+
+ private:
+  enum Algo { kFlat, kTree, kOther };
+
+  // The tensor behind argument `name`, checked as collectives/checks.check_tensor does.
+  const at::Tensor& tensor_arg(py::handle obj, const char* name) const {
+    if (!THPVariable_Check(obj.ptr())) {
+      throw py::type_error(std::string("all_reduce: ") + name + " must be a torch.Tensor, got " + Py_TYPE(obj.ptr())->tp_name);
+    }
+    const at::Tensor& t = THPVariable_Unpack(obj.ptr());
+    if (!dtype_code(t.scalar_type())) {
+      throw py::type_error(std::string("all_reduce: ") + name + " must be float32, float16 or bfloat16, got " +
+                           python_text(obj, "dtype"));
+    }
+    if (t.device() != device_) {
+      throw py::value_error(std::string("all_reduce: ") + name + " must be on " + device_text_ +
+                            " (this rank's device), got " + python_text(obj, "device"));
+    }
+    if (!t.is_contiguous()) {
+      throw py::value_error(std::string("all_reduce: ") + name + " must be contiguous (call .contiguous() first)");
+    }
+    return t;
+  }
+
+  Algo choose(const std::string& algo, int64_t nbytes) const {
+    if (algo == "flat") return kFlat;
+    if (algo == "tree") return kTree;
+    if (algo != "auto") return kOther;
+    for (const auto& [max_bytes, chosen] : rules_) {  // thresholds.choose: the first rule admitting nbytes
+      if (max_bytes < 0 || nbytes <= max_bytes) return chosen;
+    }
+    return rules_.empty() ? kOther : rules_.back().second;
+  }
+
+  std::optional<Call> prepare(py::handle x_obj, py::handle out_obj, const std::string& algo) const {
+    const at::Tensor& x = tensor_arg(x_obj, "x");
+    bool in_place = false;
+    if (!out_obj.is_none() && out_obj.ptr() != x_obj.ptr()) {
+      const at::Tensor& out = tensor_arg(out_obj, "out");
+      if (out.sizes() != x.sizes() || out.scalar_type() != x.scalar_type()) {
+        throw py::value_error("all_reduce: out must have x's shape " + python_text(x_obj, "shape", true) + " and dtype " +
+                              python_text(x_obj, "dtype") + ", got " + python_text(out_obj, "shape", true) + " and " +
+                              python_text(out_obj, "dtype"));
+      }
+      const auto x_lo = reinterpret_cast<uintptr_t>(x.data_ptr()), out_lo = reinterpret_cast<uintptr_t>(out.data_ptr());
+      const auto nbytes = uintptr_t(x.nbytes());
+      if (x_lo < out_lo + nbytes && out_lo < x_lo + nbytes) {
+        if (x_lo != out_lo) {
+          throw py::value_error("all_reduce: out overlaps x partly: pass x itself (in place) or a separate buffer");
+        }
+        in_place = true;  // another view of x's memory
+      }
+    } else {
+      in_place = !out_obj.is_none();
+    }
+    const Algo chosen = choose(algo, int64_t(x.nbytes()));
+    // A failed communicator: the Python path raises the error record's message.
+    if (chosen == kOther || *reinterpret_cast<volatile int*>(error_record_) != kOk) return std::nullopt;
+    Call call{x, x, chosen == kTree, in_place, py::reinterpret_borrow<py::object>(out_obj)};
+    if (out_obj.is_none()) {
+      call.out = at::empty_like(x);
+      call.result = py::reinterpret_steal<py::object>(THPVariable_Wrap(call.out));
+    } else if (!in_place) {
+      call.out = THPVariable_Unpack(out_obj.ptr());
+    }
+    return call;
+  }
+
+  // Communicator._run's launches: one for a zero-copy input or one that fits an epoch buffer, else
+  // chunks of buffer_bytes; each with the fingerprint of the whole call.
+  template <typename F>
+  void for_each_launch(const Call& c, F&& each) const {
+    const int64_t numel = c.x.numel(), esize = c.x.element_size(), nbytes = numel * esize;
+    if (numel == 0) return;
+    // PeerMemory.holds: is x inside this rank's staging area (then every peer reads it in place)?
+    const int64_t x_offset = int64_t(reinterpret_cast<uintptr_t>(c.x.data_ptr()) - uintptr_t(workspace_));
+    const bool held = x_offset >= staging_offset_ && x_offset + nbytes <= staging_offset_ + buffer_bytes_;
+    // A flat in-place call must stage: peers read our input until they are done.
+    const bool zero_copy = held && x_offset % 16 == 0 && !(!c.tree && c.in_place);
+    const int64_t step = zero_copy || nbytes <= buffer_bytes_ ? numel : buffer_bytes_ / esize;
+    const int64_t chunks = (numel + step - 1) / step;
+    const auto x_ptr = reinterpret_cast<uintptr_t>(c.x.data_ptr()), out_ptr = reinterpret_cast<uintptr_t>(c.out.data_ptr());
+    const int dtype = int(*dtype_code(c.x.scalar_type()));
+    for (int64_t i = 0; i < chunks; ++i) {
+      Launch l{};
+      l.tree = c.tree;
+      l.lo = i * step;
+      l.numel = std::min(step, numel - l.lo);
+      l.zero_copy = zero_copy;
+      l.x_offset = zero_copy ? x_offset : 0;
+      l.shard = c.tree ? shard_elements(l.numel, world_) : 0;
+      l.config = c.tree ? tree_config(l.shard, int(esize), world_, sm_count_) : flat_config(l.numel, int(esize), sm_count_);
+      l.packed = (x_ptr + l.lo * esize) % 16 == 0 && (out_ptr + l.lo * esize) % 16 == 0 && l.numel % (16 / esize) == 0;
+      const int64_t fields[] = {numel, i, chunks, l.numel, dtype, zero_copy ? x_offset : -1, l.packed,
+                                l.config.programs, l.config.threads, l.config.unroll};
+      l.sig = call_signature(c.tree ? tree_op_ : flat_op_, fields, int(std::size(fields)));
+      each(l);
+    }
+  }
+
+  void launch(const Call& c, const Launch& l, cudaStream_t stream) const {
+    const int64_t esize = c.x.element_size();
+    AllReduceArgs a{};
+    a.x = static_cast<const char*>(c.x.data_ptr()) + l.lo * esize;
+    a.out = static_cast<char*>(c.out.data_ptr()) + l.lo * esize;
+    a.table = table_;
+    a.host_error_record = error_record_;
+    a.numel = l.numel;
+    a.rank = rank_;
+    a.world = world_;
+    a.sig = l.sig;
+    a.x_offset = l.x_offset;
+    a.buffer_bytes = buffer_bytes_;
+    a.timeout_iters = timeout_iters_;
+    a.zero_copy = l.zero_copy;
+    a.programs = l.config.programs;
+    a.threads = l.config.threads;
+    a.unroll = l.config.unroll;
+    a.dtype = *dtype_code(c.x.scalar_type());
+    const cudaError_t code = l.tree ? tree_all_reduce(a, l.shard, stream) : flat_all_reduce(a, stream);
+    if (code != cudaSuccess) {
+      const std::string what = std::string(l.tree ? "tree" : "flat") + " all-reduce launch: CUDA error " +
+                               std::to_string(int(code)) + " (" + shardkit_error_string(int(code)) + ")";
+      PyErr_SetString(error_type_.ptr(), what.c_str());
+      throw py::error_already_set();
+    }
+  }
+
+  int rank_, world_;
+  c10::Device device_;
+  std::string device_text_;
+  int64_t workspace_, staging_offset_;
+  int* error_record_;
+  int64_t buffer_bytes_, timeout_iters_;
+  int sm_count_, flat_op_, tree_op_;
+  py::object error_type_;
+  PeerTable table_{};
+  std::vector<std::pair<int64_t, Algo>> rules_;
+  const c10::impl::DeviceGuardImplInterface* guard_ = nullptr;
+};
+
+}  // namespace shardkit
+
+PYBIND11_MODULE(_C, m) {
+  using shardkit::AllReduceHost;
+  m.doc() = "shardkit's torch binding: the C++ host path of the all-reduce (csrc/torch)";
+  py::class_<AllReduceHost>(m, "AllReduceHost")
+      .def(py::init<int, int, int, std::string, std::vector<int64_t>, int64_t, int64_t, int64_t, int64_t, int64_t, int,
+                    std::vector<std::pair<int64_t, std::string>>, int, int, py::object>(),
+           py::arg("rank"), py::arg("world"), py::arg("device_index"), py::arg("device_text"), py::arg("table"),
+           py::arg("workspace"), py::arg("staging_offset"), py::arg("error_record"), py::arg("buffer_bytes"), py::arg("timeout_iters"),
+           py::arg("sm_count"), py::arg("rules"), py::arg("flat_op"), py::arg("tree_op"), py::arg("error_type"))
+      .def("all_reduce", &AllReduceHost::all_reduce, py::arg("x"), py::arg("out"), py::arg("algo"))
+      .def("plan", &AllReduceHost::plan, py::arg("x"), py::arg("out"), py::arg("algo"));
+  // The launch policy and fingerprint as the host path computes them (tests compare them with Python's).
+  m.def("flat_config", [](int64_t numel, int element_size, int sm_count) {
+    const auto c = shardkit::flat_config(numel, element_size, sm_count);
+    return py::make_tuple(c.programs, c.threads, c.unroll);
+  });
+  m.def("tree_config", [](int64_t shard, int element_size, int world, int sm_count) {
+    const auto c = shardkit::tree_config(shard, element_size, world, sm_count);
+    return py::make_tuple(c.programs, c.threads, c.unroll);
+  });
+  m.def("shard_elements", &shardkit::shard_elements);
+  m.def("call_signature", [](int op_code, const std::vector<int64_t>& fields) {
+    return shardkit::call_signature(op_code, fields.data(), int(fields.size()));
+  });
+}
