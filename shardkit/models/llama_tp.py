@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ShardkitError
+from ..kernels.attention.decode import decode_attention
 from ..kernels.llama import rope_qkv_into_cache, swiglu
 from ..kernels.spd import add_rmsnorm
 from .checkpoint import LayerWeights, LlamaConfig, LlamaWeights
@@ -168,8 +169,10 @@ class _DecodeGraph:
     """One decode step for a batch of ``batch`` sequences, captured in a CUDA graph.
 
     Static inputs: ``tokens`` [batch] (the last token of every sequence) and ``pos`` (its position,
-    0-d). A replay writes the KV cache at ``pos``, stores the greedy next token into ``tokens`` and
-    ``history[:, pos + 1]`` and bumps ``pos``: replays chain on the device with no host work.
+    0-d). A replay writes the KV cache at ``pos``, attends keys 0..pos (the decode attention kernel
+    reads ``pos`` on the device; the graph's grid covers the whole cache), stores the greedy next token
+    into ``tokens`` and ``history[:, pos + 1]`` and bumps ``pos``: replays chain on the device with no
+    host work.
     """
 
     def __init__(self, model: "TPLlama", batch: int) -> None:
@@ -190,8 +193,7 @@ class _DecodeGraph:
 
     def _step(self, model: "TPLlama") -> None:
         positions = self.pos.view(1)
-        mask = (model.key_positions <= self.pos).view(1, 1, 1, -1)
-        logits = model._forward(self.tokens.view(-1, 1), positions, model.max_seq, mask)
+        logits = model._forward(self.tokens.view(-1, 1), positions, model.max_seq, None)
         nxt = logits[:, -1].argmax(-1)
         self.tokens.copy_(nxt)
         self.history.index_copy_(1, positions + 1, nxt.view(-1, 1))
@@ -268,7 +270,8 @@ class TPLlama:
                   mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Block ``i`` alone (benchmarks): x [B, T, hidden] its RMSNorm'ed input, residual the stream,
         positions [T] on the device (written into the KV cache), keys 0..kv_len-1 visible through
-        ``mask`` (None: all of them, or causal for T > 1). Returns (next block's input, residual)."""
+        ``mask`` (None: all of them up to each token's position: causal). Returns (next block's input,
+        residual)."""
         return self._block(i, x, residual, positions, kv_len, mask)
 
     def _block(self, i: int, x: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor, kv_len: int,
@@ -304,9 +307,13 @@ class TPLlama:
         # RoPE on q and k and the cache write in one kernel (kernels/llama/rope_cache.py): q [B, T, nq, hd]
         q = rope_qkv_into_cache(F.linear(x, layer.qkv, layer.qkv_bias), positions, self.cos, self.sin,
                                 self.k_cache[i], self.v_cache[i], nq)
+        if length == 1 and mask is None:  # decode: split-KV kernel, keys 0..min(kv_len - 1, position)
+            out = decode_attention(q.view(batch, nq, hd), self.k_cache[i][:batch], self.v_cache[i][:batch], kv_len,
+                                   q_pos=positions)
+            return out.view(batch, 1, nq * hd)
         keys, values = self.k_cache[i][:batch, :, :kv_len], self.v_cache[i][:batch, :, :kv_len]
         group = nq // nkv
-        if length == 1:  # decode: the query heads of a KV head become that head's query rows (no K/V copy)
+        if length == 1:  # decode with a mask: the query heads of a KV head become that head's query rows
             out = F.scaled_dot_product_attention(q.view(batch, nkv, group, hd), keys, values, attn_mask=mask)
             return out.reshape(batch, 1, nq * hd)  # flash kernels return [B, L, H, D] memory: may copy
         if group > 1:

@@ -96,11 +96,12 @@ def test_empty_and_policy():
     q, k, v = make(2, 4, 2, 16, 8, torch.float32, seed=6)
     assert (decode_attention(q, k, v, 0) == 0).all()
     # one wave at two programs per SM, at least two tiles per split, equal tiles per split
-    assert decode_config(1, 4, 4096, 128, 132) == DecodeConfig(splits=32, block_n=64)
-    assert decode_config(1, 4, 32768, 128, 132).splits == 64
-    assert decode_config(8, 4, 4096, 128, 132).splits == 8
-    assert decode_config(32, 8, 4096, 128, 132).splits == 1
-    assert decode_config(1, 1, 100, 64, 132) == DecodeConfig(splits=1, block_n=128)
+    assert decode_config(1, 4, 4096, 128, 2, 132) == DecodeConfig(splits=32, block_n=64)
+    assert decode_config(1, 4, 32768, 128, 2, 132).splits == 64
+    assert decode_config(8, 4, 4096, 128, 2, 132).splits == 8
+    assert decode_config(32, 8, 4096, 128, 2, 132).splits == 1
+    assert decode_config(1, 1, 100, 64, 2, 132) == DecodeConfig(splits=1, block_n=128)
+    assert decode_config(1, 2, 100, 64, 4, 132) == DecodeConfig(splits=1, block_n=64)  # fp32: 4K-element tiles
 
 
 def test_bad_arguments():

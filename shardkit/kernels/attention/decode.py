@@ -194,14 +194,15 @@ class DecodeConfig:
 
 
 @functools.lru_cache(maxsize=4096)
-def decode_config(batch: int, n_kv: int, kv_len: int, head_dim: int, sm_count: int,
+def decode_config(batch: int, n_kv: int, kv_len: int, head_dim: int, elem_size: int, sm_count: int,
                   interpret: bool = False) -> DecodeConfig:
-    """The launch policy: tiles of 8K elements per K (or V) tile (64 keys at head dim 128: 16 KiB of bf16,
-    three stages in flight), and enough splits that the B * n_kv * splits programs make about one wave
-    at two resident programs per SM, but at least two tiles per split (a program's fixed cost, loading
-    q and writing a partial, stays small next to its keys). Interpreter: 16-key tiles, a pretend 4 SMs."""
+    """The launch policy: K and V tiles of 16 KiB (64 keys at head dim 128 in bf16, three stages in flight:
+    70 KiB of shared memory, 96 registers on sm_90; fp32, a checking path, 4K elements), and enough
+    splits that the B * n_kv * splits programs make about one wave at two resident programs per SM, but
+    at least two tiles per split (a program's fixed cost, loading q and writing a partial, stays small
+    next to its keys). Interpreter: 16-key tiles, a pretend 4 SMs."""
     hd_p2 = max(16, triton.next_power_of_2(head_dim))
-    block_n = 16 if interpret else max(16, min(128, 8192 // hd_p2))
+    block_n = 16 if interpret else max(16, min(128, 16384 // (hd_p2 * elem_size)))
     tiles = max(1, triton.cdiv(kv_len, block_n))
     target = 2 * (4 if interpret else sm_count)
     splits = max(1, min(target // (batch * n_kv), triton.cdiv(tiles, 2), MAX_SPLITS))
@@ -244,7 +245,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return out
     interpret = _interpreting()
     if config is None:
-        config = decode_config(batch, n_kv, kv_len, hd, _sm_count(q.device), interpret)
+        config = decode_config(batch, n_kv, kv_len, hd, q.element_size(), _sm_count(q.device), interpret)
     elif config.splits < 1 or config.splits > MAX_SPLITS or config.block_n < 16 or config.block_n & (config.block_n - 1):
         raise ValueError(f"decode_attention: config needs 1 <= splits <= {MAX_SPLITS} and a power-of-two block_n "
                          f">= 16, got {config}")
