@@ -58,6 +58,7 @@ from bench.common import environment  # noqa: E402
 from shardkit.pipeline import (ComputeCost, LinkCost, LlamaConfig, LlamaStage, PipelineRuntime,  # noqa: E402
                                even_partition, plan_pipeline, profile_compute, profile_links, random_weights,
                                save_profile, schedule, stage_models, uniform_slicing)
+from shardkit.pipeline.slicing import makespan_lower_bound  # noqa: E402
 
 BENCH = "pipeline"
 
@@ -339,12 +340,20 @@ class Bench:
         best_n, opt = min(uniform, key=uniform.get), times[-1]
         for r in self.records[-len(configs):]:
             r["metrics"]["speedup_vs_one_device"] = round(one / r["us_median"], 3)
+        # What any slicing could gain at most, in the model: best uniform over the lower bound.
+        bound = makespan_lower_bound(models, tokens, granularity=sh["granularity"],
+                                     max_slice_tokens=sh["slice_lengths"][-1], lengths=sh["slice_lengths"])
+        best_model = min(schedule(models, uniform_slicing(tokens, n)).makespan for n in sh["uniform"]
+                         if -(-tokens // n) <= sh["slice_lengths"][-1])
         self.records[-1]["metrics"].update({"speedup_vs_best_uniform": round(uniform[best_n] / opt, 3),
-                                            "best_uniform_slices": best_n})
+                                            "best_uniform_slices": best_n, "lower_bound_us": round(bound * 1e6, 1),
+                                            "model_gain_bound": round(best_model / bound, 3)})
         self.panels += [("optimal slicing",) + self.schedules["optimal slicing"],
                         (f"best uniform (x{best_n})",) + self.schedules[f"uniform x{best_n}"]]
         self.log(f"  TTFT one device {one / 1e3:.1f} ms, pipeline optimal {opt / 1e3:.1f} ms: "
-                 f"{one / opt:.2f}x (target 1.7x); best uniform x{best_n} {uniform[best_n] / 1e3:.1f} ms: "
+                 f"{one / opt:.2f}x (target 1.7x); model: no slicing below {bound * 1e3:.1f} ms, the best "
+                 f"uniform models {best_model * 1e3:.1f} ms (any slicing gains <= {best_model / bound:.3f}x); "
+                 f"best uniform x{best_n} {uniform[best_n] / 1e3:.1f} ms: "
                  f"optimal {uniform[best_n] / opt:.3f}x (target 1.15x)")
         self.drop_runtimes()
 
@@ -419,7 +428,7 @@ def table(records: list[dict]) -> str:
         slices = p.get("slices", [])
         sl = f"{len(slices)}: {slices[0]}..{slices[-1]}" if slices else "-"
         notes = ", ".join(f"{k} {v}" for k, v in m.items() if k.startswith(("speedup", "last_logits", "same_first",
-                                                                              "best_uniform")))
+                                                                              "best_uniform", "model_gain", "lower_bound")))
         lines.append(f"| {p.get('part')} | {p.get('label')} | {p.get('partition', '-')} | {sl} | "
                      f"{r['us_median'] / 1e3:.2f} ({r['us_min'] / 1e3:.2f}-{r['us_max'] / 1e3:.2f}) | "
                      f"{pred / 1e3 if pred else float('nan'):.2f} | {ratio} | {notes} |")

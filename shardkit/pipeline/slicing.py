@@ -32,7 +32,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["check_slices", "StageModel", "Schedule", "schedule", "uniform_slicing", "optimal_slicing", "SlicingResult"]
+__all__ = ["check_slices", "StageModel", "Schedule", "schedule", "uniform_slicing", "optimal_slicing", "SlicingResult",
+           "makespan_lower_bound"]
 
 
 def _zero(*_: int) -> float:
@@ -208,3 +209,27 @@ def optimal_slicing(stages: Sequence[StageModel], tokens: int, *, granularity: i
         slices.append(cuts[pos] - cuts[prev_pos])
         pos, idx = prev_pos, prev_idx
     return SlicingResult(tuple(reversed(slices)), makespan, largest)
+
+
+def makespan_lower_bound(stages: Sequence[StageModel], tokens: int, **search) -> float:
+    """A bound no slicing's makespan goes below (``search``: ``optimal_slicing``'s grid and caps).
+
+    Stage ``m`` computes every slice, at best in the slicing that minimises its own busy time (the
+    exact one-stage search), and cannot start before the stages in front of it have computed some
+    first slice, nor end before the stages after it have computed some last one; each of those
+    costs at least the cheapest slice at its position. So ``makespan >= max over m of (cheapest
+    first slices on stages < m) + (least busy time of stage m) + (cheapest last slices on stages
+    > m)``. With equal stages the only slack left is the pipeline's fill and drain: how far the
+    best uniform slicing's makespan lies above this bound is all that any slicing can gain.
+    """
+    cuts = sorted({min(tokens, k) for k in range(search.get("granularity", 1), tokens + 1,
+                                                 search.get("granularity", 1))} | {tokens})
+    lengths = search.get("lengths")
+    firsts = [c for c in cuts if lengths is None or c in lengths or c == tokens]
+    first = [min(st.compute(c, 0) for c in firsts) for st in stages]
+    M = len(stages)
+    last = [min(st.compute(tokens - c, c) + (st.final(tokens - c) if m == M - 1 else 0.0) for c in [0] + cuts[:-1])
+            for m, st in enumerate(stages)]
+    busy = [optimal_slicing([StageModel(st.compute, final=st.final if m == M - 1 else _zero)],
+                            tokens, **search).makespan for m, st in enumerate(stages)]
+    return max(sum(first[:m]) + busy[m] + sum(last[m + 1:]) for m in range(M))

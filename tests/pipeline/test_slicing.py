@@ -3,7 +3,8 @@ import random
 
 import pytest
 
-from shardkit.pipeline.slicing import StageModel, check_slices, optimal_slicing, schedule, uniform_slicing
+from shardkit.pipeline.slicing import (StageModel, check_slices, makespan_lower_bound, optimal_slicing, schedule,
+                                       uniform_slicing)
 
 
 def compositions(units):
@@ -124,3 +125,18 @@ def test_allowed_lengths_against_brute_force():
             got = optimal_slicing(models, units, lengths=allowed)
             assert got.makespan == pytest.approx(want, rel=1e-12)
             assert all(x in allowed for x in got.slices[:-1]) and sum(got.slices) == units
+
+
+def test_lower_bound_holds_and_is_tight_for_one_stage():
+    rng = random.Random(21)
+    for _ in range(30):
+        models = random_stages(rng, rng.randint(1, 3))
+        units = rng.randint(1, 8)
+        bound = makespan_lower_bound(models, units)
+        assert bound <= optimal_slicing(models, units).makespan * (1 + 1e-12)
+        if len(models) == 1:
+            assert bound == pytest.approx(optimal_slicing(models, units).makespan, rel=1e-12)
+    # Identical stages, cost 1 per slice plus 1 per token: 2 stages, 4 tokens -> busy >= 1 + 4 = 5,
+    # plus the cheapest first slice on the stage in front (1 token: 2) -> 7; optimal: 1,1,1,1 -> 8+2.
+    st = StageModel(lambda s, p: 1.0 + s)
+    assert makespan_lower_bound([st, st], 4) == 7.0
