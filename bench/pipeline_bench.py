@@ -198,8 +198,10 @@ class Bench:
                             "layer_fit_error": layer.max_relative_error(samples["layer"])})
         self.profiles[name] = {"compute": fits}
         for r, f in enumerate(fits):
-            self.log(f"  {name}: rank {r} ({f['device']}) layer {f['layer']} (max fit error "
-                     f"{100 * f['layer_fit_error']:.1f}%), head {f['head']}")
+            lay = f["layer"]
+            self.log(f"  {name}: rank {r} ({f['device']}) layer a={lay.a:.3g} b={lay.b:.3g} c={lay.c:.3g} d={lay.d:.3g} "
+                     f"+ {len(lay.lengths)} per-length lines (max error {100 * f['layer_fit_error']:.1f}%), head "
+                     f"a={f['head'].a:.3g} b={f['head'].b:.3g}")
         return fits
 
     def link(self, name: str, rt: PipelineRuntime) -> LinkCost:
