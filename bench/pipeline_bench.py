@@ -182,7 +182,12 @@ class Bench:
         layers = range(bounds[self.rank], bounds[self.rank + 1])
         first, last = self.rank == 0, self.rank == self.world - 1
         w = random_weights(cfg, layers, first, last, seed=0, device=device, dtype=dtype)
-        return LlamaStage(cfg, w, layers, first=first, last=last, device=device, dtype=dtype, max_tokens=tokens)
+        return LlamaStage(cfg, w, layers, first=first, last=last, device=device, dtype=dtype, max_tokens=tokens,
+                          attention=self.attention(device))
+
+    def attention(self, device: torch.device) -> str:
+        """The stages' attention kernel: ``--attention`` on CUDA, the stage's own choice elsewhere."""
+        return self.args.attention if device.type == "cuda" else "auto"
 
     def prompt(self, cfg: LlamaConfig, tokens: int) -> torch.Tensor:
         return torch.randint(1, cfg.vocab, (1, tokens), generator=torch.Generator().manual_seed(7))
@@ -192,7 +197,8 @@ class Bench:
         st = self.settings[name]
         samples = profile_compute(st["cfg"], device=device, dtype=st["dtype"], slice_lengths=st["slice_lengths"],
                                   prefixes=st["prefixes"], reps=self.args.profile_reps,
-                                  min_seconds=0.0 if self.args.smoke else self.args.profile_min_s)
+                                  min_seconds=0.0 if self.args.smoke else self.args.profile_min_s,
+                                  attention=self.attention(device))
         layer, head = ComputeCost.fit(samples["layer"]), ComputeCost.fit(samples["head"])
         fits = self.gather({"device": str(device), "layer": layer, "head": head, "samples": samples,
                             "layer_fit_error": layer.max_relative_error(samples["layer"])})
@@ -231,7 +237,7 @@ class Bench:
         """Time to first token of the whole model on this rank's device, the prompt in one forward."""
         st = LlamaStage(cfg, random_weights(cfg, range(cfg.layers), True, True, seed=0, device=device, dtype=dtype),
                         range(cfg.layers), first=True, last=True, device=device, dtype=dtype,
-                        max_tokens=ids.shape[1])
+                        max_tokens=ids.shape[1], attention=self.attention(device))
         x = ids.to(device)
         times = []
         for rep in range(self.args.reps + 1):
@@ -513,6 +519,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--profile-min-s", type=float, default=None,
                     help="each profile repetition calls the layer back to back for at least this long (default "
                     "0.03 s on GPUs, 0.2 s on the CPU): as sustained as the prefill it predicts")
+    ap.add_argument("--attention", choices=("auto", "cudnn", "flash"), default="auto",
+                    help="attention kernel of the GPU stages (LlamaStage attention=; auto: cuDNN for slices >= 64 tokens)")
     ap.add_argument("--link-ctas", type=int, default=2,
                     help="most CTAs an NCCL link transfer may hold (PipelineRuntime link_ctas; 0: NCCL's default)")
     ap.add_argument("--loaded-wire", choices=("auto", "host"), default="host",

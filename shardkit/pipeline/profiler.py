@@ -159,12 +159,14 @@ def time_call(fn: Callable[[], object], device: torch.device, reps: int = 3, min
 
 def profile_compute(config: LlamaConfig, *, device: torch.device | str, dtype: torch.dtype,
                     slice_lengths: Sequence[int], prefixes: Sequence[int], reps: int = 3, batch: int = 1,
-                    seed: int = 0, min_seconds: float = 0.0) -> Dict[str, List[Tuple[int, int, float]]]:
+                    seed: int = 0, min_seconds: float = 0.0, attention: str = "auto"
+                    ) -> Dict[str, List[Tuple[int, int, float]]]:
     """Median seconds of one decoder layer for every ``(s, p)`` in ``slice_lengths x prefixes`` and of
     the final norm + LM head for every ``s``, on ``device`` with random weights of ``config``'s shape.
 
     Returns ``{"layer": [(s, p, seconds), ...], "head": [(s, 0, seconds), ...]}``
-    (``ComputeCost.fit`` turns each into a model). ``min_seconds``: see ``time_call``.
+    (``ComputeCost.fit`` turns each into a model). ``min_seconds``: see ``time_call``; ``attention``:
+    the stage's attention kernel (``LlamaStage``), as in the run the profile predicts.
     """
     device = torch.device(device)
     if not slice_lengths or not prefixes or min(slice_lengths) < 1 or min(prefixes) < 0:
@@ -173,7 +175,7 @@ def profile_compute(config: LlamaConfig, *, device: torch.device | str, dtype: t
     max_tokens = max(slice_lengths) + max(prefixes)
     layer = LlamaStage(config, random_weights(config, range(1), False, False, seed=seed, device=device, dtype=dtype),
                        range(1), first=False, last=False, device=device, dtype=dtype, max_tokens=max_tokens,
-                       batch=batch)
+                       batch=batch, attention=attention)
     head = LlamaStage(config, random_weights(config, range(0), False, True, seed=seed, device=device, dtype=dtype),
                       range(0), first=False, last=True, device=device, dtype=dtype, max_tokens=max(slice_lengths),
                       batch=batch)

@@ -277,10 +277,20 @@ class PipelineRuntime:
         return out.to(st.device), logits
 
 
+_CAPPED_GROUPS: dict = {}  # (ranks, ctas) -> group: runtimes over the same ranks share one
+
+
 def _capped_nccl_group(group: dist.ProcessGroup, ctas: int) -> dist.ProcessGroup:
     """A process group over ``group``'s ranks whose NCCL communicators use at most ``ctas`` CTAs per
-    kernel (collective over ``group``). Where this torch cannot configure NCCL so, ``group`` itself,
-    with a warning."""
+    kernel (collective over ``group`` the first time, then remembered). Where this torch cannot
+    configure NCCL so, ``group`` itself, with a warning."""
+    key = (tuple(dist.get_process_group_ranks(group)), ctas)
+    if key not in _CAPPED_GROUPS:
+        _CAPPED_GROUPS[key] = _new_capped_group(group, ctas)
+    return _CAPPED_GROUPS[key]
+
+
+def _new_capped_group(group: dist.ProcessGroup, ctas: int) -> dist.ProcessGroup:
     try:
         options = dist.ProcessGroupNCCL.Options()
         options.config.max_ctas = ctas
