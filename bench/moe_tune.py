@@ -35,21 +35,30 @@ def candidates(default) -> list[tuple[str, object]]:
     """(name, MoeLaunchConfig): the default and one-group variations of it (GPU shapes)."""
     r = dataclasses.replace
     out = [("default", default)]
+    row = -(-7168 // default.combine_block_h)  # chunks per row at the moe_bench hidden size
     variations = {
         "progs66": dict(programs=max(1, default.programs // 2)),
         "layout16": dict(layout_block_t=16),
         "layout4x128": dict(layout_block_t=4, layout_programs=128),
         "layout8x128": dict(layout_programs=128),
-        "disp8x1024w8": dict(dispatch_block_t=8, dispatch_warps=8),
-        "disp2x1024w4": dict(dispatch_block_t=2),
-        "disp4x512w4": dict(dispatch_block_h=512),
+        "layout8x32": dict(layout_programs=32),
+        "disp8w8": dict(dispatch_block_t=8, dispatch_warps=8),
+        "disp2": dict(dispatch_block_t=2),
+        "disp4x512": dict(dispatch_block_h=512, dispatch_item_chunks=2 * default.dispatch_item_chunks),
         "disp16x512w8": dict(dispatch_block_t=16, dispatch_block_h=512, dispatch_warps=8),
+        "dchunks1": dict(dispatch_item_chunks=1),
+        "dchunks3": dict(dispatch_item_chunks=3),
+        "dchunksrow": dict(dispatch_item_chunks=row),
         "meta8": dict(meta_t=8),
-        "comb8x1024w8": dict(combine_block_t=8),
-        "comb2x1024w8": dict(combine_block_t=2),
-        "comb4x1024w4": dict(combine_warps=4),
-        "comb4x512w4": dict(combine_block_h=512, combine_warps=4),
-        "comb1x2048w8": dict(combine_block_t=1, combine_block_h=2048),
+        "comb8": dict(combine_block_t=8),
+        "comb2": dict(combine_block_t=2),
+        "combw4": dict(combine_warps=4),
+        "comb4x512w4": dict(combine_block_h=512, combine_warps=4,
+                            combine_item_chunks=2 * default.combine_item_chunks),
+        "comb1x2048": dict(combine_block_t=1, combine_block_h=2048),
+        "cchunks1": dict(combine_item_chunks=1),
+        "cchunks3": dict(combine_item_chunks=3),
+        "cchunksrow": dict(combine_item_chunks=row),
     }
     for name, change in variations.items():
         cfg = r(default, **change)

@@ -44,11 +44,11 @@ def configs() -> dict:
     """name -> (kernel, constexprs, warps): the GPU launch configurations (launch_config.py, 132 SMs)."""
     out = {}
     for fp8 in (False, True):
-        lc = moe_launch_config(HIDDEN, 2, fp8, 132, interpret=False)
+        lc = moe_launch_config(4096, HIDDEN, 2, fp8, 132, interpret=False)
         out[f"dispatch-fp8{int(fp8)}"] = (moe_dispatch_kernel, {
             "K": TOPK, "K_P2": TOPK, "WORLD": WORLD, "WORLD_P2": WORLD, "BLOCK_T": lc.dispatch_block_t,
             "BLOCK_H": lc.dispatch_block_h, "META_T": lc.meta_t, "FP8": fp8}, lc.dispatch_warps)
-    lc = moe_launch_config(HIDDEN, 2, False, 132, interpret=False)
+    lc = moe_launch_config(4096, HIDDEN, 2, False, 132, interpret=False)
     for residual in (False, True):
         out[f"combine-residual{int(residual)}"] = (moe_combine_kernel, {
             "K": TOPK, "WORLD": WORLD, "WORLD_P2": WORLD, "BLOCK_T": lc.combine_block_t,

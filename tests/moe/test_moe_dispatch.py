@@ -1,6 +1,8 @@
 """MoE dispatch + combine on CPU worlds (Triton interpreter on shared memory, and the gloo transport)
 against a float64 per-token loop: random routings, all tokens to one rank, all dropped, duplicate
 ids, token counts that differ between ranks (0 too), any placement, fp8 dispatch, both modes."""
+import dataclasses
+
 import pytest
 
 from . import moe_checks
@@ -64,3 +66,18 @@ def test_static_buffers_with_changing_routing(worlds):
 def test_peer_and_nccl_transports_lay_out_rounds_alike(worlds):
     kwargs = dict(BASE, placement=[2, 0, 1, 1, 0, 2], align=2)
     worlds(3).run(moe_checks.compare_transports, kwargs, [9, 0, 33], "duplicates", 18)
+
+
+def test_launch_grids_do_not_change_the_result(worlds):
+    """Other grids (items of several chunks, a partial last item; other token blocks; more layout chunks)
+    give bitwise the same round; hidden 300 is three chunks of 128 channels, the last one partial."""
+    from shardkit.kernels.moe.launch_config import moe_launch_config
+
+    default = moe_launch_config(40, 300, 2, False, 0, interpret=True)
+    grids = [default, dataclasses.replace(default, dispatch_item_chunks=2, combine_item_chunks=2),
+             dataclasses.replace(default, dispatch_item_chunks=3, combine_item_chunks=5, dispatch_block_t=8,
+                                 combine_block_t=4, combine_block_h=64, meta_t=4, layout_block_t=2,
+                                 layout_programs=8, programs=3)]
+    case = [([33, 7], "random", True)]
+    runs = [worlds(2).run(moe_checks.check_round, dict(BASE, hidden=300, launch_config=g), case, 19) for g in grids]
+    assert runs[0] == runs[1] == runs[2]

@@ -104,7 +104,8 @@ class MoeDispatcher:
             raise ValueError(f"MoeDispatcher: ranks disagree about transport: {[e['transport'] for e in extras]}")
         # Dispatch and combine programs wait for the same-numbered program of every peer: equal grids.
         if launch_config is None:
-            launch_config = moe_launch_config(hidden, torch.empty((), dtype=dtype).element_size(), bool(fp8),
+            element_size = torch.empty((), dtype=dtype).element_size()
+            launch_config = moe_launch_config(max_tokens, hidden, element_size, bool(fp8),
                                               min(e["sm_count"] for e in extras), self.backend == "cpu")
         if not isinstance(launch_config, MoeLaunchConfig):
             raise TypeError(f"MoeDispatcher: launch_config must be a MoeLaunchConfig, got {type(launch_config).__name__}")

@@ -63,9 +63,9 @@ class PeerTransport:
         fp = self.cfg.fingerprint()
         self.sig_counts = call_signature("moe_counts", *fp)
         self.sig_dispatch = call_signature("moe_dispatch", *fp, launch.programs, launch.dispatch_block_t,
-                                           launch.dispatch_block_h, launch.meta_t)
+                                           launch.dispatch_block_h, launch.meta_t, launch.dispatch_item_chunks)
         self.sig_combine = call_signature("moe_combine", *fp, launch.programs, launch.combine_block_t,
-                                          launch.combine_block_h)
+                                          launch.combine_block_h, launch.combine_item_chunks)
 
     def _views(self, ws) -> None:
         """Tensors over this rank's workspace regions (the received rows and their metadata)."""
@@ -151,7 +151,7 @@ class PeerTransport:
         launch_dispatch(x, topk_idx, topk_weights, self.b, mem.table, mem.error_record_addr, self.rank, cfg.world,
                         self.sig_dispatch, mem.buffer_bytes,
                         self.timeout_iters, chunk, ws, cfg.fp8, lc.programs, lc.dispatch_block_t, lc.dispatch_block_h,
-                        lc.meta_t, lc.dispatch_warps)
+                        lc.meta_t, lc.dispatch_item_chunks, lc.dispatch_warps)
         if self.interpret:
             self.raise_if_failed()
         views = self._graph_views if num_recv is None else self._handle_views(num_recv, num_expert_rows)
@@ -192,7 +192,7 @@ class PeerTransport:
         launch_combine(expert_out, residual, out, self.b.mask, mem.table, mem.error_record_addr, self.rank,
                        self.cfg.world, self.sig_combine ^ int(poisoned), mem.buffer_bytes, self.timeout_iters,
                        self.ws, poisoned, self.launch.programs, self.launch.combine_block_t,
-                       self.launch.combine_block_h, self.launch.combine_warps)
+                       self.launch.combine_block_h, self.launch.combine_item_chunks, self.launch.combine_warps)
 
     def close(self) -> None:
         self.memory.close()

@@ -9,7 +9,8 @@ chunk_pos[t, r]`` of r's receive rows (layout.py, counts.py): source rank and in
 weights, and per top-k slot the expert's local index on r and its expert-major row there (-1 where
 the expert lives elsewhere), plus the expert-major index entry (that row -> receive row) and
 ``inv[rank][t]`` (the receive row, or -1 for tokens not sent to r), which the combine follows back.
-Then the payload: a work item is a chunk of BLOCK_H channels of BLOCK_T tokens, items p, p + G, ...
+Then the payload: a work item is ``item_chunks`` chunks of BLOCK_H channels of BLOCK_T tokens (their rows
+looked up once), items p, p + G, ...
 One barrier at the end: when a rank's launch has finished, every peer's program has pushed all its
 rows to it.
 
@@ -56,7 +57,8 @@ def _rows(t, r, tokens, chunk, base, mask_ptr, chunk_base_ptr, chunk_pos_ptr, WO
     return sent, row
 
 
-@triton.jit(do_not_specialize=["error_record_addr", "rank", "sig", "buffer_bytes", "timeout_iters", "tokens", "chunk"])
+@triton.jit(do_not_specialize=["error_record_addr", "rank", "sig", "buffer_bytes", "timeout_iters", "tokens", "chunk",
+                               "item_chunks"])
 def moe_dispatch_kernel(
     x_ptr,             # [T, hidden] this rank's tokens (row stride hidden)
     topk_ptr,          # [T, K] expert ids (row stride K)
@@ -68,6 +70,7 @@ def moe_dispatch_kernel(
     table_ptr, error_record_addr, rank, sig, buffer_bytes, timeout_iters,  # the protocol's
     tokens,            # T
     chunk,             # tokens per layout chunk
+    item_chunks,       # chunks of BLOCK_H channels per payload item
     hidden, experts, max_tokens,
     recv_x_off, row_elems, recv_scales_off, scale_groups,  # workspace layout (workspace.py)
     src_rank_off, src_token_off, local_expert_off, weight_off, expert_row_off, inv_off, expert_index_off,
@@ -82,6 +85,7 @@ def moe_dispatch_kernel(
     PAYLOAD: tl.constexpr = tl.float8e4nv if FP8 else DTYPE
     own, epoch, flag, ok, _ = start_call(table_ptr, rank, sig, buffer_bytes)
     n_chunks = tl.cdiv(hidden, BLOCK_H)
+    n_items = tl.cdiv(n_chunks, item_chunks)  # items per block of tokens
     n_blocks = tl.cdiv(tokens, BLOCK_T)
     n_meta = tl.cdiv(tokens, META_T)
     # A chunk of BLOCK_H channels as [GROUPS, GROUP] (one fp8 scale per group), for BLOCK_T tokens.
@@ -124,26 +128,27 @@ def moe_dispatch_kernel(
                 tl.store(weights + slots, w.to(tl.float32), mask=slot)
                 tl.store(expert_rows + slots, tl.where(here, erow, -1), mask=slot)
                 tl.store(index + erow, row[:, None] + tl.zeros([META_T, K_P2], tl.int32), mask=here)
-            # Payload: a chunk of BLOCK_H channels of BLOCK_T tokens per item.
+            # Payload: GROUP chunks of BLOCK_H channels of BLOCK_T tokens per item (the rows once per item).
             if FP8:
                 scales = peer_ptr(table_ptr, r, recv_scales_off, tl.float32)
-            for item in range(pid, n_blocks * n_chunks, nprog):
-                block = item // n_chunks
-                c = item - block * n_chunks
+            for item in range(pid, n_blocks * n_items, nprog):
+                block = item // n_items
                 t = block * BLOCK_T + offs_t
                 sent, row = _rows(t, r, tokens, chunk, base, mask_ptr, chunk_base_ptr, chunk_pos_ptr, WORLD)
-                cols = c * BLOCK_H + grid_cols
-                m = sent[:, None, None] & (cols < hidden)[None, :, :]
-                v = tl.load(x_ptr + t[:, None, None] * hidden + cols[None, :, :], mask=m, other=0.0)
-                if FP8:
-                    # IEEE divisions (Triton's ``/`` is approximate on GPUs): the same bits as quantize_e4m3
-                    scale = tl.div_rn(tl.maximum(tl.max(tl.abs(v.to(tl.float32)), axis=2), 1e-12), _E4M3_MAX)
-                    v = round_to_e4m3(tl.div_rn(v.to(tl.float32), scale[:, :, None]))
-                    groups = c * GROUPS + tl.arange(0, GROUPS)
-                    tl.store(scales + row[:, None] * scale_groups + groups[None, :], scale,
-                             mask=sent[:, None] & (groups < scale_groups)[None, :])
-                tl.store(recv + row.to(tl.int64)[:, None, None] * row_elems + cols[None, :, :], v.to(PAYLOAD),
-                         mask=m)
+                c0 = (item - block * n_items) * item_chunks
+                for c in range(c0, tl.minimum(c0 + item_chunks, n_chunks)):
+                    cols = c * BLOCK_H + grid_cols
+                    m = sent[:, None, None] & (cols < hidden)[None, :, :]
+                    v = tl.load(x_ptr + t[:, None, None] * hidden + cols[None, :, :], mask=m, other=0.0)
+                    if FP8:
+                        # IEEE divisions (Triton's ``/`` is approximate on GPUs): the same bits as quantize_e4m3
+                        scale = tl.div_rn(tl.maximum(tl.max(tl.abs(v.to(tl.float32)), axis=2), 1e-12), _E4M3_MAX)
+                        v = round_to_e4m3(tl.div_rn(v.to(tl.float32), scale[:, :, None]))
+                        groups = c * GROUPS + tl.arange(0, GROUPS)
+                        tl.store(scales + row[:, None] * scale_groups + groups[None, :], scale,
+                                 mask=sent[:, None] & (groups < scale_groups)[None, :])
+                    tl.store(recv + row.to(tl.int64)[:, None, None] * row_elems + cols[None, :, :], v.to(PAYLOAD),
+                             mask=m)
     ok = peer_barrier(table_ptr, rank, 0, flag, ok, error_record_addr, timeout_iters, WORLD, WORLD_P2)
     finish_call(own, epoch)
 
@@ -154,7 +159,7 @@ _launch = CachedLauncher(moe_dispatch_kernel)
 def launch_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, b: RoundBuffers,
                     table: torch.Tensor, error_record_addr: int, rank: int, world: int, sig: int, buffer_bytes: int,
                     timeout_iters: int, chunk: int, ws, fp8: bool, programs: int, block_t: int, block_h: int,
-                    meta_t: int, num_warps: int) -> None:
+                    meta_t: int, item_chunks: int, num_warps: int) -> None:
     """Push ``x [T, hidden]`` to the ranks its ``topk_idx`` select, with the round's layout and offsets
     in ``b``; ``ws``: the MoeWorkspace."""
     tokens, hidden = x.shape
@@ -168,4 +173,4 @@ def launch_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch
     _launch(key, programs,
             (x, topk_idx, topk_weights, b.expert_rank, b.expert_local, b.mask, b.chunk_pos, b.slot_pos, b.chunk_base,
              b.chunk_expert_base, b.send_base, b.expert_base, table, error_record_addr, rank, sig, buffer_bytes,
-             timeout_iters, tokens, chunk, *ints), consts, num_warps)
+             timeout_iters, tokens, chunk, item_chunks, *ints), consts, num_warps)
