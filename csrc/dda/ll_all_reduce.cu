@@ -32,7 +32,9 @@
 // naming it after timeout_iters polls; an earlier failure on this rank (error record) makes the call write
 // NaN without waiting. Any world size 2..8, any count up to kLLMaxBytes of payload, any alignment
 // (8-byte vector accesses where x and out allow it, element by element else and in the tail line).
+#include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "all_reduce.h"
 #include "convert.cuh"
