@@ -66,7 +66,14 @@ def build_torch_binding(out_dir: str, nvcc: str) -> None:
            "-o", os.path.join(out_dir, "_C" + sysconfig.get_config_var("EXT_SUFFIX")),
            f"-L{out_dir}", "-l:_dda.so", "-Wl,-rpath,$ORIGIN",
            *[f"-L{p}" for p in cpp_extension.library_paths()], "-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python"]
-    subprocess.run(cmd, check=True)
+    try:
+        subprocess.run(cmd, check=True)
+    except subprocess.CalledProcessError:
+        # The kernels stay usable through the Python host path; tests/collectives/test_host_path.py fails
+        # where _dda.so exists without _C, so CI still catches a binding that does not compile.
+        if os.environ.get("SHARDKIT_BUILD_CUDA") == "1":
+            raise
+        print("shardkit: WARNING: the torch binding (csrc/torch) did not compile; the all-reduce uses its Python host path")
 
 
 class BuildWithCuda(build_py):

@@ -529,12 +529,14 @@ def attention_chunk_plot(recs: Records, path: str) -> None:
 
 def profile_eager_table(recs: Records) -> str:
     r0 = recs[0]
-    rows = [[r["impl"], fmt(metric(r, "host_us")), timed(r), fmt(metric(r, "pre_launch_us")),
-             fmt(metric(r, "launch_us")), r.get("error") or "ok"] for r in recs]
+    rows = [[str(r["params"].get("bytes")), r["impl"], fmt(metric(r, "host_us")), timed(r),
+             fmt(metric(r, "pre_launch_us")), fmt(metric(r, "launch_us")), r.get("error") or "ok"]
+            for r in sorted(recs, key=lambda r: r["params"].get("bytes") or 0)]  # stable: run order within a size
     return "\n".join([f"# Eager all-reduce: host path vs GPU ({r0['gpu']} x{r0['world']})", ""] + run_lines(recs) + [
-        "", f"{r0['dtype']}, {r0['params'].get('bytes')} bytes, {r0['params'].get('calls')} calls back to back; "
-        "microseconds per call, rank 0. eager = wall time per call including the final synchronize.", ""] +
-        table(["impl", "host enqueue", "eager (with sync)", "pre-launch", "launch", "check"], rows)) + "\n"
+        "", f"{r0['dtype']}, {r0['params'].get('calls')} calls back to back; microseconds per call, rank 0. "
+        "eager = wall time per call including the final synchronize; *_cpp / *_python: the C++ / Python host path "
+        "of the CUDA kernels.", ""] +
+        table(["bytes", "impl", "host enqueue", "eager (with sync)", "pre-launch", "launch", "check"], rows)) + "\n"
 
 
 def config_text(config) -> str:

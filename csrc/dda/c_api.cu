@@ -79,6 +79,11 @@ void shardkit_tree_config(int64_t shard, int element_size, int world, int sm_cou
   config[0] = c.programs, config[1] = c.threads, config[2] = c.unroll;
 }
 
+void shardkit_ll_config(int64_t numel, int element_size, int sm_count, int* config) {
+  const auto c = shardkit::ll_config(numel, element_size, sm_count);
+  config[0] = c.programs, config[1] = c.threads, config[2] = c.unroll;
+}
+
 int shardkit_grid(int64_t elements, int element_size, int threads, int unroll, int max_programs) {
   return shardkit::grid(elements, element_size, threads, unroll, max_programs);
 }

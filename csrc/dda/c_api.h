@@ -20,6 +20,7 @@ int shardkit_max_tree_threads();
 // The launch policy (policy.h): config = {programs, threads, unroll}.
 void shardkit_flat_config(int64_t numel, int element_size, int sm_count, int* config);
 void shardkit_tree_config(int64_t shard, int element_size, int world, int sm_count, int* config);
+void shardkit_ll_config(int64_t numel, int element_size, int sm_count, int* config);
 int shardkit_grid(int64_t elements, int element_size, int threads, int unroll, int max_programs);
 const char* shardkit_error_string(int code);
 

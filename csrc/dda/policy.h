@@ -41,6 +41,15 @@ inline int64_t shard_elements(int64_t numel, int world) {
   return (numel + step - 1) / step * 16;
 }
 
+// LL (ll_all_reduce.cu): one 8-byte payload line per thread, 512 threads as the flat kernel (not tuned yet),
+// up to one program per SM; numel * element_size <= kLLMaxBytes per call.
+inline LaunchConfig ll_config(int64_t numel, int element_size, int sm_count) {
+  constexpr int kThreads = 512;
+  const int64_t lines = (numel * element_size + 7) / 8;
+  const int64_t programs = (lines + kThreads - 1) / kThreads;
+  return {int(std::max<int64_t>(1, std::min<int64_t>({int64_t(sm_count), int64_t(kMaxPrograms), programs}))), kThreads, 1};
+}
+
 inline LaunchConfig tree_config(int64_t shard, int element_size, int world, int sm_count) {
   const int64_t shard_bytes = shard * element_size;
   const int unroll = std::min(shard_bytes <= (256 << 10) ? 1 : shard_bytes <= (2 << 20) ? 2 : 4, max_unroll(world));

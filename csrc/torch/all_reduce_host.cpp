@@ -12,7 +12,8 @@
 // device-guard interface (libc10, present in CPU wheels too), so nothing here links libc10_cuda.
 //
 // Calls it does not handle (algo "nccl" / "copy" / unknown, "auto" choosing those, a communicator whose
-// error record is set) return None: the Python path then runs them, with its own messages.
+// error record is set) return None: the Python path then runs them, with its own messages. Algorithms:
+// flat, tree (all_reduce.cu) and ll (ll_all_reduce.cu: no zero copy, kLLMaxBytes per launch).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
@@ -53,9 +54,17 @@ std::string python_text(py::handle obj, const char* attr, bool as_tuple = false)
   return as_tuple ? std::string(py::repr(value)) : std::string(py::str(value));
 }
 
+enum class Algo { kFlat, kTree, kLL, kOther };
+
+const char* algo_name(Algo a) { return a == Algo::kFlat ? "flat" : a == Algo::kTree ? "tree" : "ll"; }
+
+Algo parse_algo(const std::string& name) {
+  return name == "flat" ? Algo::kFlat : name == "tree" ? Algo::kTree : name == "ll" ? Algo::kLL : Algo::kOther;
+}
+
 // One launch of a call: a chunk of `numel` elements from element `lo`.
 struct Launch {
-  bool tree;
+  Algo algo;
   int64_t lo, numel, shard;
   bool zero_copy;
   int64_t x_offset;  // byte offset of x in every workspace (zero copy), else 0
@@ -67,7 +76,8 @@ struct Launch {
 // A checked call: what the kernels need to know about x and out.
 struct Call {
   at::Tensor x, out;
-  bool tree, in_place;
+  Algo algo;
+  bool in_place;
   py::object result;  // what all_reduce returns: the out the caller gave, or the new tensor
 };
 
@@ -78,23 +88,24 @@ class AllReduceHost {
   // table: every rank's workspace address; workspace: this rank's (PeerMemory.buffer); staging_offset: where
   // the zero-copy staging area starts in every workspace (protocol.staging_offset); error_record: this
   // rank's int32[4] error record (host memory);
-  // rules: [(max_bytes, algo)] of algo="auto", max_bytes < 0 for no limit; flat_op / tree_op:
+  // rules: [(max_bytes, algo)] of algo="auto", max_bytes < 0 for no limit; flat_op / tree_op / ll_op:
   // protocol.OP_CODES of the CUDA kernels' calls; error_type: the exception raised when a launch fails.
   AllReduceHost(int rank, int world, int device_index, std::string device_text, std::vector<int64_t> table,
                 int64_t workspace, int64_t staging_offset, int64_t error_record, int64_t buffer_bytes, int64_t timeout_iters, int sm_count,
-                std::vector<std::pair<int64_t, std::string>> rules, int flat_op, int tree_op, py::object error_type)
+                std::vector<std::pair<int64_t, std::string>> rules, int flat_op, int tree_op, int ll_op,
+                py::object error_type)
       : rank_(rank), world_(world), device_(device_index < 0 ? c10::Device(c10::kCPU)
                                                               : c10::Device(c10::kCUDA, c10::DeviceIndex(device_index))),
         device_text_(std::move(device_text)), workspace_(workspace), staging_offset_(staging_offset),
         error_record_(reinterpret_cast<int*>(error_record)), buffer_bytes_(buffer_bytes),
-        timeout_iters_(timeout_iters), sm_count_(sm_count), flat_op_(flat_op), tree_op_(tree_op),
+        timeout_iters_(timeout_iters), sm_count_(sm_count), flat_op_(flat_op), tree_op_(tree_op), ll_op_(ll_op),
         error_type_(std::move(error_type)) {
     if (world < 2 || world > kMaxWorld || rank < 0 || rank >= world || int(table.size()) != world) {
       throw py::value_error("AllReduceHost: needs 2.." + std::to_string(kMaxWorld) + " ranks, a rank below the world " +
                             "size and one workspace address per rank");
     }
     for (int r = 0; r < world; ++r) table_.base[r] = reinterpret_cast<char*>(table[r]);
-    for (auto& [max_bytes, algo] : rules) rules_.emplace_back(max_bytes, algo == "flat" ? kFlat : algo == "tree" ? kTree : kOther);
+    for (auto& [max_bytes, algo] : rules) rules_.emplace_back(max_bytes, parse_algo(algo));
     if (device_.is_cuda()) guard_ = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
   }
 
@@ -114,7 +125,7 @@ class AllReduceHost {
     if (!call) return py::none();
     py::list launches;
     for_each_launch(*call, [&](const Launch& l) {
-      launches.append(py::dict(py::arg("algo") = l.tree ? "tree" : "flat", py::arg("lo") = l.lo,
+      launches.append(py::dict(py::arg("algo") = algo_name(l.algo), py::arg("lo") = l.lo,
                                py::arg("numel") = l.numel, py::arg("shard") = l.shard,
                                py::arg("zero_copy") = l.zero_copy, py::arg("x_offset") = l.x_offset,
                                py::arg("packed") = l.packed, py::arg("sig") = l.sig,
@@ -124,7 +135,6 @@ class AllReduceHost {
   }
 
  private:
-  enum Algo { kFlat, kTree, kOther };
 
   // The tensor behind argument `name`, checked as collectives/checks.check_tensor does.
   const at::Tensor& tensor_arg(py::handle obj, const char* name) const {
@@ -147,13 +157,11 @@ class AllReduceHost {
   }
 
   Algo choose(const std::string& algo, int64_t nbytes) const {
-    if (algo == "flat") return kFlat;
-    if (algo == "tree") return kTree;
-    if (algo != "auto") return kOther;
+    if (algo != "auto") return parse_algo(algo);
     for (const auto& [max_bytes, chosen] : rules_) {  // thresholds.choose: the first rule admitting nbytes
       if (max_bytes < 0 || nbytes <= max_bytes) return chosen;
     }
-    return rules_.empty() ? kOther : rules_.back().second;
+    return rules_.empty() ? Algo::kOther : rules_.back().second;
   }
 
   std::optional<Call> prepare(py::handle x_obj, py::handle out_obj, const std::string& algo) const {
@@ -179,8 +187,8 @@ class AllReduceHost {
     }
     const Algo chosen = choose(algo, int64_t(x.nbytes()));
     // A failed communicator: the Python path raises the error record's message.
-    if (chosen == kOther || *reinterpret_cast<volatile int*>(error_record_) != kOk) return std::nullopt;
-    Call call{x, x, chosen == kTree, in_place, py::reinterpret_borrow<py::object>(out_obj)};
+    if (chosen == Algo::kOther || *reinterpret_cast<volatile int*>(error_record_) != kOk) return std::nullopt;
+    Call call{x, x, chosen, in_place, py::reinterpret_borrow<py::object>(out_obj)};
     if (out_obj.is_none()) {
       call.out = at::empty_like(x);
       call.result = py::reinterpret_steal<py::object>(THPVariable_Wrap(call.out));
@@ -190,8 +198,8 @@ class AllReduceHost {
     return call;
   }
 
-  // Communicator._run's launches: one for a zero-copy input or one that fits an epoch buffer, else
-  // chunks of buffer_bytes; each with the fingerprint of the whole call.
+  // Communicator._run's launches: one for a zero-copy input or one that fits an epoch buffer (LL: its
+  // slot), else chunks of that size; each with the fingerprint of the whole call.
   template <typename F>
   void for_each_launch(const Call& c, F&& each) const {
     const int64_t numel = c.x.numel(), esize = c.x.element_size(), nbytes = numel * esize;
@@ -199,25 +207,31 @@ class AllReduceHost {
     // PeerMemory.holds: is x inside this rank's staging area (then every peer reads it in place)?
     const int64_t x_offset = int64_t(reinterpret_cast<uintptr_t>(c.x.data_ptr()) - uintptr_t(workspace_));
     const bool held = x_offset >= staging_offset_ && x_offset + nbytes <= staging_offset_ + buffer_bytes_;
-    // A flat in-place call must stage: peers read our input until they are done.
-    const bool zero_copy = held && x_offset % 16 == 0 && !(!c.tree && c.in_place);
-    const int64_t step = zero_copy || nbytes <= buffer_bytes_ ? numel : buffer_bytes_ / esize;
+    // A flat in-place call must stage: peers read our input until they are done. LL pushes x from
+    // wherever it lives.
+    const bool tree = c.algo == Algo::kTree, ll = c.algo == Algo::kLL;
+    const bool zero_copy = held && x_offset % 16 == 0 && !(c.algo == Algo::kFlat && c.in_place) && !ll;
+    const int64_t capacity = ll ? kLLMaxBytes : buffer_bytes_;
+    const int64_t step = zero_copy || nbytes <= capacity ? numel : capacity / esize;
     const int64_t chunks = (numel + step - 1) / step;
     const auto x_ptr = reinterpret_cast<uintptr_t>(c.x.data_ptr()), out_ptr = reinterpret_cast<uintptr_t>(c.out.data_ptr());
     const int dtype = int(*dtype_code(c.x.scalar_type()));
     for (int64_t i = 0; i < chunks; ++i) {
       Launch l{};
-      l.tree = c.tree;
+      l.algo = c.algo;
       l.lo = i * step;
       l.numel = std::min(step, numel - l.lo);
       l.zero_copy = zero_copy;
       l.x_offset = zero_copy ? x_offset : 0;
-      l.shard = c.tree ? shard_elements(l.numel, world_) : 0;
-      l.config = c.tree ? tree_config(l.shard, int(esize), world_, sm_count_) : flat_config(l.numel, int(esize), sm_count_);
-      l.packed = (x_ptr + l.lo * esize) % 16 == 0 && (out_ptr + l.lo * esize) % 16 == 0 && l.numel % (16 / esize) == 0;
+      l.shard = tree ? shard_elements(l.numel, world_) : 0;
+      l.config = tree ? tree_config(l.shard, int(esize), world_, sm_count_)
+                 : ll ? ll_config(l.numel, int(esize), sm_count_) : flat_config(l.numel, int(esize), sm_count_);
+      // (LL's work map does not depend on alignment: every line carries its own flag.)
+      l.packed = ll || ((x_ptr + l.lo * esize) % 16 == 0 && (out_ptr + l.lo * esize) % 16 == 0 &&
+                        l.numel % (16 / esize) == 0);
       const int64_t fields[] = {numel, i, chunks, l.numel, dtype, zero_copy ? x_offset : -1, l.packed,
                                 l.config.programs, l.config.threads, l.config.unroll};
-      l.sig = call_signature(c.tree ? tree_op_ : flat_op_, fields, int(std::size(fields)));
+      l.sig = call_signature(tree ? tree_op_ : ll ? ll_op_ : flat_op_, fields, int(std::size(fields)));
       each(l);
     }
   }
@@ -241,9 +255,10 @@ class AllReduceHost {
     a.threads = l.config.threads;
     a.unroll = l.config.unroll;
     a.dtype = *dtype_code(c.x.scalar_type());
-    const cudaError_t code = l.tree ? tree_all_reduce(a, l.shard, stream) : flat_all_reduce(a, stream);
+    const cudaError_t code = l.algo == Algo::kTree ? tree_all_reduce(a, l.shard, stream)
+                             : l.algo == Algo::kLL ? ll_all_reduce(a, stream) : flat_all_reduce(a, stream);
     if (code != cudaSuccess) {
-      const std::string what = std::string(l.tree ? "tree" : "flat") + " all-reduce launch: CUDA error " +
+      const std::string what = std::string(l.algo == Algo::kLL ? "LL" : algo_name(l.algo)) + " all-reduce launch: CUDA error " +
                                std::to_string(int(code)) + " (" + shardkit_error_string(int(code)) + ")";
       PyErr_SetString(error_type_.ptr(), what.c_str());
       throw py::error_already_set();
@@ -256,7 +271,7 @@ class AllReduceHost {
   int64_t workspace_, staging_offset_;
   int* error_record_;
   int64_t buffer_bytes_, timeout_iters_;
-  int sm_count_, flat_op_, tree_op_;
+  int sm_count_, flat_op_, tree_op_, ll_op_;
   py::object error_type_;
   PeerTable table_{};
   std::vector<std::pair<int64_t, Algo>> rules_;
@@ -270,10 +285,11 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "shardkit's torch binding: the C++ host path of the all-reduce (csrc/torch)";
   py::class_<AllReduceHost>(m, "AllReduceHost")
       .def(py::init<int, int, int, std::string, std::vector<int64_t>, int64_t, int64_t, int64_t, int64_t, int64_t, int,
-                    std::vector<std::pair<int64_t, std::string>>, int, int, py::object>(),
+                    std::vector<std::pair<int64_t, std::string>>, int, int, int, py::object>(),
            py::arg("rank"), py::arg("world"), py::arg("device_index"), py::arg("device_text"), py::arg("table"),
            py::arg("workspace"), py::arg("staging_offset"), py::arg("error_record"), py::arg("buffer_bytes"), py::arg("timeout_iters"),
-           py::arg("sm_count"), py::arg("rules"), py::arg("flat_op"), py::arg("tree_op"), py::arg("error_type"))
+           py::arg("sm_count"), py::arg("rules"), py::arg("flat_op"), py::arg("tree_op"), py::arg("ll_op"),
+           py::arg("error_type"))
       .def("all_reduce", &AllReduceHost::all_reduce, py::arg("x"), py::arg("out"), py::arg("algo"))
       .def("plan", &AllReduceHost::plan, py::arg("x"), py::arg("out"), py::arg("algo"));
   // The launch policy and fingerprint as the host path computes them (tests compare them with Python's).
@@ -283,6 +299,10 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("tree_config", [](int64_t shard, int element_size, int world, int sm_count) {
     const auto c = shardkit::tree_config(shard, element_size, world, sm_count);
+    return py::make_tuple(c.programs, c.threads, c.unroll);
+  });
+  m.def("ll_config", [](int64_t numel, int element_size, int sm_count) {
+    const auto c = shardkit::ll_config(numel, element_size, sm_count);
     return py::make_tuple(c.programs, c.threads, c.unroll);
   });
   m.def("shard_elements", &shardkit::shard_elements);

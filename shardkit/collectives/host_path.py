@@ -1,6 +1,6 @@
 """The C++ host path of ``Communicator.all_reduce`` on the CUDA kernels (``shardkit._C``, csrc/torch).
 
-One C++ call does what ``Communicator._run`` / ``_launch`` do in Python for algo flat / tree / auto:
+One C++ call does what ``Communicator._run`` / ``_launch`` do in Python for algo flat / tree / ll / auto:
 argument checks (the same messages), the choice of ``auto``, zero-copy detection, chunking, the launch
 policy (csrc/dda/policy.h, the one the Python path calls too), the call fingerprint (``layout.h``'s
 twin of ``protocol.call_signature``), the launch on torch's current stream and its error check. The
@@ -39,4 +39,5 @@ def make_host(memory, rank: int, world: int, device, timeout_iters: int, sm_coun
         table=memory.table.tolist(), workspace=memory.buffer.data_ptr(), staging_offset=memory.staging_offset, error_record=memory.error_record_addr,
         buffer_bytes=memory.buffer_bytes, timeout_iters=timeout_iters, sm_count=sm_count,
         rules=[(-1 if max_bytes is None else int(max_bytes), algo) for max_bytes, algo in rules],
-        flat_op=OP_CODES["all_reduce_flat_cuda"], tree_op=OP_CODES["all_reduce_tree_cuda"], error_type=ShardkitError)
+        flat_op=OP_CODES["all_reduce_flat_cuda"], tree_op=OP_CODES["all_reduce_tree_cuda"],
+        ll_op=OP_CODES["all_reduce_ll_cuda"], error_type=ShardkitError)

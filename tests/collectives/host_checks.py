@@ -25,7 +25,7 @@ def _pair(buffer_bytes: int) -> tuple[Communicator, Communicator]:
 
 
 def cpp_matches_python(dtype_name: str, sizes: list[int], buffer_bytes: int, seed: int) -> list[str]:
-    """Every way to call all_reduce on both host paths: out-of-place (into a poisoned out and into a
+    """Every way to call all_reduce (flat, tree, ll, auto) on both host paths: out-of-place (into a poisoned out and into a
     new tensor), in place, out as another view of x, unaligned x (the element path), chunked sizes;
     the results must be bitwise equal, close to the float64 sum, and x must be left as it was."""
     dtype = DTYPES[dtype_name]
@@ -37,7 +37,7 @@ def cpp_matches_python(dtype_name: str, sizes: list[int], buffer_bytes: int, see
             xs = rank_inputs(world, n + 1, dtype, seed=seed * 1000 + i, device=device())
             for shift in (0, 1):  # shift 1: x starts one element into its memory (the unaligned path)
                 want = all_reduce_reference([t[shift:shift + n] for t in xs])
-                for algo in ("flat", "tree", "auto"):
+                for algo in ("flat", "tree", "ll", "auto"):
                     x = xs[rank].clone()[shift:shift + n]
                     x_before = x.clone()
                     outs = {}
@@ -71,7 +71,7 @@ def mixed_paths(sizes: list[int], seed: int) -> list[str]:
     digests = []
     try:
         for i, n in enumerate(sizes):
-            for algo in ("flat", "tree"):
+            for algo in ("flat", "tree", "ll"):
                 xs = rank_inputs(world, n, torch.bfloat16, seed=seed * 1000 + i, device=device())
                 out = comm.all_reduce(xs[rank], algo=algo)
                 torch.testing.assert_close(out.double(), all_reduce_reference(xs), **tol(ROUNDING, torch.bfloat16))

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(not cuda_dda.available(), reason="the CUDA libra
 
 SM = 132
 BUFFER = 64 << 10
-RULES = [(4 << 10, "flat"), (256 << 10, "tree"), (None, "nccl")]
+RULES = [(1 << 10, "ll"), (4 << 10, "flat"), (256 << 10, "tree"), (None, "nccl")]
 SIZES = [0, 1, 7, 15, 16, 17, 255, 1000, 4099, 65_541, 1 << 20, 3_000_017, 1 << 24, (1 << 28) + 3]
 
 
@@ -41,6 +41,9 @@ def test_launch_policy_is_the_one_python_uses():
                 flat = host_path._C.flat_config(n, esize, sm)
                 assert flat == dataclasses.astuple(cuda_dda.flat_config(n, esize, sm)), (n, esize, sm)
                 assert flat == (max(1, min(sm, protocol.MAX_PROGRAMS, -(-n // (512 * vec)))), 512, 1)
+                ll = host_path._C.ll_config(n, esize, sm)
+                assert ll == dataclasses.astuple(cuda_dda.ll_config(n, esize, sm)), (n, esize, sm)
+                assert ll == (max(1, min(sm, protocol.MAX_PROGRAMS, -(-n * esize // (8 * 512)))), 512, 1)
                 for world in range(2, protocol.MAX_WORLD + 1):
                     shard = shard_elements(n, world)
                     assert host_path._C.shard_elements(n, world) == shard
@@ -73,20 +76,23 @@ def python_plan(mem: SimpleNamespace, world: int, x: torch.Tensor, out: torch.Te
     """The launches of Communicator._run / _launch on the CUDA kernels, written out in Python."""
     nbytes, esize, total = x.numel() * x.element_size(), x.element_size(), x.numel()
     algo = thresholds.choose(RULES, nbytes) if algo == "auto" else algo
-    if algo not in ("flat", "tree"):
+    if algo not in ("flat", "tree", "ll"):
         return None
     offset = x.data_ptr() - mem.buffer.data_ptr()
     held = mem.staging_offset <= offset and offset + nbytes <= mem.staging_offset + BUFFER
-    zero_copy = held and offset % 16 == 0 and not (algo == "flat" and out.data_ptr() == x.data_ptr())
-    step = total if zero_copy or nbytes <= BUFFER else BUFFER // esize
+    zero_copy = held and offset % 16 == 0 and not (algo == "flat" and out.data_ptr() == x.data_ptr()) and algo != "ll"
+    capacity = protocol.LL_MAX_BYTES if algo == "ll" else BUFFER
+    step = total if zero_copy or nbytes <= capacity else capacity // esize
     chunks = -(-total // step) if total else 0
     plan = []
     for i in range(chunks):
         lo, n = i * step, min(step, total - i * step)
         shard = shard_elements(n, world) if algo == "tree" else 0
         config = dataclasses.astuple(cuda_dda.tree_config(shard, esize, world, SM) if algo == "tree"
+                                     else cuda_dda.ll_config(n, esize, SM) if algo == "ll"
                                      else cuda_dda.flat_config(n, esize, SM))
-        packed = (x.data_ptr() + lo * esize) % 16 == 0 and (out.data_ptr() + lo * esize) % 16 == 0 and n % (16 // esize) == 0
+        packed = algo == "ll" or ((x.data_ptr() + lo * esize) % 16 == 0 and (out.data_ptr() + lo * esize) % 16 == 0
+                                  and n % (16 // esize) == 0)
         sig = protocol.call_signature(f"all_reduce_{algo}_cuda", total, i, chunks, n, protocol.DTYPE_CODES[x.dtype],
                                       offset if zero_copy else -1, packed, *config)
         plan.append(dict(algo=algo, lo=lo, numel=n, shard=shard, zero_copy=zero_copy,
@@ -111,7 +117,7 @@ def test_plans_the_python_paths_launches(world, dtype):
             x = staging[lo:lo + n * esize].view(dtype)  # in the staging area: zero copy where aligned
             cases += [(x, None), (x, x)]
     for x, out in cases:
-        for algo in ("flat", "tree", "auto", "nccl", "copy", "no-such-algo"):
+        for algo in ("flat", "tree", "ll", "auto", "nccl", "copy", "no-such-algo"):
             got = host.plan(x, out, algo)
             want = python_plan(mem, world, x, torch.empty_like(x) if out is None else out, algo)
             if want is None:

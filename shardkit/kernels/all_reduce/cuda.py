@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import ShardkitError
-from ...memory import protocol as _protocol
 from ...memory.protocol import DTYPE_CODES
 
 _PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "_dda.so")
@@ -43,7 +42,8 @@ def _load():
         config = ctypes.POINTER(ctypes.c_int)
         lib.shardkit_flat_config.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int, config]
         lib.shardkit_tree_config.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int, config]
-        lib.shardkit_flat_config.restype = lib.shardkit_tree_config.restype = None
+        lib.shardkit_ll_config.argtypes = lib.shardkit_flat_config.argtypes
+        lib.shardkit_flat_config.restype = lib.shardkit_tree_config.restype = lib.shardkit_ll_config.restype = None
         lib.shardkit_grid.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
         lib.shardkit_grid.restype = ctypes.c_int
         _lib = lib
@@ -106,10 +106,11 @@ def tree_config(shard: int, element_size: int, world: int, sm_count: int) -> Cud
 @functools.lru_cache(maxsize=1024)
 def ll_config(numel: int, element_size: int, sm_count: int) -> CudaConfig:
     """The LL kernel's grid (csrc/dda/ll_all_reduce.cu) for ``numel`` elements per rank, at most
-    ``LL_MAX_BYTES``: one 8-byte payload line per thread, 512 threads as the flat kernel (not tuned yet;
-    ``config=`` takes others), up to one program per SM. Pure: every rank gets the same."""
-    lines = -(-numel * element_size // 8)
-    return CudaConfig(max(1, min(sm_count, _protocol.MAX_PROGRAMS, -(-lines // 512))), 512, 1)
+    ``LL_MAX_BYTES`` (policy.h: one 8-byte payload line per thread, 512 threads; ``config=`` takes
+    others). Pure: every rank gets the same."""
+    config = (ctypes.c_int * 3)()
+    _load().shardkit_ll_config(numel, element_size, sm_count, config)
+    return CudaConfig(*config)
 
 
 class HostTable:
