@@ -38,7 +38,6 @@ from ..launch import CachedLauncher, int_key, ptr_key
 __all__ = ["DecodeConfig", "decode_attention", "decode_config"]
 
 _LOG2E = 1.4426950408889634  # scores in base 2: the kernel uses exp2
-_LN2 = 0.6931471805599453
 MAX_SPLITS = 128  # the combine reads at most this many partials per row
 
 
