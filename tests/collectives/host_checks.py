@@ -18,16 +18,20 @@ def host_path_errors() -> list[str]:
     return error_messages([lambda: Communicator(host_path="c++"), lambda: Communicator(host_path="cpp")])
 
 
+TIMEOUT_S = 10.0  # a kernel that never meets its peers fails the test in seconds, not a minute
+
+
 def _pair(buffer_bytes: int) -> tuple[Communicator, Communicator]:
-    cpp = Communicator(buffer_bytes=buffer_bytes, kernels="cuda", host_path="cpp")
+    cpp = Communicator(buffer_bytes=buffer_bytes, kernels="cuda", host_path="cpp", timeout_s=TIMEOUT_S)
     assert cpp._host is not None, "the C++ host path is not in use"
-    return cpp, Communicator(buffer_bytes=buffer_bytes, kernels="cuda", host_path="python")
+    return cpp, Communicator(buffer_bytes=buffer_bytes, kernels="cuda", host_path="python", timeout_s=TIMEOUT_S)
 
 
-def cpp_matches_python(dtype_name: str, sizes: list[int], buffer_bytes: int, seed: int) -> list[str]:
-    """Every way to call all_reduce (flat, tree, ll, auto) on both host paths: out-of-place (into a poisoned out and into a
-    new tensor), in place, out as another view of x, unaligned x (the element path), chunked sizes;
-    the results must be bitwise equal, close to the float64 sum, and x must be left as it was."""
+def cpp_matches_python(algo: str, dtype_name: str, sizes: list[int], buffer_bytes: int, seed: int) -> list[str]:
+    """Every way to call all_reduce with ``algo`` on both host paths: out-of-place (into a poisoned
+    out and into a new tensor), in place, out as another view of x, unaligned x (the element path),
+    chunked sizes; the results must be bitwise equal, close to the float64 sum, and x must be left as
+    it was."""
     dtype = DTYPES[dtype_name]
     rank, world = dist.get_rank(), dist.get_world_size()
     cpp, python = _pair(buffer_bytes)
@@ -37,45 +41,46 @@ def cpp_matches_python(dtype_name: str, sizes: list[int], buffer_bytes: int, see
             xs = rank_inputs(world, n + 1, dtype, seed=seed * 1000 + i, device=device())
             for shift in (0, 1):  # shift 1: x starts one element into its memory (the unaligned path)
                 want = all_reduce_reference([t[shift:shift + n] for t in xs])
-                for algo in ("flat", "tree", "ll", "auto"):
-                    x = xs[rank].clone()[shift:shift + n]
-                    x_before = x.clone()
-                    outs = {}
-                    for name, comm in (("cpp", cpp), ("python", python)):
-                        out = torch.full_like(x, float("nan"))  # poison: every element must be written
-                        assert comm.all_reduce(x, algo=algo, out=out) is out
-                        fresh = comm.all_reduce(x, algo=algo)
-                        inplace = x.clone()
-                        assert comm.all_reduce_(inplace, algo=algo) is inplace
-                        view = x.clone()
-                        assert comm.all_reduce(view, algo=algo, out=view[:]).data_ptr() == view.data_ptr()
-                        assert torch.equal(x, x_before), f"{name}: all_reduce modified its input"
-                        for other in (fresh, inplace, view):
-                            assert torch.equal(other, out), f"{name} {algo} n={n}: results differ between calls"
-                        outs[name] = out
-                    assert torch.equal(outs["cpp"], outs["python"]), f"{algo} n={n}: C++ and Python paths differ"
-                    torch.testing.assert_close(outs["cpp"].double(), want, **tol(ROUNDING, dtype),
-                                               msg=lambda m: f"{algo} {dtype_name} n={n} shift={shift}: {m}")
-                    digests.append(digest(outs["cpp"]))
+                x = xs[rank].clone()[shift:shift + n]
+                x_before = x.clone()
+                outs = {}
+                for name, comm in (("cpp", cpp), ("python", python)):
+                    out = torch.full_like(x, float("nan"))  # poison: every element must be written
+                    assert comm.all_reduce(x, algo=algo, out=out) is out
+                    fresh = comm.all_reduce(x, algo=algo)
+                    inplace = x.clone()
+                    assert comm.all_reduce_(inplace, algo=algo) is inplace
+                    view = x.clone()
+                    assert comm.all_reduce(view, algo=algo, out=view[:]).data_ptr() == view.data_ptr()
+                    assert torch.equal(x, x_before), f"{name}: all_reduce modified its input"
+                    for other in (fresh, inplace, view):
+                        assert torch.equal(other, out), f"{name} {algo} n={n}: results differ between calls"
+                    outs[name] = out
+                assert torch.equal(outs["cpp"], outs["python"]), f"{algo} n={n}: C++ and Python paths differ"
+                torch.testing.assert_close(outs["cpp"].double(), want, **tol(ROUNDING, dtype),
+                                           msg=lambda m: f"{algo} {dtype_name} n={n} shift={shift}: {m}")
+                digests.append(digest(outs["cpp"]))
+        cpp.check()
+        python.check()
     finally:
         cpp.close()
         python.close()
     return digests
 
 
-def mixed_paths(sizes: list[int], seed: int) -> list[str]:
+def mixed_paths(algo: str, sizes: list[int], seed: int) -> list[str]:
     """Rank 0 on the C++ path, the others on the Python path: the calls (fingerprints included) are
     the same, so they meet at every barrier and get the float64 sum."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    comm = Communicator(buffer_bytes=1 << 20, kernels="cuda", host_path="cpp" if rank == 0 else "python")
+    comm = Communicator(buffer_bytes=1 << 20, kernels="cuda", host_path="cpp" if rank == 0 else "python",
+                        timeout_s=TIMEOUT_S)
     digests = []
     try:
         for i, n in enumerate(sizes):
-            for algo in ("flat", "tree", "ll"):
-                xs = rank_inputs(world, n, torch.bfloat16, seed=seed * 1000 + i, device=device())
-                out = comm.all_reduce(xs[rank], algo=algo)
-                torch.testing.assert_close(out.double(), all_reduce_reference(xs), **tol(ROUNDING, torch.bfloat16))
-                digests.append(digest(out))
+            xs = rank_inputs(world, n, torch.bfloat16, seed=seed * 1000 + i, device=device())
+            out = comm.all_reduce(xs[rank], algo=algo)
+            torch.testing.assert_close(out.double(), all_reduce_reference(xs), **tol(ROUNDING, torch.bfloat16))
+            digests.append(digest(out))
         comm.check()
     finally:
         comm.close()

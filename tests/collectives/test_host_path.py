@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from shardkit import ShardkitError, thresholds
+from shardkit import thresholds
 from shardkit.collectives import host_path
 from shardkit.kernels.all_reduce import cuda as cuda_dda
 from shardkit.kernels.all_reduce.tree import shard_elements

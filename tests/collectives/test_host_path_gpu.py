@@ -20,16 +20,19 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(gpu_count() < 2, reason="needs
 WORLD = min(4, gpu_count())
 # Tails of every pack size; 300_017 x 4 bytes exceeds the 1 MiB buffer below: chunked.
 SIZES = [1, 7, 1000, 4099, 65_536 + 5, 300_017]
+ALGOS = ["flat", "tree", "ll", "auto"]  # ll: chunked above protocol.LL_MAX_BYTES
 
 
+@pytest.mark.parametrize("algo", ALGOS)
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_cpp_path_is_the_python_path_bitwise(worlds, dtype):
-    digests = worlds(WORLD, "nccl").run(host_checks.cpp_matches_python, dtype, SIZES, 1 << 20, 5)
+def test_cpp_path_is_the_python_path_bitwise(worlds, dtype, algo):
+    digests = worlds(WORLD, "nccl").run(host_checks.cpp_matches_python, algo, dtype, SIZES, 1 << 20, 5)
     assert all(d == digests[0] for d in digests), "ranks got different bits"
 
 
-def test_ranks_may_mix_the_paths(worlds):
-    digests = worlds(WORLD, "nccl").run(host_checks.mixed_paths, [7, 4099, 300_017], 6)
+@pytest.mark.parametrize("algo", ALGOS[:3])
+def test_ranks_may_mix_the_paths(worlds, algo):
+    digests = worlds(WORLD, "nccl").run(host_checks.mixed_paths, algo, [7, 4099, 300_017], 6)
     assert all(d == digests[0] for d in digests), "ranks got different bits"
 
 
