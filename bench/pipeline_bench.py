@@ -310,7 +310,7 @@ class Bench:
                        "predicted_timeline_s": [[[round(x, 6) for x in ab] for ab in row] for row in predicted.compute]}
             bounds = [r.start for r in rt.layers] + [rt.layers[-1].stop]
             params = {**base, "label": c["label"], "partition": bounds, "slices": slices, "wire": rt.wire,
-                      "attention": list(rt.stage._kernels), "link_ctas": self.args.link_ctas or None}
+                      "attention": list(rt.stage.attention_kernels), "link_ctas": self.args.link_ctas or None}
             self.add(c["impl"], params, t[i].tolist(), metrics, rt.stage.dtype)
             self.schedules[c["label"]] = (measured, predicted, slices)
             medians.append(statistics.median(t[i].tolist()))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
@@ -242,7 +243,8 @@ class LlamaStage:
         if attention not in ("auto", "math") and attention not in available:
             raise ValueError(f"attention={attention!r} is not available for {dtype} on {self.device} "
                              f"(available: {available + ('math',)})")
-        self._kernels = (attention, attention) if attention != "auto" else \
+        # (kernel of slices of CUDNN_MIN_QUERIES tokens or more, of shorter ones): what the stage runs
+        self.attention_kernels = (attention, attention) if attention != "auto" else \
             ("cudnn" if "cudnn" in available else "flash" if "flash" in available else "math",
              "flash" if "flash" in available else "math")  # (long query blocks, short ones)
 
@@ -336,11 +338,19 @@ class LlamaStage:
                    ) -> torch.Tensor:
         """``q`` ``[B, H, s, D]`` at positions ``start..end-1`` over the cached keys ``0..end-1``: the
         square causal block of the slice's own keys, merged with the fully visible prefix."""
-        kernel = self._kernels[0 if end - start >= CUDNN_MIN_QUERIES else 1]
-        out, lse = self._block(kernel, q, k_cache[:, :, start:end], v_cache[:, :, start:end], causal=True)
-        if start:
-            out_p, lse_p = self._block(kernel, q, k_cache[:, :, :start], v_cache[:, :, :start], causal=False)
-            out = _merge(out, lse, out_p, lse_p)
+        kernel = self.attention_kernels[0 if end - start >= CUDNN_MIN_QUERIES else 1]
+        try:
+            out, lse = self._block(kernel, q, k_cache[:, :, start:end], v_cache[:, :, start:end], causal=True)
+            if start:
+                out_p, lse_p = self._block(kernel, q, k_cache[:, :, :start], v_cache[:, :, :start], causal=False)
+                out = _merge(out, lse, out_p, lse_p)
+        except RuntimeError as e:
+            if kernel != "cudnn" or isinstance(e, torch.OutOfMemoryError):
+                raise
+            # A cuDNN that refuses these shapes or strides: flash from now on, said once.
+            warnings.warn(f"LlamaStage: cuDNN attention failed ({str(e).splitlines()[0][:200]}); using flash")
+            self.attention_kernels = tuple("flash" if k == "cudnn" else k for k in self.attention_kernels)
+            return self._attention(q, k_cache, v_cache, start, end)
         return out
 
     @staticmethod

@@ -67,9 +67,9 @@ def test_random_model_chained_stages_and_float64(attention):
 def test_attention_kernel_choice():
     w = random_weights(SMALL, range(1), False, False, dtype=torch.float32)
     odd = LlamaConfig(**{**SMALL.__dict__, "head_dim": 10})
-    assert LlamaStage(SMALL, w, range(1), first=False, last=False, max_tokens=4)._kernels == ("flash", "flash")
+    assert LlamaStage(SMALL, w, range(1), first=False, last=False, max_tokens=4).attention_kernels == ("flash", "flash")
     w_odd = random_weights(odd, range(1), False, False, dtype=torch.float32)
-    assert LlamaStage(odd, w_odd, range(1), first=False, last=False, max_tokens=4)._kernels == ("math", "math")
+    assert LlamaStage(odd, w_odd, range(1), first=False, last=False, max_tokens=4).attention_kernels == ("math", "math")
     with pytest.raises(ValueError, match="attention='cudnn' is not available"):
         LlamaStage(SMALL, w, range(1), first=False, last=False, max_tokens=4, attention="cudnn")
     with pytest.raises(ValueError, match="attention must be one of"):
@@ -143,3 +143,25 @@ def test_cuda_sliced_prefill(dtype):
         assert relative_error(sliced, want) <= 1e-4
     else:  # bf16: slicing must not cost accuracy against the whole prompt in one call
         assert relative_error(sliced, want) <= max(2 * relative_error(whole, want), 1e-2)
+
+
+def test_cudnn_refusal_falls_back_to_flash(monkeypatch):
+    # A cuDNN that raises for some shape: the stage warns once, runs flash from then on, same result.
+    import shardkit.pipeline.llama as llama
+    real = llama.sdpa_with_lse
+
+    def refusing(q, k, v, *, backend, **kw):
+        if backend == "cudnn":
+            raise RuntimeError("cuDNN refuses this shape")
+        return real(q, k, v, backend=backend, **kw)
+
+    monkeypatch.setattr(llama, "sdpa_with_lse", refusing)
+    monkeypatch.setattr(llama, "CUDNN_MIN_QUERIES", 1)
+    ids = torch.randint(0, SMALL.vocab, (1, 12), generator=torch.Generator().manual_seed(3))
+    full = random_weights(SMALL, range(SMALL.layers), True, True, seed=2, dtype=torch.float32)
+    st = LlamaStage(SMALL, full, range(SMALL.layers), first=True, last=True, max_tokens=12)
+    st.attention_kernels = ("cudnn", "flash")  # as on a GPU
+    with pytest.warns(UserWarning, match="cuDNN attention failed"), torch.no_grad():
+        got = run_slices([st], ids, (5, 7))
+    assert st.attention_kernels == ("flash", "flash")
+    assert relative_error(got, reference_logits(SMALL, full, ids)) <= 1e-5
