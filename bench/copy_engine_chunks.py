@@ -2,8 +2,8 @@
 two-shot in the same run (calibrates ``copy_engine.copy_config`` and picks the default schedule).
 
     torchrun --standalone --nproc-per-node=2 bench/copy_engine_chunks.py [--sizes 16M,64M,256M]
-        [--variants barriers_ce,flags_ce,flags_sm] [--chunks 1M,2M,4M,8M,16M,32M,64M]
-        [--placements out,in,zc] [--modes graph] [--out DIR]
+        [--variants barriers_ce,flags_ce,flags_ce_push,flags_sm] [--chunks 0,1M,2M,4M,8M,16M,32M,64M]
+        [--placements out,in,zc] [--modes graph] [--profile 64M] [--out DIR]
 
 bf16. Variants are ``CopyConfig(chunk, sync, gather)`` (``barriers_ce`` is today's default
 schedule; chunk 0 = the launch policy's chunk with that schedule). Placements: ``out`` out of place
@@ -22,6 +22,7 @@ DIR/records.jsonl or the store. GPUs only.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -32,7 +33,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.all_reduce_sweep import parse_size, symm_mem_algos  # noqa: E402
-from bench.common import environment, header_lines, max_over_ranks, time_cuda  # noqa: E402
+from bench.common import capture_graph, environment, header_lines, max_over_ranks, time_cuda  # noqa: E402
 from bench.records import append, current_commit, destination, record  # noqa: E402
 
 BENCH = "all_reduce_copy_chunks"
@@ -42,7 +43,8 @@ PLACEMENTS = ("out", "in", "zc", "zco")
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="16M,64M,256M")
-    p.add_argument("--variants", default="barriers_ce,flags_ce,flags_sm", help="<sync>_<gather> schedules")
+    p.add_argument("--variants", default="barriers_ce,flags_ce,flags_ce_push,flags_sm",
+                   help="<sync>_<gather> schedules")
     p.add_argument("--chunks", default="0,1M,2M,4M,8M,16M,32M,64M", help="chunk_bytes values; 0 = the launch policy's")
     p.add_argument("--max-chunks", type=int, default=32, help="skip chunks giving more chunks per shard than this")
     p.add_argument("--placements", default="out,in,zc")
@@ -50,8 +52,13 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--budget-s", type=float, default=170.0, help="stop starting new sizes after this many seconds")
+    p.add_argument("--profile", default="64M",
+                   help="size at which each copy schedule's fastest chunk (placements out and zc) is traced once "
+                        "with torch.profiler (needs --out: chrome traces there, a per-stream summary printed); "
+                        "'' = none")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    profile_bytes = parse_size(args.profile) if args.profile and args.out else None
     t0 = time.monotonic()
 
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -62,7 +69,7 @@ def main() -> None:
     from shardkit.collectives import copy_engine
 
     sizes = [parse_size(s) for s in args.sizes.split(",")]
-    variants = [tuple(v.split("_")) for v in args.variants.split(",")]
+    variants = [tuple(v.split("_", 1)) for v in args.variants.split(",")]
     chunks = [parse_size(c) for c in args.chunks.split(",")]
     placements = args.placements.split(",")
     assert all(pl in PLACEMENTS for pl in placements), f"--placements: one of {PLACEMENTS}"
@@ -70,7 +77,7 @@ def main() -> None:
     comm = shardkit.Communicator(buffer_bytes=max(sizes))  # the copy algorithm's fast configuration
     default_comm = shardkit.Communicator()
     two_shot = symm_mem_algos(dist.group.WORLD.group_name).get("symm_2shot")
-    env, commit, records, rows = environment(), current_commit(), [], []
+    env, commit, records, rows, profiles = environment(), current_commit(), [], [], []
 
     def sync() -> None:
         dist.barrier()
@@ -136,7 +143,7 @@ def main() -> None:
                         lambda a=algo, o=tree_out: default_comm.all_reduce(x, algo=a, out=o), tree_out,
                         lambda o=tree_out: o.fill_(float("nan")), None)
 
-        first = None
+        first, calls = None, {}
         for sync_name, gather in variants:
             for chunk in chunks:
                 if chunk > shard or (chunk and shard // chunk > args.max_chunks):
@@ -155,9 +162,24 @@ def main() -> None:
                             d.fill_(float("nan"))  # poison: every element must be written
                         s.copy_(x)
 
-                    checked = measure(nbytes, f"copy_{sync_name}_{gather}",
-                                      {"placement": placement, "chunk_bytes": chunk}, fn, dst, prepare, first)
+                    impl = f"copy_{sync_name}_{gather}"
+                    checked = measure(nbytes, impl, {"placement": placement, "chunk_bytes": chunk}, fn, dst, prepare,
+                                      first)
                     first = checked if first is None else first
+                    calls[impl, placement, chunk] = (fn, prepare)
+        if nbytes == profile_bytes:
+            for mode in modes[:1]:
+                best = {}
+                for r in rows:
+                    if (r[0] == nbytes >> 20 and r[4] == mode and r[5] is not None and r[1].startswith("copy_")
+                            and r[2] in ("out", "zc") and ((r[1], r[2]) not in best or r[5] < best[r[1], r[2]][5])):
+                        best[r[1], r[2]] = r
+                for (impl, placement), r in sorted(best.items()):
+                    chunk = int(r[3] * (1 << 20))
+                    fn, prepare = calls[impl, placement, chunk]
+                    label = f"{nbytes >> 20}M_{impl}_{placement}_{chunk >> 20}M"
+                    summary = profile_call(fn, prepare, os.path.join(args.out, f"trace_{label}_rank{rank}.json"))
+                    profiles.append(f"{label} ({r[5]:.1f} us timed): {summary}")
     comm.check()
     comm.close()
     default_comm.close()
@@ -178,9 +200,50 @@ def main() -> None:
                     print(f"| {r[1]} | {r[2]} | {r[3]:g} | {r[5]:.1f} |")
                 print("all: " + "; ".join(f"{r[1].removeprefix('copy_')}/{r[2]}/{r[3]:g}M "
                                           + (f"{r[5]:.1f}" if r[5] is not None else f"ERROR {r[6]}") for r in here))
+        if profiles:
+            print("\nProfiles (one graph replay of one call, rank 0; per stream: kernels / copies and their busy "
+                  "us; copies: the time any copy runs):")
+            print("\n".join(profiles))
         path = destination(args.out, on_gpu=True)
         print(f"appended {append(records, path)} records to {path}")
     dist.destroy_process_group()
+
+
+def profile_call(fn, prepare, path: str) -> str:
+    """One call of ``fn`` in a CUDA graph, replayed once under torch.profiler (every rank together:
+    the call is a collective); writes the chrome trace to ``path`` and returns a one-line summary:
+    the GPU span, and per stream the kernels' and copies' counts and busy time."""
+    prepare()
+    graph = capture_graph(fn, 1)
+    graph.replay()
+    torch.cuda.synchronize()
+    dist.barrier()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        events = [e for e in json.load(f).get("traceEvents", [])
+                  if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    if not events:
+        return "no GPU events in the trace"
+    t0 = min(e["ts"] for e in events)
+    span = max(e["ts"] + e["dur"] for e in events) - t0
+    streams: dict = {}
+    for e in events:
+        kind = "k" if e["cat"] == "kernel" else "c"
+        st = streams.setdefault(e.get("args", {}).get("stream", "?"), {"k": [0, 0.0], "c": [0, 0.0]})
+        st[kind][0] += 1
+        st[kind][1] += e["dur"]
+    copies = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e["cat"] != "kernel")
+    busy, end = 0.0, float("-inf")
+    for lo, hi in copies:  # the union of the copies' intervals
+        busy += max(0.0, hi - max(lo, end))
+        end = max(end, hi)
+    parts = [f"stream {sid}: {v['k'][0]} k {v['k'][1]:.0f} us, {v['c'][0]} c {v['c'][1]:.0f} us"
+             for sid, v in sorted(streams.items(), key=lambda kv: str(kv[0]))]
+    return f"span {span:.1f} us, copies running {busy:.1f} us; " + "; ".join(parts)
 
 
 if __name__ == "__main__":

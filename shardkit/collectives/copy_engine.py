@@ -59,9 +59,11 @@ epoch buffer 0 (else call-chunks of ``buffer_bytes``). After the start barrier:
     all-gather issued by the sum itself);
   * "ag" stream, per chunk: wait for the peers' flags, then copy-engine pulls of their chunk from
     their R into ``out`` (gather="ce") or a local copy of what they stored in our epoch buffer 0
-    (gather="sm"). Zero-copy in place needs no all-gather flags: the reduced chunk goes straight
-    into the peers' inputs (copy-engine pushes after the sum, or the sum's SM stores), which only
-    this rank reads or writes in that range, and the end barrier says it has landed.
+    (gather="sm", or "ce_push": copy-engine pushes of each summed chunk from ``out`` into the
+    peers' epoch buffer 0 on an "agp" stream, then the flag on a "sig_ag" stream). Zero-copy in
+    place needs no all-gather flags: the reduced chunk goes straight into the peers' inputs
+    (copy-engine pushes after the sum, or the sum's SM stores), which only this rank reads or writes
+    in that range, and the end barrier says it has landed.
 
 Every rank signals before it waits, in chunk order, so the schedule also runs in program order on
 CPU worlds; each wait has the barriers' timeout and error record. Chunks per shard are capped at
@@ -116,9 +118,9 @@ ShardHook = Callable[[torch.Tensor], None]
 
 
 SYNCS = ("barriers", "flags")
-GATHERS = ("ce", "sm")
+GATHERS = ("ce", "ce_push", "sm")
 # The schedule's code in every fingerprint: ranks configured differently fail at the start barrier.
-_SCHEDULE_CODES = {("barriers", "ce"): 0, ("flags", "ce"): 1, ("flags", "sm"): 2}
+_SCHEDULE_CODES = {("barriers", "ce"): 0, ("flags", "ce"): 1, ("flags", "sm"): 2, ("flags", "ce_push"): 3}
 # Flag rows of the "flags" schedule (the barriers use slot 0): chunk k's reduce-scatter notice in
 # slot _RS_SLOT + k, its all-gather notice in _AG_SLOT + k; at most MAX_PROGRAMS chunks per shard.
 _RS_SLOT, _AG_SLOT = MAX_PROGRAMS, 2 * MAX_PROGRAMS
@@ -135,8 +137,10 @@ class CopyConfig:
        pulls from the input or its staged copy) or "flags" (reduce-scatter by copy-engine pushes
        straight from the input, so nothing is staged; one-way per-chunk flags instead of barriers;
        see the module).
-    gather: "ce" (all-gather by copy-engine transfers) or "sm" ("flags" only: the sum kernel stores
-       each reduced chunk into every peer's workspace itself).
+    gather: "ce" (all-gather by copy-engine transfers: pulls into ``out``, pushes into the peers'
+       inputs when zero-copy in place), "ce_push" ("flags" only: copy-engine pushes always, into the
+       peers' workspaces, which copy them to ``out`` locally) or "sm" ("flags" only: the sum kernel
+       stores each reduced chunk into every peer's workspace itself).
     """
     chunk_bytes: int
     sync: str = "barriers"
@@ -207,7 +211,8 @@ _SIDE_STREAMS: "weakref.WeakKeyDictionary[PeerMemory, dict[str, torch.cuda.Strea
 
 class _Lanes:
     """The caller's stream ("main") and the memory's side streams by name ("side": the barrier
-    schedule's copies; "rs", "sig", "ag": the flags schedule's pushes, notices and all-gather) on
+    schedule's copies; "rs", "sig", "ag", "agp", "sig_ag": the flags schedule's pushes, notices and
+    all-gather) on
     CUDA; on CPU everything runs in program order and events are None."""
 
     def __init__(self, memory: PeerMemory) -> None:
@@ -332,7 +337,7 @@ def _check_config(config: CopyConfig, shard_hook: ShardHook | None) -> None:
         raise ValueError(f"all_reduce: config must be a CopyConfig with chunk_bytes > 0, got {config!r}")
     if (config.sync, config.gather) not in _SCHEDULE_CODES:
         raise ValueError(f"all_reduce: config.sync must be one of {SYNCS} and config.gather one of {GATHERS} "
-                         f"(gather='sm' with sync='flags' only), got {config!r}")
+                         f"(gather 'ce_push' and 'sm' with sync='flags' only), got {config!r}")
     if config.gather == "sm" and shard_hook is not None:
         raise ValueError("all_reduce: a shard_hook needs config.gather='ce' (with 'sm' the sum kernel hands each "
                          "chunk to the peers before a hook could update it)")
@@ -467,6 +472,8 @@ def _call_flags(memory: PeerMemory, lanes: _Lanes, x: torch.Tensor, out: torch.T
     epoch0, epoch1 = base + memory.buffer_bytes, base + 2 * memory.buffer_bytes
     zc_in_place = x_offset is not None and out.data_ptr() == x.data_ptr()
     sm = gather == "sm"
+    # The peers' reduced chunks reach our epoch buffer 0 (their pushes), not their own R (our pulls).
+    pushed_to_us = not zc_in_place and gather != "ce"
     peers = plan.peers()
     ws = memory.peer_view(rank, 0, 1, torch.uint8).data_ptr()  # this rank's workspace address (an empty view has none)
     interpret = memory.backend == "cpu"
@@ -507,7 +514,7 @@ def _call_flags(memory: PeerMemory, lanes: _Lanes, x: torch.Tensor, out: torch.T
             target = r_view if hooked else out[lo:hi]
             launch_chunk_sum(memory.table, rank, world, dtype, hi - lo, own.data_ptr(),
                              ws + epoch1 + (lo - shard_lo) * es, plan.shard * es, target.data_ptr(),
-                             copy_addr=None if (sm or zc_in_place or hooked) else r_view.data_ptr(),
+                             copy_addr=None if (pushed_to_us or zc_in_place or hooked) else r_view.data_ptr(),
                              push_offset=dst + lo * es if sm else None, interpret=interpret)
             if shard_hook is not None:
                 shard_hook(target)
@@ -515,9 +522,24 @@ def _call_flags(memory: PeerMemory, lanes: _Lanes, x: torch.Tensor, out: torch.T
                     out[lo:hi].copy_(r_view)
         return lanes.mark()
 
+    def publish(k: int, summed: torch.cuda.Event | None, start: torch.cuda.Event | None) -> None:
+        """gather="ce_push": agp pushes our reduced chunk k from out into every peer's epoch buffer
+        0; sig_ag says so."""
+        lo, hi = plan.chunk_range(rank, k)
+        with lanes.on("agp"):
+            lanes.wait(start, "agp")
+            lanes.wait(summed, "agp")
+            if hi > lo:
+                for p in peers:
+                    view(p, epoch0, lo, hi).copy_(out[lo:hi])
+            pushed = lanes.mark("agp")
+        with lanes.on("sig_ag"):
+            lanes.wait(pushed, "sig_ag")
+            flags(signal=notice(_AG, k))
+
     def all_gather(k: int, summed: torch.cuda.Event | None, start: torch.cuda.Event | None) -> None:
-        """ag: chunk k of every shard into out (pulls from the peers' R, or our own workspace after
-        their SM pushes), or our chunk k into the peers' inputs (zero-copy in place)."""
+        """ag: chunk k of every shard into out (pulls from the peers' R, or a local copy of what they
+        pushed into our workspace), or our chunk k into the peers' inputs (zero-copy in place)."""
         if zc_in_place and sm:
             return  # the sum kernel stored it in the peers' inputs already
         with lanes.on("ag"):
@@ -533,14 +555,14 @@ def _call_flags(memory: PeerMemory, lanes: _Lanes, x: torch.Tensor, out: torch.T
             for p in peers:
                 lo, hi = plan.chunk_range(p, k)
                 if hi > lo:
-                    out[lo:hi].copy_(view(rank if sm else p, epoch0, lo, hi))
+                    out[lo:hi].copy_(view(rank if pushed_to_us else p, epoch0, lo, hi))
 
     # Start: after this barrier no peer still reads or writes our workspace for an earlier call, and
     # zero-copy inputs are ready.
     launch_barrier(memory.table, memory.error_record_addr, rank, world, call_signature(OP, *fingerprint, 0),
                    memory.buffer_bytes, timeout_iters)
     start = lanes.mark()
-    ag_notices = not zc_in_place
+    ag_notices = not zc_in_place and gather != "ce_push"  # main's (ce_push: sig_ag's, after the pushes)
     summed = None
     # Per chunk: the pushes of chunk k, then main's notice of chunk k-1's sum with its wait for chunk
     # k's pieces (one flag kernel), the sum of chunk k, and the all-gather of chunk k-1. Every rank
@@ -557,6 +579,8 @@ def _call_flags(memory: PeerMemory, lanes: _Lanes, x: torch.Tensor, out: torch.T
             all_gather(k - 1, summed, start if k == 1 else None)
         if k < plan.chunks:
             summed = reduce(k)
+            if gather == "ce_push" and not zc_in_place:
+                publish(k, summed, start if k == 0 else None)
     lanes.join()
 
     # End: nobody touches our workspace after this.

@@ -80,9 +80,9 @@ def check_copy_all_reduce(dtype_name: str, sizes: list[int], buffer_bytes: int, 
     return digests
 
 
-def check_shard_hook(n: int, seed: int, sync: str = "barriers") -> list[str]:
-    """A shard hook (x2, in place) on both all-gather paths of the ``sync`` schedule: the result is
-    twice the sum; the hook sees each chunk of this rank's shard once per call."""
+def check_shard_hook(n: int, seed: int, sync: str = "barriers", gather: str = "ce") -> list[str]:
+    """A shard hook (x2, in place) on both all-gather paths of the ``sync``/``gather`` schedule: the
+    result is twice the sum; the hook sees each chunk of this rank's shard once per call."""
     rank, world = dist.get_rank(), dist.get_world_size()
     comm = Communicator(buffer_bytes=16384)
     digests = []
@@ -95,7 +95,7 @@ def check_shard_hook(n: int, seed: int, sync: str = "barriers") -> list[str]:
             calls.append(shard.numel())
             shard.mul_(2)
 
-        kw = dict(timeout_iters=comm._timeout_iters, config=copy_engine.CopyConfig(1024, sync),
+        kw = dict(timeout_iters=comm._timeout_iters, config=copy_engine.CopyConfig(1024, sync, gather),
               shard_hook=double)
         out = torch.full_like(xs[rank], float("nan"))
         copy_engine.all_reduce(comm.memory, xs[rank], out, **kw)

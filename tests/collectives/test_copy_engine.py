@@ -23,6 +23,9 @@ SMALL_BUFFER = 8192  # bytes: larger messages go in call-chunks
     (3, "float32", [7, 1000], 1024, True, "flags", "sm"),
     (4, "float32", [1500], 1024, True, "flags", "ce"),
     (4, "float16", [7, 2001], 1024, True, "flags", "sm"),
+    (2, "float16", [7, 3001], 2048, True, "flags", "ce_push"),
+    (3, "float32", [1000, 2500], 1024, True, "flags", "ce_push"),
+    (4, "float32", [1500], 1024, True, "flags", "ce_push"),
 ])
 def test_matches_float64_and_tree_bits(worlds, world_size, dtype, sizes, chunk_bytes, compare_tree, sync, gather):
     digests = worlds(world_size).run(copy_checks.check_copy_all_reduce, dtype, sizes, SMALL_BUFFER, chunk_bytes,
@@ -30,9 +33,9 @@ def test_matches_float64_and_tree_bits(worlds, world_size, dtype, sizes, chunk_b
     assert all(d == digests[0] for d in digests), "ranks got different bits"
 
 
-@pytest.mark.parametrize("sync", ["barriers", "flags"])
-def test_shard_hook_on_both_all_gathers(worlds, sync):
-    digests = worlds(3).run(copy_checks.check_shard_hook, 1501, 4, sync)
+@pytest.mark.parametrize("sync,gather", [("barriers", "ce"), ("flags", "ce"), ("flags", "ce_push")])
+def test_shard_hook_on_both_all_gathers(worlds, sync, gather):
+    digests = worlds(3).run(copy_checks.check_shard_hook, 1501, 4, sync, gather)
     assert all(d == digests[0] for d in digests)
 
 
@@ -41,7 +44,8 @@ def test_interleaved_with_flat_tree_and_auto(worlds):
 
 
 @pytest.mark.parametrize("schedules", [(("barriers", "ce"),), (("flags", "ce"),), (("flags", "sm"),),
-                                       (("flags", "ce"), ("flags", "sm")), (("barriers", "ce"), ("flags", "ce"))])
+                                       (("flags", "ce_push"),), (("flags", "ce"), ("flags", "sm")),
+                                       (("barriers", "ce"), ("flags", "ce"))])
 def test_ranks_disagreeing_all_raise(worlds, schedules):
     for message in worlds(2).run(copy_checks.mismatched_copy_call, schedules, timeout=120):
         assert "different element count" in message, message
@@ -60,7 +64,7 @@ def test_bad_inputs_raise_on_every_rank(worlds):
 GPU_WORLDS = sorted({2, min(4, gpu_count())}) if gpu_count() >= 2 else []
 
 
-SCHEDULES = [("barriers", "ce"), ("flags", "ce"), ("flags", "sm")]
+SCHEDULES = [("barriers", "ce"), ("flags", "ce"), ("flags", "ce_push"), ("flags", "sm")]
 
 
 @pytest.mark.parametrize("world_size", GPU_WORLDS)
