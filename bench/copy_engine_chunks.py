@@ -1,7 +1,7 @@
 """Copy-engine all-reduce: schedule variants x pipeline chunks x placements, against NCCL and torch's
 two-shot in the same run (calibrates ``copy_engine.copy_config`` and picks the default schedule).
 
-    torchrun --standalone --nproc-per-node=2 bench/copy_engine_chunks.py [--sizes 16M,64M,256M]
+    torchrun --standalone --nproc-per-node=2 bench/copy_engine_chunks.py [--sizes 64M,256M,16M]
         [--variants barriers_ce,flags_ce,flags_ce_push,flags_sm] [--chunks 0,1M,2M,4M,8M,16M,32M,64M]
         [--placements out,in,zc] [--modes graph] [--profile 64M] [--out DIR]
 
@@ -42,7 +42,7 @@ PLACEMENTS = ("out", "in", "zc", "zco")
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="16M,64M,256M")
+    p.add_argument("--sizes", default="64M,256M,16M", help="in this order (--budget-s may cut the last ones)")
     p.add_argument("--variants", default="barriers_ce,flags_ce,flags_ce_push,flags_sm",
                    help="<sync>_<gather> schedules")
     p.add_argument("--chunks", default="0,1M,2M,4M,8M,16M,32M,64M", help="chunk_bytes values; 0 = the launch policy's")

@@ -225,7 +225,9 @@ class _Lanes:
     def stream(self, lane: str) -> torch.cuda.Stream:
         if lane not in self.streams:
             if lane not in self.cached:
-                self.cached[lane] = torch.cuda.Stream(self.device)
+                # High priority: a one-program flag kernel on a side stream is then dispatched before
+                # the remaining blocks of a large sum kernel on main, instead of after them.
+                self.cached[lane] = torch.cuda.Stream(self.device, priority=-1)
             self.streams[lane] = self.cached[lane]
         return self.streams[lane]
 
