@@ -18,7 +18,7 @@ SMALL_BUFFER = 8192  # bytes: larger messages go in call-chunks
     # The flags schedule (pushes, per-chunk flags, the Triton chunk sum), both all-gathers, worlds 2-4;
     # fp16/fp32 give the tree kernel's bits (the interpreter truncates bf16 casts: no bit check there).
     (2, "bfloat16", [7, 3000, 5000], 2048, False, "flags", "ce"),
-    (2, "float32", [3001], 2048, True, "flags", "sm"),  # 4 chunks per shard, 2 call-chunks
+    (2, "float32", [3001], 2048, True, "flags", "sm"),  # 2 call-chunks of 2 chunks per shard
     (3, "float16", [1000, 5000], 1024, True, "flags", "ce"),
     (3, "float32", [7, 1000], 1024, True, "flags", "sm"),
     (4, "float32", [1500], 1024, True, "flags", "ce"),
