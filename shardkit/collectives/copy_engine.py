@@ -1,4 +1,4 @@
-"""Copy-engine all-reduce for large messages: reduce-scatter by pulls, all-gather by pushes or pulls.
+"""Copy-engine all-reduce for large messages: reduce-scatter by pulls or pushes, all-gather by pushes or pulls.
 
 For messages of many MiB the all-reduce is bound by NVLink bandwidth, and on H200 the copy engines
 (``cudaMemcpyAsync`` on a peer pointer) move data faster than SM loads and stores when both
@@ -67,7 +67,9 @@ epoch buffer 0 (else call-chunks of ``buffer_bytes``). After the start barrier:
 
 Every rank signals before it waits, in chunk order, so the schedule also runs in program order on
 CPU worlds; each wait has the barriers' timeout and error record. Chunks per shard are capped at
-``MAX_PROGRAMS`` (one flag row each).
+``MAX_PROGRAMS`` (one flag row each). The side streams run at high priority, so that a flag kernel
+is not queued behind the blocks of a large sum. A ``shard_hook`` needs gather="ce" or "ce_push"
+(the sum kernel of "sm" hands the chunk to the peers before a hook could change it).
 
 Barriers are ``kernels/barrier.py``: one program of the workspace protocol, enqueued on main (CUDA
 graphs capture it), carrying the call's fingerprint (op, sizes, dtype, chunking, zero-copy
