@@ -343,8 +343,8 @@ def _check_config(config: CopyConfig, shard_hook: ShardHook | None) -> None:
         raise ValueError(f"all_reduce: config.sync must be one of {SYNCS} and config.gather one of {GATHERS} "
                          f"(gather 'ce_push' and 'sm' with sync='flags' only), got {config!r}")
     if config.gather == "sm" and shard_hook is not None:
-        raise ValueError("all_reduce: a shard_hook needs config.gather='ce' (with 'sm' the sum kernel hands each "
-                         "chunk to the peers before a hook could update it)")
+        raise ValueError("all_reduce: a shard_hook needs config.gather 'ce' or 'ce_push' (with 'sm' the sum kernel "
+                         "hands each chunk to the peers before a hook could update it)")
 
 
 def _flags_fit(numel: int, world: int, element_size: int, buffer_bytes: int) -> bool:
