@@ -291,13 +291,13 @@ def _capped_nccl_group(group: dist.ProcessGroup, ctas: int) -> dist.ProcessGroup
 
 
 def _new_capped_group(group: dist.ProcessGroup, ctas: int) -> dist.ProcessGroup:
-    try:
+    try:  # the same torch on every rank: all of them fail here alike, none waits for the others
         options = dist.ProcessGroupNCCL.Options()
         options.config.max_ctas = ctas
         options.config.min_ctas = 1
-    except (AttributeError, RuntimeError) as e:
+        return dist.new_group(dist.get_process_group_ranks(group), backend="nccl", pg_options=options,
+                              use_local_synchronization=True)
+    except (AttributeError, RuntimeError, TypeError, ValueError) as e:
         warnings.warn(f"PipelineRuntime: NCCL CTAs cannot be capped with this torch ({e}); device links use "
                       f"NCCL's default channels")
         return group
-    return dist.new_group(dist.get_process_group_ranks(group), backend="nccl", pg_options=options,
-                          use_local_synchronization=True)
