@@ -84,16 +84,18 @@ class PipelineRuntime:
 
     def __init__(self, stage: LlamaStage, group: Optional[dist.ProcessGroup] = None, wire: str = "auto",
                  link_ctas: Optional[int] = 2) -> None:
-        if wire not in WIRES:
-            raise ValueError(f"wire must be one of {WIRES}, got {wire!r}")
-        if link_ctas is not None and (isinstance(link_ctas, bool) or not isinstance(link_ctas, int) or link_ctas < 1):
-            raise ValueError(f"link_ctas must be None or an int >= 1, got {link_ctas!r}")
         self.stage, self.group = stage, group if group is not None else dist.group.WORLD
         self.index, self.stages = dist.get_rank(self.group), dist.get_world_size(self.group)
         mine = (stage.device.type, stage.layers.start, stage.layers.stop, stage.first, stage.last, stage.config,
                 str(stage.dtype), stage.batch, stage.max_tokens, wire, link_ctas)
         infos: List[tuple] = [None] * self.stages  # type: ignore[list-item]
         dist.all_gather_object(infos, mine, group=self.group)
+        # Checked after the exchange, so that a bad argument on one rank raises on every rank.
+        for w, ctas in (info[9:11] for info in infos):
+            if w not in WIRES:
+                raise ValueError(f"wire must be one of {WIRES}, got {w!r}")
+            if ctas is not None and (isinstance(ctas, bool) or not isinstance(ctas, int) or ctas < 1):
+                raise ValueError(f"link_ctas must be None or an int >= 1, got {ctas!r}")
         problem = self._check_stages(infos)
         if problem:
             raise ValueError(f"PipelineRuntime: the stages do not form one model: {problem}")

@@ -73,3 +73,9 @@ def generate_bf16(model_dir: str, bounds, slices, ids: torch.Tensor) -> torch.Te
     with torch.no_grad():
         logits = PipelineRuntime(stage).prefill(ids, slices)
     return None if logits is None else logits.float().cpu()
+
+
+def runtime_arguments(model_dir: str, kwargs_per_rank) -> None:
+    """Each rank builds its runtime with its own keyword arguments (``kwargs_per_rank[rank]``)."""
+    stage = _stage(model_dir, (0, 4, 8), 16)
+    PipelineRuntime(stage, **kwargs_per_rank[dist.get_rank()])

@@ -58,6 +58,14 @@ def test_mismatched_stages_raise_on_every_rank(worlds):
     assert all("layer" in msg for _, msg in e.value.errors.values())
 
 
+@pytest.mark.parametrize("kwargs,match", [({"link_ctas": 0}, "link_ctas must be"), ({"wire": "pcie"}, "wire must be")])
+def test_bad_runtime_argument_on_one_rank_raises_on_every_rank(worlds, kwargs, match):
+    with pytest.raises(RankError) as e:
+        worlds(2).run(stage_checks.runtime_arguments, MODEL_DIR, [kwargs, {}])
+    assert sorted(e.value.errors) == [0, 1]
+    assert all(match in msg for _, msg in e.value.errors.values())
+
+
 @pytest.mark.parametrize("slices,match", [((30, 30), "sum to the prompt length"), ((70, 0), "positive ints"),
                                           ({0: (35, 35), 1: (30, 40)}, "called differently")])
 def test_bad_slices_raise_on_every_rank(worlds, slices, match):
