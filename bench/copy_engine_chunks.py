@@ -11,7 +11,7 @@ on ordinary tensors, ``in`` in place on an ordinary tensor, ``zc`` zero-copy in 
 the staging area), ``zco`` zero-copy out of place. Chunks larger than a shard or giving more than
 ``--max-chunks`` chunks per shard are skipped. Baselines in the same run: NCCL in place, torch's
 symmetric-memory two-shot (out of place from its symmetric buffer), and at sizes up to 16 MiB
-shardkit's tree kernel and ``auto`` (default communicator). Every configuration is checked first
+shardkit's tree kernel (ordinary and staged input) and ``auto`` (default communicator). Every configuration is checked first
 (relative error vs NCCL <= 1e-2, and bitwise equal to the first copy variant's result: the schedules
 promise the same bits); a failing one is recorded with its error and not timed. Times: CUDA events
 around ``iters`` calls (one CUDA graph in graph mode), median of ``reps``, max over ranks. Prints
@@ -136,12 +136,18 @@ def main() -> None:
             fn2, got2 = two_shot(x)
             if fn2 is not None:
                 measure(nbytes, "symm_2shot", {"placement": "out"}, fn2, got2, lambda: None, None)
-        if nbytes <= 16 << 20:
-            for algo in ("tree", "auto"):
+        if nbytes <= 16 << 20:  # shardkit's kernels (the default communicator), on ordinary and staged inputs
+            tree_in = default_comm.staging_buffer((numel,), torch.bfloat16)
+            for algo, placement, src in (("tree", "out", x), ("auto", "out", x), ("tree", "zco", tree_in)):
                 tree_out = torch.empty_like(x)
-                measure(nbytes, algo, {"placement": "out"},
-                        lambda a=algo, o=tree_out: default_comm.all_reduce(x, algo=a, out=o), tree_out,
-                        lambda o=tree_out: o.fill_(float("nan")), None)
+
+                def prepare_tree(o=tree_out, s=src) -> None:
+                    o.fill_(float("nan"))
+                    s.copy_(x)
+
+                measure(nbytes, algo, {"placement": placement},
+                        lambda a=algo, s=src, o=tree_out: default_comm.all_reduce(s, algo=a, out=o), tree_out,
+                        prepare_tree, None)
 
         first, calls = None, {}
         for sync_name, gather in variants:
