@@ -5,19 +5,20 @@ two-shot in the same run (calibrates ``copy_engine.copy_config`` and picks the d
         [--variants barriers_ce,flags_ce,flags_ce_push,flags_sm] [--chunks 0,1M,2M,4M,8M,16M,32M,64M]
         [--placements out,in,zc] [--modes graph] [--profile 64M] [--out DIR]
 
-bf16. Variants are ``CopyConfig(chunk, sync, gather)`` (``barriers_ce`` is today's default
-schedule; chunk 0 = the launch policy's chunk with that schedule). Placements: ``out`` out of place
-on ordinary tensors, ``in`` in place on an ordinary tensor, ``zc`` zero-copy in place (the input in
-the staging area), ``zco`` zero-copy out of place. Chunks larger than a shard or giving more than
+bf16. Variants are ``CopyConfig(chunk, sync, gather)`` (``barriers_ce`` is today's default schedule;
+chunk 0 = the launch policy's chunk with that schedule). Placements: ``out`` out of place on
+ordinary tensors, ``in`` in place on an ordinary tensor, ``zc`` zero-copy in place (the input in the
+staging area), ``zco`` zero-copy out of place. Chunks larger than a shard or giving more than
 ``--max-chunks`` chunks per shard are skipped. Baselines in the same run: NCCL in place, torch's
 symmetric-memory two-shot (out of place from its symmetric buffer), and at sizes up to 16 MiB
-shardkit's tree kernel (ordinary and staged input) and ``auto`` (default communicator). Every configuration is checked first
-(relative error vs NCCL <= 1e-2, and bitwise equal to the first copy variant's result: the schedules
-promise the same bits); a failing one is recorded with its error and not timed. Times: CUDA events
-around ``iters`` calls (one CUDA graph in graph mode), median of ``reps``, max over ranks. Prints
-one table per size (best chunk per variant and placement, then all rows) and appends records
-(bench "all_reduce_copy_chunks"; params bytes, chunk_bytes, variant, placement) to ``--out``
-DIR/records.jsonl or the store. GPUs only.
+shardkit's tree kernel (ordinary and staged input) and ``auto`` (default communicator). Every
+configuration is checked first (relative error vs NCCL <= 1e-2, and bitwise equal to the first copy
+variant's result: the schedules promise the same bits); a failing one is recorded with its error and
+not timed. Times: CUDA events around ``iters`` calls (one CUDA graph in graph mode), median of
+``reps``, max over ranks. Prints one table per size (best chunk per variant and placement, then all
+rows) and appends records (bench "all_reduce_copy_chunks"; params bytes, chunk_bytes, variant,
+placement) to ``--out`` DIR/records.jsonl or the store; with ``--profile`` and ``--out``, each copy
+schedule's fastest chunk at that size is traced once (``profile_call``). GPUs only.
 """
 from __future__ import annotations
 
