@@ -100,6 +100,18 @@ def peer_barrier(table_ptr, rank, stage, flag, ok, error_record_addr, timeout_it
 
 
 @triton.jit
+def launch_barrier(table_ptr, rank, slot, flag, ok, error_record_addr, timeout_iters,
+                   WORLD: tl.constexpr, WORLD_P2: tl.constexpr):
+    """``peer_barrier`` at a given ``slot`` (< NUM_STAGES * MAX_PROGRAMS) instead of the program's own:
+    for the one program that waits on behalf of its launch whatever its program id (e.g. the last
+    to ``finish_call``), with the peers' programs that do the same at that slot."""
+    if ok:
+        tl.debug_barrier()
+        ok = _wait_for_peers(table_ptr, rank, slot, flag, error_record_addr, timeout_iters, WORLD, WORLD_P2)
+    return ok
+
+
+@triton.jit
 def _wait_for_peers(table_ptr, rank, slot, flag, error_record_addr, timeout_iters,
                     WORLD: tl.constexpr, WORLD_P2: tl.constexpr):
     peers = tl.arange(0, WORLD_P2)
@@ -182,12 +194,16 @@ def record_error(own, error_record_addr, code, slot, culprits, epoch):
 
 @triton.jit
 def finish_call(own, epoch):
-    """Count this program as done; the last program of the launch publishes the new epoch.
+    """Count this program as done; the last program of the launch publishes the new epoch. Returns
+    True in that last program, which also sees every other program's stores made before their
+    ``tl.debug_barrier(); finish_call`` (the count is acq_rel): it may act for the whole launch.
 
     Every program read the epoch before it counts itself, so the bump cannot race a reader.
     """
     done_ptr = (own + _DONE_OFF).to(tl.pointer_type(tl.int32))
     finished = tl.atomic_add(done_ptr, 1, sem="acq_rel", scope="gpu")
-    if finished == tl.num_programs(0) - 1:
+    last = finished == tl.num_programs(0) - 1
+    if last:
         tl.store(done_ptr, 0)
         tl.store((own + _EPOCH_OFF).to(tl.pointer_type(tl.int64)), epoch)
+    return last

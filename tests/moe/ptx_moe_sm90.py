@@ -18,7 +18,6 @@ from shardkit.kernels.moe.combine import moe_combine_kernel
 from shardkit.kernels.moe.counts import moe_counts_kernel
 from shardkit.kernels.moe.dispatch import moe_dispatch_kernel
 from shardkit.kernels.moe.launch_config import moe_launch_config
-from shardkit.kernels.moe.layout import moe_layout_kernel
 
 HIDDEN, TOPK, EXPERTS, WORLD = 7168, 8, 256, 2
 # Pointers (dtype by name; the rest int32), and arguments that are multiples of 16 on every call.
@@ -53,9 +52,8 @@ def configs() -> dict:
         out[f"combine-residual{int(residual)}"] = (moe_combine_kernel, {
             "K": TOPK, "WORLD": WORLD, "WORLD_P2": WORLD, "BLOCK_T": lc.combine_block_t,
             "BLOCK_H": lc.combine_block_h, "HAS_RESIDUAL": residual}, lc.combine_warps)
-    out["layout"] = (moe_layout_kernel, {"K": TOPK, "K_P2": TOPK, "WORLD": WORLD, "WORLD_P2": WORLD,
-                                         "E_P2": EXPERTS, "BLOCK_T": lc.layout_block_t}, lc.layout_warps)
-    out["counts"] = (moe_counts_kernel, {"WORLD": WORLD, "WORLD_P2": WORLD, "CHUNKS_P2": 256, "E_P2": EXPERTS,
+    out["counts"] = (moe_counts_kernel, {"K": TOPK, "K_P2": TOPK, "BLOCK_T": lc.layout_block_t, "WORLD": WORLD,
+                                         "WORLD_P2": WORLD, "CHUNKS_P2": 256, "E_P2": EXPERTS,
                                          "L_P2": EXPERTS // WORLD, "ALIGN_P2": 16, "CHUNK_BLOCK": 16},
                      lc.layout_warps)
     return out

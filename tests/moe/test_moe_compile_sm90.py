@@ -19,7 +19,6 @@ def test_ptx_for_sm90(ptx_features, name):
     if name.startswith(("dispatch", "combine")):
         assert "ld.global.v4.b32" in f["loads"], f["loads"]
         assert any(op.startswith("st.global.v") for op in f["stores"]), f["stores"]
-    if name != "layout":
-        assert f["release_arrival"] and f["acquire_wait"], f
+    assert f["release_arrival"] and f["acquire_wait"], f
     assert f["fp8_convert"] == name.endswith("fp81"), f
     assert f["spill_bytes"] == 0, f"{name} spills registers: {f}"

@@ -1,13 +1,24 @@
-"""The layout kernel alone (one process, no peers) against a plain-torch loop: every output poisoned
-first, token counts that are not multiples of the block or the chunk, several blocks per chunk,
-duplicate ids, -1 slots, ids outside [-1, E) (reported, never read), any placement."""
+"""The layout alone (one process, no peers: layout.py's device function in a one-line kernel; the
+counts launch runs it before its exchange) against a plain-torch loop: every output poisoned first,
+token counts that are not multiples of the block or the chunk, several blocks per chunk, duplicate
+ids, -1 slots, ids outside [-1, E) (reported, never read), any placement."""
 import pytest
 import torch
+import triton
+import triton.language as tl
 
-from shardkit.kernels.moe.layout import launch_layout, layout_programs
+from shardkit.kernels.moe.layout import layout_chunk, layout_programs
 from shardkit.kernels.moe.workspace import RoundBuffers
 
 POISON = -7
+
+
+@triton.jit
+def layout_kernel(topk_ptr, expert_rank_ptr, mask_ptr, chunk_pos_ptr, slot_pos_ptr, chunk_counts_ptr, chunk_experts_ptr,
+                  chunk_bad_ptr, tokens, chunk, experts, K: tl.constexpr, K_P2: tl.constexpr, WORLD: tl.constexpr,
+                  WORLD_P2: tl.constexpr, E_P2: tl.constexpr, BLOCK_T: tl.constexpr):
+    layout_chunk(topk_ptr, expert_rank_ptr, mask_ptr, chunk_pos_ptr, slot_pos_ptr, chunk_counts_ptr, chunk_experts_ptr,
+                 chunk_bad_ptr, tl.program_id(0), tokens, chunk, experts, K, K_P2, WORLD, WORLD_P2, E_P2, BLOCK_T)
 
 
 def reference(idx: torch.Tensor, expert_rank: list[int], world: int, chunk: int, programs: int) -> dict:
@@ -56,7 +67,10 @@ def test_layout_matches_loop(tokens, block_t, max_programs, world, experts, topk
     b = RoundBuffers.make(expert_rank, [0] * experts, local, max(tokens, 1), topk, max_programs, torch.device("cpu"))
     for name in ("mask", "chunk_pos", "slot_pos", "chunk_counts", "chunk_experts", "chunk_bad"):
         getattr(b, name).fill_(POISON)
-    launch_layout(idx, b, world, programs, chunk, block_t, 1)
+    layout_kernel[(programs,)](idx, b.expert_rank, b.mask, b.chunk_pos, b.slot_pos, b.chunk_counts, b.chunk_experts,
+                               b.chunk_bad, tokens, chunk, experts, K=topk, K_P2=triton.next_power_of_2(topk),
+                               WORLD=world, WORLD_P2=triton.next_power_of_2(world),
+                               E_P2=triton.next_power_of_2(experts), BLOCK_T=block_t)
     want = reference(idx, expert_rank, world, chunk, programs)
     for name, ref in want.items():
         got = getattr(b, name)[:ref.shape[0]]

@@ -16,7 +16,7 @@ from ...kernels.moe.combine import launch_combine
 from ...kernels.moe.counts import launch_counts
 from ...kernels.moe.dispatch import launch_dispatch
 from ...kernels.moe.launch_config import MoeLaunchConfig
-from ...kernels.moe.layout import launch_layout, layout_programs
+from ...kernels.moe.layout import layout_programs
 from ...kernels.moe.workspace import BAD_EXPERT_ID, BAD_INPUT, RECV_OVERFLOW, RoundBuffers, moe_workspace
 from ...memory.peer_memory import PeerMemory
 from ...memory.protocol import MAX_PROGRAMS, MISMATCH, SIGNAL_BYTES, call_signature, describe_failure
@@ -48,6 +48,7 @@ class PeerTransport:
         self.launch: MoeLaunchConfig = launch
         self.set_launch(launch)
         self.n_local = len(cfg.local_experts[rank])
+        self._no_ids = torch.empty(0, cfg.topk, dtype=torch.int32, device=device)  # a rejected round's routing
         max_chunks = layout_programs(cfg.max_tokens, 1, MAX_PROGRAMS)[0]  # any launch config's chunks
         self.b = RoundBuffers.make(list(cfg.expert_rank), list(cfg.expert_local), [list(e) for e in cfg.local_experts],
                                    cfg.max_tokens, cfg.topk, max_chunks, device)
@@ -119,7 +120,7 @@ class PeerTransport:
     def poison_round(self) -> None:
         """This rank rejected its dispatch input: take part in the counts exchange with no tokens and the
         BAD_INPUT flag, so that every rank fails this round together instead of waiting for us."""
-        self._counts(tokens=0, n_chunks=0, input_error=1)
+        self._counts(self._no_ids, input_error=1)
         self._rejected("dispatch")
 
     def _rejected(self, what: str) -> None:
@@ -128,21 +129,21 @@ class PeerTransport:
                                     f"input to {what}. This dispatcher is unusable now. Create a new MoeDispatcher.")
 
     # ------------------------------------------------------------------ a round
-    def _counts(self, tokens: int, n_chunks: int, input_error: int) -> None:
-        mem, ws = self.memory, self.ws
-        launch_counts(mem.table, mem.error_record_addr, self.rank, self.cfg.world, self.sig_counts, mem.buffer_bytes,
-                      self.timeout_iters, self.b, n_chunks, tokens, input_error, self.cfg.align, ws,
-                      self.launch.layout_warps)
+    def _counts(self, topk_idx: torch.Tensor, input_error: int) -> int:
+        """The layout + counts launch; returns the layout's tokens per chunk."""
+        mem, lc = self.memory, self.launch
+        programs, chunk = layout_programs(topk_idx.shape[0], lc.layout_block_t, lc.layout_programs)
+        launch_counts(topk_idx, mem.table, mem.error_record_addr, self.rank, self.cfg.world, self.sig_counts,
+                      mem.buffer_bytes, self.timeout_iters, self.b, programs, chunk, lc.layout_block_t, input_error,
+                      self.cfg.align, self.ws, lc.layout_warps)
+        return chunk
 
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                  round_id: int) -> tuple[torch.Tensor, MoeHandle]:
-        cfg, mem, ws = self.cfg, self.memory, self.ws
+        cfg, mem, ws, lc = self.cfg, self.memory, self.ws, self.launch
         self.raise_if_failed()
         tokens = x.shape[0]
-        lc = self.launch
-        programs, chunk = layout_programs(tokens, lc.layout_block_t, lc.layout_programs)
-        launch_layout(topk_idx, self.b, cfg.world, programs, chunk, lc.layout_block_t, lc.layout_warps)
-        self._counts(tokens, programs, 0)
+        chunk = self._counts(topk_idx, 0)
         num_recv = num_expert_rows = None
         if cfg.mode == "exact":
             num_recv, num_expert_rows = self.b.recv_info.tolist()  # the host waits for the sizes here

@@ -12,8 +12,9 @@ p, p + G, ...):
   2. barrier with the peers' program p, which pushed to us exactly the items that we read next;
   3. as the source, for its own items of program p: ``residual + sum over ranks r in mask[t], in
      order 0..W-1, of comb[r][t]`` (fp32), stored in x's dtype.
-An item's token indices and expert rows are loaded once for its chunks (each chunk's loads wait
-on them: one dependent L2 round trip per item instead of per chunk); the later chunks find them in L1.
+An item's receive rows (or token masks) are loaded once for its chunks, one item ahead (each chunk's
+loads wait on them: their L2 round trip overlaps the previous item's loads); the expert rows and
+weights, per chunk, are L1 hits after the first chunk.
 Every rank reduces in a fixed order whatever the arrival order, so the output is bitwise the same
 from run to run. A token with no expert gets the residual (or zeros). NaN where the round failed.
 """
@@ -25,6 +26,20 @@ from ..launch import CachedLauncher, ptr_key
 from ..peer_tiles import peer_ptr
 from ..sync import finish_call, peer_barrier, start_call
 from .workspace import int_keys
+
+
+@triton.jit
+def _recv_rows(inv_ptr, item, n, n_items, src_tokens, offs_t, BLOCK_T: tl.constexpr):
+    """Receive rows of item ``item``'s tokens of a source (-1: not sent here, or no such item)."""
+    t = (item // n_items) * BLOCK_T + offs_t
+    return tl.load(inv_ptr + t, mask=(t < src_tokens) & (item < n), other=-1)
+
+
+@triton.jit
+def _token_bits(mask_ptr, item, n, n_items, tokens, offs_t, BLOCK_T: tl.constexpr):
+    """Destination-rank masks of item ``item``'s tokens (0 past the last)."""
+    t = (item // n_items) * BLOCK_T + offs_t
+    return tl.load(mask_ptr + t, mask=(t < tokens) & (item < n), other=0)
 
 
 @triton.jit(do_not_specialize=["error_record_addr", "rank", "sig", "buffer_bytes", "timeout_iters", "tokens",
@@ -60,10 +75,15 @@ def moe_combine_kernel(
             s = (rank + 1 + j) % WORLD  # the peers first, this rank last
             back = peer_ptr(table_ptr, s, comb_off, DTYPE) + rank.to(tl.int64) * max_tokens * comb_elems
             src_tokens = tl.load(counts + s * counts_row)
-            for item in range(pid, tl.cdiv(src_tokens, BLOCK_T) * n_items, nprog):
+            n = tl.cdiv(src_tokens, BLOCK_T) * n_items
+            # Each item's receive rows are fetched one item ahead: their L2 round trip overlaps the
+            # previous item's loads instead of adding to the chain (rows -> expert rows -> data).
+            i_next = _recv_rows(inv + s * max_tokens, pid, n, n_items, src_tokens, offs_t, BLOCK_T)
+            for item in range(pid, n, nprog):
+                i = i_next
+                i_next = _recv_rows(inv + s * max_tokens, item + nprog, n, n_items, src_tokens, offs_t, BLOCK_T)
                 block = item // n_items
                 t = block * BLOCK_T + offs_t
-                i = tl.load(inv + s * max_tokens + t, mask=t < src_tokens, other=-1)
                 c0 = (item - block * n_items) * item_chunks
                 for c in range(c0, tl.minimum(c0 + item_chunks, n_chunks)):
                     cols = c * BLOCK_H + offs_h
@@ -78,10 +98,13 @@ def moe_combine_kernel(
                     tl.store(back + t.to(tl.int64)[:, None] * comb_elems + cols[None, :], acc.to(DTYPE), mask=m)
     ok = peer_barrier(table_ptr, rank, 0, flag, ok, error_record_addr, timeout_iters, WORLD, WORLD_P2)
     comb = peer_ptr(table_ptr, rank, comb_off, DTYPE)
-    for item in range(pid, tl.cdiv(tokens, BLOCK_T) * n_items, nprog):
+    n = tl.cdiv(tokens, BLOCK_T) * n_items
+    bits_next = _token_bits(mask_ptr, pid, n, n_items, tokens, offs_t, BLOCK_T)  # one item ahead, as above
+    for item in range(pid, n, nprog):
+        bits = bits_next
+        bits_next = _token_bits(mask_ptr, item + nprog, n, n_items, tokens, offs_t, BLOCK_T)
         block = item // n_items
         t = block * BLOCK_T + offs_t
-        bits = tl.load(mask_ptr + t, mask=t < tokens, other=0)
         c0 = (item - block * n_items) * item_chunks
         for c in range(c0, tl.minimum(c0 + item_chunks, n_chunks)):
             cols = c * BLOCK_H + offs_h

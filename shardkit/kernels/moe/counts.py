@@ -1,4 +1,11 @@
-"""MoE counts exchange: the dynamic-gating "size all-to-all" over peer memory (one program per rank).
+"""MoE layout + counts exchange: where each token goes (layout.py, one chunk per program), then the
+dynamic-gating "size all-to-all" over peer memory, in one launch.
+
+Program p lays out chunk p of the tokens; the last program of the launch to finish (an acq_rel
+counter: it sees every chunk's outputs) does the exchange on behalf of the launch, with the peers'
+last programs (a barrier at a fixed slot, whatever its program id). In the interpreter the last
+program is p = G-1 on every rank, which runs after the others: nothing waits for a program of its
+own launch. (The layout was a launch of its own before: one launch and a kernel gap fewer.)
 
 Huang et al. 2024 replace a static expert capacity with a small exchange of counts, so that nothing
 is padded. Here every rank writes its counts row (tokens, flags, tokens to each rank, (token, k)
@@ -25,9 +32,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch import CachedLauncher
+from ..launch import CachedLauncher, ptr_key
 from ..peer_tiles import peer_ptr
-from ..sync import finish_call, peer_barrier, record_error, start_call
+from ..sync import finish_call, launch_barrier, record_error, start_call
+from .layout import layout_chunk
 from .workspace import BAD_EXPERT_ID, BAD_INPUT, FLAG_BAD_IDS, FLAG_BAD_INPUT, RECV_OVERFLOW, RoundBuffers, int_keys
 
 _FLAG_BAD_IDS = tl.constexpr(FLAG_BAD_IDS)
@@ -43,13 +51,16 @@ def _rank_bits(cond, ranks):
     return tl.sum(tl.where(cond, 1 << ranks, 0), axis=0)
 
 
-@triton.jit(do_not_specialize=["error_record_addr", "rank", "sig", "buffer_bytes", "timeout_iters", "n_chunks",
-                               "tokens", "input_error"])
+@triton.jit(do_not_specialize=["error_record_addr", "rank", "sig", "buffer_bytes", "timeout_iters", "tokens",
+                               "chunk", "input_error"])
 def moe_counts_kernel(
     table_ptr, error_record_addr, rank, sig, buffer_bytes, timeout_iters,  # the protocol's (see flat.py)
-    chunk_counts_ptr,   # int32[n_chunks, WORLD] from the layout launch
-    chunk_bad_ptr,      # int32[n_chunks]
-    chunk_experts_ptr,  # int32[n_chunks, E]: pairs per chunk and expert, from the layout launch
+    topk_ptr,           # [T, K] int32/int64 expert ids, -1 = no expert (row stride K)
+    expert_rank_ptr,    # int32[E]: rank holding each expert
+    mask_ptr, chunk_pos_ptr, slot_pos_ptr,  # out: the layout's per-token outputs (layout.py)
+    chunk_counts_ptr,   # out int32[n_chunks, WORLD]: the layout's per-chunk outputs (n_chunks = programs)
+    chunk_bad_ptr,      # out int32[n_chunks]
+    chunk_experts_ptr,  # out int32[n_chunks, E]
     l2g_ptr,            # int32[WORLD, L_P2]: global id of rank r's local expert l, -1 past its last
     chunk_base_ptr,     # out int32[n_chunks, WORLD]
     chunk_expert_base_ptr,  # out int32[n_chunks, E]
@@ -60,13 +71,35 @@ def moe_counts_kernel(
     expert_offsets_ptr,  # out int32[L_P2 + 1]
     expert_counts_ptr,  # out int32[L_P2]
     recv_info_ptr,      # out int32[2]
-    n_chunks, tokens, input_error,
+    tokens, chunk, input_error,  # T, tokens per layout program, 1: this rank's host rejected its input
     experts, align, recv_rows, expert_rows,  # E, expert-major block alignment, capacities
     counts_off, counts_row, expert_index_off,  # workspace layout (bytes / int32 words)
+    K: tl.constexpr, K_P2: tl.constexpr, BLOCK_T: tl.constexpr,
     WORLD: tl.constexpr, WORLD_P2: tl.constexpr, CHUNKS_P2: tl.constexpr, E_P2: tl.constexpr,
     L_P2: tl.constexpr, ALIGN_P2: tl.constexpr, CHUNK_BLOCK: tl.constexpr,
 ):
     own, epoch, flag, ok, _ = start_call(table_ptr, rank, sig, buffer_bytes)
+    n_chunks = tl.num_programs(0)
+    layout_chunk(topk_ptr, expert_rank_ptr, mask_ptr, chunk_pos_ptr, slot_pos_ptr, chunk_counts_ptr,
+                 chunk_experts_ptr, chunk_bad_ptr, tl.program_id(0), tokens, chunk, experts, K, K_P2, WORLD, WORLD_P2,
+                 E_P2, BLOCK_T)
+    tl.debug_barrier()  # the whole block's layout stores before the counter's release
+    if finish_call(own, epoch):
+        _exchange(table_ptr, error_record_addr, rank, epoch, flag, ok, own, timeout_iters, chunk_counts_ptr,
+                  chunk_bad_ptr, chunk_experts_ptr, l2g_ptr, chunk_base_ptr, chunk_expert_base_ptr, send_base_ptr,
+                  expert_base_ptr, recv_counts_ptr, recv_offsets_ptr, expert_offsets_ptr, expert_counts_ptr,
+                  recv_info_ptr, n_chunks, tokens, input_error, experts, align, recv_rows, expert_rows, counts_off,
+                  counts_row, expert_index_off, WORLD, WORLD_P2, CHUNKS_P2, E_P2, L_P2, ALIGN_P2, CHUNK_BLOCK)
+
+
+@triton.jit
+def _exchange(table_ptr, error_record_addr, rank, epoch, flag, ok, own, timeout_iters, chunk_counts_ptr,
+              chunk_bad_ptr, chunk_experts_ptr, l2g_ptr, chunk_base_ptr, chunk_expert_base_ptr, send_base_ptr,
+              expert_base_ptr, recv_counts_ptr, recv_offsets_ptr, expert_offsets_ptr, expert_counts_ptr, recv_info_ptr,
+              n_chunks, tokens, input_error, experts, align, recv_rows, expert_rows, counts_off, counts_row,
+              expert_index_off, WORLD: tl.constexpr, WORLD_P2: tl.constexpr, CHUNKS_P2: tl.constexpr,
+              E_P2: tl.constexpr, L_P2: tl.constexpr, ALIGN_P2: tl.constexpr, CHUNK_BLOCK: tl.constexpr):
+    """The exchange, by the launch's last program (see the module)."""
     ranks = tl.arange(0, WORLD_P2)
     is_rank = ranks < WORLD
     chunks = tl.arange(0, CHUNKS_P2)
@@ -94,7 +127,7 @@ def moe_counts_kernel(
             tl.store(row + 1, flags)
             tl.store(row + 4 + ranks, sent, mask=is_rank)
             tl.store(row + 4 + WORLD + ex, pairs, mask=ex < experts)
-    ok = peer_barrier(table_ptr, rank, 0, flag, ok, error_record_addr, timeout_iters, WORLD, WORLD_P2)
+    ok = launch_barrier(table_ptr, rank, 0, flag, ok, error_record_addr, timeout_iters, WORLD, WORLD_P2)
 
     counts = peer_ptr(table_ptr, rank, counts_off, tl.int32)
     src = ranks  # rows of the matrix are sources, columns destinations
@@ -148,24 +181,25 @@ def moe_counts_kernel(
         index = peer_ptr(table_ptr, rank, expert_index_off, tl.int32)
         tl.store(index + where, tl.full([L_P2, ALIGN_P2], -1, tl.int32),
                  mask=pad[None, :] < (my_padded - my_total)[:, None])
-    finish_call(own, epoch)
 
 
 _launch = CachedLauncher(moe_counts_kernel)
 
 
-def launch_counts(table: torch.Tensor, error_record_addr: int, rank: int, world: int, sig: int, buffer_bytes: int,
-                  timeout_iters: int, b: RoundBuffers, n_chunks: int, tokens: int, input_error: int, align: int, ws,
-                  num_warps: int) -> None:
-    """One counts exchange (see the module) from the layout's outputs in ``b`` into ``b``; ``ws``: the
-    MoeWorkspace."""
+def launch_counts(topk_idx: torch.Tensor, table: torch.Tensor, error_record_addr: int, rank: int, world: int,
+                  sig: int, buffer_bytes: int, timeout_iters: int, b: RoundBuffers, programs: int, chunk: int,
+                  block_t: int, input_error: int, align: int, ws, num_warps: int) -> None:
+    """Layout of ``topk_idx [T, K]`` over ``programs`` chunks of ``chunk`` tokens (blocks of ``block_t``) and
+    one counts exchange (see the module), into ``b``; ``ws``: the MoeWorkspace."""
+    tokens, k = topk_idx.shape
     experts = b.expert_rank.numel()
-    consts = {"WORLD": world, "WORLD_P2": triton.next_power_of_2(world),
-              "CHUNKS_P2": triton.next_power_of_2(b.chunk_counts.shape[0]), "E_P2": triton.next_power_of_2(experts),
-              "L_P2": b.l2g.shape[1], "ALIGN_P2": triton.next_power_of_2(align), "CHUNK_BLOCK": 16}
+    consts = {"K": k, "K_P2": triton.next_power_of_2(k), "BLOCK_T": block_t, "WORLD": world,
+              "WORLD_P2": triton.next_power_of_2(world), "CHUNKS_P2": triton.next_power_of_2(b.chunk_counts.shape[0]),
+              "E_P2": triton.next_power_of_2(experts), "L_P2": b.l2g.shape[1],
+              "ALIGN_P2": triton.next_power_of_2(align), "CHUNK_BLOCK": 16}
     ints = (experts, align, ws.recv_rows, ws.expert_rows, ws.counts_off, ws.counts_row, ws.expert_index_off)
-    _launch(int_keys(ints), 1,
-            (table, error_record_addr, rank, sig, buffer_bytes, timeout_iters, b.chunk_counts, b.chunk_bad,
-             b.chunk_experts, b.l2g, b.chunk_base, b.chunk_expert_base, b.send_base, b.expert_base, b.recv_counts,
-             b.recv_offsets, b.expert_offsets, b.expert_counts, b.recv_info, n_chunks, tokens, input_error, *ints),
-            consts, num_warps)
+    _launch((ptr_key(topk_idx), int_keys(ints)), programs,
+            (table, error_record_addr, rank, sig, buffer_bytes, timeout_iters, topk_idx, b.expert_rank, b.mask,
+             b.chunk_pos, b.slot_pos, b.chunk_counts, b.chunk_bad, b.chunk_experts, b.l2g, b.chunk_base,
+             b.chunk_expert_base, b.send_base, b.expert_base, b.recv_counts, b.recv_offsets, b.expert_offsets,
+             b.expert_counts, b.recv_info, tokens, chunk, input_error, *ints), consts, num_warps)

@@ -128,13 +128,22 @@ def moe_dispatch_kernel(
                 tl.store(weights + slots, w.to(tl.float32), mask=slot)
                 tl.store(expert_rows + slots, tl.where(here, erow, -1), mask=slot)
                 tl.store(index + erow, row[:, None] + tl.zeros([META_T, K_P2], tl.int32), mask=here)
-            # Payload: GROUP chunks of BLOCK_H channels of BLOCK_T tokens per item (the rows once per item).
+            # Payload: item_chunks chunks of BLOCK_H channels of BLOCK_T tokens per item.
             if FP8:
                 scales = peer_ptr(table_ptr, r, recv_scales_off, tl.float32)
-            for item in range(pid, n_blocks * n_items, nprog):
+            # Each item's rows are looked up one item ahead (two dependent L2 round trips: mask, then
+            # chunk base and position), overlapping the previous item's payload.
+            n = n_blocks * n_items
+            t_next = (pid // n_items) * BLOCK_T + offs_t
+            sent_next, row_next = _rows(t_next, r, tl.where(pid < n, tokens, 0), chunk, base, mask_ptr,
+                                        chunk_base_ptr, chunk_pos_ptr, WORLD)
+            for item in range(pid, n, nprog):
                 block = item // n_items
                 t = block * BLOCK_T + offs_t
-                sent, row = _rows(t, r, tokens, chunk, base, mask_ptr, chunk_base_ptr, chunk_pos_ptr, WORLD)
+                sent, row = sent_next, row_next
+                t_next = ((item + nprog) // n_items) * BLOCK_T + offs_t
+                sent_next, row_next = _rows(t_next, r, tl.where(item + nprog < n, tokens, 0), chunk, base, mask_ptr,
+                                            chunk_base_ptr, chunk_pos_ptr, WORLD)
                 c0 = (item - block * n_items) * item_chunks
                 for c in range(c0, tl.minimum(c0 + item_chunks, n_chunks)):
                     cols = c * BLOCK_H + grid_cols

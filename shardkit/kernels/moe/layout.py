@@ -1,5 +1,6 @@
 """MoE layout: where each token goes, once per destination rank (local, no communication).
 
+Device code called by the counts launch (counts.py), whose program p lays out chunk p first.
 From ``topk_idx [T, K]`` (expert ids, -1 = no expert) and the placement ``expert_rank [E]`` (any
 map expert -> rank), program p takes the tokens of chunk p, ``[p*chunk, min((p+1)*chunk, T))``, in
 blocks of BLOCK_T tokens and writes:
@@ -25,16 +26,12 @@ the same id), and the chunk's pairs so far per expert are a [E] vector in regist
 pair counts and scanned it (~17 passes over 8K elements per 32 tokens): ~10 us per block on an
 H200, 21 us for 128 tokens; the pair tile of 8 tokens and top-8 is 4K elements in one pass.
 """
-import torch
 import triton
 import triton.language as tl
 
-from ..launch import CachedLauncher, int_key, ptr_key
-from .workspace import RoundBuffers
 
-
-@triton.jit(do_not_specialize=["tokens", "chunk"])
-def moe_layout_kernel(
+@triton.jit
+def layout_chunk(
     topk_ptr,           # [T, K] int32/int64 expert ids, -1 = no expert (row stride K)
     expert_rank_ptr,    # int32[E]: rank holding each expert
     mask_ptr,           # out int32[T]
@@ -43,14 +40,15 @@ def moe_layout_kernel(
     chunk_counts_ptr,   # out int32[programs, WORLD]
     chunk_experts_ptr,  # out int32[programs, E]
     chunk_bad_ptr,      # out int32[programs]
+    pid,                # the chunk
     tokens,             # T
     chunk,              # tokens per program (a multiple of BLOCK_T)
     experts,            # E
     K: tl.constexpr, K_P2: tl.constexpr, WORLD: tl.constexpr, WORLD_P2: tl.constexpr, E_P2: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
+    """Layout of chunk ``pid`` (see the module)."""
     P: tl.constexpr = BLOCK_T * K_P2
-    pid = tl.program_id(0)
     lo = pid * chunk
     hi = tl.minimum(lo + chunk, tokens)
     ranks = tl.arange(0, WORLD_P2)
@@ -93,24 +91,9 @@ def moe_layout_kernel(
     tl.store(chunk_bad_ptr + pid, tl.max(bad, axis=0))
 
 
-_launch = CachedLauncher(moe_layout_kernel)
-
-
 def layout_programs(tokens: int, block_t: int, max_programs: int) -> tuple[int, int]:
     """(programs, tokens per program) for T tokens: chunks of whole blocks of ``block_t`` tokens, at
     most ``max_programs`` of them, one (empty) program when T is 0."""
     blocks = -(-tokens // block_t)
     programs = max(1, min(max_programs, blocks))
     return programs, max(1, -(-blocks // programs)) * block_t
-
-
-def launch_layout(topk_idx: torch.Tensor, b: RoundBuffers, world: int, programs: int, chunk: int, block_t: int,
-                  num_warps: int) -> None:
-    """Layout of ``topk_idx [T, K]`` over ``programs`` chunks of ``chunk`` tokens into ``b`` (see the module)."""
-    tokens, k = topk_idx.shape
-    experts = b.expert_rank.numel()
-    consts = {"K": k, "K_P2": triton.next_power_of_2(k), "WORLD": world, "WORLD_P2": triton.next_power_of_2(world),
-              "E_P2": triton.next_power_of_2(experts), "BLOCK_T": block_t}
-    key = (ptr_key(topk_idx), int_key(experts))
-    _launch(key, programs, (topk_idx, b.expert_rank, b.mask, b.chunk_pos, b.slot_pos, b.chunk_counts, b.chunk_experts,
-                            b.chunk_bad, tokens, chunk, experts), consts, num_warps)
