@@ -178,9 +178,10 @@ def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
 def _merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
     """Attention over the union of two disjoint key sets from each one's ``(out, lse)``: the softmax
     weights of the two parts are ``exp(lse_a - lse)`` and ``exp(lse_b - lse)`` with ``lse`` their
-    log-add-exp, so the merged output is ``out_a + w_b (out_b - out_a)`` (one ``lerp``). Both parts
-    see at least one key here (the slice sees itself), so no ``lse`` is ``-inf``."""
-    w_b = (lse_b - torch.logaddexp(lse_a, lse_b)).exp().unsqueeze(-1)
+    log-add-exp, i.e. ``w_b = sigmoid(lse_b - lse_a)`` and ``w_a = 1 - w_b``, so the merged output is
+    ``out_a + w_b (out_b - out_a)`` (one ``lerp``). Both parts see at least one key here (the slice
+    sees itself), so no ``lse`` is ``-inf``."""
+    w_b = torch.sigmoid(lse_b - lse_a).unsqueeze(-1)
     return torch.lerp(out_a, out_b, w_b.to(out_a.dtype))
 
 
@@ -326,8 +327,9 @@ class LlamaStage:
         B, s, _ = h.shape
         end = start + s
         qkv = (_rms_norm(h, w.ln1, c.eps) @ w.wqkv.T).view(B, s, c.heads + 2 * c.kv_heads, c.head_dim).transpose(1, 2)
-        q = _rotate(qkv[:, :c.heads], cos, sin)
-        k_cache[:, :, start:end] = _rotate(qkv[:, c.heads:c.heads + c.kv_heads], cos, sin)
+        qk = _rotate(qkv[:, :c.heads + c.kv_heads], cos, sin)  # q and k heads in one chain of kernels
+        q = qk[:, :c.heads]
+        k_cache[:, :, start:end] = qk[:, c.heads:]
         v_cache[:, :, start:end] = qkv[:, c.heads + c.kv_heads:]
         attn = self._attention(q, k_cache, v_cache, start, end)
         h = h + attn.transpose(1, 2).reshape(B, s, c.heads * c.head_dim) @ w.wo.T
