@@ -10,8 +10,8 @@ combine calls are captured in one CUDA graph and replayed ``reps`` times (median
 Candidates: the shipped default (``moe_launch_config``) and variations of one field group at a time
 (``candidates``), or ``--configs`` as ``name=field:value/field:value,...`` on top of the default.
 ``--profile``: the per-kernel GPU time (torch.profiler, as bench/profile_kernels.py) of the default
-and of the fastest grid per token count. Rank 0 prints a table per token count (and writes it and a
-JSON of all timings to --out). A tuning aid, not a benchmark: nothing goes to the records store.
+and of the fastest grid per token count. Rank 0 prints a table per token count as it is made (and writes
+them and a JSON of all timings to --out). A tuning aid, not a benchmark: nothing goes to the records store.
 """
 from __future__ import annotations
 
@@ -151,7 +151,7 @@ def report(args: argparse.Namespace, env: dict, out: dict, world: int, functiona
     text = "\n".join(header_lines(env)) + "\n\n" + "\n\n".join(out["tables"]) + "\n"
     if functional:
         text = "Functional run (interpreter): the times say nothing about GPUs.\n\n" + text
-    print(text)
+    print("\n".join(header_lines(env)))  # the tables were printed as they were made
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         card = env["gpu"].replace("NVIDIA ", "").split(" (")[0].replace(" ", "-")
