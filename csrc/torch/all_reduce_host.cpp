@@ -2,8 +2,7 @@
 // shardkit/collectives/host_path.py): argument checks with errors naming the argument, the algorithm
 // choice of algo="auto", zero-copy detection, chunking, the launch policy, the call fingerprint, the
 // launch on torch's current stream and its error check, all in one call from Python. The Python host path
-// spent ~25 us per call on these (bench/profile_eager.py); this one spends about a microsecond plus
-// the launch.
+// spends 23-30 us per eager call on these on H200s (bench/profile_eager.py measures both paths).
 //
 // The one binding layer between torch and the raw-pointer kernels of csrc/dda, which stay free of torch
 // headers (FlashInfer keeps its kernels and its torch binding apart the same way). A pybind11 class rather
@@ -91,11 +90,11 @@ class AllReduceHost {
   // rules: [(max_bytes, algo)] of algo="auto", max_bytes < 0 for no limit; flat_op / tree_op / ll_op:
   // protocol.OP_CODES of the CUDA kernels' calls; error_type: the exception raised when a launch fails.
   AllReduceHost(int rank, int world, int device_index, std::string device_text, std::vector<int64_t> table,
-                int64_t workspace, int64_t staging_offset, int64_t error_record, int64_t buffer_bytes, int64_t timeout_iters, int sm_count,
-                std::vector<std::pair<int64_t, std::string>> rules, int flat_op, int tree_op, int ll_op,
-                py::object error_type)
-      : rank_(rank), world_(world), device_(device_index < 0 ? c10::Device(c10::kCPU)
-                                                              : c10::Device(c10::kCUDA, c10::DeviceIndex(device_index))),
+                int64_t workspace, int64_t staging_offset, int64_t error_record, int64_t buffer_bytes,
+                int64_t timeout_iters, int sm_count, std::vector<std::pair<int64_t, std::string>> rules, int flat_op,
+                int tree_op, int ll_op, py::object error_type)
+      : rank_(rank), world_(world),
+        device_(device_index < 0 ? c10::Device(c10::kCPU) : c10::Device(c10::kCUDA, c10::DeviceIndex(device_index))),
         device_text_(std::move(device_text)), workspace_(workspace), staging_offset_(staging_offset),
         error_record_(reinterpret_cast<int*>(error_record)), buffer_bytes_(buffer_bytes),
         timeout_iters_(timeout_iters), sm_count_(sm_count), flat_op_(flat_op), tree_op_(tree_op), ll_op_(ll_op),
@@ -135,11 +134,11 @@ class AllReduceHost {
   }
 
  private:
-
   // The tensor behind argument `name`, checked as collectives/checks.check_tensor does.
   const at::Tensor& tensor_arg(py::handle obj, const char* name) const {
     if (!THPVariable_Check(obj.ptr())) {
-      throw py::type_error(std::string("all_reduce: ") + name + " must be a torch.Tensor, got " + Py_TYPE(obj.ptr())->tp_name);
+      throw py::type_error(std::string("all_reduce: ") + name + " must be a torch.Tensor, got " +
+                           Py_TYPE(obj.ptr())->tp_name);
     }
     const at::Tensor& t = THPVariable_Unpack(obj.ptr());
     if (!dtype_code(t.scalar_type())) {
@@ -258,7 +257,8 @@ class AllReduceHost {
     const cudaError_t code = l.algo == Algo::kTree ? tree_all_reduce(a, l.shard, stream)
                              : l.algo == Algo::kLL ? ll_all_reduce(a, stream) : flat_all_reduce(a, stream);
     if (code != cudaSuccess) {
-      const std::string what = std::string(l.algo == Algo::kLL ? "LL" : algo_name(l.algo)) + " all-reduce launch: CUDA error " +
+      const std::string what = std::string(l.algo == Algo::kLL ? "LL" : algo_name(l.algo)) +
+                               " all-reduce launch: CUDA error " +
                                std::to_string(int(code)) + " (" + shardkit_error_string(int(code)) + ")";
       PyErr_SetString(error_type_.ptr(), what.c_str());
       throw py::error_already_set();
@@ -287,7 +287,8 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init<int, int, int, std::string, std::vector<int64_t>, int64_t, int64_t, int64_t, int64_t, int64_t, int,
                     std::vector<std::pair<int64_t, std::string>>, int, int, int, py::object>(),
            py::arg("rank"), py::arg("world"), py::arg("device_index"), py::arg("device_text"), py::arg("table"),
-           py::arg("workspace"), py::arg("staging_offset"), py::arg("error_record"), py::arg("buffer_bytes"), py::arg("timeout_iters"),
+           py::arg("workspace"), py::arg("staging_offset"), py::arg("error_record"), py::arg("buffer_bytes"),
+           py::arg("timeout_iters"),
            py::arg("sm_count"), py::arg("rules"), py::arg("flat_op"), py::arg("tree_op"), py::arg("ll_op"),
            py::arg("error_type"))
       .def("all_reduce", &AllReduceHost::all_reduce, py::arg("x"), py::arg("out"), py::arg("algo"))

@@ -36,7 +36,8 @@ def make_host(memory, rank: int, world: int, device, timeout_iters: int, sm_coun
     device gives an object whose checks and plans work but that launches nothing: tests)."""
     return _C.AllReduceHost(
         rank=rank, world=world, device_index=-1 if device.type == "cpu" else device.index, device_text=str(device),
-        table=memory.table.tolist(), workspace=memory.buffer.data_ptr(), staging_offset=memory.staging_offset, error_record=memory.error_record_addr,
+        table=memory.table.tolist(), workspace=memory.buffer.data_ptr(), staging_offset=memory.staging_offset,
+        error_record=memory.error_record_addr,
         buffer_bytes=memory.buffer_bytes, timeout_iters=timeout_iters, sm_count=sm_count,
         rules=[(-1 if max_bytes is None else int(max_bytes), algo) for max_bytes, algo in rules],
         flat_op=OP_CODES["all_reduce_flat_cuda"], tree_op=OP_CODES["all_reduce_tree_cuda"],
