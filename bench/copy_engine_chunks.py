@@ -2,23 +2,23 @@
 two-shot in the same run (calibrates ``copy_engine.copy_config`` and picks the default schedule).
 
     torchrun --standalone --nproc-per-node=2 bench/copy_engine_chunks.py [--sizes 64M,256M,16M]
-        [--variants barriers_ce,flags_ce,flags_ce_push,flags_sm] [--chunks 0,1M,2M,4M,8M,16M,32M,64M]
+        [--variants barriers_ce,flags_ce,flags_ce:2,...] [--chunks 0,1M,2M,4M,8M,16M,32M,64M]
         [--placements out,in,zc] [--modes graph] [--profile 64M] [--out DIR]
 
-bf16. Variants are ``CopyConfig(chunk, sync, gather)`` (``barriers_ce`` is today's default schedule;
-chunk 0 = the launch policy's chunk with that schedule). Placements: ``out`` out of place on
-ordinary tensors, ``in`` in place on an ordinary tensor, ``zc`` zero-copy in place (the input in the
-staging area), ``zco`` zero-copy out of place. Chunks larger than a shard or giving more than
-``--max-chunks`` chunks per shard are skipped. Baselines in the same run: NCCL in place, torch's
-symmetric-memory two-shot (out of place from its symmetric buffer), and at sizes up to 16 MiB
-shardkit's tree kernel (ordinary and staged input) and ``auto`` (default communicator). Every
+bf16. Variants are ``CopyConfig(chunk, sync, gather, copy_streams)`` (``barriers_ce`` is today's
+default schedule; chunk 0 = the launch policy's chunk with that schedule). Placements: ``out`` out
+of place on ordinary tensors, ``in`` in place on an ordinary tensor, ``zc`` zero-copy in place (the
+input in the staging area), ``zco`` zero-copy out of place. Chunks larger than a shard or giving
+more than ``--max-chunks`` chunks per shard are skipped. Baselines in the same run: NCCL in place,
+torch's symmetric-memory two-shot (out of place from its symmetric buffer), and at sizes up to 16
+MiB shardkit's tree kernel (ordinary and staged input) and ``auto`` (default communicator). Every
 configuration is checked first (relative error vs NCCL <= 1e-2, and bitwise equal to the first copy
 variant's result: the schedules promise the same bits); a failing one is recorded with its error and
 not timed. Times: CUDA events around ``iters`` calls (one CUDA graph in graph mode), median of
-``reps``, max over ranks. Prints one table per size (best chunk per variant and placement, then all
-rows) and appends records (bench "all_reduce_copy_chunks"; params bytes, chunk_bytes, variant,
-placement) to ``--out`` DIR/records.jsonl or the store; with ``--profile`` and ``--out``, each copy
-schedule's fastest chunk at that size is traced once (``profile_call``). GPUs only.
+``reps``, max over ranks. Prints one table per size (schedule/placement x chunk) and appends records
+(bench "all_reduce_copy_chunks"; params bytes, chunk_bytes, variant, placement) to ``--out``
+DIR/records.jsonl or the store; with ``--profile`` and ``--out``, each copy schedule's fastest chunk
+at that size is traced once (``profile_call``). GPUs only.
 """
 from __future__ import annotations
 
@@ -44,17 +44,18 @@ PLACEMENTS = ("out", "in", "zc", "zco")
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="64M,256M,16M", help="in this order (--budget-s may cut the last ones)")
-    p.add_argument("--variants", default="barriers_ce,flags_ce,flags_ce_push,flags_sm",
-                   help="<sync>_<gather> schedules")
+    p.add_argument("--variants", default="barriers_ce,flags_ce,flags_ce:2,flags_ce_push,flags_ce_push:2,flags_sm,"
+                                           "flags_sm:2",
+                   help="<sync>_<gather>[:<copy_streams>] schedules")
     p.add_argument("--chunks", default="0,1M,2M,4M,8M,16M,32M,64M", help="chunk_bytes values; 0 = the launch policy's")
     p.add_argument("--max-chunks", type=int, default=32, help="skip chunks giving more chunks per shard than this")
     p.add_argument("--placements", default="out,in,zc")
     p.add_argument("--modes", default="graph")
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--reps", type=int, default=5)
     p.add_argument("--budget-s", type=float, default=170.0, help="stop starting new sizes after this many seconds")
     p.add_argument("--profile", default="64M",
-                   help="size at which each copy schedule's fastest chunk (placements out and zc) is traced once "
+                   help="size at which each copy schedule's fastest chunk (placement out) is traced once "
                         "with torch.profiler (needs --out: chrome traces there, a per-stream summary printed); "
                         "'' = none")
     p.add_argument("--out", default=None)
@@ -70,7 +71,10 @@ def main() -> None:
     from shardkit.collectives import copy_engine
 
     sizes = [parse_size(s) for s in args.sizes.split(",")]
-    variants = [tuple(v.split("_", 1)) for v in args.variants.split(",")]
+    variants = []
+    for v in args.variants.split(","):
+        name, _, streams = v.partition(":")
+        variants.append((*name.split("_", 1), int(streams or 1)))
     chunks = [parse_size(c) for c in args.chunks.split(",")]
     placements = args.placements.split(",")
     assert all(pl in PLACEMENTS for pl in placements), f"--placements: one of {PLACEMENTS}"
@@ -151,13 +155,13 @@ def main() -> None:
                         prepare_tree, None)
 
         first, calls = None, {}
-        for sync_name, gather in variants:
+        for sync_name, gather, streams in variants:
             for chunk in chunks:
                 if chunk > shard or (chunk and shard // chunk > args.max_chunks):
                     continue
                 if chunk == 0 and (sync_name, gather) != ("barriers", "ce"):
                     continue  # the launch policy's chunk is the barrier schedule's
-                config = copy_engine.CopyConfig(chunk, sync_name, gather) if chunk else None
+                config = copy_engine.CopyConfig(chunk, sync_name, gather, streams) if chunk else None
                 kw = dict(timeout_iters=comm._timeout_iters, config=config)
                 for placement in placements:
                     src, dst = {"out": (x, out), "in": (work, work), "zc": (staged, staged),
@@ -169,7 +173,7 @@ def main() -> None:
                             d.fill_(float("nan"))  # poison: every element must be written
                         s.copy_(x)
 
-                    impl = f"copy_{sync_name}_{gather}"
+                    impl = f"copy_{sync_name}_{gather}" + (f"_x{streams}" if streams > 1 else "")
                     checked = measure(nbytes, impl, {"placement": placement, "chunk_bytes": chunk}, fn, dst, prepare,
                                       first)
                     first = checked if first is None else first
@@ -179,7 +183,7 @@ def main() -> None:
                 best = {}
                 for r in rows:
                     if (r[0] == nbytes >> 20 and r[4] == mode and r[5] is not None and r[1].startswith("copy_")
-                            and r[2] in ("out", "zc") and ((r[1], r[2]) not in best or r[5] < best[r[1], r[2]][5])):
+                            and r[2] == "out" and ((r[1], r[2]) not in best or r[5] < best[r[1], r[2]][5])):
                         best[r[1], r[2]] = r
                 for (impl, placement), r in sorted(best.items()):
                     chunk = int(r[3] * (1 << 20))
@@ -196,17 +200,7 @@ def main() -> None:
               f"chunk 0 = launch policy; {time.monotonic() - t0:.0f} s")
         for mode in modes:
             for mib in sorted({r[0] for r in rows}):
-                here = [r for r in rows if r[0] == mib and r[4] == mode]
-                print(f"\n{mib} MiB, {mode}: best chunk per impl and placement")
-                print("| impl | placement | chunk MiB | us |\n|---|---|---|---|")
-                best = {}
-                for r in here:
-                    if r[5] is not None and ((r[1], r[2]) not in best or r[5] < best[r[1], r[2]][5]):
-                        best[r[1], r[2]] = r
-                for r in sorted(best.values(), key=lambda r: r[5]):
-                    print(f"| {r[1]} | {r[2]} | {r[3]:g} | {r[5]:.1f} |")
-                print("all: " + "; ".join(f"{r[1].removeprefix('copy_')}/{r[2]}/{r[3]:g}M "
-                                          + (f"{r[5]:.1f}" if r[5] is not None else f"ERROR {r[6]}") for r in here))
+                print_size_table([r for r in rows if r[0] == mib and r[4] == mode], f"{mib} MiB, {mode}")
         if profiles:
             print("\nProfiles (one graph replay of one call, rank 0; per stream: kernels / copies and their busy "
                   "us; copies: the time any copy runs):")
@@ -214,6 +208,29 @@ def main() -> None:
         path = destination(args.out, on_gpu=True)
         print(f"appended {append(records, path)} records to {path}")
     dist.destroy_process_group()
+
+
+def print_size_table(rows: list[tuple], title: str) -> None:
+    """One size and mode: the baselines on one line, then a matrix of the copy schedules (rows:
+    schedule/placement, columns: chunk MiB, "pol" = the launch policy's; us, "ERR" where the check
+    failed), and the failed checks' reasons."""
+    def cell(r) -> str:
+        return f"{r[5]:.1f}" if r[5] is not None else "ERR"
+
+    print(f"\n{title}: " + " | ".join(f"{r[1]}/{r[2]} {cell(r)}" for r in rows if not r[1].startswith("copy_")))
+    copies = [r for r in rows if r[1].startswith("copy_")]
+    chunks = sorted({r[3] for r in copies})
+    print("| schedule/placement | " + " | ".join("pol" if c == 0 else f"{c:g}M" for c in chunks) + " | best |")
+    print("|---" * (len(chunks) + 2) + "|")
+    for key in dict.fromkeys((r[1], r[2]) for r in copies):
+        mine = {r[3]: r for r in copies if (r[1], r[2]) == key}
+        timed = [r[5] for r in mine.values() if r[5] is not None]
+        print(f"| {key[0].removeprefix('copy_')}/{key[1]} | "
+              + " | ".join(cell(mine[c]) if c in mine else "" for c in chunks)
+              + (f" | {min(timed):.1f} |" if timed else " | - |"))
+    for r in rows:
+        if r[6]:
+            print(f"ERR {r[1]}/{r[2]}/{r[3]:g}M: {r[6]}")
 
 
 def profile_call(fn, prepare, path: str) -> str:

@@ -143,10 +143,14 @@ class CopyConfig:
        inputs when zero-copy in place), "ce_push" ("flags" only: copy-engine pushes always, into the
        peers' workspaces, which copy them to ``out`` locally) or "sm" ("flags" only: the sum kernel
        stores each reduced chunk into every peer's workspace itself).
+    copy_streams: "flags" only: side streams per kind of transfer (1-4); chunk k's transfers go to
+       stream k mod copy_streams, so that several copies are in flight per direction (one copy's
+       start and drain then overlap another's).
     """
     chunk_bytes: int
     sync: str = "barriers"
     gather: str = "ce"
+    copy_streams: int = 1
 
 
 def shard_elements(numel: int, world: int) -> int:
@@ -213,8 +217,8 @@ _SIDE_STREAMS: "weakref.WeakKeyDictionary[PeerMemory, dict[str, torch.cuda.Strea
 
 class _Lanes:
     """The caller's stream ("main") and the memory's side streams by name ("side": the barrier
-    schedule's copies; "rs", "sig", "ag", "agp", "sig_ag": the flags schedule's pushes, notices and
-    all-gather) on
+    schedule's copies; "rs<i>", "sig", "ag<i>", "agp<i>", "sig_ag": the flags schedule's pushes,
+    notices and all-gather) on
     CUDA; on CPU everything runs in program order and events are None."""
 
     def __init__(self, memory: PeerMemory) -> None:
@@ -324,13 +328,13 @@ def all_reduce(memory: PeerMemory, x: torch.Tensor, out: torch.Tensor, *, timeou
                                  f"copy algorithm on {world} ranks")
         calls = [(lo, min(lo + step, n), None) for lo in range(0, n, step)]
     lanes = _Lanes(memory)
-    schedule = _SCHEDULE_CODES[config.sync, config.gather]
+    schedule = _SCHEDULE_CODES[config.sync, config.gather] * 8 + config.copy_streams
     for i, (lo, hi, offset) in enumerate(calls):
         fingerprint = (n, i, len(calls), hi - lo, DTYPE_CODES[x.dtype], -1 if offset is None else offset, chunk,
                        shard_hook is not None, schedule)
         if flags:
-            _call_flags(memory, lanes, xs[lo:hi], outs[lo:hi], offset, chunk, config.gather, timeout_iters,
-                        shard_hook, fingerprint)
+            _call_flags(memory, lanes, xs[lo:hi], outs[lo:hi], offset, chunk, config.gather, config.copy_streams,
+                        timeout_iters, shard_hook, fingerprint)
         else:
             _call(memory, lanes, xs[lo:hi], outs[lo:hi], offset, chunk, timeout_iters, shard_hook, fingerprint)
     return out
@@ -342,6 +346,10 @@ def _check_config(config: CopyConfig, shard_hook: ShardHook | None) -> None:
     if (config.sync, config.gather) not in _SCHEDULE_CODES:
         raise ValueError(f"all_reduce: config.sync must be one of {SYNCS} and config.gather one of {GATHERS} "
                          f"(gather 'ce_push' and 'sm' with sync='flags' only), got {config!r}")
+    if type(config.copy_streams) is not int or not 1 <= config.copy_streams <= 4 or (
+            config.copy_streams > 1 and config.sync != "flags"):
+        raise ValueError(f"all_reduce: config.copy_streams must be an int in 1..4 (above 1 with sync='flags' only), "
+                         f"got {config!r}")
     if config.gather == "sm" and shard_hook is not None:
         raise ValueError("all_reduce: a shard_hook needs config.gather 'ce' or 'ce_push' (with 'sm' the sum kernel "
                          "hands each chunk to the peers before a hook could update it)")
@@ -465,7 +473,8 @@ def _call(memory: PeerMemory, lanes: _Lanes, x: torch.Tensor, out: torch.Tensor,
 
 
 def _call_flags(memory: PeerMemory, lanes: _Lanes, x: torch.Tensor, out: torch.Tensor, x_offset: int | None,
-                chunk: int, gather: str, timeout_iters: int, shard_hook: ShardHook | None, fingerprint: tuple) -> None:
+                chunk: int, gather: str, streams: int, timeout_iters: int, shard_hook: ShardHook | None,
+                fingerprint: tuple) -> None:
     """One call-chunk of the "flags" schedule (see the module): x and out flat, fitting the workspace
     (``_flags_fit``)."""
     rank, world, dtype, es = memory.rank, memory.world_size, x.dtype, x.element_size()
@@ -492,17 +501,25 @@ def _call_flags(memory: PeerMemory, lanes: _Lanes, x: torch.Tensor, out: torch.T
     def view(r: int, offset: int, lo: int, hi: int) -> torch.Tensor:
         return memory.peer_view(r, offset + lo * es, hi - lo, dtype)
 
-    def reduce_scatter(k: int, start: torch.cuda.Event | None) -> None:
+    def lane(kind: str, k: int) -> str:
+        """Chunk k's stream for ``kind``; its first chunk waits for the start barrier (which also
+        forks the stream off main, as CUDA-graph capture needs)."""
+        name = f"{kind}{k % streams}"
+        if k < streams:
+            lanes.wait(start, name)
+        return name
+
+    def reduce_scatter(k: int) -> None:
         """rs: push our pieces of chunk k of every peer's shard into its T; sig: say so."""
-        with lanes.on("rs"):
-            lanes.wait(start, "rs")
+        rs = lane("rs", k)
+        with lanes.on(rs):
             for p in peers:
                 lo, hi = plan.chunk_range(p, k)
                 if hi > lo:
                     slot = (rank - p - 1) % world  # our place among p's senders (the T layout)
                     dst = epoch1 + (slot * plan.shard + lo - plan.shard_range(p)[0]) * es
                     memory.peer_view(p, dst, hi - lo, dtype).copy_(x[lo:hi])
-            pushed = lanes.mark("rs")
+            pushed = lanes.mark(rs)
         with lanes.on("sig"):
             lanes.wait(pushed, "sig")
             flags(signal=notice(_RS, k))
@@ -526,30 +543,30 @@ def _call_flags(memory: PeerMemory, lanes: _Lanes, x: torch.Tensor, out: torch.T
                     out[lo:hi].copy_(r_view)
         return lanes.mark()
 
-    def publish(k: int, summed: torch.cuda.Event | None, start: torch.cuda.Event | None) -> None:
+    def publish(k: int, summed: torch.cuda.Event | None) -> None:
         """gather="ce_push": agp pushes our reduced chunk k from out into every peer's epoch buffer
         0; sig_ag says so."""
         lo, hi = plan.chunk_range(rank, k)
-        with lanes.on("agp"):
-            lanes.wait(start, "agp")
-            lanes.wait(summed, "agp")
+        agp = lane("agp", k)
+        with lanes.on(agp):
+            lanes.wait(summed, agp)
             if hi > lo:
                 for p in peers:
                     view(p, epoch0, lo, hi).copy_(out[lo:hi])
-            pushed = lanes.mark("agp")
+            pushed = lanes.mark(agp)
         with lanes.on("sig_ag"):
             lanes.wait(pushed, "sig_ag")
             flags(signal=notice(_AG, k))
 
-    def all_gather(k: int, summed: torch.cuda.Event | None, start: torch.cuda.Event | None) -> None:
+    def all_gather(k: int, summed: torch.cuda.Event | None) -> None:
         """ag: chunk k of every shard into out (pulls from the peers' R, or a local copy of what they
         pushed into our workspace), or our chunk k into the peers' inputs (zero-copy in place)."""
         if zc_in_place and sm:
             return  # the sum kernel stored it in the peers' inputs already
-        with lanes.on("ag"):
-            lanes.wait(start, "ag")
+        ag = lane("ag", k)
+        with lanes.on(ag):
             if zc_in_place:
-                lanes.wait(summed, "ag")
+                lanes.wait(summed, ag)
                 lo, hi = plan.chunk_range(rank, k)
                 if hi > lo:
                     for p in peers:
@@ -573,18 +590,18 @@ def _call_flags(memory: PeerMemory, lanes: _Lanes, x: torch.Tensor, out: torch.T
     # signals before it waits, so the same order also runs on CPU worlds (program order).
     for k in range(plan.chunks + 1):
         if k < plan.chunks:
-            reduce_scatter(k, start if k == 0 else None)
+            reduce_scatter(k)
         signal = notice(_AG, k - 1) if k > 0 and ag_notices else None
         if k < plan.chunks:
             flags(signal=signal, wait=notice(_RS, k))
         elif signal is not None:
             flags(signal=signal)
         if k > 0:
-            all_gather(k - 1, summed, start if k == 1 else None)
+            all_gather(k - 1, summed)
         if k < plan.chunks:
             summed = reduce(k)
             if gather == "ce_push" and not zc_in_place:
-                publish(k, summed, start if k == 0 else None)
+                publish(k, summed)
     lanes.join()
 
     # End: nobody touches our workspace after this.

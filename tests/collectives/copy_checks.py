@@ -22,19 +22,20 @@ def _check(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
 
 
 def check_copy_all_reduce(dtype_name: str, sizes: list[int], buffer_bytes: int, chunk_bytes: int | None,
-                          seed: int, compare_tree: bool, sync: str = "barriers", gather: str = "ce") -> list[str]:
+                          seed: int, compare_tree: bool, sync: str = "barriers", gather: str = "ce",
+                          copy_streams: int = 1) -> list[str]:
     """Each size in every mode (out-of-place, in place, zero-copy out-of-place and in place when the
     message fits the staging area), with ``chunk_bytes`` pipeline chunks (None: the launch policy's)
-    and the ``sync``/``gather`` schedule, against the float64 sum; all modes bitwise equal, and equal
+    and the ``sync``/``gather``/``copy_streams`` schedule, against the float64 sum; all modes bitwise equal, and equal
     to the tree kernel's bits when ``compare_tree``. Returns one digest per size."""
     dtype = DTYPES[dtype_name]
     rank, world = dist.get_rank(), dist.get_world_size()
     comm = Communicator(buffer_bytes=buffer_bytes)
     config = None
-    if chunk_bytes is not None or (sync, gather) != ("barriers", "ce"):
+    if chunk_bytes is not None or (sync, gather, copy_streams) != ("barriers", "ce", 1):
         es = torch.empty((), dtype=dtype).element_size()
         policy = copy_engine.copy_config(1 << 20, world, buffer_bytes, es, dist.get_backend() != "nccl")
-        config = copy_engine.CopyConfig(chunk_bytes or policy.chunk_bytes, sync, gather)
+        config = copy_engine.CopyConfig(chunk_bytes or policy.chunk_bytes, sync, gather, copy_streams)
 
     def run(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if config is None:
@@ -47,7 +48,7 @@ def check_copy_all_reduce(dtype_name: str, sizes: list[int], buffer_bytes: int, 
             xs = rank_inputs(world, n, dtype, seed=seed * 1000 + i, device=device())
             ref = all_reduce_reference(xs)
             x = xs[rank]
-            what = f"copy {dtype_name} n={n} world={world} chunk={chunk_bytes} {sync}/{gather}"
+            what = f"copy {dtype_name} n={n} world={world} chunk={chunk_bytes} {sync}/{gather}/{copy_streams}"
 
             out = torch.full_like(x, float("nan"))  # poison: every element must be written
             assert run(x, out) is out
@@ -179,6 +180,10 @@ def copy_bad_inputs() -> list[str]:
             lambda: copy_engine.all_reduce(mem, x, x, timeout_iters=10,
                                            config=copy_engine.CopyConfig(4096, "flags", "sm"),
                                            shard_hook=lambda chunk: None),
+            lambda: copy_engine.all_reduce(mem, x, x, timeout_iters=10,
+                                           config=copy_engine.CopyConfig(4096, "flags", "ce", 0)),
+            lambda: copy_engine.all_reduce(mem, x, x, timeout_iters=10,
+                                           config=copy_engine.CopyConfig(4096, "barriers", "ce", 2)),
             lambda: comm.all_reduce(x.half(), algo="copy", out=x),
             lambda: mem.peer_view(dist.get_world_size(), 0, 1, torch.float32),
             lambda: mem.peer_view(0, 2, 1, torch.float32),
@@ -188,13 +193,14 @@ def copy_bad_inputs() -> list[str]:
         comm.close()
 
 
-def copy_graph_replays(n: int, replays: int, seed: int, sync: str = "barriers", gather: str = "ce") -> float:
+def copy_graph_replays(n: int, replays: int, seed: int, sync: str = "barriers", gather: str = "ce",
+                       copy_streams: int = 1) -> float:
     """CUDA graph of an out-of-place and a zero-copy in-place copy all-reduce (the ``sync``/``gather``
     schedule), replayed on fresh inputs; returns the worst relative error (inputs change between
     replays, so a graph that froze any per-call state would be caught)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     comm = Communicator(buffer_bytes=4 * n * 2)
-    config = copy_engine.CopyConfig(max(256, n * 2 // world // 3), sync, gather)  # a few chunks per shard
+    config = copy_engine.CopyConfig(max(256, n * 2 // world // 3), sync, gather, copy_streams)  # a few chunks
     x = torch.empty(n, dtype=torch.bfloat16, device=device())
     out = torch.empty_like(x)
     staged = comm.staging_buffer((n,), torch.bfloat16)

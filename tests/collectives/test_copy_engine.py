@@ -11,25 +11,28 @@ SMALL_BUFFER = 8192  # bytes: larger messages go in call-chunks
 
 # The interpreter truncates fp32 -> bf16 casts (the tree kernel's -0.4509 became -0.4492 where the
 # GPU and torch round to nearest even, -0.4512), so bf16 bits are compared with the tree's on GPUs only.
-@pytest.mark.parametrize("world_size,dtype,sizes,chunk_bytes,compare_tree,sync,gather", [
-    (2, "bfloat16", [7, 3000, 5000], 2048, False, "barriers", "ce"),  # 2 chunks per shard; 5000: 2 call-chunks
-    (3, "float16", [1000], None, True, "barriers", "ce"),  # the launch policy's chunks via Communicator(algo="copy")
-    (4, "float32", [7, 1500], 1024, True, "barriers", "ce"),  # W > 2: the fp32 accumulator; 2 chunks per shard
+@pytest.mark.parametrize("world_size,dtype,sizes,chunk_bytes,compare_tree,sync,gather,copy_streams", [
+    (2, "bfloat16", [7, 3000, 5000], 2048, False, "barriers", "ce", 1),  # 2 chunks per shard; 5000: 2 call-chunks
+    (3, "float16", [1000], None, True, "barriers", "ce", 1),  # the launch policy's chunks via Communicator(algo="copy")
+    (4, "float32", [7, 1500], 1024, True, "barriers", "ce", 1),  # W > 2: the fp32 accumulator; 2 chunks per shard
     # The flags schedule (pushes, per-chunk flags, the Triton chunk sum), both all-gathers, worlds 2-4;
     # fp16/fp32 give the tree kernel's bits (the interpreter truncates bf16 casts: no bit check there).
-    (2, "bfloat16", [7, 3000, 5000], 2048, False, "flags", "ce"),
-    (2, "float32", [3001], 2048, True, "flags", "sm"),  # 2 call-chunks of 2 chunks per shard
-    (3, "float16", [1000, 5000], 1024, True, "flags", "ce"),
-    (3, "float32", [7, 1000], 1024, True, "flags", "sm"),
-    (4, "float32", [1500], 1024, True, "flags", "ce"),
-    (4, "float16", [7, 2001], 1024, True, "flags", "sm"),
-    (2, "float16", [7, 3001], 2048, True, "flags", "ce_push"),
-    (3, "float32", [1000, 2500], 1024, True, "flags", "ce_push"),
-    (4, "float32", [1500], 1024, True, "flags", "ce_push"),
+    (2, "bfloat16", [7, 3000, 5000], 2048, False, "flags", "ce", 1),
+    (2, "float32", [3001], 2048, True, "flags", "sm", 1),  # 2 call-chunks of 2 chunks per shard
+    (3, "float16", [1000, 5000], 1024, True, "flags", "ce", 1),
+    (3, "float32", [7, 1000], 1024, True, "flags", "sm", 1),
+    (4, "float32", [1500], 1024, True, "flags", "ce", 1),
+    (4, "float16", [7, 2001], 1024, True, "flags", "sm", 1),
+    (2, "float16", [7, 3001], 2048, True, "flags", "ce_push", 1),
+    (3, "float32", [1000, 2500], 1024, True, "flags", "ce_push", 1),
+    (4, "float32", [1500], 1024, True, "flags", "ce_push", 1),
+    (2, "float16", [3001], 1024, True, "flags", "ce", 2),  # chunks alternate over two copy streams (GPU);
+    (3, "float32", [1000], 1024, True, "flags", "ce_push", 3),  # on CPU the same program order
 ])
-def test_matches_float64_and_tree_bits(worlds, world_size, dtype, sizes, chunk_bytes, compare_tree, sync, gather):
+def test_matches_float64_and_tree_bits(worlds, world_size, dtype, sizes, chunk_bytes, compare_tree, sync, gather,
+                                       copy_streams):
     digests = worlds(world_size).run(copy_checks.check_copy_all_reduce, dtype, sizes, SMALL_BUFFER, chunk_bytes,
-                                     world_size, compare_tree, sync, gather)
+                                     world_size, compare_tree, sync, gather, copy_streams)
     assert all(d == digests[0] for d in digests), "ranks got different bits"
 
 
@@ -56,8 +59,9 @@ def test_bad_inputs_raise_on_every_rank(worlds):
         assert "x must be float32" in messages[0] and "out must have x's shape" in messages[1]
         assert "contiguous" in messages[2] and "CopyConfig" in messages[3] and "CopyConfig" in messages[4]
         assert all("config.sync must be one of" in m for m in messages[5:7]) and "shard_hook" in messages[7]
-        assert "out must have x's shape" in messages[8] and "rank must be in 0..1" in messages[9]
-        assert all("not an aligned range" in m for m in messages[10:12])
+        assert all("copy_streams must be an int in 1..4" in m for m in messages[8:10])
+        assert "out must have x's shape" in messages[10] and "rank must be in 0..1" in messages[11]
+        assert all("not an aligned range" in m for m in messages[12:14])
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -80,11 +84,22 @@ def test_gpu_matches_float64_and_tree_bits(worlds, world_size, dtype, buffer_byt
     assert all(d == digests[0] for d in digests), "ranks got different bits"
 
 
-@pytest.mark.parametrize("sync,gather", SCHEDULES)
+@pytest.mark.parametrize("gather", ["ce", "ce_push", "sm"])
 @pytest.mark.gpu
 @pytest.mark.skipif(gpu_count() < 2, reason="needs 2+ CUDA GPUs")
-def test_gpu_cuda_graph_replays(worlds, sync, gather):
-    for worst in worlds(GPU_WORLDS[-1], "nccl").run(copy_checks.copy_graph_replays, 1_000_003, 50, 5, sync, gather):
+def test_gpu_two_copy_streams(worlds, gather):
+    sizes = [4099, 3_000_017]  # one call, 1 MiB chunks alternating over two streams per kind of transfer
+    digests = worlds(2, "nccl").run(copy_checks.check_copy_all_reduce, "bfloat16", sizes, 32 << 20, 1 << 20, 3, True,
+                                    "flags", gather, 2)
+    assert all(d == digests[0] for d in digests), "ranks got different bits"
+
+
+@pytest.mark.parametrize("sync,gather,copy_streams", [(*s, 1) for s in SCHEDULES] + [("flags", "ce", 2)])
+@pytest.mark.gpu
+@pytest.mark.skipif(gpu_count() < 2, reason="needs 2+ CUDA GPUs")
+def test_gpu_cuda_graph_replays(worlds, sync, gather, copy_streams):
+    for worst in worlds(GPU_WORLDS[-1], "nccl").run(copy_checks.copy_graph_replays, 1_000_003, 50, 5, sync, gather,
+                                                    copy_streams):
         assert worst < 2e-2, worst
 
 
