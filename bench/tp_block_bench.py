@@ -1,17 +1,19 @@
-"""Tensor-parallel decode latency: a Llama-70B-shaped block on 2 GPUs with every kind of sync point,
-with and without Sync-Point Drop, on NVLink and on a slow link; and the real small model end to end.
+"""Tensor-parallel decode latency: a Llama-70B-shaped block on W GPUs (TP=W) with every kind of sync
+point, with and without Sync-Point Drop, on NVLink and on a slow link; and the real small model end to end.
 
-One command for the whole study on a 2-GPU machine (< 3 minutes on 2xH200):
-    python bench/tp_block_bench.py --session [--out DIR]
-which runs, one after the other:
-    torchrun --standalone --nproc-per-node=2 bench/tp_block_bench.py            # NVLink: block + model
+One command for the whole study on all GPUs of the machine (< 3 minutes on 2xH200):
+    python bench/tp_block_bench.py --session [--out DIR] [other options, passed on]
+which runs, one after the other (W = torch.cuda.device_count()):
+    torchrun --standalone --nproc-per-node=W bench/tp_block_bench.py            # NVLink: block + model
     NCCL_P2P_DISABLE=1 torchrun ... bench/tp_block_bench.py --slow-link         # host-memory NCCL: block
+The model part needs --model-dir (default ../shared/models/tiny-llama-pycode); where it is missing,
+only the block is measured (a device machine gets the checkpoint only if it is carried there).
 No GPU: a functional run of the same code on a CPU world (tiny shapes, Triton kernels in the
 interpreter; the times say nothing about GPUs):
-    python bench/tp_block_bench.py --cpu-world 2 --smoke
+    python bench/tp_block_bench.py --cpu-world 2 --smoke      # or 4, 8
 
-Block (``--what block``): hidden 8192, 64 query / 8 KV heads (head dim 128), FFN 28672, TP=2 (32 query
-and 4 KV heads, FFN 14336 per rank), bf16, random weights, one decode token per sequence at position
+Block (``--what block``): hidden 8192, 64 query / 8 KV heads (head dim 128), FFN 28672, split over W ranks
+(TP=2: 32 query and 4 KV heads, FFN 14336 per rank; TP=8: 8 query heads, 1 KV head, FFN 3584), bf16, random weights, one decode token per sequence at position
 ``context - 1`` (KV cache of ``context`` = 4096 positions, all visible: SDPA without a mask, as a
 kernel that knows the sequence lengths runs), batch 1, 8, 32. The block is
 ``shardkit.models.TPLlama``'s own (fused q/k/v and gate/up GEMMs, SDPA on the cache), replayed from a
@@ -31,13 +33,14 @@ Every variant's output is checked (bf16 tolerance) against the NCCL variant of t
 before it is timed.
 
 Model (``--what model``): tiny-llama-pycode (--model-dir) in bf16, prompt of 32 tokens, ``--new-tokens``
-greedy tokens decoded by CUDA-graph replays; tokens/s of the decode for TP=2 (fused sync points, NCCL
-sync points, fused + SPD on every block) against one GPU (rank 0 alone, local add + RMSNorm), batch 1
-and 8, and how many generated tokens equal the one-GPU model's.
+greedy tokens decoded by CUDA-graph replays; tokens/s of the decode for TP=W (``tp<W>_fused``: fused sync
+points, ``tp<W>_nccl``: NCCL sync points, ``tp<W>_fused_spd``: fused + SPD on every block) against one GPU
+(rank 0 alone, local add + RMSNorm), batch 1 and 8, and how many generated tokens equal the TP=W fused
+model's.
 
 Records: bench "tp_block" (params batch, context, link) and "tp_model" (params batch, new_tokens,
 variant) in the store (or ``--out DIR``/records.jsonl); tables in bench/results (or DIR):
-tp_block_<card>_x2.md (NVLink and slow link) and tp_model_<card>_x2.md.
+tp_block_<card>_x<W>.md (NVLink) and tp_block_<card>_x<W>_slowlink.md.
 """
 from __future__ import annotations
 
@@ -161,7 +164,7 @@ def bench_block(args: argparse.Namespace, env: dict, comm, device: torch.device,
 
 
 def bench_model(args: argparse.Namespace, env: dict, comm, device: torch.device) -> list[dict]:
-    """Decode tokens/s of the real model: TP=2 variants, then rank 0 alone (one GPU)."""
+    """Decode tokens/s of the real model: TP=world variants, then rank 0 alone (one GPU)."""
     from shardkit.models import FusedSync, LocalSync, TPLlama, UnfusedSync, load_llama, shard_llama
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -173,8 +176,9 @@ def bench_model(args: argparse.Namespace, env: dict, comm, device: torch.device)
     prompt_len, new = (4, 3) if args.smoke else (32, args.new_tokens)
     gen = torch.Generator().manual_seed(5)
     records, reference = [], {}
-    cases = [("tp2_fused", lambda: FusedSync(comm), False), ("tp2_nccl", lambda: UnfusedSync("nccl"), False),
-             ("tp2_fused_spd", lambda: FusedSync(comm), True), ("one_gpu", LocalSync, False)]
+    tp = f"tp{world}"
+    cases = [(f"{tp}_fused", lambda: FusedSync(comm), False), (f"{tp}_nccl", lambda: UnfusedSync("nccl"), False),
+             (f"{tp}_fused_spd", lambda: FusedSync(comm), True), ("one_gpu", LocalSync, False)]
     for batch in args.model_batches:
         prompt = torch.randint(1, config.vocab_size, (batch, prompt_len), generator=gen).to(device)
         for name, make, spd in cases:
@@ -189,7 +193,7 @@ def bench_model(args: argparse.Namespace, env: dict, comm, device: torch.device)
             dist.barrier()
             if alone and rank != 0:
                 continue
-            if name == "tp2_fused" and rank == 0:
+            if name == f"{tp}_fused" and rank == 0:
                 reference[batch] = tokens
             same = None if reference.get(batch) is None else (tokens == reference[batch]).float().mean().item()
             if rank == 0:
@@ -199,7 +203,7 @@ def bench_model(args: argparse.Namespace, env: dict, comm, device: torch.device)
                     params={"model": "tiny-llama-pycode", "batch": batch, "prompt": prompt_len, "new_tokens": new,
                             "spd_blocks": config.num_layers if spd else 0},
                     us=us_per_token, metrics={"tokens_per_s": batch * 1e6 / statistics.median(us_per_token),
-                                              "same_tokens_as_tp2_fused": same}))
+                                              f"same_tokens_as_{tp}_fused": same}))
                 print(f"model batch {batch} {name:14s}: {records[-1]['us_median']:.1f} us/step, "
                       f"{records[-1]['metrics']['tokens_per_s']:.0f} tokens/s", flush=True)
     return records
@@ -287,13 +291,13 @@ def block_table(recs: list[dict]) -> list[str]:
     return lines
 
 
-def model_table(recs: list[dict]) -> list[str]:
-    lines = ["", "| batch | variant | µs per decode step | tokens/s | vs one GPU | tokens equal to TP=2 fused |",
+def model_table(recs: list[dict], world: int) -> list[str]:
+    lines = ["", f"| batch | variant | µs per decode step | tokens/s | vs one GPU | tokens equal to TP={world} fused |",
              "|---|---|---|---|---|---|"]
     one = {r["params"]["batch"]: r["us_median"] for r in recs if r["impl"] == "one_gpu"}
     for r in recs:
         b = r["params"]["batch"]
-        same = r["metrics"].get("same_tokens_as_tp2_fused")
+        same = r["metrics"].get(f"same_tokens_as_tp{world}_fused")
         lines.append(f"| {b} | {r['impl']} | {r['us_median']:.1f} | {r['metrics']['tokens_per_s']:.0f} | "
                      f"{one[b] / r['us_median']:.2f}x | " + ("-" if same is None else f"{100 * same:.0f}%") + " |")
     return lines
@@ -309,13 +313,15 @@ def report(args: argparse.Namespace, env: dict, records: list[dict], world: int,
     text = []
     if blocks:
         p = blocks[0]["params"]
-        text += ["## Llama-70B-shaped block, TP=2, bf16, CUDA graph (µs per block, median, max over ranks)", "",
+        text += [f"## Llama-70B-shaped block, TP={world}, {blocks[0]['dtype']}, CUDA graph "
+                 "(µs per block, median, max over ranks)", "",
                  f"hidden {p['hidden']}, {p['heads']} q / {p['kv_heads']} kv heads, FFN {p['ffn']}, KV context "
                  f"{p['context']}, one decode token per sequence. comm = variant - its compute alone (none / none_spd); "
                  "SPD saves = share of the fused block's communication time that SPD removes."]
         text += block_table(blocks)
     if models:
-        text += ["", "## tiny-llama-pycode end to end, bf16, CUDA-graph decode"] + model_table(models)
+        text += ["", f"## tiny-llama-pycode end to end, TP={world}, {models[0]['dtype']}, CUDA-graph decode"] + \
+            model_table(models, world)
     print("\n".join(head + text))
     if functional:
         print("Functional CPU run: interpreter times, nothing written unless --out.")
@@ -332,9 +338,13 @@ def report(args: argparse.Namespace, env: dict, records: list[dict], world: int,
 
 
 def session(args: argparse.Namespace) -> None:
-    """The whole study as subprocess torchrun runs (NVLink, then slow link)."""
-    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", __file__]
-    extra = ["--out", args.out] if args.out else []
+    """The whole study as subprocess torchrun runs on every GPU of the machine (NVLink, then slow
+    link), each with this command's other options."""
+    gpus = torch.cuda.device_count()
+    if gpus < 2:
+        raise SystemExit(f"--session needs 2 or more GPUs, this machine has {gpus}")
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}", __file__]
+    extra = [a for a in sys.argv[1:] if a != "--session"]
     env = {**os.environ, **GPU_ENV}
     runs = [(base + extra, env), (base + extra + ["--slow-link"], {**env, "NCCL_P2P_DISABLE": "1"})]
     for cmd, run_env in runs:
@@ -346,7 +356,7 @@ def session(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--session", action="store_true", help="run the NVLink and slow-link studies (2 GPUs)")
+    p.add_argument("--session", action="store_true", help="run the NVLink and slow-link studies on all GPUs")
     p.add_argument("--what", choices=("all", "block", "model"), default="all")
     p.add_argument("--slow-link", action="store_true", help="run under NCCL_P2P_DISABLE=1: shardkit's NCCL fallback")
     p.add_argument("--batches", default="1,8,32")
@@ -364,6 +374,9 @@ def main() -> None:
     args.model_batches = [int(b) for b in args.model_batches.split(",")]
     if args.smoke:
         args.context, args.iters, args.reps, args.batches, args.model_batches = 16, 1, 1, [1, 3], [1]
+    if args.what == "all" and not os.path.isdir(args.model_dir):
+        print(f"no model at --model-dir {args.model_dir}: the block only", file=sys.stderr)
+        args.what = "block"
     if args.session:
         session(args)
         return
