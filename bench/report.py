@@ -364,7 +364,29 @@ def ring_table(recs: Records) -> str:
         lines += ["", f"First miss rate at which pass-KV is faster: {first}; best single threshold (least total "
                   f"relative loss, `best_threshold`): {best_threshold(timed_rows) if timed_rows else None} "
                   "(Meta: ~5%)."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ring_decode_lines(recs)) + "\n"
+
+
+def ring_decode_lines(recs: Records) -> list[str]:
+    """The CP decode study: cp_decode_attention on W GPUs against one GPU (same kernel; torch SDPA)."""
+    cp = sorted((r for r in recs if r["impl"] == "cp_decode"),
+                key=lambda r: (r["mode"], r["params"]["context"], r["params"]["batch"]))
+    if not cp:
+        return []
+    rows = []
+    for r in cp:
+        case = {k: r["params"][k] for k in ("study", "context", "batch")}
+        rows.append([r["mode"], str(r["params"]["context"]), str(r["params"]["batch"]),
+                     timed(find(recs, "single_gpu_decode", r["mode"], **case)),
+                     timed(find(recs, "torch_sdpa_decode", r["mode"], **case)), timed(r),
+                     f"{fmt(metric(r, 'speedup'), '.2f')}x", pct(metric(r, "efficiency")),
+                     f"{fmt(metric(r, 'speedup_vs_torch_sdpa'), '.2f')}x", fmt(metric(r, "kv_gbps"))])
+    return ["", f"## CP decode ({cp[0]['world']} GPUs): one query token per sequence, the KV cache sharded", "",
+            "µs per call (graph: calls replayed from one CUDA graph); one GPU: the fastest rank, CP: the slowest. "
+            "The same local kernel (attention_chunk) over the whole cache on one GPU gives the speedup and the "
+            "efficiency T1/(W*TW); torch SDPA on one GPU is what a one-GPU engine runs.", ""] + \
+        table(["mode", "context", "batch", "1 GPU, same kernel", "1 GPU, torch SDPA", "CP decode", "speedup",
+               "efficiency", "vs torch SDPA", "KV GB/s (CP)"], rows)
 
 
 def ring_plot(recs: Records, path: str) -> None:

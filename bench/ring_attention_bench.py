@@ -23,10 +23,22 @@ Run on one node under torchrun (one process per GPU):
    ``--write-thresholds`` stores it per GPU and world size (shardkit/thresholds.json)
    and auto then uses it (Meta reports ~5% on their H100 hosts). Each row also says what Meta's
    cost model (``shardkit.collectives.attention.variant``) with this GPU's measured rates would pick.
+3. **CP decode** (all GPUs, contexts ``--decode-contexts``, default 32K, 128K and the longest
+   ``--lengths``; batches ``--decode-batches``, default 1 and 8): one query token per sequence
+   against a KV cache in the load-balanced layout over the GPUs (``cp_decode_attention``: local
+   ``attention_chunk`` + one all-gather of the partials + merge), against, on one GPU, the same
+   local kernel over the whole cache (``single_gpu_decode``: speedup and efficiency
+   ``T1 / (W * TW)``) and torch SDPA with the query heads of a KV head as its query rows
+   (``torch_sdpa_decode``: what a one-GPU engine runs). Graph (``--decode-iters`` calls in one
+   CUDA graph, the way decode runs) and eager; checked against each other first, and the first
+   context against an fp32 torch reference.
 
-Timing: CUDA events around one call, group barrier before each repetition, median of ``--reps``
-after one untimed warm-up (which also compiles the kernels). Eager only: a ring-attention call
-reads its metadata on the host, so it is not CUDA-graph capturable. Each call is a full prefill
+The studies run in the order 2, 3, 1, so that a spent ``--budget-s`` cuts the longest scaling
+lengths rather than the threshold fit.
+
+Timing (1. and 2.): CUDA events around one call, group barrier before each repetition, median of
+``--reps`` after one untimed warm-up (which also compiles the kernels). Eager only: a ring-attention
+call reads its metadata on the host, so it is not CUDA-graph capturable. Each call is a full prefill
 of one attention layer; nothing is overlapped across calls. The run stops starting new
 measurements after ``--budget-s`` seconds (default 100) and keeps what it has; a run that fails
 midway still stores the measurements made before. The records go to the store
@@ -52,12 +64,14 @@ if "--smoke" in sys.argv:  # must precede the first import of triton
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from bench.common import best_cut, budget_spent, environment, header_lines  # noqa: E402
+from bench.common import best_cut, budget_spent, environment, header_lines, time_cuda, time_host  # noqa: E402
 from bench.records import record  # noqa: E402
 from bench.report import publish  # noqa: E402
 from shardkit import thresholds  # noqa: E402
+from shardkit.collectives.attention.cp_decode import cp_decode_attention  # noqa: E402
 from shardkit.collectives.attention.ring import choose_variant, ring_attention  # noqa: E402
 from shardkit.collectives.attention.variant import RingCosts, choose_variant_by_model  # noqa: E402
 from shardkit.collectives.attention.sharding import shard, shard_positions  # noqa: E402
@@ -142,9 +156,10 @@ class Bench:
         dist.all_reduce(t, op=reduce, group=group)
         return t.tolist()
 
-    def record(self, impl: str, world: int, params: dict, samples: list[float], metrics: dict | None = None) -> dict:
+    def record(self, impl: str, world: int, params: dict, samples: list[float], metrics: dict | None = None,
+               mode: str = "eager") -> dict:
         self.records.append(record("ring_attention", impl, gpu=self.env["gpu"], world=world, dtype=self.dtype,
-                                   mode="eager" if self.cuda else "cpu", params={**params, **self.shape}, us=samples,
+                                   mode=mode if self.cuda else "cpu", params={**params, **self.shape}, us=samples,
                                    metrics=metrics))
         return self.records[-1]
 
@@ -261,6 +276,74 @@ class Bench:
         self.log(f"first miss rate at which pass-KV is faster: {crossover}; best single threshold: "
                  f"{self.pass_q_fit}; auto's threshold in this run: {self.pass_q_threshold}")
 
+    # ------------------------------------------------------------------ 3. CP decode
+
+    def time_calls(self, fn, mode: str, reduce) -> list[float]:
+        """Microseconds per call of ``fn``, ``--decode-iters`` calls per repetition (captured in one
+        CUDA graph in mode "graph"), each of ``--reps`` repetitions reduced over the ranks (MAX: the
+        slowest, MIN: the fastest)."""
+        def sync() -> None:
+            dist.barrier()
+            self.sync()
+
+        iters, reps = self.args.decode_iters, self.args.reps
+        samples = time_cuda(fn, iters, reps, mode == "graph", sync) if self.cuda else time_host(fn, iters, reps, sync)
+        t = torch.tensor(samples, dtype=torch.float64, device=self.dev)
+        dist.all_reduce(t, op=reduce)
+        return t.tolist()
+
+    def decode(self) -> None:
+        """CP decode against one GPU (the module docstring's study 3)."""
+        Hq, Hkv, D = self.heads
+        W = self.world
+        for C in self.args.decode_contexts:
+            for B in self.args.decode_batches:
+                if self.over_budget(f"CP decode context {C} batch {B}"):
+                    return
+                gen = torch.Generator(device=self.dev).manual_seed(C + B)  # the same cache and query on every rank
+                q, k, v = self.rand(gen, B, Hq, 1, D), self.rand(gen, B, Hkv, C, D), self.rand(gen, B, Hkv, C, D)
+                kl, vl = shard(k, self.rank, W), shard(v, self.rank, W)
+                outs = {}
+
+                def single() -> None:  # every rank on its own GPU, the whole cache
+                    outs["single_gpu_decode"], _ = attention_chunk(q, k, v)
+
+                def torch_sdpa() -> None:  # a KV head's query heads as its query rows: no KV expansion
+                    outs["torch_sdpa_decode"] = F.scaled_dot_product_attention(
+                        q.view(B, Hkv, Hq // Hkv, D), k, v).view(B, Hq, 1, D)
+
+                def cp() -> None:
+                    outs["cp_decode"] = cp_decode_attention(q, kl, vl)
+
+                calls = {"single_gpu_decode": single, "torch_sdpa_decode": torch_sdpa, "cp_decode": cp}
+                for fn in calls.values():
+                    fn()
+                name = f"CP decode context {C} batch {B} W={W}"
+                self.check(f"{name} vs 1-GPU kernel", outs["cp_decode"], outs["single_gpu_decode"])
+                self.check(f"torch SDPA decode context {C} batch {B} vs 1-GPU kernel", outs["torch_sdpa_decode"],
+                           outs["single_gpu_decode"])
+                if C == self.args.decode_contexts[0]:
+                    ref, _ = reference_attention(q, k, v, causal=False, dtype=torch.float32)
+                    self.check(f"{name} vs fp32 reference", outs["cp_decode"], ref)
+                case = {"study": "cp_decode", "context": C, "batch": B, "q_len": 1}
+                kv_bytes = 2 * B * Hkv * C * D * self.dtype.itemsize
+                for mode in ("graph", "eager") if self.cuda else ("cpu",):
+                    t = {}
+                    for impl, fn in calls.items():
+                        one_gpu = impl != "cp_decode"  # the fastest rank's time, as T1 in the scaling study
+                        samples = self.time_calls(fn, mode, dist.ReduceOp.MIN if one_gpu else dist.ReduceOp.MAX)
+                        t[impl] = statistics.median(samples)
+                        metrics = {"kv_gbps": round(kv_bytes / t[impl] / 1e3, 1)}
+                        if not one_gpu:
+                            t1 = t["single_gpu_decode"]
+                            metrics.update(speedup=round(t1 / t[impl], 3), efficiency=round(t1 / (W * t[impl]), 4),
+                                           speedup_vs_torch_sdpa=round(t["torch_sdpa_decode"] / t[impl], 3))
+                        self.record(impl, 1 if one_gpu else W, case, samples, metrics, mode=mode)
+                    self.log(f"CP decode {mode} context {C} batch {B}: 1 GPU {t['single_gpu_decode']:.1f} us "
+                             f"(torch SDPA {t['torch_sdpa_decode']:.1f} us), W={W} {t['cp_decode']:.1f} us, "
+                             f"speedup {t['single_gpu_decode'] / t['cp_decode']:.2f}x")
+                del q, k, v, kl, vl, outs
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -271,6 +354,10 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=None, help="miss-rate sweep: P + T (default 128K)")
     ap.add_argument("--miss-rates", type=float, nargs="+",
                     default=[0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0])
+    ap.add_argument("--decode-contexts", type=int, nargs="+", default=None,
+                    help="CP decode: KV-cache tokens (default 32K, 128K and the longest --lengths); 0: none")
+    ap.add_argument("--decode-batches", type=int, nargs="+", default=None, help="CP decode: sequences (default 1 8)")
+    ap.add_argument("--decode-iters", type=int, default=None, help="CP decode: calls per repetition (default 20)")
     ap.add_argument("--q-heads", type=int, default=None)
     ap.add_argument("--kv-heads", type=int, default=None)
     ap.add_argument("--head-dim", type=int, default=None)
@@ -289,6 +376,11 @@ def main() -> None:
     args.kv_heads = args.kv_heads or (1 if small else 8)
     args.head_dim = args.head_dim or (16 if small else 128)
     args.reps = args.reps or (2 if small else 5)
+    args.decode_contexts = [c for c in sorted(set(args.decode_contexts or ([37, 96] if small else
+                                                                           [32768, 131072, max(args.lengths)])))
+                            if c > 0]
+    args.decode_batches = args.decode_batches or ([1, 2] if small else [1, 8])
+    args.decode_iters = args.decode_iters or (2 if small else 20)
     dev = torch.device("cuda") if torch.cuda.is_available() and not small else torch.device("cpu")
     args.local_backends = args.local_backends or \
         ["triton"] + list(sdpa_backends(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32))
@@ -306,8 +398,9 @@ def main() -> None:
         print("\n".join(header_lines(b.env)), flush=True)
         print(f"world {world}, {b.dtype}, heads {args.q_heads}/{args.kv_heads}, head dim {args.head_dim}", flush=True)
     try:
+        b.miss_rates()  # the cheap studies first: a spent --budget-s cuts the longest scaling lengths only
+        b.decode()
         b.scaling()
-        b.miss_rates()
     except Exception:
         print(f"rank {b.rank}: {traceback.format_exc()}", file=sys.stderr, flush=True)
         if b.rank == 0 and b.records:
