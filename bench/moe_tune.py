@@ -8,7 +8,10 @@ top-8 uniform routing, identity experts); each candidate grid is set on every ra
 (``set_launch_config``), its output checked against the float64 reference, then ``iters`` dispatch +
 combine calls are captured in one CUDA graph and replayed ``reps`` times (median, max over ranks).
 Candidates: the shipped default (``moe_launch_config``) and variations of one field group at a time
-(``candidates``), or ``--configs`` as ``name=field:value/field:value,...`` on top of the default.
+(``candidates``), or ``--configs`` as ``name=field:value/field:value,...`` on top of the default;
+``--budget-s`` bounds the time spent on them (the default is always timed). Then
+"best_of_each_group": the default with each field group's fastest variation (programs, layout,
+dispatch, combine) where it beat the default.
 ``--profile``: the per-kernel GPU time (torch.profiler, as bench/profile_kernels.py) of the default
 and of the fastest grid per token count. Rank 0 prints a table per token count as it is made (and writes
 them and a JSON of all timings to --out). A tuning aid, not a benchmark: nothing goes to the records store.
@@ -27,7 +30,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import environment, header_lines, max_over_ranks, run_distributed, time_cuda, time_host  # noqa: E402
+from bench.common import (budget_spent, environment, header_lines, max_over_ranks, run_distributed,  # noqa: E402
+                          time_cuda, time_host)
 from bench.moe_bench import check, reference, routing, shardkit_round  # noqa: E402
 
 
@@ -67,6 +71,32 @@ def candidates(default) -> list[tuple[str, object]]:
     return out
 
 
+GROUPS = {"programs": ("programs",), "layout": ("layout_",), "dispatch": ("dispatch_", "meta_t"),
+          "combine": ("combine_",)}
+
+
+def merge_best(rows: list[dict], default):
+    """The default with, for each field group (GROUPS), the fields of the fastest timed grid that changes
+    only that group, where it beat the default; None when that is the default or an already timed grid."""
+    base = next((r["us"] for r in rows if r["name"] == "default" and r["us"] is not None), None)
+    if base is None:
+        return None
+    fields = dataclasses.asdict(default)
+    merged = dict(fields)
+    for prefixes in GROUPS.values():
+        best = None
+        for r in rows:
+            changed = {k for k, v in r["config"].items() if v != fields[k]}
+            if (r["us"] is not None and r["us"] < base and changed and all(k.startswith(prefixes) for k in changed)
+                    and (best is None or r["us"] < best["us"])):
+                best = r
+        if best is not None:
+            merged.update({k: best["config"][k] for k in fields if k.startswith(prefixes)})
+    if merged == fields or any(r["config"] == merged for r in rows):
+        return None
+    return dataclasses.replace(default, **merged)
+
+
 def parse_configs(text: str, default) -> list[tuple[str, object]]:
     """``name=field:value/field:value,...`` -> [(name, config)] on top of the default (plus the default)."""
     out = [("default", default)]
@@ -103,7 +133,8 @@ def tune_rank(args: argparse.Namespace):
         default = disp.launch_config
         cands = parse_configs(args.configs, default) if args.configs else candidates(default)
         rows = []
-        for name, cfg in cands:
+
+        def time_grid(name: str, cfg) -> None:
             try:
                 disp.set_launch_config(cfg)
                 fn = shardkit_round(disp, x, idx, weights)
@@ -120,6 +151,17 @@ def tune_rank(args: argparse.Namespace):
             rows.append({"tokens": tokens, "name": name, "config": dataclasses.asdict(cfg), "short": cfg.short(),
                          "us": us, "error": None if us is not None else (error or "failed on another rank")})
             disp.check()
+
+        t_tokens = time.monotonic()
+        for n, (name, cfg) in enumerate(cands):
+            if n and budget_spent(t_tokens, args.budget_s / len(args.tokens), device):
+                rows += [{"tokens": tokens, "name": c[0], "config": dataclasses.asdict(c[1]), "short": c[1].short(),
+                          "us": None, "error": "not timed: --budget-s spent"} for c in cands[n:]]
+                break
+            time_grid(name, cfg)
+        merged = merge_best(rows, default)
+        if merged is not None:
+            time_grid("best_of_each_group", merged)
         ok = [r for r in rows if r["us"] is not None]
         base = next((r["us"] for r in rows if r["name"] == "default"), None)
         lines = [f"## {tokens} tokens/rank: dispatch + combine, graph, median us (max over ranks)", "",
@@ -131,7 +173,7 @@ def tune_rank(args: argparse.Namespace):
                 lines.append(f"| {r['name']} | {r['us']:.1f} | {base / r['us'] if base else 0:.2f}x | {r['short']} |")
         if args.profile and not cpu and ok:
             best = min(ok, key=lambda r: r["us"])
-            for r in {id(x): x for x in (next(x for x in rows if x["name"] == "default"), best)}.values():
+            for r in {id(r_): r_ for r_ in (next(r_ for r_ in rows if r_["name"] == "default"), best)}.values():
                 disp.set_launch_config(dataclasses.replace(default, **r["config"]))
                 table, wall = kernel_table(shardkit_round(disp, x, idx, weights), args.iters, 3)
                 lines += ["", f"kernels of {r['name']} ({wall:.1f} us wall per call):", ""]
@@ -171,6 +213,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=None, help="calls per graph (default 20; CPU 1)")
     p.add_argument("--reps", type=int, default=None, help="graph replays (default 5; CPU 1)")
     p.add_argument("--profile", action="store_true", help="per-kernel times of the default and the fastest grid")
+    p.add_argument("--budget-s", type=float, default=110.0, help="seconds of grids per run (split evenly over the "
+                                                                 "token counts); the rest are listed as not timed")
     p.add_argument("--out", default=None, help="directory for the table and the JSON")
     p.add_argument("--cpu-world", type=int, default=0, help="no GPUs: run a CPU world of this many processes")
     args = p.parse_args()

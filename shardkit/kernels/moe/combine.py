@@ -4,10 +4,12 @@
 Program p of G (G equal on every rank; an item is ``item_chunks`` consecutive chunks of BLOCK_H
 channels of a block of BLOCK_T tokens, numbered ``block * n_items + i``; program p takes items
 p, p + G, ...):
-  1. as a receiver, for every source s (the peers first, this rank last: the pushes over NVLink drain
-     while the local partials are computed) and each of s's items of program p, for the tokens sent
-     here (``inv[s][t] >= 0``, row i): ``sum over k in order of weight[i, k] *
-     expert_out[expert_row[i, k]]`` in fp32, over the slots whose expert lives here; pushed in x's
+  1. as a receiver, for every source s (in turn from s = p mod W, as the dispatch: at any time some
+     programs push over NVLink while others compute this rank's own partials from HBM; a program's
+     stores cannot run ahead of the fabric, so the two kinds of work overlap only across programs)
+     and each of s's items of program p, for the tokens sent here (``inv[s][t] >= 0``, row i):
+     ``sum over k in order of weight[i, k] * expert_out[expert_row[i, k]]`` in fp32, over the slots
+     whose expert lives here; pushed in x's
      dtype to row (rank, t) of s's ``comb`` region;
   2. barrier with the peers' program p, which pushed to us exactly the items that we read next;
   3. as the source, for its own items of program p: ``residual + sum over ranks r in mask[t], in
@@ -72,7 +74,7 @@ def moe_combine_kernel(
         weights = peer_ptr(table_ptr, rank, weight_off, tl.float32)
         expert_rows = peer_ptr(table_ptr, rank, expert_row_off, tl.int32)
         for j in tl.static_range(WORLD):
-            s = (rank + 1 + j) % WORLD  # the peers first, this rank last
+            s = (pid + j) % WORLD  # sources in turn from a different one per program (see the module)
             back = peer_ptr(table_ptr, s, comb_off, DTYPE) + rank.to(tl.int64) * max_tokens * comb_elems
             src_tokens = tl.load(counts + s * counts_row)
             n = tl.cdiv(src_tokens, BLOCK_T) * n_items

@@ -127,6 +127,9 @@ def _exchange(table_ptr, error_record_addr, rank, epoch, flag, ok, own, timeout_
             tl.store(row + 1, flags)
             tl.store(row + 4 + ranks, sent, mask=is_rank)
             tl.store(row + 4 + WORLD + ex, pairs, mask=ex < experts)
+    # The placement's local -> global table is ours: loaded before the barrier, not after it.
+    lx = tl.arange(0, L_P2)
+    gid = tl.load(l2g_ptr + ranks[:, None] * L_P2 + lx[None, :], mask=is_rank[:, None], other=-1)
     ok = launch_barrier(table_ptr, rank, 0, flag, ok, error_record_addr, timeout_iters, WORLD, WORLD_P2)
 
     counts = peer_ptr(table_ptr, rank, counts_off, tl.int32)
@@ -137,8 +140,6 @@ def _exchange(table_ptr, error_record_addr, rank, epoch, flag, ok, own, timeout_
     wanted = tl.sum(tok, axis=0)  # rows each rank would receive
 
     # Expert-major blocks of every rank (each rank's experts in local order, padded to ``align``).
-    lx = tl.arange(0, L_P2)
-    gid = tl.load(l2g_ptr + ranks[:, None] * L_P2 + lx[None, :], mask=is_rank[:, None], other=-1)
     has = gid >= 0
     total = tl.zeros([WORLD_P2, L_P2], tl.int32)
     earlier = tl.zeros([WORLD_P2, L_P2], tl.int32)  # pairs from sources before us
