@@ -345,6 +345,13 @@ class Bench:
                 del q, k, v, kl, vl, outs
 
 
+def store_pass_q_threshold(b: Bench) -> None:
+    """With --write-thresholds on GPUs: store the fitted pass-Q threshold, unless a check failed."""
+    if b.args.write_thresholds and b.cuda and b.pass_q_fit is not None and all(c["ok"] for c in b.checks):
+        thresholds.write_pass_q_miss_rate(b.env["gpu"], b.world, b.pass_q_fit)
+        print(f"stored pass-Q threshold {b.pass_q_fit} for {b.env['gpu']} x{b.world}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None, help="directory for records.jsonl and the tables "
@@ -405,6 +412,7 @@ def main() -> None:
         print(f"rank {b.rank}: {traceback.format_exc()}", file=sys.stderr, flush=True)
         if b.rank == 0 and b.records:
             publish(b.records, args.out, on_gpu=b.cuda)  # what was measured before the failure
+            store_pass_q_threshold(b)  # measured first: a later study's failure does not void it
         raise
     failed = [c["name"] for c in b.checks if not c["ok"]]
     if b.rank == 0:
@@ -412,9 +420,7 @@ def main() -> None:
             publish(b.records, args.out, on_gpu=b.cuda)
         print(f"finished in {time.monotonic() - b.t0:.0f} s"
               + (f"; FAILED checks: {failed}" if failed else "; all checks ok"), flush=True)
-    if b.rank == 0 and args.write_thresholds and not small and b.pass_q_fit is not None and not failed:
-        thresholds.write_pass_q_miss_rate(b.env["gpu"], world, b.pass_q_fit)
-        print(f"stored pass-Q threshold {b.pass_q_fit} for {b.env['gpu']} x{world}", flush=True)
+        store_pass_q_threshold(b)
     dist.barrier()
     dist.destroy_process_group()
     if b.rank == 0 and failed:
