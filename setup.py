@@ -55,15 +55,19 @@ def build_torch_binding(out_dir: str, nvcc: str) -> None:
         print("shardkit: torch binding not built (torch is not importable here: pip install --no-build-isolation); "
               "the all-reduce uses its Python host path")
         return
+    target = os.path.join(out_dir, "_C" + sysconfig.get_config_var("EXT_SUFFIX"))
+    if os.path.exists(target):  # a failed build must not leave an older binding in place
+        os.remove(target)
     # pybind11 must match torch's own build to pass tensors (what torch.utils.cpp_extension passes too).
     abi = [f"-DPYBIND11_{k}=\"{getattr(torch._C, f'_PYBIND11_{k}')}\"" for k in ("COMPILER_TYPE", "STDLIB", "BUILD_ABI")
            if getattr(torch._C, f"_PYBIND11_{k}", None) is not None]
     cmd = [os.environ.get("CXX", "c++"), "-O2", "-std=c++20", "-shared", "-fPIC", "-fvisibility=hidden",
            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", "-DTORCH_API_INCLUDE_EXTENSION_H", *abi,
+           f'-DSHARDKIT_TORCH_VERSION="{torch.__version__}"',
            *[f"-I{p}" for p in cpp_extension.include_paths()], f"-I{sysconfig.get_paths()['include']}",
            f"-I{cuda_include_dir(nvcc)}", f"-I{os.path.join(ROOT, 'csrc')}",
            os.path.join(ROOT, "csrc", "torch", "all_reduce_host.cpp"),
-           "-o", os.path.join(out_dir, "_C" + sysconfig.get_config_var("EXT_SUFFIX")),
+           "-o", target,
            f"-L{out_dir}", "-l:_dda.so", "-Wl,-rpath,$ORIGIN",
            *[f"-L{p}" for p in cpp_extension.library_paths()], "-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python"]
     try:

@@ -283,6 +283,9 @@ class AllReduceHost {
 PYBIND11_MODULE(_C, m) {
   using shardkit::AllReduceHost;
   m.doc() = "shardkit's torch binding: the C++ host path of the all-reduce (csrc/torch)";
+  // The torch it was compiled against: one source tree may serve venvs with different torch releases
+  // (the editable install builds in place), and a binding is only valid with its own.
+  m.attr("torch_version") = SHARDKIT_TORCH_VERSION;
   py::class_<AllReduceHost>(m, "AllReduceHost")
       .def(py::init<int, int, int, std::string, std::vector<int64_t>, int64_t, int64_t, int64_t, int64_t, int64_t, int,
                     std::vector<std::pair<int64_t, std::string>>, int, int, int, py::object>(),

@@ -12,12 +12,19 @@ Built by setup.py beside ``_dda.so`` where nvcc and torch are present; without i
 """
 from __future__ import annotations
 
+import torch
+
 from ..errors import ShardkitError
 from ..memory.protocol import OP_CODES
 
 try:
     from .. import _C
     IMPORT_ERROR: str | None = None
+    built_for = getattr(_C, "torch_version", None)
+    if built_for != torch.__version__:  # an editable install's build for another venv's torch
+        IMPORT_ERROR = (f"shardkit._C was built for torch {built_for}, this is torch {torch.__version__}: "
+                        f"pip install --no-build-isolation -e . again")
+        _C = None
 except ImportError as e:  # not built (no nvcc), or built against another torch
     _C = None
     IMPORT_ERROR = str(e)
