@@ -14,12 +14,12 @@
 # host's checkout, e.g. $(git rev-parse --short=7 HEAD)$(git diff --quiet HEAD -- shardkit csrc bench || echo +dirty),
 # since the device's copy of the tree may have no .git.
 # Steps: install ctest gpu_tests gpu_kernel_tests bench_suites profile_eager sweep rmsnorm_bench
-#        chunk_bench ring_bench ring_transfer moe_bench tp_block tune (moe_bench, tp_block and tune are
-#        not in the default list)
+#        chunk_bench ring_bench ring_transfer sweep_ll moe_bench tp_block tune (sweep_ll, moe_bench, tp_block
+#        and tune are not in the default list)
 # Presets: the issue runs on all GPUs of the machine (issues 16 and 17: 4 and 8 GPUs), one device call
 # (<= 10 minutes, a fresh machine each: every preset installs first) each; the sums of their step
 # limits stay under 600 s:
-#   issue_runs_1 = install sweep rmsnorm_bench        limits 60 + 180 + 240 s
+#   issue_runs_1 = install sweep sweep_ll rmsnorm_bench   limits 60 + 180 + 60 + 240 s
 #   issue_runs_2 = install ring_bench                 limits 60 + 420 (4 GPUs) / 520 (8 GPUs) s
 #   issue_runs_3 = install moe_bench tp_block         limits 60 + 150 + 90 + 240 s
 #   issue_runs   = all three (one long session without the device tool's 10-minute limit)
@@ -32,10 +32,10 @@
 set -uo pipefail
 out=$1; shift
 steps=${*:-install ctest gpu_tests gpu_kernel_tests bench_suites profile_eager sweep rmsnorm_bench chunk_bench ring_bench ring_transfer}
-steps=${steps//issue_runs_1/install sweep rmsnorm_bench}
+steps=${steps//issue_runs_1/install sweep sweep_ll rmsnorm_bench}
 steps=${steps//issue_runs_2/install ring_bench}
 steps=${steps//issue_runs_3/install moe_bench tp_block}
-steps=${steps//issue_runs/install sweep rmsnorm_bench ring_bench moe_bench tp_block}
+steps=${steps//issue_runs/install sweep sweep_ll rmsnorm_bench ring_bench moe_bench tp_block}
 mkdir -p "$out"
 work=$(mktemp -d "${TMPDIR:-/tmp}/gpu_session.XXXXXX")  # the benchmarks' --out: records, tables, plots, logs
 trap 'rm -rf "$work"' EXIT  # OUTDIR holds all of it (session.tgz)
@@ -84,6 +84,8 @@ for s in $steps; do case $s in
   profile_eager) step profile_eager 60 $run bench/profile_eager.py --out "$work" ;;
   sweep) step "sweep_x$n" "${SWEEP_S:-180}" $run bench/all_reduce_sweep.py --out "$work" \
       ${SWEEP_ARGS:---sizes 1K-256M --write-thresholds} ;;
+  sweep_ll)  # the LL kernel (CUDA only) at the sizes it is for, in its own process: a focused scan
+    step "sweep_ll_x$n" 60 $run bench/all_reduce_sweep.py --out "$work" --algos nccl,flat,ll --sizes 1K-1M ;;
   rmsnorm_bench) step rmsnorm_bench "${RMSNORM_S:-240}" $run bench/all_reduce_rmsnorm_bench.py --out "$work" \
       ${RMSNORM_ARGS:---tokens 1,8,16,32,64,128,256,1024,4096 --write-thresholds} ;;
   chunk_bench) step chunk_bench 150 python3 bench/attention_chunk_bench.py --out "$work" --no-sweep --write-thresholds ;;
