@@ -50,10 +50,12 @@ def round_to_e4m3(v):
 
 @triton.jit
 def _rows(t, r, tokens, chunk, base, mask_ptr, chunk_base_ptr, chunk_pos_ptr, WORLD: tl.constexpr):
-    """For tokens ``t`` (a block): whether each goes to rank r, and its receive row there."""
-    sent = (t < tokens) & (((tl.load(mask_ptr + t, mask=t < tokens, other=0) >> r) & 1) != 0)
-    row = (base + tl.load(chunk_base_ptr + (t // chunk) * WORLD + r, mask=sent, other=0)
-           + tl.load(chunk_pos_ptr + t * WORLD + r, mask=sent, other=0))
+    """For tokens ``t`` (a block): whether each goes to rank r, and its receive row there (all three
+    loads at once: the row's parts are in bounds for every token, used only where it is sent)."""
+    live = t < tokens
+    sent = live & (((tl.load(mask_ptr + t, mask=live, other=0) >> r) & 1) != 0)
+    row = (base + tl.load(chunk_base_ptr + (t // chunk) * WORLD + r, mask=live, other=0)
+           + tl.load(chunk_pos_ptr + t * WORLD + r, mask=live, other=0))
     return sent, row
 
 
@@ -110,29 +112,34 @@ def moe_dispatch_kernel(
             expert_rows = peer_ptr(table_ptr, r, expert_row_off, tl.int32)
             index = peer_ptr(table_ptr, r, expert_index_off, tl.int32)
             for block in range(nprog - 1 - pid, n_meta, nprog):
+                # Every load below depends on the token indices or on the ids alone (two levels of
+                # round trips): a valid id's tables are in bounds whether or not the token goes to r,
+                # and an expert on r implies that the token is sent to r.
                 t = block * META_T + offs_m
+                pair = (t < tokens)[:, None] & (ks[None, :] < K)
+                ids = tl.load(topk_ptr + t[:, None] * K + ks[None, :], mask=pair, other=-1).to(tl.int32)
+                w = tl.load(weights_ptr + t[:, None] * K + ks[None, :], mask=pair, other=0.0)
                 sent, row = _rows(t, r, tokens, chunk, base, mask_ptr, chunk_base_ptr, chunk_pos_ptr, WORLD)
-                tl.store(inv + t, tl.where(sent, row, -1), mask=t < tokens)
-                slot = sent[:, None] & (ks[None, :] < K)
-                ids = tl.load(topk_ptr + t[:, None] * K + ks[None, :], mask=slot, other=-1).to(tl.int32)
-                valid = slot & (ids >= 0) & (ids < experts)
+                valid = pair & (ids >= 0) & (ids < experts)
                 here = valid & (tl.load(expert_rank_ptr + ids, mask=valid, other=-1) == r)
-                erow = (tl.load(expert_base_ptr + ids, mask=here, other=0)
-                        + tl.load(chunk_expert_base_ptr + (t // chunk)[:, None] * experts + ids, mask=here, other=0)
-                        + tl.load(slot_pos_ptr + t[:, None] * K + ks[None, :], mask=here, other=0))
+                local = tl.load(expert_local_ptr + ids, mask=valid, other=-1)
+                erow = (tl.load(expert_base_ptr + ids, mask=valid, other=0)
+                        + tl.load(chunk_expert_base_ptr + (t // chunk)[:, None] * experts + ids, mask=valid, other=0)
+                        + tl.load(slot_pos_ptr + t[:, None] * K + ks[None, :], mask=valid, other=0))
+                tl.store(inv + t, tl.where(sent, row, -1), mask=t < tokens)
                 tl.store(src_ranks + row, tl.zeros([META_T], tl.int32) + rank, mask=sent)
                 tl.store(src_tokens + row, t, mask=sent)
+                slot = sent[:, None] & (ks[None, :] < K)
                 slots = row[:, None] * K + ks[None, :]
-                tl.store(locals_ + slots, tl.load(expert_local_ptr + ids, mask=here, other=-1), mask=slot)
-                w = tl.load(weights_ptr + t[:, None] * K + ks[None, :], mask=slot, other=0.0)
+                tl.store(locals_ + slots, tl.where(here, local, -1), mask=slot)
                 tl.store(weights + slots, w.to(tl.float32), mask=slot)
                 tl.store(expert_rows + slots, tl.where(here, erow, -1), mask=slot)
                 tl.store(index + erow, row[:, None] + tl.zeros([META_T, K_P2], tl.int32), mask=here)
             # Payload: item_chunks chunks of BLOCK_H channels of BLOCK_T tokens per item.
             if FP8:
                 scales = peer_ptr(table_ptr, r, recv_scales_off, tl.float32)
-            # Each item's rows are looked up one item ahead (two dependent L2 round trips: mask, then
-            # chunk base and position), overlapping the previous item's payload.
+            # Each item's rows are looked up one item ahead (an L2 round trip), overlapping the previous
+            # item's payload.
             n = n_blocks * n_items
             t_next = (pid // n_items) * BLOCK_T + offs_t
             sent_next, row_next = _rows(t_next, r, tl.where(pid < n, tokens, 0), chunk, base, mask_ptr,

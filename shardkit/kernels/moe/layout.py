@@ -62,10 +62,14 @@ def layout_chunk(
     carry = tl.zeros([WORLD_P2], tl.int32)   # chunk's tokens so far, per destination rank
     seen = tl.zeros([E_P2], tl.int32)        # chunk's pairs so far, per expert
     bad = tl.zeros([P], tl.int32)
+    # Each block's ids are loaded one block ahead (the loop's only global load that the rest waits for).
+    ids_next = tl.load(topk_ptr + (lo + pair_t) * K + pair_k, mask=(lo + pair_t < hi) & (pair_k < K), other=-1)
     for start in range(lo, hi, BLOCK_T):
         t = start + pair_t
         pair = (t < hi) & (pair_k < K)
-        ids = tl.load(topk_ptr + t * K + pair_k, mask=pair, other=-1).to(tl.int32)
+        ids = ids_next.to(tl.int32)
+        t_next = t + BLOCK_T
+        ids_next = tl.load(topk_ptr + t_next * K + pair_k, mask=(t_next < hi) & (pair_k < K), other=-1)
         valid = pair & (ids >= 0) & (ids < experts)
         bad |= (pair & ((ids < -1) | (ids >= experts))).to(tl.int32)
         e = tl.where(valid, ids, 0)
