@@ -236,7 +236,8 @@ def print_size_table(rows: list[tuple], title: str) -> None:
 def profile_call(fn, prepare, path: str) -> str:
     """One call of ``fn`` in a CUDA graph, replayed once under torch.profiler (every rank together:
     the call is a collective); writes the chrome trace to ``path`` and returns a one-line summary:
-    the GPU span, and per stream the kernels' and copies' counts and busy time."""
+    the GPU span, and per stream the kernels' and copies' counts and busy time (copies: with the
+    bytes they moved per busy microsecond, where the trace records bytes)."""
     prepare()
     graph = capture_graph(fn, 1)
     graph.replay()
@@ -257,15 +258,17 @@ def profile_call(fn, prepare, path: str) -> str:
     streams: dict = {}
     for e in events:
         kind = "k" if e["cat"] == "kernel" else "c"
-        st = streams.setdefault(e.get("args", {}).get("stream", "?"), {"k": [0, 0.0], "c": [0, 0.0]})
+        st = streams.setdefault(e.get("args", {}).get("stream", "?"), {"k": [0, 0.0], "c": [0, 0.0], "bytes": 0})
         st[kind][0] += 1
         st[kind][1] += e["dur"]
+        st["bytes"] += int(e.get("args", {}).get("bytes", 0) or 0) if kind == "c" else 0
     copies = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e["cat"] != "kernel")
     busy, end = 0.0, float("-inf")
     for lo, hi in copies:  # the union of the copies' intervals
         busy += max(0.0, hi - max(lo, end))
         end = max(end, hi)
     parts = [f"stream {sid}: {v['k'][0]} k {v['k'][1]:.0f} us, {v['c'][0]} c {v['c'][1]:.0f} us"
+             + (f" {v['bytes'] / v['c'][1] / 1e3:.0f} GB/s" if v["c"][1] > 0 and v["bytes"] else "")
              for sid, v in sorted(streams.items(), key=lambda kv: str(kv[0]))]
     return f"span {span:.1f} us, copies running {busy:.1f} us; " + "; ".join(parts)
 
