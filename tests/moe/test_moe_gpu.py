@@ -40,6 +40,22 @@ def test_combine_bitwise_identical_whatever_the_arrival_order(worlds):
     assert runs[0] == runs[1] == runs[2]
 
 
+def test_launch_grids_do_not_change_the_result(worlds):
+    """Whole-row items (2 chunks of 1024 channels), 3-chunk items of 512 (a partial last one), other
+    token blocks and layout chunks: bitwise the same outputs as the default grid."""
+    import dataclasses
+
+    from shardkit.kernels.moe.launch_config import moe_launch_config
+
+    default = moe_launch_config(GPU["max_tokens"], GPU["hidden"], 2, False, 132, interpret=False)
+    grids = [None, dataclasses.replace(default, dispatch_item_chunks=2, combine_item_chunks=2, combine_block_t=8),
+             dataclasses.replace(default, dispatch_block_h=512, dispatch_item_chunks=3, combine_block_h=512,
+                                 combine_item_chunks=3, dispatch_block_t=2, layout_block_t=16, layout_programs=8,
+                                 programs=96)]
+    runs = [worlds(2, "nccl").run(moe_checks.check_round, dict(GPU, launch_config=g), CASES[1:3], 37) for g in grids]
+    assert runs[0] == runs[1] == runs[2]
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 def test_cuda_graph_replays_with_changing_routing(worlds, fp8):
     for worst in worlds(2, "nccl").run(moe_checks.graph_replays, dict(GPU, fp8=fp8), 333, 60, 35):

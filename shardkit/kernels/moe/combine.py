@@ -93,7 +93,7 @@ def moe_combine_kernel(
                     acc = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
                     for k in tl.static_range(K):
                         row = tl.load(expert_rows + i * K + k, mask=i >= 0, other=-1)
-                        w = tl.load(weights + i * K + k, mask=row >= 0, other=0.0)
+                        w = tl.load(weights + i * K + k, mask=i >= 0, other=0.0)  # beside row, not after it
                         v = tl.load(expert_out_ptr + row.to(tl.int64)[:, None] * hidden + cols[None, :],
                                     mask=m & (row >= 0)[:, None], other=0.0)
                         acc += w[:, None] * v.to(tl.float32)
