@@ -178,6 +178,16 @@ def main() -> None:
                                       first)
                     first = checked if first is None else first
                     calls[impl, placement, chunk] = (fn, prepare)
+                    if flag_all(comm.memory.error_record[0] != 0):
+                        # A protocol failure (timeout, mismatch) leaves the communicator unusable: say
+                        # which configuration broke it and go on with a fresh one.
+                        failure = comm_failure(comm)
+                        if rank == 0:
+                            print(f"{impl}/{placement}/{chunk >> 20}M at {nbytes >> 20} MiB: {failure}", flush=True)
+                        records[-1].setdefault("error", failure)
+                        comm.close()
+                        comm = shardkit.Communicator(buffer_bytes=max(sizes))
+                        staged = comm.staging_buffer((numel,), torch.bfloat16)
         if nbytes == profile_bytes:
             for mode in modes[:1]:
                 best = {}
@@ -191,7 +201,7 @@ def main() -> None:
                     label = f"{nbytes >> 20}M_{impl}_{placement}_{chunk >> 20}M"
                     summary = profile_call(fn, prepare, os.path.join(args.out, f"trace_{label}_rank{rank}.json"))
                     profiles.append(f"{label} ({r[5]:.1f} us timed): {summary}")
-    comm.check()
+    failure = comm_failure(comm)
     comm.close()
     default_comm.close()
     if rank == 0:
@@ -205,9 +215,21 @@ def main() -> None:
             print("\nProfiles (one graph replay of one call, rank 0; per stream: kernels / copies and their busy "
                   "us; copies: the time any copy runs):")
             print("\n".join(profiles))
+        if failure:
+            print(f"copy communicator at the end: {failure}")
         path = destination(args.out, on_gpu=True)
         print(f"appended {append(records, path)} records to {path}")
     dist.destroy_process_group()
+
+
+def comm_failure(comm) -> str | None:
+    """The communicator's recorded failure as text, or None."""
+    from shardkit import CollectiveError
+    try:
+        comm.check()
+    except CollectiveError as e:
+        return str(e)
+    return None
 
 
 def print_size_table(rows: list[tuple], title: str) -> None:
