@@ -79,7 +79,9 @@ def main() -> None:
     placements = args.placements.split(",")
     assert all(pl in PLACEMENTS for pl in placements), f"--placements: one of {PLACEMENTS}"
     modes = args.modes.split(",")
-    comm = shardkit.Communicator(buffer_bytes=max(sizes))  # the copy algorithm's fast configuration
+    # The copy algorithm's fast configuration; a 5 s timeout, so that a schedule that never meets its
+    # peers costs seconds of the run, not the default minute.
+    comm = shardkit.Communicator(buffer_bytes=max(sizes), timeout_s=5.0)
     default_comm = shardkit.Communicator()
     two_shot = symm_mem_algos(dist.group.WORLD.group_name).get("symm_2shot")
     env, commit, records, rows, profiles = environment(), current_commit(), [], [], []
@@ -186,7 +188,7 @@ def main() -> None:
                             print(f"{impl}/{placement}/{chunk >> 20}M at {nbytes >> 20} MiB: {failure}", flush=True)
                         records[-1].setdefault("error", failure)
                         comm.close()
-                        comm = shardkit.Communicator(buffer_bytes=max(sizes))
+                        comm = shardkit.Communicator(buffer_bytes=max(sizes), timeout_s=5.0)
                         staged = comm.staging_buffer((numel,), torch.bfloat16)
         if nbytes == profile_bytes:
             for mode in modes[:1]:
