@@ -117,7 +117,7 @@ def main() -> None:
             us = None
             if error is None:
                 prepare()
-                # Fewer calls per repetition for large messages (at least ~1.3 ms of GPU time each).
+                # Fewer calls per repetition for large messages (about 4 ms of GPU time per repetition).
                 iters = max(5, min(args.iters, args.iters * (64 << 20) // nbytes))
                 us = max_over_ranks(time_cuda(fn, iters, args.reps, mode == "graph", sync), x.device)
             records.append(record(BENCH, impl, gpu=env["gpu"], world=world, dtype=torch.bfloat16, mode=mode,
