@@ -276,18 +276,18 @@ class Communicator:
     def _run(self, x: torch.Tensor, out: torch.Tensor, algo: str, config: LaunchConfig | None) -> torch.Tensor:
         if algo not in ALGOS:
             raise ValueError(f"all_reduce: algo must be one of {ALGOS}, got {algo!r}")
-        if algo == "ll" and self.kernels != "cuda":
-            raise ShardkitError("all_reduce(algo='ll') needs the CUDA kernels (Communicator(kernels='cuda') on GPUs, "
-                                "with the CUDA library built)")
         if config is not None:
             if algo not in ("flat", "tree", "ll"):
                 raise ValueError(f"all_reduce: a config needs algo 'flat', 'tree' or 'll', got {algo!r}")
             self._check_config(algo, config)
         self._raise_if_failed()
-        if self.world_size == 1:  # the sum over one rank is x (and the CUDA kernels need two ranks)
+        if self.world_size == 1:  # the sum over one rank is x, whatever the algo (the kernels need two ranks)
             if out is not x:
                 out.copy_(x)
             return out
+        if algo == "ll" and self.kernels != "cuda":
+            raise ShardkitError("all_reduce(algo='ll') needs the CUDA kernels (Communicator(kernels='cuda') on GPUs, "
+                                "with the CUDA library built)")
         nbytes = x.numel() * x.element_size()
         if algo == "auto":
             algo = thresholds.choose(self.rules, nbytes) if self.memory is not None else "nccl"
