@@ -85,10 +85,16 @@ def tp_block_cases(batch: int, device: torch.device):
     residual = torch.randn(batch, 1, config.hidden_size, generator=gen, device=device).to(torch.bfloat16)
     x = torch.nn.functional.rms_norm(residual, (config.hidden_size,), shard.layers[0].input_norm, 1e-5)
     pos = torch.full((1,), args.context - 1, dtype=torch.long, device=device)
+    def variant(name: str):
+        sync, spd = make_sync(name, comm, False), [name.endswith("_spd")]
+
+        def run():  # the variant's state set on every call: the cases are all made before any runs
+            model.sync = sync
+            model.set_spd(spd)
+            return model.run_block(0, x, residual, pos, args.context)
+        return run
     for name in ("none", "fused_spd"):
-        model.sync = make_sync(name, comm, False)
-        model.set_spd([name.endswith("_spd")])
-        yield name, (lambda: model.run_block(0, x, residual, pos, args.context))
+        yield name, variant(name)
 
 
 def main() -> None:
