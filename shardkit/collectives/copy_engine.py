@@ -175,12 +175,18 @@ def copy_config(shard_bytes: int, world: int, buffer_bytes: int, element_size: i
     """The launch policy: the pipeline chunk for shards of ``shard_bytes`` (a pure function of the
     shape, so every rank picks the same).
 
-    GPUs: about four chunks per shard, between 8 and 32 MiB (the probe of issue 14: 16-64 MiB
-    chunks beat NCCL, 4 MiB chunks lost to the per-chunk overhead), and no more than two slots of
-    T can hold. Interpreter: 2 KiB chunks, so that small test messages run several chunks.
+    GPUs, 2 ranks: the "flags" schedule with copy-engine gathers in two chunks per shard (2xH200,
+    bf16, graph, out of place: 64 MiB 221 us with 16 MiB chunks against 233-249 for the barrier
+    schedule's chunks; 256 MiB 768 us with 64 MiB chunks against 835; bench/copy_engine_chunks.py).
+    GPUs, more ranks (not measured with the flags schedule yet): the barrier schedule, about four
+    chunks per shard between 8 and 32 MiB (the probe of issue 14: 16-64 MiB chunks beat NCCL, 4 MiB
+    chunks lost to the per-chunk overhead). Either way no more than two slots of T can hold.
+    Interpreter: 2 KiB chunks of the barrier schedule, so that small test messages run several chunks.
     """
-    target = 2048 if interpret else min(max(shard_bytes // 4, 8 << 20), 32 << 20)
     ring_cap = buffer_bytes // (2 * max(1, world - 1))
+    if not interpret and world == 2:
+        return CopyConfig(max(ALIGN * element_size, min(shard_bytes // 2, ring_cap)), sync="flags")
+    target = 2048 if interpret else min(max(shard_bytes // 4, 8 << 20), 32 << 20)
     return CopyConfig(max(ALIGN * element_size, min(target, ring_cap)))
 
 

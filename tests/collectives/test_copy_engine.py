@@ -54,6 +54,19 @@ def test_ranks_disagreeing_all_raise(worlds, schedules):
         assert "different element count" in message, message
 
 
+def test_launch_policy_picks_the_measured_schedule():
+    """2 GPUs: the flags schedule in two chunks per shard (measured fastest at 64 and 256 MiB);
+    more GPUs and the interpreter: the barrier schedule (the flags one is unmeasured there)."""
+    from shardkit.collectives.copy_engine import CopyConfig, copy_config
+
+    mib = 1 << 20
+    assert copy_config(32 * mib, 2, 256 * mib, 2, False) == CopyConfig(16 * mib, sync="flags")
+    assert copy_config(128 * mib, 2, 256 * mib, 2, False) == CopyConfig(64 * mib, sync="flags")
+    assert copy_config(128 * mib, 2, 64 * mib, 2, False) == CopyConfig(32 * mib, sync="flags")  # two slots fit
+    assert copy_config(32 * mib, 4, 256 * mib, 2, False) == CopyConfig(8 * mib)
+    assert copy_config(32 * mib, 2, 256 * mib, 2, True) == CopyConfig(2048)
+
+
 def test_bad_inputs_raise_on_every_rank(worlds):
     for messages in worlds(2).run(copy_checks.copy_bad_inputs):
         assert "x must be float32" in messages[0] and "out must have x's shape" in messages[1]
