@@ -83,6 +83,13 @@ class ComputeCost:
             return row[0] + row[1] * p
         return self.a + self.b * s + self.c * s * p + self.d * s * s
 
+    def scaled(self, factor: float) -> "ComputeCost":
+        """This cost times ``factor`` (> 0) at every ``(s, p)``: a calibration (``plan.run_scales``)."""
+        if not factor > 0:
+            raise ValueError(f"factor must be > 0, got {factor}")
+        return ComputeCost(self.a * factor, self.b * factor, self.c * factor, self.d * factor,
+                           tuple((s, A * factor, C * factor) for s, A, C in self.lengths))
+
     @classmethod
     def fit(cls, samples: Sequence[Tuple[int, int, float]]) -> "ComputeCost":
         """Least relative squares over ``(s, p, seconds)`` samples, coefficients >= 0: the smooth

@@ -22,8 +22,9 @@ in every coordinate. So at each cut position only the Pareto-minimal state vecto
 optimum; a DP over cut positions (multiples of ``granularity``) that keeps exactly those finds the
 minimal makespan over all slicings on that grid. Caps: ``max_slice_tokens`` (activation memory)
 and ``max_slice_seconds`` (no slice may occupy any stage longer: a latency bound, TeraPipe's
-``t_max``); ``lengths`` restricts every slice but the last to the given lengths (those whose cost
-was measured; the last slice ends the prompt, whatever is left).
+``t_max``); ``lengths`` restricts every slice, the last one too, to the given lengths (those whose
+cost was measured: a length between them can run well off any curve through them, e.g. GEMM tiles
+and waves; the prompt's length must then be a sum of listed lengths).
 """
 from __future__ import annotations
 
@@ -141,7 +142,7 @@ def optimal_slicing(stages: Sequence[StageModel], tokens: int, *, granularity: i
                     lengths: Optional[Sequence[int]] = None) -> SlicingResult:
     """The slicing of ``tokens`` with the smallest makespan (``schedule``) whose cuts lie on
     multiples of ``granularity`` (the last slice ends at ``tokens``), subject to the caps; with
-    ``lengths``, every slice but the last has one of those lengths.
+    ``lengths``, every slice (the last one too) has one of those lengths.
 
     Exact (Pareto DP, see the module doc); the work grows with the number of cut positions
     (``tokens / granularity``) squared times the Pareto front's size (tens to hundreds of states).
@@ -182,7 +183,7 @@ def optimal_slicing(stages: Sequence[StageModel], tokens: int, *, granularity: i
             s = cuts[k] - p
             if max_slice_tokens is not None and s > max_slice_tokens:
                 break
-            if allowed is not None and k < U and s not in allowed:
+            if allowed is not None and s not in allowed:
                 continue
             costs = [st.compute(s, p) + (st.final(s) if (m == M - 1 and k == U) else 0.0)
                      for m, st in enumerate(stages)]
@@ -225,10 +226,15 @@ def makespan_lower_bound(stages: Sequence[StageModel], tokens: int, **search) ->
     cuts = sorted({min(tokens, k) for k in range(search.get("granularity", 1), tokens + 1,
                                                  search.get("granularity", 1))} | {tokens})
     lengths = search.get("lengths")
-    firsts = [c for c in cuts if lengths is None or c in lengths or c == tokens]
+    allowed = lambda s: lengths is None or s in lengths  # noqa: E731
+    firsts = [c for c in cuts if allowed(c)]                         # the first slice ends at c
+    lasts = [c for c in [0] + cuts[:-1] if allowed(tokens - c)]      # the last slice starts at c
+    if not firsts or not lasts:
+        raise ValueError(f"no first or last slice of {tokens} tokens has one of lengths={lengths} on a "
+                         f"{search.get('granularity', 1)}-token grid")
     first = [min(st.compute(c, 0) for c in firsts) for st in stages]
     M = len(stages)
-    last = [min(st.compute(tokens - c, c) + (st.final(tokens - c) if m == M - 1 else 0.0) for c in [0] + cuts[:-1])
+    last = [min(st.compute(tokens - c, c) + (st.final(tokens - c) if m == M - 1 else 0.0) for c in lasts)
             for m, st in enumerate(stages)]
     busy = [optimal_slicing([StageModel(st.compute, final=st.final if m == M - 1 else _zero)],
                             tokens, **search).makespan for m, st in enumerate(stages)]

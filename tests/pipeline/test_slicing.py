@@ -114,17 +114,24 @@ def test_bad_input():
 
 
 def test_allowed_lengths_against_brute_force():
-    # Every slice but the last must have an allowed length (the profiled ones).
+    # Every slice, the last one too, must have an allowed length (the profiled ones); a prompt that
+    # no allowed lengths add up to has no slicing.
     rng = random.Random(8)
-    for allowed in ([1, 2], [2, 3], [3]):
+    for allowed in ([1, 2], [2, 3], [3], [2, 5]):
         for _ in range(10):
             models = random_stages(rng, rng.randint(1, 3))
             units = rng.randint(1, 9)
-            ok = [c for c in compositions(units) if all(x in allowed for x in c[:-1])]
+            ok = [c for c in compositions(units) if all(x in allowed for x in c)]
+            if not ok:
+                with pytest.raises(ValueError, match="no slicing"):
+                    optimal_slicing(models, units, lengths=allowed)
+                continue
             want = min(schedule(models, c).makespan for c in ok)
             got = optimal_slicing(models, units, lengths=allowed)
             assert got.makespan == pytest.approx(want, rel=1e-12)
-            assert all(x in allowed for x in got.slices[:-1]) and sum(got.slices) == units
+            assert all(x in allowed for x in got.slices) and sum(got.slices) == units
+            bound = makespan_lower_bound(models, units, lengths=allowed)
+            assert bound <= got.makespan * (1 + 1e-12)
 
 
 def test_lower_bound_holds_and_is_tight_for_one_stage():
