@@ -125,6 +125,17 @@ def _wait_for_peers(table_ptr, rank, slot, flag, error_record_addr, timeout_iter
 
     own = tl.load(table_ptr + rank)
     mine = (own + _SLOTS_OFF + (slot * _MAX_WORLD + peers) * 8).to(tl.pointer_type(tl.int64))
+    return wait_flags(mine, is_peer, flag, own, error_record_addr, timeout_iters, slot, WORLD_P2)
+
+
+@triton.jit
+def wait_flags(mine, is_peer, flag, own, error_record_addr, timeout_iters, slot, WORLD_P2: tl.constexpr):
+    """Wait until the int64 words ``mine[r]`` (rank r's flag in this rank's memory, written by r with a
+    release; ``is_peer`` masks the ranks waited for) carry this call's ``flag`` (or a later epoch);
+    returns True when all did. A word with this call's epoch and another signature is a MISMATCH; no
+    word after ``timeout_iters`` polls a TIMEOUT: both are recorded (at ``slot``, the waited-for ranks
+    as culprits). Stops waiting when another program of the launch recorded a failure."""
+    peers = tl.arange(0, WORLD_P2)
     epoch = flag % _EPOCH_MOD
     error_ptr = (own + _ERROR_OFF).to(tl.pointer_type(tl.int32))
     state = 0

@@ -1,8 +1,8 @@
 """The peer-memory transport of the MoE dispatcher: the Triton kernels of ``shardkit/kernels/moe``
 on the dispatcher's own PeerMemory (sized for the worst case of its configuration).
 
-A round, per rank, on one stream: layout -> counts exchange (barrier) -> [exact mode: the host reads
-the receive sizes] -> dispatch (barrier) -> the user's experts -> combine (barrier). The round's
+A round, per rank, on one stream: layout + counts exchange (barrier) -> [exact mode: the host reads
+the receive sizes] -> dispatch (barrier) -> the user's experts -> combine (per-item flags). The round's
 state (the layout's buffers, the counts' offsets, the received rows and metadata in the workspace)
 lives until the next dispatch, so the dispatcher runs one round at a time: dispatch, then combine.
 """
@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from ...errors import CollectiveError
-from ...kernels.moe.combine import launch_combine
+from ...kernels.moe.combine import combine_pushers, launch_combine
 from ...kernels.moe.counts import launch_counts
 from ...kernels.moe.dispatch import launch_dispatch
 from ...kernels.moe.launch_config import MoeLaunchConfig
@@ -65,8 +65,10 @@ class PeerTransport:
         self.sig_counts = call_signature("moe_counts", *fp)
         self.sig_dispatch = call_signature("moe_dispatch", *fp, launch.programs, launch.dispatch_block_t,
                                            launch.dispatch_block_h, launch.meta_t, launch.dispatch_item_chunks)
-        self.sig_combine = call_signature("moe_combine", *fp, launch.programs, launch.combine_block_t,
-                                          launch.combine_block_h, launch.combine_item_chunks)
+        # The combine's item numbering must agree; its grid and roles need not (it waits per item).
+        self.sig_combine = call_signature("moe_combine", *fp, launch.combine_block_t, launch.combine_block_h,
+                                          launch.combine_item_chunks)
+        self.combine_grid = combine_pushers(launch.programs, self.cfg.world, launch.combine_pushers)
 
     def _views(self, ws) -> None:
         """Tensors over this rank's workspace regions (the received rows and their metadata)."""
@@ -180,8 +182,8 @@ class PeerTransport:
         return out
 
     def poison_combine(self) -> None:
-        """This rank rejected its combine input: arrive at the combine barrier with another signature
-        and no work, so that the peers fail this round instead of waiting for us."""
+        """This rank rejected its combine input: flag every item to the peers with another signature and
+        push nothing, so that the peers fail this round instead of waiting for us."""
         dummy = torch.empty(0, self.cfg.hidden, dtype=self.cfg.dtype, device=self.device)
         self._combine(torch.empty(1, self.cfg.hidden, dtype=self.cfg.dtype, device=self.device), None, dummy,
                       poisoned=True)
@@ -190,9 +192,9 @@ class PeerTransport:
     def _combine(self, expert_out: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor,
                  poisoned: bool) -> None:
         mem = self.memory
-        launch_combine(expert_out, residual, out, self.b.mask, mem.table, mem.error_record_addr, self.rank,
+        launch_combine(expert_out, residual, out, self.b.mask, self.b.src_tokens, mem.table, mem.error_record_addr, self.rank,
                        self.cfg.world, self.sig_combine ^ int(poisoned), mem.buffer_bytes, self.timeout_iters,
-                       self.ws, poisoned, self.launch.programs, self.launch.combine_block_t,
+                       self.ws, poisoned, *self.combine_grid, self.launch.combine_block_t,
                        self.launch.combine_block_h, self.launch.combine_item_chunks, self.launch.combine_warps)
 
     def close(self) -> None:

@@ -71,6 +71,7 @@ def moe_counts_kernel(
     expert_offsets_ptr,  # out int32[L_P2 + 1]
     expert_counts_ptr,  # out int32[L_P2]
     recv_info_ptr,      # out int32[2]
+    src_tokens_ptr,     # out int32[WORLD]: each source's tokens (the combine's copy of the counts column)
     tokens, chunk, input_error,  # T, tokens per layout program, 1: this rank's host rejected its input
     experts, align, recv_rows, expert_rows,  # E, expert-major block alignment, capacities
     counts_off, counts_row, expert_index_off,  # workspace layout (bytes / int32 words)
@@ -88,16 +89,17 @@ def moe_counts_kernel(
         _exchange(table_ptr, error_record_addr, rank, epoch, flag, ok, own, timeout_iters, chunk_counts_ptr,
                   chunk_bad_ptr, chunk_experts_ptr, l2g_ptr, chunk_base_ptr, chunk_expert_base_ptr, send_base_ptr,
                   expert_base_ptr, recv_counts_ptr, recv_offsets_ptr, expert_offsets_ptr, expert_counts_ptr,
-                  recv_info_ptr, n_chunks, tokens, input_error, experts, align, recv_rows, expert_rows, counts_off,
-                  counts_row, expert_index_off, WORLD, WORLD_P2, CHUNKS_P2, E_P2, L_P2, ALIGN_P2, CHUNK_BLOCK)
+                  recv_info_ptr, src_tokens_ptr, n_chunks, tokens, input_error, experts, align, recv_rows,
+                  expert_rows, counts_off, counts_row, expert_index_off, WORLD, WORLD_P2, CHUNKS_P2, E_P2, L_P2,
+                  ALIGN_P2, CHUNK_BLOCK)
 
 
 @triton.jit
 def _exchange(table_ptr, error_record_addr, rank, epoch, flag, ok, own, timeout_iters, chunk_counts_ptr,
               chunk_bad_ptr, chunk_experts_ptr, l2g_ptr, chunk_base_ptr, chunk_expert_base_ptr, send_base_ptr,
               expert_base_ptr, recv_counts_ptr, recv_offsets_ptr, expert_offsets_ptr, expert_counts_ptr, recv_info_ptr,
-              n_chunks, tokens, input_error, experts, align, recv_rows, expert_rows, counts_off, counts_row,
-              expert_index_off, WORLD: tl.constexpr, WORLD_P2: tl.constexpr, CHUNKS_P2: tl.constexpr,
+              src_tokens_ptr, n_chunks, tokens, input_error, experts, align, recv_rows, expert_rows, counts_off,
+              counts_row, expert_index_off, WORLD: tl.constexpr, WORLD_P2: tl.constexpr, CHUNKS_P2: tl.constexpr,
               E_P2: tl.constexpr, L_P2: tl.constexpr, ALIGN_P2: tl.constexpr, CHUNK_BLOCK: tl.constexpr):
     """The exchange, by the launch's last program (see the module)."""
     ranks = tl.arange(0, WORLD_P2)
@@ -137,6 +139,7 @@ def _exchange(table_ptr, error_record_addr, rank, epoch, flag, ok, own, timeout_
     tok = tl.load(counts + src[:, None] * counts_row + 4 + ranks[None, :],
                   mask=is_rank[:, None] & is_rank[None, :], other=0)
     src_flags = tl.load(counts + src * counts_row + 1, mask=is_rank, other=0)
+    tl.store(src_tokens_ptr + src, tl.load(counts + src * counts_row, mask=is_rank, other=0), mask=is_rank)
     wanted = tl.sum(tok, axis=0)  # rows each rank would receive
 
     # Expert-major blocks of every rank (each rank's experts in local order, padded to ``align``).
@@ -203,4 +206,4 @@ def launch_counts(topk_idx: torch.Tensor, table: torch.Tensor, error_record_addr
             (table, error_record_addr, rank, sig, buffer_bytes, timeout_iters, topk_idx, b.expert_rank, b.mask,
              b.chunk_pos, b.slot_pos, b.chunk_counts, b.chunk_bad, b.chunk_experts, b.l2g, b.chunk_base,
              b.chunk_expert_base, b.send_base, b.expert_base, b.recv_counts, b.recv_offsets, b.expert_offsets,
-             b.expert_counts, b.recv_info, tokens, chunk, input_error, *ints), consts, num_warps)
+             b.expert_counts, b.recv_info, b.src_tokens, tokens, chunk, input_error, *ints), consts, num_warps)

@@ -12,7 +12,7 @@ import functools
 from dataclasses import asdict, dataclass
 
 from ...memory.protocol import MAX_PROGRAMS
-from .workspace import SCALE_GROUP
+from .workspace import MIN_COMBINE_BLOCK_H, SCALE_GROUP
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,8 @@ class MoeLaunchConfig:
     most layout programs (chunks of whole blocks; the counts launch scans one row per chunk).
     dispatch_*: a payload item is block_t tokens x item_chunks chunks of block_h channels, metadata
     in blocks of meta_t tokens. combine_*: an item is block_t tokens x item_chunks chunks of block_h
-    channels (item_chunks: any int >= 1; more than a row has is a whole row)."""
+    channels (item_chunks: any int >= 1; more than a row has is a whole row); combine_pushers: its
+    programs that push (the others sum), 0: the peers' share of the work, (W-1)/W of them."""
 
     programs: int
     layout_block_t: int
@@ -37,6 +38,7 @@ class MoeLaunchConfig:
     combine_block_h: int
     combine_warps: int
     combine_item_chunks: int
+    combine_pushers: int = 0
 
     def check(self, fp8: bool) -> None:
         """ValueError naming the field that is out of range (an explicit config from a user)."""
@@ -47,23 +49,27 @@ class MoeLaunchConfig:
         for name, v in asdict(self).items():
             if name == "programs":
                 continue
-            if name.endswith("item_chunks"):
-                if not isinstance(v, int) or v < 1:
-                    raise ValueError(f"MoeLaunchConfig: {name} must be an int >= 1, got {v!r}")
+            if name.endswith(("item_chunks", "pushers")):
+                least = 0 if name.endswith("pushers") else 1
+                if not isinstance(v, int) or v < least:
+                    raise ValueError(f"MoeLaunchConfig: {name} must be an int >= {least}, got {v!r}")
                 continue
             if not isinstance(v, int) or v < 1 or v & (v - 1):
                 raise ValueError(f"MoeLaunchConfig: {name} must be a power of two >= 1, got {v!r}")
+        if self.combine_block_h < MIN_COMBINE_BLOCK_H:
+            raise ValueError(f"MoeLaunchConfig: combine_block_h must be >= {MIN_COMBINE_BLOCK_H}, got "
+                             f"{self.combine_block_h}")
         if fp8 and self.dispatch_block_h % SCALE_GROUP:
             raise ValueError(f"MoeLaunchConfig: fp8 dispatch needs dispatch_block_h to be a multiple of {SCALE_GROUP}, "
                              f"got {self.dispatch_block_h}")
 
     def short(self) -> str:
         """A compact name for tables: P<programs> L<block_t>x<programs>w<warps> D<t>x<h>*<chunks>m<meta>w<w>
-        C<t>x<h>*<chunks>w<w>."""
+        C<t>x<h>*<chunks>w<w>p<pushers>."""
         return (f"P{self.programs} L{self.layout_block_t}x{self.layout_programs}w{self.layout_warps} "
                 f"D{self.dispatch_block_t}x{self.dispatch_block_h}*{self.dispatch_item_chunks}m{self.meta_t}"
                 f"w{self.dispatch_warps} C{self.combine_block_t}x{self.combine_block_h}*{self.combine_item_chunks}"
-                f"w{self.combine_warps}")
+                f"w{self.combine_warps}p{self.combine_pushers}")
 
 
 @functools.lru_cache(maxsize=256)
@@ -78,7 +84,9 @@ def moe_launch_config(max_tokens: int, hidden: int, element_size: int, fp8: bool
     tokens (the lookup once per 7 chunks); with few, one chunk, so that 128 tokens still make 224
     items per source, ~2 per program: ``item_chunks`` is the most chunks that leave every program
     about 4 items. Metadata in blocks of 32 tokens (its dependent small loads cost the same per
-    block whatever its size). The combine holds up to K expert tiles per chunk: 8 warps. Layout:
+    block whatever its size). The combine holds up to K expert tiles per chunk: 16 warps (one
+    16-byte load per thread per tile; 8 warps spilled a few registers at sm_90). Half its programs
+    push (the peers' share at W = 2), half sum. Layout:
     blocks of 8 tokens (a 64 x 64 pair tile at top-8), up to 64 chunks.
     Interpreter: two programs; 16 tokens x 128 channels in items of 1 chunk (2 from 64 tokens), so
     that the CPU tests' rows of 200 channels span two chunks and their 33 tokens three blocks; layout
@@ -94,7 +102,7 @@ def moe_launch_config(max_tokens: int, hidden: int, element_size: int, fp8: bool
     pow2 = 1 << max(0, hidden - 1).bit_length()
     block_h = min(2048 // element_size, pow2)
     dispatch_h = max(SCALE_GROUP if fp8 else 16, block_h)
-    combine_h = max(16, block_h)
+    combine_h = max(MIN_COMBINE_BLOCK_H, block_h)
 
     def item_chunks(block_t: int, block_h: int) -> int:
         chunks = -(-hidden // block_h)
@@ -104,4 +112,4 @@ def moe_launch_config(max_tokens: int, hidden: int, element_size: int, fp8: bool
     return MoeLaunchConfig(programs=programs, layout_block_t=8, layout_programs=64, layout_warps=4,
                            dispatch_block_t=4, dispatch_block_h=dispatch_h, meta_t=32, dispatch_warps=4,
                            dispatch_item_chunks=item_chunks(4, dispatch_h), combine_block_t=4,
-                           combine_block_h=combine_h, combine_warps=8, combine_item_chunks=item_chunks(4, combine_h))
+                           combine_block_h=combine_h, combine_warps=16, combine_item_chunks=item_chunks(4, combine_h))

@@ -21,11 +21,18 @@ Regions (bytes from the workspace base, each 128-byte aligned)::
     inv           int32[WORLD][max_tokens]: receive row of (source, token), -1 if it was not sent here
     expert_index  int32[expert_rows]: expert-major row -> receive row, -1 for alignment padding
     comb          [WORLD][max_tokens][comb_elems] x's dtype: row (r, t) = rank r's sum for our token t
+    comb_flag     int64[WORLD][flag_items]: word (r, j) = rank r pushed its rows of our combine item j
+                  (the call's flag, combine.py); flag_items bounds the items of any grid (channel
+                  chunks of >= MIN_COMBINE_BLOCK_H)
 
 Why one buffer suffices (no epoch parity): every region written by a peer in round n+1 is written
 after that peer passed the counts barrier of round n+1, which this rank reaches only after its
-combine of round n has finished reading. A round must therefore be dispatch then combine, each
-dispatch's outputs valid until the next dispatch (the dispatcher enforces the order).
+combine of round n has finished reading, except the counts region itself, which a peer writes before
+that barrier: a fast peer whose combine of round n is done (it waits only for the items it sums) may
+write its next counts row while this rank's combine still runs, so the combine reads the sources'
+token counts from the round's local copy (``RoundBuffers.src_tokens``), never from the region. A
+round must therefore be dispatch then combine, each dispatch's outputs valid until the next
+dispatch (the dispatcher enforces the order).
 """
 from __future__ import annotations
 
@@ -47,6 +54,7 @@ FLAG_BAD_IDS = 1
 FLAG_BAD_INPUT = 2
 
 SCALE_GROUP = 128  # fp8 dispatch: channels per scale
+MIN_COMBINE_BLOCK_H = 64  # the combine's smallest chunk of channels (bounds its items, hence comb_flag)
 _ALIGN = 128
 
 
@@ -80,6 +88,8 @@ class MoeWorkspace:
     inv_off: int
     expert_index_off: int
     comb_off: int
+    comb_flag_off: int
+    flag_items: int      # comb_flag words per source rank
     nbytes: int          # end of the last region
 
 
@@ -104,6 +114,7 @@ def moe_workspace(world: int, max_tokens: int, hidden: int, topk: int, experts: 
         ("inv_off", world * max_tokens * 4),
         ("expert_index_off", expert_rows * 4),
         ("comb_off", world * max_tokens * comb_elems * elt),
+        ("comb_flag_off", world * max_tokens * -(-hidden // MIN_COMBINE_BLOCK_H) * 8),
     ]
     offsets, at = {}, _round_up(SIGNAL_BYTES, _ALIGN)
     for name, size in sizes:
@@ -111,7 +122,8 @@ def moe_workspace(world: int, max_tokens: int, hidden: int, topk: int, experts: 
         at = _round_up(at + size, _ALIGN)
     return MoeWorkspace(world=world, max_tokens=max_tokens, hidden=hidden, topk=topk, experts=experts,
                         recv_rows=recv_rows, expert_rows=expert_rows, row_elems=row_elems, comb_elems=comb_elems,
-                        scale_groups=scale_groups, counts_row=counts_row, nbytes=at, **offsets)
+                        scale_groups=scale_groups, counts_row=counts_row,
+                        flag_items=max_tokens * -(-hidden // MIN_COMBINE_BLOCK_H), nbytes=at, **offsets)
 
 
 @functools.lru_cache(maxsize=None)
@@ -131,7 +143,9 @@ class RoundBuffers:
     mask [T], chunk_pos [T, W], slot_pos [T, K], chunk_counts [C, W], chunk_experts [C, E],
     chunk_bad [C]                                        layout.py (C = the most layout programs)
     chunk_base [C, W], chunk_expert_base [C, E], send_base [W], expert_base [E], recv_counts [W],
-    recv_offsets [W], expert_offsets [L_P2 + 1], expert_counts [L_P2], recv_info [2]   counts.py
+    recv_offsets [W], expert_offsets [L_P2 + 1], expert_counts [L_P2], recv_info [2], src_tokens [W]
+    (each source's token count, for the combine: the counts region itself may already hold a fast peer's
+    next round while this rank's combine still runs)                                   counts.py
     """
 
     expert_rank: torch.Tensor
@@ -152,6 +166,7 @@ class RoundBuffers:
     expert_offsets: torch.Tensor
     expert_counts: torch.Tensor
     recv_info: torch.Tensor
+    src_tokens: torch.Tensor
 
     @classmethod
     def make(cls, expert_rank: list[int], expert_local: list[int], local_experts: list[list[int]], max_tokens: int,
@@ -171,4 +186,4 @@ class RoundBuffers:
                    chunk_bad=zeros(max_chunks), chunk_base=zeros(max_chunks, world),
                    chunk_expert_base=zeros(max_chunks, experts), send_base=zeros(world), expert_base=zeros(experts),
                    recv_counts=zeros(world), recv_offsets=zeros(world), expert_offsets=zeros(l_p2 + 1),
-                   expert_counts=zeros(l_p2), recv_info=zeros(2))
+                   expert_counts=zeros(l_p2), recv_info=zeros(2), src_tokens=zeros(world))
