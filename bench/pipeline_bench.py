@@ -15,15 +15,20 @@ Parts (``--parts``; default ``homogeneous,loaded,gpu_cpu`` on GPUs, ``loaded`` o
 * ``homogeneous``: a Llama-shaped model with random weights (GPU: 32 layers, hidden 4096, 32/8
   heads, FFN 14336, bf16; a 32K-token prompt). Each rank profiles one decoder layer and the head on
   its device (``profile_compute``) and the link between them (``profile_links``); the planner
-  (``plan_pipeline``) picks the layer cut and the optimal slicing. Measured: the one-device time to
-  first token (the whole prompt in one forward on one device, both ranks at once, rank 0's time),
-  the pipeline with uniform slicings of 1..64 slices, and with the optimal slicing; each with its
-  predicted makespan. Targets (issue 15): 2 GPUs >= 1.7x one GPU; optimal >= 1.15x best uniform.
+  (``plan_pipeline``, slices of profiled lengths only) picks the layer cut and the optimal slicing.
+  Calibration: that plan runs once (after a warm-up); per stage, its compute time over the
+  profile's model scales the stage's costs (``run_scales``), and the planner plans again from the
+  scaled costs. Measured: the one-device time to first token (the whole prompt in one forward on
+  one device, both ranks at once, rank 0's time), the pipeline with uniform slicings of 1..64
+  slices, and with the planner's slicing; each with its predicted makespan (calibrated; the
+  profile's alone beside it). Targets (issue 15): 2 GPUs >= 1.7x one GPU; optimal >= 1.15x best
+  uniform.
 * ``loaded``: rank 1's device shares with a co-running load (another process: a matmul loop on the
   same GPU, or three matmul threads on the same core), so stage 1 is a weaker device, and the link goes through host
   memory over gloo (``--loaded-wire host``, a slow link). Both ranks re-profile under these
-  conditions; the DP partition (``partition_layers``) against the even split, each with its optimal
-  slicing. Targets: DP >= 1.3x even; predicted makespan within 15% of the measured.
+  conditions; calibrated on one run of the even cut's plan; the DP partition (``partition_layers``)
+  against the even split, each with its optimal slicing (the DP cut's prediction is calibrated on
+  the other cut's run). Targets: DP >= 1.3x even; predicted makespan within 15% of the measured.
 * ``gpu_cpu`` (GPU machines): rank 1 is a CPU stage (half the host's cores), the link through host
   memory; a smaller model in fp32 (8 layers, hidden 1024, a 2K-token prompt); DP against even.
 
@@ -58,6 +63,7 @@ from bench.common import environment  # noqa: E402
 from shardkit.pipeline import (ComputeCost, LinkCost, LlamaConfig, LlamaStage, PipelineRuntime,  # noqa: E402
                                even_partition, plan_pipeline, profile_compute, profile_links, random_weights,
                                save_profile, schedule, stage_models, uniform_slicing)
+from shardkit.pipeline.plan import run_scales  # noqa: E402
 from shardkit.pipeline.slicing import makespan_lower_bound  # noqa: E402
 
 BENCH = "pipeline"
@@ -260,9 +266,10 @@ class Bench:
                            mode="eager" if self.cuda else "cpu", params=params, us=us, metrics=metrics)
         self.records.append(rec)
         med = statistics.median(us) if us else float("nan")
-        pred = metrics.get("predicted_us")
+        pred, alone = metrics.get("predicted_us"), metrics.get("predicted_profile_us")
         self.log(f"  {impl:24s} {params.get('label', ''):28s} measured {med / 1e3:9.2f} ms"
-                 + (f"   predicted {pred / 1e3:9.2f} ms ({100 * (pred / med - 1):+.1f}%)" if pred else ""))
+                 + (f"   predicted {pred / 1e3:9.2f} ms ({100 * (pred / med - 1):+.1f}%)" if pred else "")
+                 + (f" [profile alone {alone / 1e3:.2f} ms ({100 * (alone / med - 1):+.1f}%)]" if alone else ""))
 
     # ----------------------------------------------------------------- parts
     def runtime(self, cfg, bounds, tokens, device, dtype, wire) -> PipelineRuntime:
@@ -278,11 +285,24 @@ class Bench:
         if self.cuda:
             torch.cuda.empty_cache()
 
+    def calibrate(self, rt: PipelineRuntime, ids: torch.Tensor, slices, costs: tuple, bpt: int) -> tuple:
+        """A calibration pass: one pipelined prefill of ``slices`` (after a warm-up) on ``rt``; per
+        stage its compute time over the profile's model (``run_scales``). Returns the costs scaled
+        by those factors (layer costs per stage, the head by the last stage's) and the factors."""
+        bounds = [r.start for r in rt.layers] + [rt.layers[-1].stop]
+        for _ in range(2):  # the first meets new shapes (cuDNN plans, allocations)
+            self.prefill_once(rt, ids, slices)
+        scales = run_scales(stage_models(bounds, *costs, bpt), slices, self.gather(rt.timeline()))
+        layer, head, link = costs
+        self.log(f"  calibration: one run of {len(slices)} slices {slices[0]}..{slices[-1]} on cut {bounds}: stage "
+                 "compute " + ", ".join(f"{k:.3f}x" for k in scales) + " the profile's")
+        return ([c.scaled(k) for c, k in zip(layer, scales)], head.scaled(scales[-1]), link), scales
+
     def measure(self, configs: list[dict], ids: torch.Tensor, base: dict) -> list[float]:
-        """Time the prefill of ``ids`` for each config (label, impl, rt, slices, models): one warm-up
-        each, then ``--reps`` rounds over all configs in turn (so slow drifts of the machine hit them
-        alike); max over ranks per repetition. Records each with its predicted makespan; returns the
-        median microseconds."""
+        """Time the prefill of ``ids`` for each config (label, impl, rt, slices, models, and
+        profile_models: the uncalibrated ones): one warm-up each, then ``--reps`` rounds over all
+        configs in turn (so slow drifts of the machine hit them alike); max over ranks per
+        repetition. Records each with its predicted makespans; returns the median microseconds."""
         for c in configs:
             self.prefill_once(c["rt"], ids, c["slices"])
         seconds = [[0.0] * self.args.reps for _ in configs]
@@ -305,7 +325,9 @@ class Bench:
             rt, slices = c["rt"], list(c["slices"])
             predicted = schedule(c["models"], slices)
             measured = [timelines[r][i] for r in range(self.world)]
-            metrics = {"predicted_us": round(predicted.makespan * 1e6, 1), **checks[i],
+            metrics = {"predicted_us": round(predicted.makespan * 1e6, 1),
+                       "predicted_profile_us": round(schedule(c["profile_models"], slices).makespan * 1e6, 1),
+                       "calibration_scales": [round(k, 4) for k in c["scales"]], **checks[i],
                        "timeline_s": [[[round(x, 6) for x in ab] for ab in tl] for tl in measured],
                        "predicted_timeline_s": [[[round(x, 6) for x in ab] for ab in row] for row in predicted.compute]}
             bounds = [r.start for r in rt.layers] + [rt.layers[-1].stop]
@@ -332,17 +354,24 @@ class Bench:
         link = self.link("homogeneous", self.runtime(cfg, even, tokens, self.device, dtype, "auto"))
         costs = ([f["layer"] for f in fits], fits[-1]["head"], [link])
         bpt = cfg.hidden * torch.empty(0, dtype=dtype).element_size()
-        bounds, slices = self.from_rank0(None if self.rank else plain(plan_pipeline(
-            *costs, layers=cfg.layers, tokens=tokens, bytes_per_token=bpt, granularity=sh["granularity"],
-            max_slice_tokens=sh["slice_lengths"][-1], lengths=sh["slice_lengths"])))
-        self.log(f"  plan: cut {bounds}, {len(slices)} slices {slices}")
-        rt, models = self.runtime(cfg, bounds, tokens, self.device, dtype, "auto"), stage_models(bounds, *costs, bpt)
-        if tuple(bounds) != tuple(even):
-            self._runtimes.pop(next(k for k in self._runtimes if k[1] == tuple(even)))  # free the probe's stage
-        configs = [{"label": f"uniform x{n}", "impl": "pipeline_uniform", "rt": rt, "models": models,
-                    "slices": uniform_slicing(tokens, n)} for n in sh["uniform"]]
-        configs.append({"label": "optimal slicing", "impl": "pipeline_optimal", "rt": rt, "models": models,
-                        "slices": slices})
+        kw = dict(layers=cfg.layers, tokens=tokens, bytes_per_token=bpt, granularity=sh["granularity"],
+                  max_slice_tokens=sh["slice_lengths"][-1], lengths=sh["slice_lengths"])
+        # The profile's plan, run once to calibrate the costs (run_scales); the plan made again from them.
+        first_bounds, first_slices = self.from_rank0(None if self.rank else plain(plan_pipeline(*costs, **kw)))
+        calibrated, scales = self.calibrate(self.runtime(cfg, first_bounds, tokens, self.device, dtype, "auto"), ids,
+                                            first_slices, costs, bpt)
+        bounds, slices = self.from_rank0(None if self.rank else plain(plan_pipeline(*calibrated, **kw)))
+        self.log(f"  plan: cut {bounds}, {len(slices)} slices {slices}" + (
+            "" if (bounds, slices) == (first_bounds, first_slices) else
+            f" (the profile's: cut {first_bounds}, {len(first_slices)} slices {first_slices})"))
+        rt = self.runtime(cfg, bounds, tokens, self.device, dtype, "auto")
+        for key in [k for k in self._runtimes if k[1] != tuple(bounds)]:
+            self._runtimes.pop(key)  # free the probe's and the calibration's stages
+        models = stage_models(bounds, *calibrated, bpt)
+        same = {"rt": rt, "models": models, "profile_models": stage_models(bounds, *costs, bpt), "scales": scales}
+        configs = [{"label": f"uniform x{n}", "impl": "pipeline_uniform", "slices": uniform_slicing(tokens, n), **same}
+                   for n in sh["uniform"]]
+        configs.append({"label": "optimal slicing", "impl": "pipeline_optimal", "slices": slices, **same})
         times = self.measure(configs, ids, base)
         uniform = dict(zip(sh["uniform"], times[:-1]))
         best_n, opt = min(uniform, key=uniform.get), times[-1]
@@ -358,11 +387,12 @@ class Bench:
                                             "model_gain_bound": round(best_model / bound, 3)})
         self.panels += [("optimal slicing",) + self.schedules["optimal slicing"],
                         (f"best uniform (x{best_n})",) + self.schedules[f"uniform x{best_n}"]]
-        self.log(f"  TTFT one device {one / 1e3:.1f} ms, pipeline optimal {opt / 1e3:.1f} ms: "
-                 f"{one / opt:.2f}x (target 1.7x); model: no slicing below {bound * 1e3:.1f} ms, the best "
-                 f"uniform models {best_model * 1e3:.1f} ms (any slicing gains <= {best_model / bound:.3f}x); "
-                 f"best uniform x{best_n} {uniform[best_n] / 1e3:.1f} ms: "
-                 f"optimal {uniform[best_n] / opt:.3f}x (target 1.15x)")
+        best = uniform[best_n]
+        self.log(f"  TTFT one device {one / 1e3:.1f} ms; planner's plan ({len(slices)} slices) {opt / 1e3:.1f} ms: "
+                 f"{one / opt:.2f}x one device (target 1.7x) and {best / opt:.3f}x the best uniform (target 1.15x), "
+                 f"best uniform x{best_n} {best / 1e3:.1f} ms: {one / best:.2f}x one device; model: no slicing below "
+                 f"{bound * 1e3:.1f} ms, the best uniform models {best_model * 1e3:.1f} ms (any slicing gains <= "
+                 f"{best_model / bound:.3f}x)")
         self.drop_runtimes()
 
     def heterogeneous(self, part: str) -> None:
@@ -392,15 +422,20 @@ class Bench:
             bpt = cfg.hidden * torch.empty(0, dtype=dtype).element_size()
             kw = dict(layers=cfg.layers, tokens=tokens, bytes_per_token=bpt, granularity=sh["granularity"],
                       max_slice_tokens=sh["slice_lengths"][-1], lengths=sh["slice_lengths"])
-            plans = self.from_rank0(None if self.rank else {"even": plain(plan_pipeline(*costs, bounds=even, **kw)),
-                                                            "dp": plain(plan_pipeline(*costs, **kw))})
+            # Calibrated on the even cut's run (the DP cut's prediction then comes from another cut's run).
+            first = self.from_rank0(None if self.rank else plain(plan_pipeline(*costs, bounds=even, **kw)))[1]
+            calibrated, scales = self.calibrate(self.runtime(cfg, even, tokens, device, dtype, wire), ids, first,
+                                                costs, bpt)
+            plans = self.from_rank0(None if self.rank else {"even": plain(plan_pipeline(*calibrated, bounds=even, **kw)),
+                                                            "dp": plain(plan_pipeline(*calibrated, **kw))})
             configs = []
             for which in ("even", "dp"):
                 bounds, slices = plans[which]
                 self.log(f"  {which}: cut {bounds}, {len(slices)} slices {slices}")
                 configs.append({"label": f"{part}: {which} cut {list(bounds)}", "impl": f"{part}_{which}",
                                 "rt": self.runtime(cfg, bounds, tokens, device, dtype, wire), "slices": slices,
-                                "models": stage_models(bounds, *costs, bpt)})
+                                "models": stage_models(bounds, *calibrated, bpt),
+                                "profile_models": stage_models(bounds, *costs, bpt), "scales": scales})
             t_even, t_dp = self.measure(configs, ids, base)
             # How much weaker stage 1's device is (r: its layer time over stage 0's, over the profiled
             # shapes): two stages of speeds 1 and 1/r gain at most (1 + r) / 2 from the best cut
@@ -445,7 +480,10 @@ def table(records: list[dict]) -> str:
         sl = f"{len(slices)}: {slices[0]}..{slices[-1]}" if slices else "-"
         notes = ", ".join(f"{k} {v}" for k, v in m.items() if k.startswith(("speedup", "last_logits", "same_first",
                                                                               "best_uniform", "model_gain", "lower_bound",
-                                                                              "stage1_slowdown", "ideal_dp")))
+                                                                              "stage1_slowdown", "ideal_dp",
+                                                                              "calibration")))
+        if m.get("predicted_profile_us"):
+            notes += f", profile alone predicted {m['predicted_profile_us'] / 1e3:.2f} ms"
         lines.append(f"| {p.get('part')} | {p.get('label')} | {p.get('partition', '-')} | {sl} | "
                      f"{r['us_median'] / 1e3:.2f} ({r['us_min'] / 1e3:.2f}-{r['us_max'] / 1e3:.2f}) | "
                      f"{pred / 1e3 if pred else float('nan'):.2f} | {ratio} | {notes} |")

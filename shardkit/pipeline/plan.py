@@ -18,7 +18,7 @@ as sustained clocks would, and the receiving stage has a link kernel waiting bes
 A pipelined run's own per-slice timelines measure it per stage: its compute time over what the
 model gives for the same slices. Scaling each stage's costs by that (``ComputeCost.scaled``), one
 run of x16 slices predicted x8 and x32 within +3.1% and +0.2% (x4, 8192-token slices, whose excess
-was 3%: +7.7%); a constant extra per slice from the same run missed x32 by +12%: the excess
+was 1-3%: +7.7%); a constant extra per slice from the same run missed x32 by +12%: the excess
 grows with the work more than with the calls.
 """
 from __future__ import annotations
