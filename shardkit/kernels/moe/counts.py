@@ -106,11 +106,12 @@ def _exchange(table_ptr, error_record_addr, rank, epoch, flag, ok, own, timeout_
     is_rank = ranks < WORLD
     chunks = tl.arange(0, CHUNKS_P2)
     cmask = (chunks[:, None] < n_chunks) & is_rank[None, :]
+    # Loads first, stores after them (the compiler keeps loads behind earlier stores it cannot tell apart).
     per_chunk = tl.load(chunk_counts_ptr + chunks[:, None] * WORLD + ranks[None, :], mask=cmask, other=0)
-    tl.store(chunk_base_ptr + chunks[:, None] * WORLD + ranks[None, :], tl.cumsum(per_chunk, axis=0) - per_chunk,
-             mask=cmask)
-    sent = tl.sum(per_chunk, axis=0)
     bad_ids = tl.max(tl.load(chunk_bad_ptr + chunks, mask=chunks < n_chunks, other=0), axis=0)
+    lx = tl.arange(0, L_P2)  # the placement's local -> global table: ours, loaded before the barrier
+    gid = tl.load(l2g_ptr + ranks[:, None] * L_P2 + lx[None, :], mask=is_rank[:, None], other=-1)
+    sent = tl.sum(per_chunk, axis=0)
     flags = tl.where(bad_ids != 0, _FLAG_BAD_IDS, 0) | tl.where(input_error != 0, _FLAG_BAD_INPUT, 0)
     ex = tl.arange(0, E_P2)
     pairs = tl.zeros([E_P2], tl.int32)  # ours to each expert, summed over the chunks in order
@@ -129,9 +130,8 @@ def _exchange(table_ptr, error_record_addr, rank, epoch, flag, ok, own, timeout_
             tl.store(row + 1, flags)
             tl.store(row + 4 + ranks, sent, mask=is_rank)
             tl.store(row + 4 + WORLD + ex, pairs, mask=ex < experts)
-    # The placement's local -> global table is ours: loaded before the barrier, not after it.
-    lx = tl.arange(0, L_P2)
-    gid = tl.load(l2g_ptr + ranks[:, None] * L_P2 + lx[None, :], mask=is_rank[:, None], other=-1)
+    tl.store(chunk_base_ptr + chunks[:, None] * WORLD + ranks[None, :], tl.cumsum(per_chunk, axis=0) - per_chunk,
+             mask=cmask)
     ok = launch_barrier(table_ptr, rank, 0, flag, ok, error_record_addr, timeout_iters, WORLD, WORLD_P2)
 
     counts = peer_ptr(table_ptr, rank, counts_off, tl.int32)
