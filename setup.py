@@ -17,7 +17,7 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["csrc/dda/all_reduce.cu", "csrc/dda/ll_all_reduce.cu", "csrc/dda/c_api.cu"]
+SOURCES = ["csrc/dda/all_reduce.cu", "csrc/dda/ll_all_reduce.cu", "csrc/dda/ll_rmsnorm.cu", "csrc/dda/c_api.cu"]
 ARCHS = os.environ.get("SHARDKIT_CUDA_ARCHS", "90").split(",")
 
 

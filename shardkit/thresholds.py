@@ -5,6 +5,9 @@ The table is keyed by feature first, then GPU name (``"default"`` where unmeasur
 * ``all_reduce``: algorithm by message size, ``[[max_bytes, algo], ...]`` (max_bytes null = beyond);
   ``bench/all_reduce_sweep.py --write-thresholds`` rewrites the entry of the GPU it ran on from
   measured crossovers.
+* ``rmsnorm`` / ``ll_max_bytes``: the x size up to which the fused op's LL kernel (CUDA kernels, one LL
+  launch) beats its flat and tree kernels (``bench/all_reduce_rmsnorm_bench.py --write-thresholds``); none
+  measured: ``auto`` does not pick it.
 * ``rmsnorm`` / ``tree_min_bytes``: the x size from which the fused all-reduce + residual + RMSNorm's
   tree kernel beats its flat one (``bench/all_reduce_rmsnorm_bench.py --write-thresholds``). Where
   none was measured, the all-reduce rule decides.
@@ -94,6 +97,19 @@ def rmsnorm_tree_min_bytes(device_name: str, world_size: int, table: dict | None
 def write_rmsnorm_tree_min_bytes(device_name: str, world_size: int, nbytes: int, path: str = PATH) -> None:
     """Store the measured flat / tree crossover of the fused kernels."""
     _update(path, ("rmsnorm", "tree_min_bytes", device_name, str(world_size)), int(nbytes))
+
+
+def rmsnorm_ll_max_bytes(device_name: str, world_size: int, table: dict | None = None) -> int | None:
+    """Bytes of x up to which the fused op's LL kernel (CUDA kernels only; calls that fit one LL launch) was
+    measured faster than the flat and tree kernels on a device and world size, or None if not measured (then
+    ``auto`` never picks it)."""
+    value = _per_world("rmsnorm", "ll_max_bytes", device_name, world_size, table)
+    return None if value is None else int(value)
+
+
+def write_rmsnorm_ll_max_bytes(device_name: str, world_size: int, nbytes: int, path: str = PATH) -> None:
+    """Store the measured LL / (flat, tree) crossover of the fused kernels."""
+    _update(path, ("rmsnorm", "ll_max_bytes", device_name, str(world_size)), int(nbytes))
 
 
 # ----------------------------------------------------------------------------- ring attention

@@ -23,6 +23,36 @@ cudaError_t flat_all_reduce(const AllReduceArgs& args, cudaStream_t stream);
 // alignment; threads up to 1024, unroll 1; not zero_copy (x is read wherever it lives).
 cudaError_t ll_all_reduce(const AllReduceArgs& args, cudaStream_t stream);
 
+// One fused all-reduce + residual add + RMSNorm call on one rank (host side): for x, residual [tokens, hidden]
+// (rows contiguous) and weight [hidden],
+//   residual_out = residual + sum over ranks of x   (fp32, ranks in order, rounded to the dtype)
+//   out          = residual_out * rsqrt(mean(residual_out**2) + eps) * weight
+// out and residual_out may each be x or residual (not each other, not weight); no other overlap.
+struct RMSNormArgs {
+  const void* x;
+  const void* residual;
+  const void* weight;
+  void* out;
+  void* residual_out;
+  PeerTable table;
+  int* host_error_record;  // int32[4] error record in device-visible host memory
+  int64_t tokens;          // rows, 1..ll_rmsnorm_max_rows(hidden, element size) (policy.h)
+  int64_t hidden;          // columns, 1..(16 * threads * 8 / element size)
+  float eps;
+  int rank;
+  int world;               // 2..kMaxWorld
+  uint32_t sig;            // 31-bit call signature, equal on all ranks
+  int64_t buffer_bytes;    // bytes of one epoch buffer (the LL region lies after the epoch buffers)
+  int64_t timeout_iters;   // polls before giving up
+  int programs;            // blocks, 1..kMaxPrograms (block b owns rows b, b + programs, ...)
+  int threads;             // a multiple of 32, >= world, <= 1024
+  DType dtype;
+};
+
+// One synchronisation per call (ll_rmsnorm.cu): the LL all-reduce's protocol (ll.cuh) with rows padded to whole
+// lines; each block owns whole rows, sums them, adds the residual and normalises.
+cudaError_t ll_all_reduce_rmsnorm(const RMSNormArgs& args, cudaStream_t stream);
+
 // Reduce-scatter over shards of `shard` elements (a multiple of 16), then all-gather.
 cudaError_t tree_all_reduce(const AllReduceArgs& args, int64_t shard, cudaStream_t stream);
 

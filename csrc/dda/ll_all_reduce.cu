@@ -38,29 +38,10 @@
 
 #include "all_reduce.h"
 #include "convert.cuh"
-#include "sync.cuh"
+#include "ll.cuh"
 
 namespace shardkit {
 namespace {
-
-constexpr int64_t kLLLines = kLLMaxBytes / 8;  // lines of one slot
-
-__device__ __forceinline__ void store_line(char* p, uint2 data, uint32_t flag) {
-  // One 16-byte volatile store: each {data, flag} half is written at once (8-byte single-copy atomicity),
-  // which is all the reader relies on.
-  asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(data.x), "r"(flag), "r"(data.y),
-               "r"(flag)
-               : "memory");
-}
-
-__device__ __forceinline__ uint4 load_line(const char* p) {
-  uint4 v;
-  asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p)
-               : "memory");
-  return v;
-}
 
 // The 8 payload bytes of line i of x (numel elements); elements past the end are 0.
 template <typename T, bool ALIGNED>
@@ -90,19 +71,6 @@ __device__ __forceinline__ void store_payload(T* out, int64_t i, int64_t numel, 
   }
 }
 
-// Poll the line at p until both its flags are `flag` (kArrived), for at most timeout_iters polls of this
-// thread in this call (kTimeout), or until this rank failed elsewhere (kAborted: the device error record or
-// the block's stop flag, checked every 1024 polls).
-__device__ __forceinline__ int wait_line(const char* p, uint32_t flag, uint4& v, int64_t& it, int64_t timeout_iters,
-                                         const volatile int* device_record, const volatile int* stop) {
-  for (;; ++it) {
-    v = load_line(p);
-    if (v.y == flag && v.w == flag) return kArrived;
-    if (it > timeout_iters) return kTimeout;
-    if ((it & 1023) == 1023 && (*device_record != 0 || *stop != 0)) return kAborted;
-  }
-}
-
 // Lines map to threads as first + j * stride (the same map for the push and the reduction, so that in
 // place every line of x is read before the same thread overwrites it). Blocks never wait for each other.
 template <typename T, int WORLD, bool ALIGNED>
@@ -125,26 +93,11 @@ __global__ void ll_kernel(AllReduceArgs a) {
   const int64_t first = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t pushed = ll_slot_offset(k, a.rank, WORLD, a.buffer_bytes);  // our slot in every workspace
   if (cs.ok) {
-    if (blockIdx.x == 0 && threadIdx.x < WORLD && threadIdx.x != a.rank) {
-      store_line(a.table.base[threadIdx.x] + pushed, make_uint2(a.sig, a.sig), k);
-    }
+    push_header<WORLD>(a.table, a.rank, pushed, a.sig, k);
     for (int64_t i = first; i < lines; i += stride) {
-      const uint2 v = load_payload<T, ALIGNED>(x, i, a.numel);
-#pragma unroll
-      for (int j = 1; j < WORLD; ++j) {  // peers in a rotated order: not every rank writes to rank 0 first
-        const int p = (a.rank + j) % WORLD;
-        store_line(a.table.base[p] + pushed + kLLHeaderBytes + i * 16, v, k);
-      }
+      push_line<WORLD>(a.table, a.rank, pushed, i, load_payload<T, ALIGNED>(x, i, a.numel), k);
     }
-    if (k % kLLCleanPeriod < 2) {  // rewrite the rest of the slot: no line grows older than the period
-      for (int64_t i = lines + first; i < kLLLines; i += stride) {
-#pragma unroll
-        for (int j = 1; j < WORLD; ++j) {
-          const int p = (a.rank + j) % WORLD;
-          store_line(a.table.base[p] + pushed + kLLHeaderBytes + i * 16, make_uint2(0u, 0u), k);
-        }
-      }
-    }
+    clean_slot<WORLD>(a.table, a.rank, pushed, lines, k);  // the rest of the slot, every kLLCleanPeriod calls
   }
   __syncthreads();  // s_* initialised
   const char* own = a.table.base[a.rank];
@@ -158,13 +111,10 @@ __global__ void ll_kernel(AllReduceArgs a) {
     uint2 mine = make_uint2(0u, 0u);
     if (s_stop == 0) {
       int code = kArrived, culprit = -1;
-      if (!header_checked && threadIdx.x < WORLD && threadIdx.x != a.rank) {
-        const int src = threadIdx.x;
-        uint4 h;
-        code = wait_line(own + ll_slot_offset(k, src, WORLD, a.buffer_bytes), k, h, it, a.timeout_iters,
-                         device_record, &s_stop);
-        if (code == kArrived && (h.x != a.sig || h.z != a.sig)) code = kMismatch;
-        culprit = src;
+      if (!header_checked) {
+        code = check_header<WORLD>(a.table, a.rank, a.sig, k, a.buffer_bytes, it, a.timeout_iters, device_record,
+                                   &s_stop);
+        culprit = threadIdx.x;
       }
       header_checked = true;
       if (i < lines) {

@@ -12,14 +12,18 @@
 //
 // Calls it does not handle (algo "nccl" / "copy" / unknown, "auto" choosing those, a communicator whose
 // error record is set) return None: the Python path then runs them, with its own messages. Algorithms:
-// flat, tree (all_reduce.cu) and ll (ll_all_reduce.cu: no zero copy, kLLMaxBytes per launch).
+// flat, tree (all_reduce.cu) and ll (ll_all_reduce.cu: no zero copy, kLLMaxBytes per launch). The fused
+// all-reduce + residual + RMSNorm: its LL kernel (ll_rmsnorm.cu), for algo "ll" and "auto" where auto picks it;
+// the Triton flat / tree kernels stay on the Python path.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <cstring>
 #include <iterator>
+#include <limits>
 #include <optional>
 #include <string>
 #include <utility>
@@ -92,13 +96,15 @@ class AllReduceHost {
   AllReduceHost(int rank, int world, int device_index, std::string device_text, std::vector<int64_t> table,
                 int64_t workspace, int64_t staging_offset, int64_t error_record, int64_t buffer_bytes,
                 int64_t timeout_iters, int sm_count, std::vector<std::pair<int64_t, std::string>> rules, int flat_op,
-                int tree_op, int ll_op, py::object error_type)
+                int tree_op, int ll_op, py::object error_type, int rmsnorm_ll_op, int64_t rmsnorm_ll_max_bytes,
+                int64_t max_hidden)
       : rank_(rank), world_(world),
         device_(device_index < 0 ? c10::Device(c10::kCPU) : c10::Device(c10::kCUDA, c10::DeviceIndex(device_index))),
         device_text_(std::move(device_text)), workspace_(workspace), staging_offset_(staging_offset),
         error_record_(reinterpret_cast<int*>(error_record)), buffer_bytes_(buffer_bytes),
         timeout_iters_(timeout_iters), sm_count_(sm_count), flat_op_(flat_op), tree_op_(tree_op), ll_op_(ll_op),
-        error_type_(std::move(error_type)) {
+        error_type_(std::move(error_type)), rmsnorm_ll_op_(rmsnorm_ll_op), rmsnorm_ll_max_bytes_(rmsnorm_ll_max_bytes),
+        max_hidden_(max_hidden) {
     if (world < 2 || world > kMaxWorld || rank < 0 || rank >= world || int(table.size()) != world) {
       throw py::value_error("AllReduceHost: needs 2.." + std::to_string(kMaxWorld) + " ranks, a rank below the world " +
                             "size and one workspace address per rank");
@@ -118,6 +124,34 @@ class AllReduceHost {
     return std::move(call->result);
   }
 
+  // Communicator.all_reduce_residual_rmsnorm(x, residual, weight, eps, algo, out=, residual_out=) for algo "ll"
+  // and "auto" where auto picks ll: (out, residual_out); None where the Python path must run (other algos, auto
+  // picking flat/tree, empty x, a failed communicator). Argument errors: the Python path's messages.
+  py::object all_reduce_residual_rmsnorm(py::handle x, py::handle residual, py::handle weight, py::handle eps,
+                                         const std::string& algo, py::handle out, py::handle residual_out) {
+    std::optional<RMSNormCall> call = prepare_rmsnorm(x, residual, weight, eps, algo, out, residual_out);
+    if (!call) return py::none();
+    if (guard_ == nullptr) {
+      throw py::value_error("all_reduce_residual_rmsnorm: this AllReduceHost was made for the CPU (tests only)");
+    }
+    const auto stream = static_cast<cudaStream_t>(guard_->getStreamNativeHandle(guard_->getStream(device_)));
+    for_each_rmsnorm_launch(*call, [&](const RMSNormLaunch& l) { launch_rmsnorm(*call, l, stream); });
+    return py::make_tuple(std::move(call->out_obj), std::move(call->residual_out_obj));
+  }
+
+  // The launches all_reduce_residual_rmsnorm would make, as dicts (CPU tests), or None.
+  py::object plan_rmsnorm(py::handle x, py::handle residual, py::handle weight, py::handle eps, const std::string& algo,
+                          py::handle out, py::handle residual_out) {
+    std::optional<RMSNormCall> call = prepare_rmsnorm(x, residual, weight, eps, algo, out, residual_out);
+    if (!call) return py::none();
+    py::list launches;
+    for_each_rmsnorm_launch(*call, [&](const RMSNormLaunch& l) {
+      launches.append(py::dict(py::arg("lo") = l.lo, py::arg("rows") = l.rows, py::arg("sig") = l.sig,
+                               py::arg("config") = py::make_tuple(l.config.programs, l.config.threads, l.config.unroll)));
+    });
+    return std::move(launches);
+  }
+
   // The launches all_reduce would make, as dicts (CPU tests compare them with the Python path's), or None.
   py::object plan(py::handle x, py::handle out, const std::string& algo) {
     std::optional<Call> call = prepare(x, out, algo);
@@ -134,6 +168,171 @@ class AllReduceHost {
   }
 
  private:
+  // A checked fused call: the tensors (out / residual_out made where not given) and the Python objects returned.
+  struct RMSNormCall {
+    at::Tensor x, residual, weight, out, residual_out;
+    int64_t tokens, hidden;
+    double eps;
+    py::object out_obj, residual_out_obj;
+  };
+
+  // One launch of a fused call: rows [lo, lo + rows).
+  struct RMSNormLaunch {
+    int64_t lo, rows;
+    uint32_t sig;
+    LaunchConfig config;
+  };
+
+  // Communicator._check_rmsnorm_args + check_rmsnorm_operands (same order, same messages), then the algorithm:
+  // nullopt unless the call runs the LL kernel here.
+  std::optional<RMSNormCall> prepare_rmsnorm(py::handle x_obj, py::handle residual_obj, py::handle weight_obj,
+                                             py::handle eps_obj, const std::string& algo, py::handle out_obj,
+                                             py::handle residual_out_obj) const {
+    if (algo != "ll" && algo != "auto") return std::nullopt;  // the Python path checks and runs the others
+    const std::string what = "all_reduce_residual_rmsnorm: ";
+    const at::Tensor& x = tensor_arg(x_obj, "x");
+    const at::Tensor& residual = tensor_arg(residual_obj, "residual");
+    const at::Tensor& weight = tensor_arg(weight_obj, "weight");
+    if (x.dim() == 0) throw py::value_error(what + "x must be [..., hidden], got a 0-d tensor");
+    const int64_t hidden = x.size(-1);
+    if (residual.sizes() != x.sizes() || residual.scalar_type() != x.scalar_type()) {
+      throw py::value_error(what + "residual must have x's shape " + python_text(x_obj, "shape", true) + " and dtype " +
+                            python_text(x_obj, "dtype") + ", got " + python_text(residual_obj, "shape", true) + " and " +
+                            python_text(residual_obj, "dtype"));
+    }
+    if (weight.dim() != 1 || weight.size(0) != hidden || weight.scalar_type() != x.scalar_type()) {
+      throw py::value_error(what + "weight must be [hidden] = [" + std::to_string(hidden) + "] of x's dtype " +
+                            python_text(x_obj, "dtype") + ", got " + python_text(weight_obj, "shape", true) + " and " +
+                            python_text(weight_obj, "dtype"));
+    }
+    if (hidden > max_hidden_) {
+      throw py::value_error(what + "hidden size " + std::to_string(hidden) + " exceeds the supported " +
+                            std::to_string(max_hidden_));
+    }
+    // eps: a Python int or float (bool included, as isinstance(eps, (int, float))), finite and >= 0.
+    double eps = -1.0;
+    if (PyLong_Check(eps_obj.ptr()) || PyFloat_Check(eps_obj.ptr())) {
+      eps = PyFloat_AsDouble(eps_obj.ptr());
+      if (eps == -1.0 && PyErr_Occurred()) throw py::error_already_set();  // an int too large for a double
+    }
+    if (!(eps >= 0.0 && eps < std::numeric_limits<double>::infinity())) {
+      throw py::value_error(what + "eps must be a finite number >= 0, got " + std::string(py::repr(eps_obj)));
+    }
+    const std::pair<py::handle, const char*> outputs[] = {{out_obj, "out"}, {residual_out_obj, "residual_out"}};
+    for (const auto& [obj, name] : outputs) {
+      if (obj.is_none()) continue;
+      const at::Tensor& t = tensor_arg(obj, name);
+      if (t.sizes() != x.sizes() || t.scalar_type() != x.scalar_type()) {
+        throw py::value_error(what + name + " must have x's shape " + python_text(x_obj, "shape", true) + " and dtype " +
+                              python_text(x_obj, "dtype") + ", got " + python_text(obj, "shape", true) + " and " +
+                              python_text(obj, "dtype"));
+      }
+    }
+    if (!out_obj.is_none() && !residual_out_obj.is_none() &&
+        overlap(THPVariable_Unpack(out_obj.ptr()), THPVariable_Unpack(residual_out_obj.ptr())) != Overlap::kApart) {
+      throw py::value_error(what + "out and residual_out must be different buffers that do not overlap");
+    }
+    for (const auto& [obj, name] : outputs) {
+      if (obj.is_none()) continue;
+      const at::Tensor& t = THPVariable_Unpack(obj.ptr());
+      if (overlap(t, weight) != Overlap::kApart) throw py::value_error(what + name + " must not overlap weight");
+      const std::pair<const at::Tensor*, const char*> sources[] = {{&x, "x"}, {&residual, "residual"}};
+      for (const auto& [source, source_name] : sources) {
+        if (overlap(t, *source) == Overlap::kPartly) {
+          throw py::value_error(what + name + " overlaps " + source_name + " partly: pass " + source_name +
+                                " itself or a separate buffer");
+        }
+      }
+    }
+    const int64_t numel = x.numel(), esize = x.element_size();
+    const int64_t max_rows = numel == 0 ? 0 : ll_rmsnorm_max_rows(hidden, int(esize));
+    // Communicator._rmsnorm_auto: ll where measured faster (ll_max_bytes) and the call fits one LL launch.
+    const bool auto_ll = rmsnorm_ll_max_bytes_ >= 0 && numel * esize <= rmsnorm_ll_max_bytes_ && max_rows > 0 &&
+                         numel / hidden <= max_rows;
+    // The Python path: empty calls, auto choosing another kernel, rows too wide for ll (its message), failures.
+    if (numel == 0 || (algo == "auto" && !auto_ll) || max_rows == 0 ||
+        *reinterpret_cast<volatile int*>(error_record_) != kOk) {
+      return std::nullopt;
+    }
+    RMSNormCall call{x, residual, weight, {}, {}, numel / hidden, hidden, eps};
+    if (out_obj.is_none()) {
+      call.out = at::empty_like(x);
+      call.out_obj = py::reinterpret_steal<py::object>(THPVariable_Wrap(call.out));
+    } else {
+      call.out = THPVariable_Unpack(out_obj.ptr());
+      call.out_obj = py::reinterpret_borrow<py::object>(out_obj);
+    }
+    if (residual_out_obj.is_none()) {
+      call.residual_out = at::empty_like(x);
+      call.residual_out_obj = py::reinterpret_steal<py::object>(THPVariable_Wrap(call.residual_out));
+    } else {
+      call.residual_out = THPVariable_Unpack(residual_out_obj.ptr());
+      call.residual_out_obj = py::reinterpret_borrow<py::object>(residual_out_obj);
+    }
+    return call;
+  }
+
+  enum class Overlap { kApart, kSame, kPartly };
+
+  // communicator._overlap: how the bytes of two contiguous tensors on this device meet.
+  static Overlap overlap(const at::Tensor& a, const at::Tensor& b) {
+    const auto a_lo = reinterpret_cast<uintptr_t>(a.data_ptr()), b_lo = reinterpret_cast<uintptr_t>(b.data_ptr());
+    const auto a_hi = a_lo + uintptr_t(a.nbytes()), b_hi = b_lo + uintptr_t(b.nbytes());
+    if (a_lo >= b_hi || b_lo >= a_hi) return Overlap::kApart;
+    return a_lo == b_lo && a_hi == b_hi ? Overlap::kSame : Overlap::kPartly;
+  }
+
+  // Communicator.all_reduce_residual_rmsnorm's LL launches: rows in chunks of ll_rmsnorm_max_rows, each with the
+  // fingerprint of the whole call (total rows, chunk, rows, hidden, dtype, eps bits, grid).
+  template <typename F>
+  void for_each_rmsnorm_launch(const RMSNormCall& c, F&& each) const {
+    const int esize = int(c.x.element_size());
+    const int64_t step = ll_rmsnorm_max_rows(c.hidden, esize);
+    const int64_t chunks = (c.tokens + step - 1) / step;
+    int64_t eps_bits;
+    std::memcpy(&eps_bits, &c.eps, sizeof(eps_bits));  // protocol.float_bits
+    for (int64_t i = 0; i < chunks; ++i) {
+      RMSNormLaunch l{};
+      l.lo = i * step;
+      l.rows = std::min(step, c.tokens - l.lo);
+      l.config = ll_rmsnorm_config(l.rows, c.hidden, esize, sm_count_);
+      const int64_t fields[] = {c.tokens, i, chunks, l.rows, c.hidden, int(*dtype_code(c.x.scalar_type())), eps_bits,
+                                l.config.programs, l.config.threads};
+      l.sig = call_signature(rmsnorm_ll_op_, fields, int(std::size(fields)));
+      each(l);
+    }
+  }
+
+  void launch_rmsnorm(const RMSNormCall& c, const RMSNormLaunch& l, cudaStream_t stream) const {
+    const int64_t offset = l.lo * c.hidden * c.x.element_size();
+    RMSNormArgs a{};
+    a.x = static_cast<const char*>(c.x.data_ptr()) + offset;
+    a.residual = static_cast<const char*>(c.residual.data_ptr()) + offset;
+    a.weight = c.weight.data_ptr();
+    a.out = static_cast<char*>(c.out.data_ptr()) + offset;
+    a.residual_out = static_cast<char*>(c.residual_out.data_ptr()) + offset;
+    a.table = table_;
+    a.host_error_record = error_record_;
+    a.tokens = l.rows;
+    a.hidden = c.hidden;
+    a.eps = float(c.eps);
+    a.rank = rank_;
+    a.world = world_;
+    a.sig = l.sig;
+    a.buffer_bytes = buffer_bytes_;
+    a.timeout_iters = timeout_iters_;
+    a.programs = l.config.programs;
+    a.threads = l.config.threads;
+    a.dtype = *dtype_code(c.x.scalar_type());
+    const cudaError_t code = ll_all_reduce_rmsnorm(a, stream);
+    if (code != cudaSuccess) {
+      const std::string what = "LL all-reduce + RMSNorm launch: CUDA error " + std::to_string(int(code)) + " (" +
+                               shardkit_error_string(int(code)) + ")";
+      PyErr_SetString(error_type_.ptr(), what.c_str());
+      throw py::error_already_set();
+    }
+  }
+
   // The tensor behind argument `name`, checked as collectives/checks.check_tensor does.
   const at::Tensor& tensor_arg(py::handle obj, const char* name) const {
     if (!THPVariable_Check(obj.ptr())) {
@@ -276,6 +475,8 @@ class AllReduceHost {
   PeerTable table_{};
   std::vector<std::pair<int64_t, Algo>> rules_;
   const c10::impl::DeviceGuardImplInterface* guard_ = nullptr;
+  int rmsnorm_ll_op_;
+  int64_t rmsnorm_ll_max_bytes_, max_hidden_;
 };
 
 }  // namespace shardkit
@@ -288,14 +489,18 @@ PYBIND11_MODULE(_C, m) {
   m.attr("torch_version") = SHARDKIT_TORCH_VERSION;
   py::class_<AllReduceHost>(m, "AllReduceHost")
       .def(py::init<int, int, int, std::string, std::vector<int64_t>, int64_t, int64_t, int64_t, int64_t, int64_t, int,
-                    std::vector<std::pair<int64_t, std::string>>, int, int, int, py::object>(),
+                    std::vector<std::pair<int64_t, std::string>>, int, int, int, py::object, int, int64_t, int64_t>(),
            py::arg("rank"), py::arg("world"), py::arg("device_index"), py::arg("device_text"), py::arg("table"),
            py::arg("workspace"), py::arg("staging_offset"), py::arg("error_record"), py::arg("buffer_bytes"),
            py::arg("timeout_iters"),
            py::arg("sm_count"), py::arg("rules"), py::arg("flat_op"), py::arg("tree_op"), py::arg("ll_op"),
-           py::arg("error_type"))
+           py::arg("error_type"), py::arg("rmsnorm_ll_op"), py::arg("rmsnorm_ll_max_bytes"), py::arg("max_hidden"))
       .def("all_reduce", &AllReduceHost::all_reduce, py::arg("x"), py::arg("out"), py::arg("algo"))
-      .def("plan", &AllReduceHost::plan, py::arg("x"), py::arg("out"), py::arg("algo"));
+      .def("plan", &AllReduceHost::plan, py::arg("x"), py::arg("out"), py::arg("algo"))
+      .def("all_reduce_residual_rmsnorm", &AllReduceHost::all_reduce_residual_rmsnorm, py::arg("x"), py::arg("residual"),
+           py::arg("weight"), py::arg("eps"), py::arg("algo"), py::arg("out"), py::arg("residual_out"))
+      .def("plan_rmsnorm", &AllReduceHost::plan_rmsnorm, py::arg("x"), py::arg("residual"), py::arg("weight"),
+           py::arg("eps"), py::arg("algo"), py::arg("out"), py::arg("residual_out"));
   // The launch policy and fingerprint as the host path computes them (tests compare them with Python's).
   m.def("flat_config", [](int64_t numel, int element_size, int sm_count) {
     const auto c = shardkit::flat_config(numel, element_size, sm_count);
@@ -309,6 +514,11 @@ PYBIND11_MODULE(_C, m) {
     const auto c = shardkit::ll_config(numel, element_size, sm_count);
     return py::make_tuple(c.programs, c.threads, c.unroll);
   });
+  m.def("ll_rmsnorm_config", [](int64_t tokens, int64_t hidden, int element_size, int sm_count) {
+    const auto c = shardkit::ll_rmsnorm_config(tokens, hidden, element_size, sm_count);
+    return py::make_tuple(c.programs, c.threads, c.unroll);
+  });
+  m.def("ll_rmsnorm_max_rows", &shardkit::ll_rmsnorm_max_rows);
   m.def("shard_elements", &shardkit::shard_elements);
   m.def("call_signature", [](int op_code, const std::vector<int64_t>& fields) {
     return shardkit::call_signature(op_code, fields.data(), int(fields.size()));

@@ -144,6 +144,7 @@ class Communicator:
         self.device_name = torch.cuda.get_device_name(self.device) if self.backend == "cuda" else "cpu"
         self.rules = rules if rules is not None else thresholds.select_rules(self.device_name, self.world_size)
         self._rmsnorm_tree_min_bytes = thresholds.rmsnorm_tree_min_bytes(self.device_name, self.world_size)
+        self._rmsnorm_ll_max_bytes = thresholds.rmsnorm_ll_max_bytes(self.device_name, self.world_size)
         self.memory: PeerMemory | None = None
         self.fallback_reason = peer_access_problem(self.group, self.backend, self.device)
         if self.fallback_reason is None:
@@ -165,7 +166,7 @@ class Communicator:
                                 f"(shardkit._C: {host_path_mod.IMPORT_ERROR or 'kernels are ' + self.kernels})")
         # The C++ host path (all_reduce on the CUDA kernels; it hands back what it does not handle).
         self._host = (host_path_mod.make_host(self.memory, self.rank, self.world_size, self.device, self._timeout_iters,
-                                              self._sm_count, self.rules)
+                                              self._sm_count, self.rules, self._rmsnorm_ll_max_bytes)
                       if host_path != "python" and self._host_table is not None and self.world_size > 1
                       and host_path_mod.available() else None)
         self._error: str | None = None
@@ -380,7 +381,7 @@ class Communicator:
             raise ValueError(f"all_reduce: config.programs must be in 1..{MAX_PROGRAMS}, got {config.programs}")
 
     # ------------------------------------------------------------------ fused all-reduce + residual + RMSNorm
-    RMSNORM_ALGOS = ("auto", "flat", "tree", "nccl")
+    RMSNORM_ALGOS = ("auto", "flat", "tree", "nccl", "ll")
 
     def all_reduce_residual_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                                     eps: float = 1e-6, algo: str = "auto", *, out: torch.Tensor | None = None,
@@ -395,10 +396,14 @@ class Communicator:
         weight: [hidden] RMSNorm weight, x's dtype, equal on every rank. Not modified.
         eps: RMSNorm epsilon (>= 0).
         algo: "flat" (one-shot: every rank reduces every row, one barrier), "tree" (two-shot:
-           reduce-scatter by rows, in chunks over all SMs, norm, all-gather), "nccl"
-           (dist.all_reduce + add + F.rms_norm), or "auto": tree from the measured crossover for
-           this GPU and world size (thresholds.json), flat below; without one, flat where the
-           all-reduce rules pick flat; nccl without peer memory.
+           reduce-scatter by rows, in chunks over all SMs, norm, all-gather), "ll" (CUDA kernels only:
+           one synchronisation per call, flags carried in the data, csrc/dda/ll_rmsnorm.cu; rows of at
+           most 32 KiB, ``cuda.ll_rmsnorm_max_rows`` rows per launch, more go in chunks), "nccl"
+           (dist.all_reduce + add + F.rms_norm), or "auto": ll on the CUDA kernels up to the measured
+           ``thresholds.rmsnorm_ll_max_bytes`` where the call fits one LL launch, else tree from the
+           measured crossover for this GPU and world size (thresholds.json), flat below; without one,
+           flat where the all-reduce rules pick flat; nccl without peer memory. Calls of ll (and auto
+           picking it) go through the C++ host path where built.
         out, residual_out: optional contiguous buffers of x's shape and dtype (e.g. static buffers for
            CUDA graphs); each may be x or residual itself, but not overlap anything else.
         config: the launch grid instead of the launch policy's (``rmsnorm_config``; for tuning),
@@ -407,6 +412,10 @@ class Communicator:
         out = residual_out * rsqrt(mean(residual_out**2, -1) + eps) * weight, fp32 math, in x's
         dtype; bitwise identical on every rank (ranks summed in rank order).
         """
+        if self._host is not None and config is None:
+            result = self._host.all_reduce_residual_rmsnorm(x, residual, weight, eps, algo, out, residual_out)
+            if result is not None:
+                return result
         self._check_open("all_reduce_residual_rmsnorm")
         hidden = self._check_rmsnorm_args(x, residual, weight, eps, algo, out, residual_out)
         if config is not None and algo not in ("flat", "tree"):
@@ -415,8 +424,7 @@ class Communicator:
         out = torch.empty_like(x) if out is None else out
         residual_out = torch.empty_like(x) if residual_out is None else residual_out
         if algo == "auto":
-            nbytes = x.numel() * x.element_size()
-            algo = "nccl" if self.memory is None else self._rmsnorm_auto(nbytes)
+            algo = "nccl" if self.memory is None else self._rmsnorm_auto(x)
         if x.numel() == 0:
             return out, residual_out
         if algo == "nccl" or self.world_size == 1:  # one rank: add and norm here (the CUDA kernels need two)
@@ -433,6 +441,9 @@ class Communicator:
         mem = self.memory
         rows = [t.view(-1, hidden) for t in (x, residual, out, residual_out)]
         tokens = rows[0].shape[0]
+        if algo == "ll":
+            self._rmsnorm_ll(rows, weight, eps, tokens, hidden)
+            return out, residual_out
         if config is None:
             config = rmsnorm_config(algo, tokens, hidden, self.world_size, self._sm_count, self._interpret)
         elif type(config) is not RMSNormConfig or not 1 <= config.programs <= MAX_PROGRAMS or (
@@ -456,9 +467,38 @@ class Communicator:
             self._raise_if_failed()
         return out, residual_out
 
-    def _rmsnorm_auto(self, nbytes: int) -> str:
-        """flat or tree for x of ``nbytes``: the measured crossover of the fused kernels on this GPU
-        and world size, else the all-reduce rule."""
+    def _rmsnorm_ll(self, rows: list[torch.Tensor], weight: torch.Tensor, eps: float, tokens: int, hidden: int) -> None:
+        """The fused call on the CUDA LL kernel (the C++ host path's launches, in Python): ``rows`` = x,
+        residual, out, residual_out as [tokens, hidden]; chunks of ``ll_rmsnorm_max_rows`` rows."""
+        what = "all_reduce_residual_rmsnorm"
+        x = rows[0]
+        if self.kernels != "cuda":
+            raise ShardkitError(f"{what}(algo='ll') needs the CUDA kernels (Communicator(kernels='cuda') on GPUs, "
+                                f"with the CUDA library built)")
+        step = cuda_dda.ll_rmsnorm_max_rows(hidden, x.element_size())
+        if step == 0:
+            raise ValueError(f"{what}: algo='ll' takes rows of at most 32 KiB, got hidden {hidden} in {x.dtype}: "
+                             f"use algo 'flat' or 'tree'")
+        mem = self.memory
+        chunks = -(-tokens // step)
+        for i in range(chunks):
+            xc, rc, oc, roc = (t[i * step:(i + 1) * step] for t in rows)
+            config = cuda_dda.ll_rmsnorm_config(xc.shape[0], hidden, x.element_size(), self._sm_count)
+            sig = call_signature("rmsnorm_ll_cuda", tokens, i, chunks, xc.shape[0], hidden, DTYPE_CODES[x.dtype],
+                                 float_bits(eps), config.programs, config.threads)
+            cuda_dda.launch_ll_all_reduce_rmsnorm(xc, rc, weight, oc, roc, self._host_table, mem.error_record_addr,
+                                                  self.rank, sig, float(eps), mem.buffer_bytes, self._timeout_iters,
+                                                  config)
+
+    def _rmsnorm_auto(self, x: torch.Tensor) -> str:
+        """ll, flat or tree for x: ll on the CUDA kernels up to the measured ``rmsnorm_ll_max_bytes``
+        where x fits one LL launch; else the measured flat / tree crossover of the fused kernels on this
+        GPU and world size, else the all-reduce rule."""
+        nbytes = x.numel() * x.element_size()
+        if (self.kernels == "cuda" and self._rmsnorm_ll_max_bytes is not None and x.numel() > 0
+                and nbytes <= self._rmsnorm_ll_max_bytes
+                and x.numel() // x.shape[-1] <= cuda_dda.ll_rmsnorm_max_rows(x.shape[-1], x.element_size())):
+            return "ll"
         if self._rmsnorm_tree_min_bytes is None:
             return "flat" if thresholds.choose(self.rules, nbytes) == "flat" else "tree"
         return "tree" if nbytes >= self._rmsnorm_tree_min_bytes else "flat"

@@ -1,6 +1,7 @@
 """The C++ host path of ``Communicator.all_reduce`` on the CUDA kernels (``shardkit._C``, csrc/torch).
 
-One C++ call does what ``Communicator._run`` / ``_launch`` do in Python for algo flat / tree / ll / auto:
+One C++ call does what ``Communicator._run`` / ``_launch`` do in Python for algo flat / tree / ll / auto
+(and what ``Communicator.all_reduce_residual_rmsnorm`` does for its CUDA LL kernel, algo ll / auto):
 argument checks (the same messages), the choice of ``auto``, zero-copy detection, chunking, the launch
 policy (csrc/dda/policy.h, the one the Python path calls too), the call fingerprint (``layout.h``'s
 twin of ``protocol.call_signature``), the launch on torch's current stream and its error check. The
@@ -15,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ShardkitError
+from ..kernels.all_reduce.rmsnorm import MAX_HIDDEN
 from ..memory.protocol import OP_CODES
 
 try:
@@ -37,10 +39,13 @@ def available() -> bool:
     return _C is not None
 
 
-def make_host(memory, rank: int, world: int, device, timeout_iters: int, sm_count: int, rules: list):
-    """The C++ state of one communicator: its workspaces, error record, timeout, policy inputs and
-    ``auto`` rules (``[(max_bytes or None, algo)]``). ``device``: this rank's CUDA device (a CPU
-    device gives an object whose checks and plans work but that launches nothing: tests)."""
+def make_host(memory, rank: int, world: int, device, timeout_iters: int, sm_count: int, rules: list,
+              rmsnorm_ll_max_bytes: int | None = None):
+    """The C++ state of one communicator: its workspaces, error record, timeout, policy inputs,
+    ``auto`` rules (``[(max_bytes or None, algo)]``) and the fused op's measured LL rule
+    (``thresholds.rmsnorm_ll_max_bytes``; None: ``auto`` leaves the fused op to the Python path).
+    ``device``: this rank's CUDA device (a CPU device gives an object whose checks and plans work but
+    that launches nothing: tests)."""
     return _C.AllReduceHost(
         rank=rank, world=world, device_index=-1 if device.type == "cpu" else device.index, device_text=str(device),
         table=memory.table.tolist(), workspace=memory.buffer.data_ptr(), staging_offset=memory.staging_offset,
@@ -48,4 +53,5 @@ def make_host(memory, rank: int, world: int, device, timeout_iters: int, sm_coun
         buffer_bytes=memory.buffer_bytes, timeout_iters=timeout_iters, sm_count=sm_count,
         rules=[(-1 if max_bytes is None else int(max_bytes), algo) for max_bytes, algo in rules],
         flat_op=OP_CODES["all_reduce_flat_cuda"], tree_op=OP_CODES["all_reduce_tree_cuda"],
-        ll_op=OP_CODES["all_reduce_ll_cuda"], error_type=ShardkitError)
+        ll_op=OP_CODES["all_reduce_ll_cuda"], error_type=ShardkitError, rmsnorm_ll_op=OP_CODES["rmsnorm_ll_cuda"],
+        rmsnorm_ll_max_bytes=-1 if rmsnorm_ll_max_bytes is None else int(rmsnorm_ll_max_bytes), max_hidden=MAX_HIDDEN)

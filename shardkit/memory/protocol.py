@@ -81,6 +81,7 @@ OP_CODES = {
     "rmsnorm_flat": 5,
     "rmsnorm_tree": 6,
     "all_reduce_ll_cuda": 7,  # the one-synchronisation (LL) kernel: its call signature travels in the slot header
+    "rmsnorm_ll_cuda": 8,  # the LL fused all-reduce + residual + RMSNorm (csrc/dda/ll_rmsnorm.cu): slot header too
     "all_reduce_copy": 11,  # collectives/copy_engine.py: the barriers of one copy-engine call
     "moe_counts": 21,    # shardkit/kernels/moe: the counts exchange, dispatch and combine launches
     "moe_dispatch": 22,

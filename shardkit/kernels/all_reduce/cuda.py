@@ -4,7 +4,7 @@ Built by setup.py where nvcc is present. ``available()`` says whether the librar
 launchers take the same arguments as the Triton launchers, so the Communicator can use either.
 A ctypes call costs about a microsecond: in eager mode this path avoids Triton's Python launch cost.
 
-Launch policy (``flat_config``, ``tree_config``, ``grid``): C++ is its one source of truth
+Launch policy (``flat_config``, ``tree_config``, ``ll_config``, ``ll_rmsnorm_config``, ``grid``): C++ is its one source of truth
 (csrc/dda/policy.h, where the measured rules are written down); these call it through the library, and
 the torch binding (csrc/torch, the C++ host path of the Communicator) calls it directly.
 """
@@ -36,6 +36,11 @@ def _load():
         lib.shardkit_ll_all_reduce.argtypes = common + [ctypes.c_void_p]
         lib.shardkit_ll_all_reduce.restype = ctypes.c_int
         lib.shardkit_flat_all_reduce.restype = lib.shardkit_tree_all_reduce.restype = ctypes.c_int
+        lib.shardkit_ll_all_reduce_rmsnorm.argtypes = (
+            [ctypes.c_void_p] * 5 + [ctypes.POINTER(ctypes.c_int64), ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,
+                                     ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_uint32, ctypes.c_int64,
+                                     ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p])
+        lib.shardkit_ll_all_reduce_rmsnorm.restype = ctypes.c_int
         lib.shardkit_max_unroll.argtypes, lib.shardkit_max_unroll.restype = [ctypes.c_int], ctypes.c_int
         lib.shardkit_max_tree_threads.argtypes, lib.shardkit_max_tree_threads.restype = [], ctypes.c_int
         lib.shardkit_error_string.argtypes, lib.shardkit_error_string.restype = [ctypes.c_int], ctypes.c_char_p
@@ -44,6 +49,10 @@ def _load():
         lib.shardkit_tree_config.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int, config]
         lib.shardkit_ll_config.argtypes = lib.shardkit_flat_config.argtypes
         lib.shardkit_flat_config.restype = lib.shardkit_tree_config.restype = lib.shardkit_ll_config.restype = None
+        lib.shardkit_ll_rmsnorm_config.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int, config]
+        lib.shardkit_ll_rmsnorm_config.restype = None
+        lib.shardkit_ll_rmsnorm_max_rows.argtypes = [ctypes.c_int64, ctypes.c_int]
+        lib.shardkit_ll_rmsnorm_max_rows.restype = ctypes.c_int64
         lib.shardkit_grid.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
         lib.shardkit_grid.restype = ctypes.c_int
         _lib = lib
@@ -113,6 +122,23 @@ def ll_config(numel: int, element_size: int, sm_count: int) -> CudaConfig:
     return CudaConfig(*config)
 
 
+@functools.lru_cache(maxsize=1024)
+def ll_rmsnorm_config(tokens: int, hidden: int, element_size: int, sm_count: int) -> CudaConfig:
+    """The LL fused all-reduce + residual + RMSNorm's grid (csrc/dda/ll_rmsnorm.cu) for one launch on ``tokens``
+    rows of ``hidden`` elements (policy.h: a block per row up to one per SM, ~2 payload lines per thread). Pure:
+    every rank gets the same."""
+    config = (ctypes.c_int * 3)()
+    _load().shardkit_ll_rmsnorm_config(tokens, hidden, element_size, sm_count, config)
+    return CudaConfig(*config)
+
+
+@functools.cache
+def ll_rmsnorm_max_rows(hidden: int, element_size: int) -> int:
+    """Rows of ``hidden`` elements one LL fused launch takes (one LL slot: ``protocol.LL_MAX_BYTES`` of rows
+    padded to 8 bytes); 0 when a row is wider than the kernel takes (policy.h: 32 KiB)."""
+    return _load().shardkit_ll_rmsnorm_max_rows(hidden, element_size)
+
+
 class HostTable:
     """The workspace addresses as a C array, built once per PeerMemory (no per-call allocation)."""
 
@@ -160,3 +186,18 @@ def launch_tree_all_reduce(x: torch.Tensor, out: torch.Tensor, table: HostTable,
                                          x.numel(), rank, sig, x_offset, buffer_bytes, timeout_iters, int(zero_copy),
                                          config.programs, config.threads, config.unroll, DTYPE_CODES[x.dtype], shard, stream),
            "tree all-reduce launch")
+
+
+def launch_ll_all_reduce_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
+                                 residual_out: torch.Tensor, table: HostTable, error_record_addr: int, rank: int,
+                                 sig: int, eps: float, buffer_bytes: int, timeout_iters: int, config: CudaConfig) -> None:
+    """Launch the CUDA LL fused all-reduce + residual + RMSNorm on contiguous [tokens, hidden] x, residual, out,
+    residual_out and [hidden] weight (tokens <= ``ll_rmsnorm_max_rows``; out / residual_out may be x or
+    residual); ``config`` from ``ll_rmsnorm_config``."""
+    tokens, hidden = x.shape
+    stream = torch._C._cuda_getCurrentRawStream(x.device.index)
+    _check(_lib.shardkit_ll_all_reduce_rmsnorm(x.data_ptr(), residual.data_ptr(), weight.data_ptr(), out.data_ptr(),
+                                               residual_out.data_ptr(), table.array, table.world, error_record_addr,
+                                               tokens, hidden, eps, rank, sig, buffer_bytes, timeout_iters,
+                                               config.programs, config.threads, DTYPE_CODES[x.dtype], stream),
+           "LL all-reduce + RMSNorm launch")
