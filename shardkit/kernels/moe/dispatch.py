@@ -152,10 +152,19 @@ def moe_dispatch_kernel(
                 sent_next, row_next = _rows(t_next, r, tl.where(item + nprog < n, tokens, 0), chunk, base, mask_ptr,
                                             chunk_base_ptr, chunk_pos_ptr, WORLD)
                 c0 = (item - block * n_items) * item_chunks
-                for c in range(c0, tl.minimum(c0 + item_chunks, n_chunks)):
+                c1 = tl.minimum(c0 + item_chunks, n_chunks)
+                # Each chunk is loaded one chunk ahead: a load in flight while the previous chunk is stored.
+                cols_next = c0 * BLOCK_H + grid_cols
+                v_next = tl.load(x_ptr + t[:, None, None] * hidden + cols_next[None, :, :],
+                                 mask=sent[:, None, None] & (cols_next < hidden)[None, :, :], other=0.0)
+                for c in range(c0, c1):
                     cols = c * BLOCK_H + grid_cols
                     m = sent[:, None, None] & (cols < hidden)[None, :, :]
-                    v = tl.load(x_ptr + t[:, None, None] * hidden + cols[None, :, :], mask=m, other=0.0)
+                    v = v_next
+                    cols_next = cols + BLOCK_H
+                    v_next = tl.load(x_ptr + t[:, None, None] * hidden + cols_next[None, :, :],
+                                     mask=(sent & (c + 1 < c1))[:, None, None] & (cols_next < hidden)[None, :, :],
+                                     other=0.0)
                     if FP8:
                         # IEEE divisions (Triton's ``/`` is approximate on GPUs): the same bits as quantize_e4m3
                         scale = tl.div_rn(tl.maximum(tl.max(tl.abs(v.to(tl.float32)), axis=2), 1e-12), _E4M3_MAX)
