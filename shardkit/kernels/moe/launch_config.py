@@ -79,15 +79,16 @@ def moe_launch_config(max_tokens: int, hidden: int, element_size: int, fp8: bool
     smallest SM count of the group).
 
     GPU: one program per SM. Chunks of 2 KiB of a row (1024 bf16 channels: 7168 = 7 chunks exactly)
-    for 4 tokens, i.e. 8 KiB per chunk. A program's items run one after another and each first looks
-    up its rows (a dependent L2 round trip, ~1 us), so with many tokens an item is a whole row of its
-    tokens (the lookup once per 7 chunks); with few, one chunk, so that 128 tokens still make 224
-    items per source, ~2 per program: ``item_chunks`` is the most chunks that leave every program
-    about 4 items. Metadata in blocks of 32 tokens (its dependent small loads cost the same per
-    block whatever its size). The combine holds up to K expert tiles per chunk: 16 warps (one
-    16-byte load per thread per tile; 8 warps spilled a few registers at sm_90). Half its programs
-    push (the peers' share at W = 2), half sum. Layout:
-    blocks of 8 tokens (a 64 x 64 pair tile at top-8), up to 64 chunks.
+    for 4 tokens, i.e. 8 KiB per chunk, 8 tokens from 2048 tokens on (more bytes in flight per SM,
+    where there are items enough for every program: no register spills at sm_90 with these warps).
+    A program's items run one after another and each first looks up its rows (a dependent L2 round
+    trip, ~1 us), so when there are at least as many token blocks as programs an item is a whole row
+    of its tokens (the lookup once per 7 chunks; e.g. 1024 tokens and up); with fewer, one chunk,
+    so that 128 tokens still make 224 items per source. Metadata in blocks of 32 tokens (its
+    dependent small loads cost the same per block whatever its size). The combine holds up to K
+    expert tiles per chunk: 16 warps (one or two 16-byte loads per thread per tile; 8 warps spilled
+    a few registers at sm_90). Half its programs push (the peers' share at W = 2), half sum.
+    Layout: blocks of 8 tokens (a 64 x 64 pair tile at top-8), up to 64 chunks.
     Interpreter: two programs; 16 tokens x 128 channels in items of 1 chunk (2 from 64 tokens), so
     that the CPU tests' rows of 200 channels span two chunks and their 33 tokens three blocks; layout
     blocks of 4 tokens in up to 4 chunks (several blocks per chunk).
@@ -103,13 +104,12 @@ def moe_launch_config(max_tokens: int, hidden: int, element_size: int, fp8: bool
     block_h = min(2048 // element_size, pow2)
     dispatch_h = max(SCALE_GROUP if fp8 else 16, block_h)
     combine_h = max(MIN_COMBINE_BLOCK_H, block_h)
+    block_t = 8 if max_tokens >= 2048 else 4
 
-    def item_chunks(block_t: int, block_h: int) -> int:
-        chunks = -(-hidden // block_h)
-        per_program = -(-max_tokens // block_t) * chunks / (4 * programs)
-        return max(1, min(chunks, int(per_program)))
+    def item_chunks(block_h: int) -> int:  # whole rows when there are as many blocks as programs
+        return -(-hidden // block_h) if -(-max_tokens // block_t) >= programs else 1
 
     return MoeLaunchConfig(programs=programs, layout_block_t=8, layout_programs=64, layout_warps=4,
-                           dispatch_block_t=4, dispatch_block_h=dispatch_h, meta_t=32, dispatch_warps=4,
-                           dispatch_item_chunks=item_chunks(4, dispatch_h), combine_block_t=4,
-                           combine_block_h=combine_h, combine_warps=16, combine_item_chunks=item_chunks(4, combine_h))
+                           dispatch_block_t=block_t, dispatch_block_h=dispatch_h, meta_t=32, dispatch_warps=4,
+                           dispatch_item_chunks=item_chunks(dispatch_h), combine_block_t=block_t,
+                           combine_block_h=combine_h, combine_warps=16, combine_item_chunks=item_chunks(combine_h))
