@@ -3,7 +3,8 @@
 // barriers exactly as ranks on different GPUs do). Checks flat, tree and LL, fp32/fp16/bf16, sizes with
 // tails, several calls in a row (epoch and double buffering), against a double-precision sum; LL also
 // bitwise against flat, misaligned and in place, across the LL counter's cleaning calls and its 2**32
-// wrap, and its error paths (ranks with different signatures, a rank that never comes).
+// wrap, and its error paths (ranks with different signatures, a rank that never comes); the LL fused
+// all-reduce + residual + RMSNorm (ll_rmsnorm.cu) against the host's fp32 sums and a double-precision norm.
 // Exits 0 with a notice when no GPU is present (CI builds it; GPU machines run it via ctest).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -215,6 +216,184 @@ int check_ll_errors() {
   return failures;
 }
 
+// The LL fused all-reduce + residual + RMSNorm (ll_rmsnorm.cu) on `world` ranks, `calls` calls in a row (odd
+// calls follow an LL all-reduce: the two kinds share the LL counter and slots): residual_out bitwise equal to
+// the host's fp32 sums in rank order (the kernel's numerics), out within two roundings of a double-precision
+// reference, both bitwise equal on every rank, outputs poisoned with NaN first and nothing written around them.
+// offset 1 misaligns every tensor; in_place: out = x and residual_out = residual.
+template <typename T>
+int check_ll_rmsnorm(int world, int64_t tokens, int64_t hidden, int calls, double tol, std::mt19937& gen,
+                     int offset = 0, bool in_place = false) {
+  World w(world, {});
+  const int64_t n = tokens * hidden, cap = n + 8;
+  std::vector<T*> x(world), res(world), out(world), res_out(world), weight(world), scratch(world);
+  for (int r = 0; r < world; ++r) {
+    for (T** p : {&x[r], &res[r], &out[r], &res_out[r], &weight[r], &scratch[r]}) CHECK(cudaMalloc(p, cap * sizeof(T)));
+  }
+  const float eps = 1e-5f;
+  const int64_t E = 8 / sizeof(T), row_lines = (hidden + E - 1) / E;
+  const int threads = int(std::min<int64_t>(512, std::max<int64_t>(64, ((row_lines + 1) / 2 + 31) / 32 * 32)));
+  const int programs = int(std::min<int64_t>(tokens, 5));  // rows wrap around the blocks
+  std::normal_distribution<float> normal;
+  int failures = 0;
+  for (int call = 0; call < calls; ++call) {
+    std::vector<std::vector<T>> hx(world, std::vector<T>(n));
+    std::vector<T> hres(n), hw(hidden);
+    for (auto& v : hx) for (auto& e : v) e = cast<T>(normal(gen));
+    for (auto& e : hres) e = cast<T>(normal(gen));
+    for (auto& e : hw) e = cast<T>(1.0f + 0.5f * normal(gen));
+    for (int r = 0; r < world; ++r) {
+      CHECK(cudaMemcpy(x[r] + offset, hx[r].data(), n * sizeof(T), cudaMemcpyHostToDevice));
+      CHECK(cudaMemcpy(res[r] + offset, hres.data(), n * sizeof(T), cudaMemcpyHostToDevice));
+      CHECK(cudaMemcpy(weight[r] + offset, hw.data(), hidden * sizeof(T), cudaMemcpyHostToDevice));
+      CHECK(cudaMemset(out[r], 0xFF, cap * sizeof(T)));
+      CHECK(cudaMemset(res_out[r], 0xFF, cap * sizeof(T)));
+    }
+    for (int r = 0; r < world; ++r) {
+      if (call % 2) {
+        CHECK(ll_all_reduce(w.args(x[r] + offset, scratch[r], std::min<int64_t>(n, 1000), r, 99u, 2, 128, 1,
+                                   dtype_of<T>()), w.streams[r]));
+      }
+      RMSNormArgs a{};
+      a.x = x[r] + offset;
+      a.residual = res[r] + offset;
+      a.weight = weight[r] + offset;
+      a.out = in_place ? x[r] + offset : out[r] + offset;
+      a.residual_out = in_place ? res[r] + offset : res_out[r] + offset;
+      a.table = w.table;
+      a.host_error_record = w.status[r];
+      a.tokens = tokens;
+      a.hidden = hidden;
+      a.eps = eps;
+      a.rank = r;
+      a.world = world;
+      a.sig = 777u + uint32_t(n);
+      a.buffer_bytes = w.buffer_bytes;
+      a.timeout_iters = 1 << 26;
+      a.programs = programs;
+      a.threads = threads;
+      a.dtype = dtype_of<T>();
+      CHECK(ll_all_reduce_rmsnorm(a, w.streams[r]));
+    }
+    CHECK(cudaDeviceSynchronize());
+    // The host's emulation of residual_out (fp32, 0 + x_0 + ... + x_{W-1}, + residual, one rounding) and the
+    // double-precision out.
+    std::vector<T> want_res(n);
+    std::vector<double> want_out(n);
+    for (int64_t t = 0; t < tokens; ++t) {
+      double ssq = 0.0;
+      for (int64_t c = 0; c < hidden; ++c) {
+        const int64_t i = t * hidden + c;
+        float acc = 0.f;
+        for (int r = 0; r < world; ++r) acc += float(back(hx[r][i]));
+        want_res[i] = cast<T>(acc + float(back(hres[i])));
+        ssq += back(want_res[i]) * back(want_res[i]);
+      }
+      const double rstd = 1.0 / std::sqrt(ssq / double(hidden) + eps);
+      for (int64_t c = 0; c < hidden; ++c) want_out[t * hidden + c] = back(want_res[t * hidden + c]) * rstd * back(hw[c]);
+    }
+    std::vector<T> got_out(cap), got_res(cap), first_out(n), first_res(n);
+    for (int r = 0; r < world; ++r) {
+      if (w.status[r][0] != 0) {
+        std::fprintf(stderr, "ll rmsnorm: rank %d reported error %d\n", r, w.status[r][0]);
+        ++failures;
+      }
+      CHECK(cudaMemcpy(got_out.data(), in_place ? x[r] : out[r], cap * sizeof(T), cudaMemcpyDeviceToHost));
+      CHECK(cudaMemcpy(got_res.data(), in_place ? res[r] : res_out[r], cap * sizeof(T), cudaMemcpyDeviceToHost));
+      const T* go = got_out.data() + offset;
+      const T* gr = got_res.data() + offset;
+      if (r == 0) {
+        std::memcpy(first_out.data(), go, n * sizeof(T));
+        std::memcpy(first_res.data(), gr, n * sizeof(T));
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        const double o = back(go[i]);
+        const char* bad = std::memcmp(&gr[i], &want_res[i], sizeof(T)) != 0 ? "residual_out differs from fp32 sums"
+                          : !(std::fabs(o - want_out[i]) <= 2 * tol * (1.0 + std::fabs(want_out[i]))) ? "out off"
+                          : std::memcmp(&go[i], &first_out[i], sizeof(T)) != 0 ? "out differs from rank 0's"
+                          : std::memcmp(&gr[i], &first_res[i], sizeof(T)) != 0 ? "residual_out differs from rank 0's"
+                                                                                : nullptr;
+        if (bad) {
+          std::fprintf(stderr, "ll rmsnorm world=%d tokens=%lld hidden=%lld offset=%d in_place=%d call=%d rank=%d "
+                       "i=%lld: %s (out %g want %g, residual_out %g want %g)\n", world, (long long)tokens,
+                       (long long)hidden, offset, int(in_place), call, r, (long long)i, bad, o, want_out[i],
+                       back(gr[i]), back(want_res[i]));
+          ++failures;
+          break;
+        }
+      }
+      if (!in_place) {  // nothing written around out and residual_out
+        for (const T* all : {got_out.data(), got_res.data()}) {
+          for (int64_t i = 0; i < offset; ++i) failures += !std::isnan(back(all[i]));
+          for (int64_t i = offset + n; i < cap; ++i) failures += !std::isnan(back(all[i]));
+        }
+      }
+    }
+  }
+  for (int r = 0; r < world; ++r) {
+    for (T* p : {x[r], res[r], out[r], res_out[r], weight[r], scratch[r]}) CHECK(cudaFree(p));
+  }
+  return failures;
+}
+
+// LL fused error paths on 2 ranks, as check_ll_errors: another signature on rank 1 -> kMismatch on both, an
+// absent rank 1 -> kTimeout naming it on rank 0; outputs NaN.
+int check_ll_rmsnorm_errors() {
+  int failures = 0;
+  const int64_t tokens = 3, hidden = 1000, n = tokens * hidden;
+  float* buf[2];
+  for (auto& b : buf) {
+    CHECK(cudaMalloc(&b, 4 * n * sizeof(float)));
+    CHECK(cudaMemset(b, 0, 4 * n * sizeof(float)));  // x, residual, weight: zeros (finite sums); out, residual_out
+  }
+  for (bool absent : {false, true}) {
+    World w(2, {});
+    for (int r = 0; r < (absent ? 1 : 2); ++r) {
+      RMSNormArgs a{};
+      a.x = buf[r];
+      a.residual = buf[r];
+      a.weight = buf[r];
+      a.out = buf[r] + 2 * n;
+      a.residual_out = buf[r] + 3 * n;
+      a.table = w.table;
+      a.host_error_record = w.status[r];
+      a.tokens = tokens;
+      a.hidden = hidden;
+      a.eps = 1e-6f;
+      a.rank = r;
+      a.world = 2;
+      a.sig = absent ? 7u : 7u + r;
+      a.buffer_bytes = w.buffer_bytes;
+      a.timeout_iters = absent ? 1 << 16 : 1 << 26;
+      a.programs = 2;
+      a.threads = 256;
+      a.dtype = DType::kFloat32;
+      CHECK(ll_all_reduce_rmsnorm(a, w.streams[r]));
+    }
+    CHECK(cudaDeviceSynchronize());
+    for (int r = 0; r < (absent ? 1 : 2); ++r) {
+      const int want = absent ? kTimeout : kMismatch;
+      const int culprit = absent ? 2 : 1 << (1 - r);
+      if (w.status[r][0] != want || w.status[r][2] != culprit) {
+        std::fprintf(stderr, "ll rmsnorm %s: rank %d recorded code %d culprits %d, want %d and %d\n",
+                     absent ? "absent peer" : "mismatch", r, w.status[r][0], w.status[r][2], want, culprit);
+        ++failures;
+      }
+      std::vector<float> got(2 * n);
+      CHECK(cudaMemcpy(got.data(), buf[r] + 2 * n, 2 * n * sizeof(float), cudaMemcpyDeviceToHost));
+      for (float v : got) {
+        if (!std::isnan(v)) {
+          std::fprintf(stderr, "ll rmsnorm %s: rank %d wrote a number, not NaN\n", absent ? "absent peer" : "mismatch", r);
+          ++failures;
+          break;
+        }
+      }
+    }
+  }
+  for (auto& b : buf) CHECK(cudaFree(b));
+  return failures;
+}
+
 int main() {
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
@@ -264,6 +443,22 @@ int main() {
     }
   }
   failures += check_ll_errors();
+  // LL fused all-reduce + residual + RMSNorm: worlds 2 and 5; hidden with tails of every line size (4099, 1001),
+  // decode shapes (8192), the widest row (32 KiB) and the most rows of one launch; misaligned and in place.
+  for (int world : {2, 5}) {
+    for (const auto& [tokens, hidden] : std::vector<std::pair<int64_t, int64_t>>{{1, 8192}, {7, 4099}, {3, 1001},
+                                                                                 {16, 8192}, {2, 16384}}) {
+      failures += check_ll_rmsnorm<__nv_bfloat16>(world, tokens, hidden, 3, 1.6e-2, gen);
+      failures += check_ll_rmsnorm<__half>(world, tokens, hidden, 2, 2e-3, gen);
+    }
+    failures += check_ll_rmsnorm<float>(world, 5, 1001, 3, 1e-5, gen);
+    failures += check_ll_rmsnorm<float>(world, 1, 8192, 2, 1e-5, gen);
+    failures += check_ll_rmsnorm<float>(world, 32, 2048, 2, 1e-5, gen);  // 32 rows x 8 KiB: one whole slot
+    failures += check_ll_rmsnorm<__nv_bfloat16>(world, 4, 4096, 2, 1.6e-2, gen, 1, false);
+    failures += check_ll_rmsnorm<__half>(world, 3, 1001, 2, 2e-3, gen, 1, true);
+    failures += check_ll_rmsnorm<float>(world, 9, 4096, 2, 1e-5, gen, 0, true);
+  }
+  failures += check_ll_rmsnorm_errors();
   std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "passed", failures);
   return failures ? 1 : 0;
 }
