@@ -29,7 +29,8 @@ before it is timed (a wrong answer is recorded as an error, not a time). Times: 
 ``iters`` calls, median of ``reps`` repetitions, max over ranks. Records go to the store
 (bench/results/records.jsonl, or --out DIR/records.jsonl) with bench "moe_dispatch_combine" and
 params tokens/hidden/experts/topk; metrics: remote bytes per direction, GB/s over them, copies per
-token, speedups. A markdown table is printed and written beside the records (moe_<card>_x<world>.md).
+token, speedups, the launch grid (``grid``, MoeLaunchConfig.short()). A markdown table is printed
+and written beside the records (moe_<card>_x<world>.md).
 """
 from __future__ import annotations
 
@@ -245,6 +246,8 @@ def bench_rank(args: argparse.Namespace) -> tuple[dict, list[dict]] | None:
                     samples = max_over_ranks(samples, device)
                 row_bytes = args.hidden + 4 * -(-args.hidden // 128) if impl == "shardkit_fp8" else 2 * args.hidden
                 metrics = {"remote_rows": int(stats[0]), "copies_per_token": round(float(stats[1]) / max(tokens, 1), 3)}
+                if dispatcher is not None and dispatcher.launch_config is not None:
+                    metrics["grid"] = dispatcher.launch_config.short()  # the MoeLaunchConfig measured
                 if samples:
                     moved = stats[0].item() * (row_bytes + 2 * args.hidden)  # dispatch + combine, busiest rank
                     metrics["remote_gbps"] = round(moved / (statistics.median(samples) * 1e-6) / 1e9, 1)
