@@ -13,6 +13,8 @@ residual [tokens, hidden] and weight [hidden], bf16:
   shardkit_torch  shardkit all_reduce (algo auto) + torch add + F.rms_norm
   fused_auto      Communicator.all_reduce_residual_rmsnorm(algo="auto")
   fused_flat   ... algo="flat";  fused_tree: algo="tree"
+  fused_ll     ... algo="ll" (CUDA kernels only: csrc/dda/ll_rmsnorm.cu, one synchronisation per call, through
+               the C++ host path where built)
 Every variant's result is checked against a float64 reference before it is timed; a wrong answer is
 reported as an error, not a time. Times: CUDA events around ``iters`` calls, median of ``reps``
 repetitions, max over ranks; "graph" captures the ``iters`` calls in one CUDA graph.
@@ -20,7 +22,8 @@ Prints the table; a GPU run appends its records to the store (bench/results/reco
 ``--out DIR``/records.jsonl) and rewrites ``all_reduce_rmsnorm_<card>_x<world>.md``/``.png`` there
 (bench/report.py); a CPU run writes records and tables only with ``--out``. The one-shot / two-shot
 crossover that one rule fits best to the graph-mode times (``best_cut``) is reported, and stored in
-shardkit/thresholds.json for fused_auto with ``--write-thresholds``.
+shardkit/thresholds.json for fused_auto with ``--write-thresholds``; so is the LL rule (x bytes up to which
+fused_ll beats the better of fused_flat and fused_tree in graphs: ``rmsnorm`` / ``ll_max_bytes``).
 """
 from __future__ import annotations
 
@@ -59,8 +62,11 @@ def make_variants(comm, x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     def fused(algo: str) -> Callable[[], Pair]:
         return lambda: comm.all_reduce_residual_rmsnorm(x, residual, weight, EPS, algo)
 
-    return {"nccl_torch": nccl_torch, "shardkit_torch": shardkit_torch, "fused_auto": fused("auto"),
-            "fused_flat": fused("flat"), "fused_tree": fused("tree")}
+    variants = {"nccl_torch": nccl_torch, "shardkit_torch": shardkit_torch, "fused_auto": fused("auto"),
+                "fused_flat": fused("flat"), "fused_tree": fused("tree")}
+    if comm.kernels == "cuda":
+        variants["fused_ll"] = fused("ll")
+    return variants
 
 
 def check(got: Pair, ref: Pair) -> str | None:
@@ -83,7 +89,7 @@ def bench_rank(args: argparse.Namespace) -> tuple[dict, list[dict]] | None:
     env = environment()
     if rank == 0:
         print("\n".join(header_lines(env)), file=sys.stderr)
-    comm = shardkit.Communicator()
+    comm = shardkit.Communicator(timeout_s=10.0)  # a kernel that hangs fails its rows in seconds
     modes = ["eager"] if cpu else args.modes.split(",")
 
     def sync() -> None:
@@ -100,7 +106,7 @@ def bench_rank(args: argparse.Namespace) -> tuple[dict, list[dict]] | None:
             weight = rank_inputs(1, hidden, torch.bfloat16, 300, device)[0]
             ref = all_reduce_residual_rmsnorm_reference(xs, residual, weight, EPS)
             nbytes = xs[rank].numel() * xs[rank].element_size()
-            picked = comm._rmsnorm_auto(nbytes)
+            picked = comm._rmsnorm_auto(xs[rank])
             for name, fn in make_variants(comm, xs[rank], residual, weight).items():
                 error = check(fn(), ref)
                 bad = torch.tensor([error is not None], dtype=torch.int32, device=device)
@@ -136,6 +142,23 @@ def tree_min_bytes(records: list[dict]) -> int | None:
     return sizes[cut] if cut < len(sizes) else 2 * sizes[-1]
 
 
+def ll_max_bytes(records: list[dict]) -> int | None:
+    """x bytes up to which fused_ll should be used (one rule fitted with ``best_cut`` to the graph-mode times
+    of fused_ll against the better of fused_flat and fused_tree, store records of this bench); None where ll
+    was not measured or never wins."""
+    times = {}
+    for r in records:
+        if r["mode"] == "graph" and r["us_median"] is not None:
+            p = r["params"]
+            times.setdefault((p["tokens"], p["hidden"]), {"bytes": p["bytes"]})[r["impl"]] = r["us_median"]
+    rows = [{"bytes": t["bytes"], "fused_ll": t["fused_ll"], "other": min(t["fused_flat"], t["fused_tree"])}
+            for t in times.values() if {"fused_ll", "fused_flat", "fused_tree"} <= t.keys()]
+    if not rows:
+        return None
+    sizes, cut = best_cut(rows, "bytes", "fused_ll", "other")
+    return sizes[cut - 1] if cut > 0 else None
+
+
 def crossover(records: list[dict]) -> int | None:
     """``tree_min_bytes`` of store records of this bench."""
     return tree_min_bytes([{"mode": r["mode"], "tokens": r["params"]["tokens"], "hidden": r["params"]["hidden"],
@@ -155,6 +178,12 @@ def report(args: argparse.Namespace, env: dict, records: list[dict], world: int,
         from shardkit import thresholds
         thresholds.write_rmsnorm_tree_min_bytes(env["gpu"], world, fit)
         print(f"stored rmsnorm tree_min_bytes[{env['gpu']!r}][{world}] = {fit}")
+    ll_fit = ll_max_bytes(records)
+    print(f"LL rule fitted to the graph times: rmsnorm ll_max_bytes[{env['gpu']!r}][{world}] = {ll_fit}")
+    if args.write_thresholds and ll_fit is not None and not functional:
+        from shardkit import thresholds
+        thresholds.write_rmsnorm_ll_max_bytes(env["gpu"], world, ll_fit)
+        print(f"stored rmsnorm ll_max_bytes[{env['gpu']!r}][{world}] = {ll_fit}")
 
 
 def main() -> None:

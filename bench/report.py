@@ -231,7 +231,7 @@ def all_reduce_summary(recs: Records) -> str:
 
 # ---------------------------------------------------------------- all_reduce_rmsnorm
 
-RMS_ORDER = ("nccl_torch", "shardkit_torch", "fused_auto", "fused_flat", "fused_tree")
+RMS_ORDER = ("nccl_torch", "shardkit_torch", "fused_auto", "fused_flat", "fused_tree", "fused_ll")
 
 
 def rmsnorm_shapes(recs: Records) -> list[tuple[int, int]]:

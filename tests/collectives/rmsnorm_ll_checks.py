@@ -48,7 +48,8 @@ def matches_reference_and_triton(dtype_name: str, cases: list[tuple[int, int]], 
                 result = comm.all_reduce_residual_rmsnorm(x, residual, weight, EPS, "ll", out=out, residual_out=res_out)
                 assert result[0] is out and result[1] is res_out, f"{what} {name}: outputs are not the ones passed"
                 fresh = comm.all_reduce_residual_rmsnorm(x, residual, weight, EPS, "ll")
-                assert torch.equal(fresh[0], out) and torch.equal(fresh[1], res_out), f"{what} {name}: new tensors differ"
+                assert torch.equal(fresh[0], out) and torch.equal(fresh[1], res_out), \
+                    f"{what} {name}: new tensors differ"
                 for t, b, arg in zip((x, residual, weight), before, ("x", "residual", "weight")):
                     assert torch.equal(t, b), f"{what} {name}: {arg} was modified"
                 got[name] = (out, res_out)
@@ -66,10 +67,12 @@ def matches_reference_and_triton(dtype_name: str, cases: list[tuple[int, int]], 
             for name, comm in comms.items():
                 x2, r2 = x.clone(), residual.clone()
                 comm.all_reduce_residual_rmsnorm(x2, r2, weight, EPS, "ll", out=x2, residual_out=r2)
-                assert torch.equal(x2, out) and torch.equal(r2, res_out), f"{what} {name}: in place (x, residual) differs"
+                assert torch.equal(x2, out) and torch.equal(r2, res_out), \
+                    f"{what} {name}: in place (x, residual) differs"
                 x2, r2 = x.clone(), residual.clone()
                 comm.all_reduce_residual_rmsnorm(x2, r2, weight, EPS, "ll", out=r2, residual_out=x2)
-                assert torch.equal(r2, out) and torch.equal(x2, res_out), f"{what} {name}: in place (residual, x) differs"
+                assert torch.equal(r2, out) and torch.equal(x2, res_out), \
+                    f"{what} {name}: in place (residual, x) differs"
             digests.append(digest(out) + digest(res_out))
         for comm in comms.values():
             comm.check()

@@ -4,9 +4,9 @@ Built by setup.py where nvcc is present. ``available()`` says whether the librar
 launchers take the same arguments as the Triton launchers, so the Communicator can use either.
 A ctypes call costs about a microsecond: in eager mode this path avoids Triton's Python launch cost.
 
-Launch policy (``flat_config``, ``tree_config``, ``ll_config``, ``ll_rmsnorm_config``, ``grid``): C++ is its one source of truth
-(csrc/dda/policy.h, where the measured rules are written down); these call it through the library, and
-the torch binding (csrc/torch, the C++ host path of the Communicator) calls it directly.
+Launch policy (``flat_config``, ``tree_config``, ``ll_config``, ``ll_rmsnorm_config``, ``grid``): C++ is its
+one source of truth (csrc/dda/policy.h, where the measured rules are written down); these call it through the
+library, and the torch binding (csrc/torch, the C++ host path of the Communicator) calls it directly.
 """
 from __future__ import annotations
 
@@ -190,7 +190,8 @@ def launch_tree_all_reduce(x: torch.Tensor, out: torch.Tensor, table: HostTable,
 
 def launch_ll_all_reduce_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
                                  residual_out: torch.Tensor, table: HostTable, error_record_addr: int, rank: int,
-                                 sig: int, eps: float, buffer_bytes: int, timeout_iters: int, config: CudaConfig) -> None:
+                                 sig: int, eps: float, buffer_bytes: int, timeout_iters: int,
+                                 config: CudaConfig) -> None:
     """Launch the CUDA LL fused all-reduce + residual + RMSNorm on contiguous [tokens, hidden] x, residual, out,
     residual_out and [hidden] weight (tokens <= ``ll_rmsnorm_max_rows``; out / residual_out may be x or
     residual); ``config`` from ``ll_rmsnorm_config``."""
