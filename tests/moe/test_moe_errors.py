@@ -58,3 +58,21 @@ def test_absent_peer_times_out_naming_it(worlds):
     messages = worlds(2).run(moe_checks.absent_peer, 1, 1.0, timeout=300)
     assert messages[1] == ""
     assert "rank(s) [1] did not arrive" in messages[0], messages[0]
+
+
+def test_bad_launch_config_names_the_field():
+    import dataclasses
+
+    from shardkit.kernels.moe.launch_config import moe_launch_config
+
+    good = moe_launch_config(64, 7168, 2, True, 132, interpret=False)
+    good.check(fp8=True)
+    cases = [(dict(programs=0), "programs must be in [1, 256]"), (dict(layout_programs=512), "layout_programs"),
+             (dict(combine_block_t=3), "combine_block_t must be a power of two"),
+             (dict(combine_item_chunks=0), "combine_item_chunks must be an int >= 1"),
+             (dict(combine_pushers=-1), "combine_pushers must be an int >= 0"),
+             (dict(combine_block_h=32), "combine_block_h must be >= 64"),
+             (dict(dispatch_block_h=64), "multiple of 128")]
+    for change, text in cases:
+        with pytest.raises(ValueError, match=re.escape(text)):
+            dataclasses.replace(good, **change).check(fp8=True)
