@@ -255,7 +255,7 @@ def bad_constructor_args() -> list[str]:
     cases = [dict(good, num_experts=0), dict(good, topk=5), dict(good, dtype=torch.int32),
              dict(good, placement=[0, 1, 2, 0]), dict(good, placement=[0, 1]), dict(good, mode="lazy"),
              dict(good, transport="ucx"), dict(good, transport="nccl", mode="graph"), dict(good, align=0),
-             dict(good, timeout_s=0)]
+             dict(good, timeout_s=0), dict(good, launch_config="grid")]
     return error_messages([lambda c=c: MoeDispatcher(**c) for c in cases])
 
 

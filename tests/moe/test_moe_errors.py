@@ -41,7 +41,8 @@ def test_bad_constructor_arguments(worlds):
     messages = worlds(2).run(moe_checks.bad_constructor_args)[0]
     expected = ["num_experts must be an int >= 1", "topk (5) exceeds", "dtype must be one of", "placement must list",
                 "placement must list", "mode must be one of", "transport must be one of", "use mode='exact'",
-                "align must be an int >= 1", "timeout_s must be positive"]
+                "align must be an int >= 1", "timeout_s must be positive", "launch_config must be a MoeLaunchConfig"]
+    assert len(messages) == len(expected)
     for text, message in zip(expected, messages):
         assert text in message, (text, message)
 

@@ -25,7 +25,8 @@ def reference(idx: torch.Tensor, expert_rank: list[int], world: int, chunk: int,
     """The layout's outputs by a loop over chunks, tokens and slots."""
     tokens, k = idx.shape
     experts = len(expert_rank)
-    out = {"mask": torch.zeros(tokens, dtype=torch.int32), "chunk_pos": torch.full((tokens, world), -1, dtype=torch.int32),
+    out = {"mask": torch.zeros(tokens, dtype=torch.int32),
+           "chunk_pos": torch.full((tokens, world), -1, dtype=torch.int32),
            "slot_pos": torch.full((tokens, k), -1, dtype=torch.int32),
            "chunk_counts": torch.zeros(programs, world, dtype=torch.int32),
            "chunk_experts": torch.zeros(programs, experts, dtype=torch.int32),

@@ -108,7 +108,8 @@ class MoeDispatcher:
             launch_config = moe_launch_config(max_tokens, hidden, element_size, bool(fp8),
                                               min(e["sm_count"] for e in extras), self.backend == "cpu")
         if not isinstance(launch_config, MoeLaunchConfig):
-            raise TypeError(f"MoeDispatcher: launch_config must be a MoeLaunchConfig, got {type(launch_config).__name__}")
+            raise TypeError(f"MoeDispatcher: launch_config must be a MoeLaunchConfig, got "
+                            f"{type(launch_config).__name__}")
         if programs is not None:
             if not isinstance(programs, int) or not 1 <= programs <= MAX_PROGRAMS:
                 raise ValueError(f"MoeDispatcher: programs must be in [1, {MAX_PROGRAMS}], got {programs}")

@@ -191,11 +191,11 @@ class PeerTransport:
 
     def _combine(self, expert_out: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor,
                  poisoned: bool) -> None:
-        mem = self.memory
-        launch_combine(expert_out, residual, out, self.b.mask, self.b.src_tokens, mem.table, mem.error_record_addr, self.rank,
-                       self.cfg.world, self.sig_combine ^ int(poisoned), mem.buffer_bytes, self.timeout_iters,
-                       self.ws, poisoned, *self.combine_grid, self.launch.combine_block_t,
-                       self.launch.combine_block_h, self.launch.combine_item_chunks, self.launch.combine_warps)
+        mem, lc = self.memory, self.launch
+        launch_combine(expert_out, residual, out, self.b.mask, self.b.src_tokens, mem.table, mem.error_record_addr,
+                       self.rank, self.cfg.world, self.sig_combine ^ int(poisoned), mem.buffer_bytes,
+                       self.timeout_iters, self.ws, poisoned, *self.combine_grid, lc.combine_block_t,
+                       lc.combine_block_h, lc.combine_item_chunks, lc.combine_warps)
 
     def close(self) -> None:
         self.memory.close()

@@ -173,9 +173,9 @@ def combine_pushers(programs: int, world: int, pushers: int) -> tuple[int, int]:
 
 
 def launch_combine(expert_out: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor, mask: torch.Tensor,
-                   src_tokens: torch.Tensor, table: torch.Tensor, error_record_addr: int, rank: int, world: int, sig: int, buffer_bytes: int,
-                   timeout_iters: int, ws, skip: bool, programs: int, pushers: int, block_t: int, block_h: int,
-                   item_chunks: int, num_warps: int) -> None:
+                   src_tokens: torch.Tensor, table: torch.Tensor, error_record_addr: int, rank: int, world: int,
+                   sig: int, buffer_bytes: int, timeout_iters: int, ws, skip: bool, programs: int, pushers: int,
+                   block_t: int, block_h: int, item_chunks: int, num_warps: int) -> None:
     """Combine into ``out [T, hidden]``; ``ws``: the MoeWorkspace (see the module); ``programs`` and
     ``pushers`` from ``combine_pushers``."""
     tokens, hidden = out.shape
