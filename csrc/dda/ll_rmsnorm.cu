@@ -9,8 +9,9 @@
 // ranks in rank order in fp32 (0 + x_0 + x_1 + ..., its own x straight from memory), adds the residual, rounds
 // to the dtype (residual_out), block-reduces the sum of squares of the rounded row in a fixed order, and writes
 // out = (h * rstd) * weight. Thread t handles lines t, t + threads, ... of a row both when pushing and when
-// reducing, and keeps its lines of the rounded row and of the weight in registers (at most kLinesPerThread lines
-// per thread, policy.h: rows of up to 32 KiB, e.g. hidden 16384 in bf16).
+// reducing, and keeps its lines of the rounded row, the sums and the weight in registers (policy.h: 2 lines per
+// thread, up to 1024 threads: rows of up to 16 KiB, hidden 8192 in bf16); it loads all its lines of one peer at
+// once and then polls only those that had not arrived.
 //
 // Why one synchronisation is enough, and why the flags need no reset: ll_all_reduce.cu's argument, unchanged.
 // This kernel is an LL call like the LL all-reduce's (same counter, same parity slots, same header, whole slots
@@ -21,9 +22,10 @@
 // no other thread or block touches them.
 //
 // Numerics (the Triton flat kernel's, shardkit/kernels/all_reduce/rmsnorm.py): residual_out is bitwise the
-// Triton kernels' (same sums, same order, one rounding); rstd = rsqrt(sum(h*h) / hidden + eps) takes the sum of
-// squares in this kernel's block order, which differs from Triton's reduction tree, so out may differ from the
-// Triton kernels' by the rounding of rstd (an ulp of the dtype at most, rarely). All ranks run the same grid
+// Triton kernels' (same sums, same order, one rounding); rstd = rsqrt(sum(h*h) / hidden + eps) with Triton's
+// instructions (row_rstd) and out = (h * rstd) * weight as Triton's _normalise, but the sum of squares is taken
+// in this kernel's block order, not Triton's reduction tree, so out may differ from the Triton kernels' where the
+// last bits of rstd differ (an ulp of the dtype at most, in a few elements). All ranks run the same grid
 // (it is in the fingerprint) and the same order: out and residual_out are bitwise equal on every rank.
 //
 // Protocol guarantees (as the LL all-reduce): signature mismatch -> kMismatch on every rank (threads waiting for
@@ -92,10 +94,20 @@ __device__ __forceinline__ float block_sum(float v, float* s_warp, float* s_tota
   return *s_total;
 }
 
-// At most kLinesPerThread lines of a row per thread: the rounded row and the weight stay in registers.
+// rsqrt(ssq / hidden + eps) with the Triton fused kernels' instructions (their PTX at sm_90: div.full.f32,
+// add.f32, rsqrt.approx.ftz.f32), so that equal sums of squares give equal rstd bits.
+__device__ __forceinline__ float row_rstd(float ssq, int64_t hidden, float eps) {
+  float mean, rstd;
+  asm("div.full.f32 %0, %1, %2;" : "=f"(mean) : "f"(ssq), "f"(float(hidden)));
+  asm("rsqrt.approx.ftz.f32 %0, %1;" : "=f"(rstd) : "f"(mean + eps));
+  return rstd;
+}
+
+// At most LPT lines of a row per thread (policy.h): the rounded row, the weight and the row's running sums stay
+// in registers.
 template <typename T, int WORLD>
-__global__ void __launch_bounds__(kLLRMSNormMaxThreads, 1) ll_rmsnorm_kernel(RMSNormArgs a, bool aligned) {
-  constexpr int LPT = kLinesPerThread;
+__global__ void __launch_bounds__(1024, 1) ll_rmsnorm_kernel(RMSNormArgs a, bool aligned) {
+  constexpr int LPT = kLLRMSNormLinesPerThread;
   constexpr int E = 8 / sizeof(T);
   __shared__ int s_code;      // kMismatch / kTimeout of this block, for the error record
   __shared__ int s_culprits;  // ranks that sent another signature or never arrived
@@ -125,12 +137,13 @@ __global__ void __launch_bounds__(kLLRMSNormMaxThreads, 1) ll_rmsnorm_kernel(RMS
     }
     clean_slot<WORLD>(a.table, a.rank, pushed, a.tokens * row_lines, k);
   }
-  // The weight lines of this thread, loaded while the pushes travel.
-  uint2 w[LPT];
+  // This thread's lines j_jj = threadIdx.x + jj * threads of a row: the first `mine` of LPT.
+  const int64_t lines_here = (row_lines - int64_t(threadIdx.x) + blockDim.x - 1) / blockDim.x;  // >= 0
+  const int mine = int(lines_here < LPT ? lines_here : LPT);
+  uint2 w[LPT];  // the weight lines, loaded while the pushes travel
 #pragma unroll
   for (int jj = 0; jj < LPT; ++jj) {
-    const int64_t j = threadIdx.x + int64_t(jj) * blockDim.x;
-    if (j < row_lines) w[jj] = load_row_line(weight, 0, j, a.hidden, aligned);
+    if (jj < mine) w[jj] = load_row_line(weight, 0, threadIdx.x + int64_t(jj) * blockDim.x, a.hidden, aligned);
   }
   __syncthreads();  // s_* initialised
   const char* own = a.table.base[a.rank];
@@ -139,7 +152,7 @@ __global__ void __launch_bounds__(kLLRMSNormMaxThreads, 1) ll_rmsnorm_kernel(RMS
   bool header_checked = false;
   // Block-uniform loop over the block's rows (block_sum's __syncthreads also share the verdict).
   for (int64_t row = blockIdx.x; row < a.tokens; row += gridDim.x) {
-    uint2 h[LPT];  // this thread's lines of residual_out (rounded to T)
+    uint2 h[LPT];  // this thread's lines of the residual, then of residual_out (rounded to T)
     float ssq = 0.f;
     if (s_stop == 0) {
       int code = kArrived, culprit = -1;
@@ -149,38 +162,63 @@ __global__ void __launch_bounds__(kLLRMSNormMaxThreads, 1) ll_rmsnorm_kernel(RMS
         culprit = threadIdx.x;
       }
       header_checked = true;
+      float acc[LPT][E] = {};
 #pragma unroll
-      for (int jj = 0; jj < LPT; ++jj) {
-        const int64_t j = threadIdx.x + int64_t(jj) * blockDim.x;
-        if (j >= row_lines || code != kArrived) break;
-        const uint2 mine = load_row_line(x, row, j, a.hidden, aligned);
-        const uint2 res = load_row_line(residual, row, j, a.hidden, aligned);
-        const int64_t line = row * row_lines + j;
-        // Ranks in order, each peer's line waited for just before it is added (one line in registers at a time).
-        float acc[E] = {};
+      for (int jj = 0; jj < LPT; ++jj) {  // the residual lines, loaded before the waits
+        if (jj < mine) h[jj] = load_row_line(residual, row, threadIdx.x + int64_t(jj) * blockDim.x, a.hidden, aligned);
+      }
+      // Ranks in order (the sums' order); each peer's lines are all loaded at once (one round trip), then the
+      // ones that had not arrived yet are polled.
 #pragma unroll
-        for (int r = 0; r < WORLD; ++r) {
-          uint2 d = mine;
-          if (r != a.rank) {
-            uint4 got;
-            code = wait_line(own + ll_slot_offset(k, r, WORLD, a.buffer_bytes) + kLLHeaderBytes + line * 16, k, got, it,
-                             a.timeout_iters, device_record, &s_stop);
-            culprit = r;
-            if (code != kArrived) break;
-            d = make_uint2(got.x, got.z);
-          }
-          const T* v = reinterpret_cast<const T*>(&d);
-#pragma unroll
-          for (int e = 0; e < E; ++e) acc[e] += to_float(v[e]);
-        }
+      for (int r = 0; r < WORLD; ++r) {
         if (code != kArrived) break;
-        const T* rv = reinterpret_cast<const T*>(&res);
-        T* hv = reinterpret_cast<T*>(&h[jj]);
+        uint4 v[LPT];  // {data, flag, data, flag} lines (this rank's own x: {data, -, data, -})
+        if (r == a.rank) {
 #pragma unroll
-        for (int e = 0; e < E; ++e) {  // padding elements: 0 on every rank and in the residual, so h = 0
-          hv[e] = from_float<T>(acc[e] + to_float(rv[e]));
-          const float f = to_float(hv[e]);
-          ssq += f * f;
+          for (int jj = 0; jj < LPT; ++jj) {
+            if (jj < mine) {
+              const uint2 d = load_row_line(x, row, threadIdx.x + int64_t(jj) * blockDim.x, a.hidden, aligned);
+              v[jj] = make_uint4(d.x, k, d.y, k);
+            }
+          }
+        } else {
+          const char* lines = own + ll_slot_offset(k, r, WORLD, a.buffer_bytes) + kLLHeaderBytes +
+                              (row * row_lines + threadIdx.x) * 16;
+#pragma unroll
+          for (int jj = 0; jj < LPT; ++jj) {
+            if (jj < mine) v[jj] = load_line(lines + int64_t(jj) * blockDim.x * 16);
+          }
+#pragma unroll
+          for (int jj = 0; jj < LPT; ++jj) {
+            if (jj < mine && code == kArrived && (v[jj].y != k || v[jj].w != k)) {
+              code = wait_line(lines + int64_t(jj) * blockDim.x * 16, k, v[jj], it, a.timeout_iters, device_record,
+                               &s_stop);
+              culprit = r;
+            }
+          }
+          if (code != kArrived) break;
+        }
+#pragma unroll
+        for (int jj = 0; jj < LPT; ++jj) {
+          const uint2 d = make_uint2(v[jj].x, v[jj].z);
+          const T* dv = reinterpret_cast<const T*>(&d);
+#pragma unroll
+          for (int e = 0; e < E; ++e) {
+            if (jj < mine) acc[jj][e] += to_float(dv[e]);
+          }
+        }
+      }
+      if (code == kArrived) {
+#pragma unroll
+        for (int jj = 0; jj < LPT; ++jj) {
+          if (jj >= mine) break;
+          T* hv = reinterpret_cast<T*>(&h[jj]);  // the residual line, overwritten element by element
+#pragma unroll
+          for (int e = 0; e < E; ++e) {  // padding elements: 0 on every rank and in the residual, so h = 0
+            hv[e] = from_float<T>(acc[jj][e] + to_float(hv[e]));
+            const float f = to_float(hv[e]);
+            ssq += f * f;
+          }
         }
       }
       if (code != kArrived) {
@@ -193,11 +231,11 @@ __global__ void __launch_bounds__(kLLRMSNormMaxThreads, 1) ll_rmsnorm_kernel(RMS
     }
     const float total = block_sum(ssq, s_warp, &s_total);
     const bool ok = s_stop == 0;
-    const float rstd = rsqrtf(total / float(a.hidden) + a.eps);
+    const float rstd = row_rstd(total, a.hidden, a.eps);
 #pragma unroll
     for (int jj = 0; jj < LPT; ++jj) {
+      if (jj >= mine) break;
       const int64_t j = threadIdx.x + int64_t(jj) * blockDim.x;
-      if (j >= row_lines) break;
       uint2 y, r_out;
       T* yv = reinterpret_cast<T*>(&y);
       T* rv = reinterpret_cast<T*>(&r_out);
@@ -226,7 +264,9 @@ cudaError_t launch(const RMSNormArgs& a, cudaStream_t stream) {
   const bool aligned = aligned8(a.x) && aligned8(a.residual) && aligned8(a.weight) && aligned8(a.out) &&
                        aligned8(a.residual_out) && a.hidden % E == 0;
   const int64_t row_lines = (a.hidden + E - 1) / E;
-  if (row_lines > int64_t(kLinesPerThread) * a.threads || a.tokens * row_lines > kLLLines) return cudaErrorInvalidValue;
+  if (row_lines > int64_t(kLLRMSNormLinesPerThread) * a.threads || a.tokens * row_lines > kLLLines) {
+    return cudaErrorInvalidValue;
+  }
   auto go = [&](auto world_c) {
     ll_rmsnorm_kernel<T, decltype(world_c)::value><<<a.programs, a.threads, 0, stream>>>(a, aligned);
     return cudaGetLastError();
@@ -248,7 +288,7 @@ cudaError_t launch(const RMSNormArgs& a, cudaStream_t stream) {
 cudaError_t ll_all_reduce_rmsnorm(const RMSNormArgs& a, cudaStream_t stream) {
   const bool valid = a.world >= 2 && a.world <= kMaxWorld && a.rank >= 0 && a.rank < a.world && a.tokens >= 1 &&
                      a.hidden >= 1 && a.programs >= 1 && a.programs <= kMaxPrograms && a.programs <= a.tokens &&
-                     a.threads >= a.world && a.threads % 32 == 0 && a.threads <= kLLRMSNormMaxThreads && a.eps >= 0.f;
+                     a.threads >= a.world && a.threads % 32 == 0 && a.threads <= 1024 && a.eps >= 0.f;
   if (!valid) return cudaErrorInvalidValue;
   switch (a.dtype) {
     case DType::kFloat32: return launch<float>(a, stream);

@@ -52,25 +52,26 @@ inline LaunchConfig ll_config(int64_t numel, int element_size, int sm_count) {
 
 // LL fused all-reduce + residual + RMSNorm (ll_rmsnorm.cu): rows padded to whole 8-byte payload lines, as many
 // rows per launch as one LL slot holds (kLLMaxBytes of payload); a block per row up to one per SM (blocks own
-// whole rows: the norm needs the whole row); about two lines per thread, 64..kLLRMSNormMaxThreads threads; at
-// most kLinesPerThread lines per thread (the rounded row and the weight stay in registers: with 1024 threads
-// and 4 lines the kernel spilled at sm_90), so rows of at most kLLRMSNormMaxRowBytes. Not tuned yet.
-constexpr int kLinesPerThread = 8;
-constexpr int kLLRMSNormMaxThreads = 512;
-constexpr int64_t kLLRMSNormMaxRowBytes = int64_t(kLinesPerThread) * kLLRMSNormMaxThreads * 8;  // hidden 16384 bf16
+// whole rows: the norm needs the whole row); kLLRMSNormLinesPerThread lines per thread, 64..1024 threads, so rows
+// of at most kLLRMSNormMaxRowBytes (hidden 8192 in bf16). A thread keeps its lines of the row, their running sums
+// and the weight in registers and loads all its lines of a peer at once: 8 lines per thread (512 threads, 32 KiB
+// rows) spilled at sm_90 in 16-bit dtypes, 2 per thread do not. Not tuned yet.
+constexpr int kLLRMSNormLinesPerThread = 2;
+constexpr int64_t kLLRMSNormMaxRowBytes = int64_t(kLLRMSNormLinesPerThread) * 1024 * 8;
 
 inline int64_t ll_row_lines(int64_t hidden, int element_size) { return (hidden * element_size + 7) / 8; }
 
 // Rows per launch; 0 when a row is wider than the kernel takes.
 inline int64_t ll_rmsnorm_max_rows(int64_t hidden, int element_size) {
   const int64_t lines = ll_row_lines(hidden, element_size);
-  return lines * 8 > kLLRMSNormMaxRowBytes ? 0 : kLLMaxBytes / 8 / lines;
+  return lines <= 0 || lines * 8 > kLLRMSNormMaxRowBytes ? 0 : kLLMaxBytes / 8 / lines;
 }
 
 inline LaunchConfig ll_rmsnorm_config(int64_t tokens, int64_t hidden, int element_size, int sm_count) {
-  const int64_t threads = (ll_row_lines(hidden, element_size) + 1) / 2;
+  const int64_t per_thread = kLLRMSNormLinesPerThread;
+  const int64_t threads = (ll_row_lines(hidden, element_size) + per_thread - 1) / per_thread;
   return {int(std::max<int64_t>(1, std::min<int64_t>({tokens, int64_t(sm_count), int64_t(kMaxPrograms)}))),
-          int(std::clamp<int64_t>((threads + 31) / 32 * 32, 64, kLLRMSNormMaxThreads)), 1};
+          int(std::clamp<int64_t>((threads + 31) / 32 * 32, 64, 1024)), 1};
 }
 
 inline LaunchConfig tree_config(int64_t shard, int element_size, int world, int sm_count) {

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "dda/all_reduce.h"
+#include "dda/policy.h"
 
 using namespace shardkit;
 
@@ -232,7 +233,7 @@ int check_ll_rmsnorm(int world, int64_t tokens, int64_t hidden, int calls, doubl
   }
   const float eps = 1e-5f;
   const int64_t E = 8 / sizeof(T), row_lines = (hidden + E - 1) / E;
-  const int threads = int(std::min<int64_t>(512, std::max<int64_t>(64, ((row_lines + 1) / 2 + 31) / 32 * 32)));
+  const int threads = ll_rmsnorm_config(tokens, hidden, sizeof(T), 132).threads;
   const int programs = int(std::min<int64_t>(tokens, 5));  // rows wrap around the blocks
   std::normal_distribution<float> normal;
   int failures = 0;
@@ -444,15 +445,15 @@ int main() {
   }
   failures += check_ll_errors();
   // LL fused all-reduce + residual + RMSNorm: worlds 2 and 5; hidden with tails of every line size (4099, 1001),
-  // decode shapes (8192), the widest row (32 KiB) and the most rows of one launch; misaligned and in place.
+  // decode shapes (8192: the widest row, 16 KiB), the most rows of one launch; misaligned and in place.
   for (int world : {2, 5}) {
     for (const auto& [tokens, hidden] : std::vector<std::pair<int64_t, int64_t>>{{1, 8192}, {7, 4099}, {3, 1001},
-                                                                                 {16, 8192}, {2, 16384}}) {
+                                                                                 {16, 8192}, {2, 96}}) {
       failures += check_ll_rmsnorm<__nv_bfloat16>(world, tokens, hidden, 3, 1.6e-2, gen);
       failures += check_ll_rmsnorm<__half>(world, tokens, hidden, 2, 2e-3, gen);
     }
     failures += check_ll_rmsnorm<float>(world, 5, 1001, 3, 1e-5, gen);
-    failures += check_ll_rmsnorm<float>(world, 1, 8192, 2, 1e-5, gen);
+    failures += check_ll_rmsnorm<float>(world, 1, 4096, 2, 1e-5, gen);
     failures += check_ll_rmsnorm<float>(world, 32, 2048, 2, 1e-5, gen);  // 32 rows x 8 KiB: one whole slot
     failures += check_ll_rmsnorm<__nv_bfloat16>(world, 4, 4096, 2, 1.6e-2, gen, 1, false);
     failures += check_ll_rmsnorm<__half>(world, 3, 1001, 2, 2e-3, gen, 1, true);

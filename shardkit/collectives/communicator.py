@@ -398,7 +398,7 @@ class Communicator:
         algo: "flat" (one-shot: every rank reduces every row, one barrier), "tree" (two-shot:
            reduce-scatter by rows, in chunks over all SMs, norm, all-gather), "ll" (CUDA kernels only:
            one synchronisation per call, flags carried in the data, csrc/dda/ll_rmsnorm.cu; rows of at
-           most 32 KiB, ``cuda.ll_rmsnorm_max_rows`` rows per launch, more go in chunks), "nccl"
+           most 16 KiB, ``cuda.ll_rmsnorm_max_rows`` rows per launch, more go in chunks), "nccl"
            (dist.all_reduce + add + F.rms_norm), or "auto": ll on the CUDA kernels up to the measured
            ``thresholds.rmsnorm_ll_max_bytes`` where the call fits one LL launch, else tree from the
            measured crossover for this GPU and world size (thresholds.json), flat below; without one,
@@ -477,7 +477,7 @@ class Communicator:
                                 f"with the CUDA library built)")
         step = cuda_dda.ll_rmsnorm_max_rows(hidden, x.element_size())
         if step == 0:
-            raise ValueError(f"{what}: algo='ll' takes rows of at most 32 KiB, got hidden {hidden} in {x.dtype}: "
+            raise ValueError(f"{what}: algo='ll' takes rows of at most 16 KiB, got hidden {hidden} in {x.dtype}: "
                              f"use algo 'flat' or 'tree'")
         mem = self.memory
         chunks = -(-tokens // step)

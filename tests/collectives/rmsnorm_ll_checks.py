@@ -200,7 +200,7 @@ def absent_peer(absent: int, timeout_s: float) -> tuple[str, float]:
 
 
 def wide_rows_error() -> str:
-    """algo="ll" on rows wider than the LL kernel takes (32 KiB) raises a ValueError naming the limit."""
+    """algo="ll" on rows wider than the LL kernel takes (16 KiB) raises a ValueError naming the limit."""
     comm = Communicator(kernels="cuda", timeout_s=TIMEOUT_S)
     try:
         x = torch.randn(1, 16384, device=device())  # 64 KiB in fp32

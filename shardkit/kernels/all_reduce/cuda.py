@@ -135,7 +135,7 @@ def ll_rmsnorm_config(tokens: int, hidden: int, element_size: int, sm_count: int
 @functools.cache
 def ll_rmsnorm_max_rows(hidden: int, element_size: int) -> int:
     """Rows of ``hidden`` elements one LL fused launch takes (one LL slot: ``protocol.LL_MAX_BYTES`` of rows
-    padded to 8 bytes); 0 when a row is wider than the kernel takes (policy.h: 32 KiB)."""
+    padded to 8 bytes); 0 when a row is wider than the kernel takes (policy.h: 16 KiB)."""
     return _load().shardkit_ll_rmsnorm_max_rows(hidden, element_size)
 
 
