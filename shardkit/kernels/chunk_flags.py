@@ -15,10 +15,10 @@ between a call's start and end barriers:
     sender's column of the slot, written to every peer with one vector exchange (release, system
     scope) after everything enqueued before it on its stream (stream order: a copy-engine transfer
     before it has landed);
-  * the waiter polls its own slot's peer columns with volatile loads and ends with one acquire
-    read-modify-write (as ``sync.peer_barrier`` does); a flag of this epoch with another ``sig``
-    (the peers disagree about the call) or no flag within ``timeout_iters`` polls is recorded in the
-    error record, and a kernel that finds a recorded error returns at once: no hang.
+  * the waiter polls its own slot's peer columns with ``sync.wait_flags`` (volatile loads, one
+    acquire after the loop, as the barrier); a flag of this epoch with another ``sig`` (the peers
+    disagree about the call) or no flag within ``timeout_iters`` polls is recorded in the error
+    record, and a kernel that finds a recorded error returns at once: no hang.
 
 One program, so a waiting flag kernel never keeps another kernel from the SMs (a spinning sum kernel
 of many programs could, and the peer's notice would then never be sent).
@@ -27,20 +27,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ..memory.protocol import ABORTED, ARRIVED, EPOCH_MOD, EPOCH_OFF, ERROR_OFF, MAX_WORLD, MISMATCH, SLOTS_OFF, TIMEOUT
+from ..memory.protocol import EPOCH_MOD, EPOCH_OFF, ERROR_OFF, MAX_WORLD, SLOTS_OFF
 from .launch import CachedLauncher, int_key, ptr_key
-from .sync import record_error
+from .sync import wait_flags
 
 _EPOCH_MOD = tl.constexpr(EPOCH_MOD)
 _EPOCH_OFF = tl.constexpr(EPOCH_OFF)
 _ERROR_OFF = tl.constexpr(ERROR_OFF)
 _SLOTS_OFF = tl.constexpr(SLOTS_OFF)
 _MAX_WORLD = tl.constexpr(MAX_WORLD)
-_ABORTED = tl.constexpr(ABORTED)
-_ARRIVED = tl.constexpr(ARRIVED)
-_MISMATCH = tl.constexpr(MISMATCH)
-_TIMEOUT = tl.constexpr(TIMEOUT)
-_POLL_ERROR_EVERY = tl.constexpr(1024)
 
 
 @triton.jit(do_not_specialize=["error_record_addr", "rank", "signal_slot", "signal_sig", "wait_slot", "wait_sig",
@@ -64,27 +59,8 @@ def chunk_flags_kernel(table_ptr, error_record_addr, rank, signal_slot, signal_s
         if WAIT:
             mine = (own + _SLOTS_OFF + (wait_slot * _MAX_WORLD + peers) * 8).to(tl.pointer_type(tl.int64))
             want = wait_sig.to(tl.int64) * _EPOCH_MOD + epoch
-            state = 0
-            iters = 0
-            culprits = 0
-            # Scalars only in the loop's carried values (Triton 3.6, shared/DESIGN.md).
-            while state == 0:
-                seen = tl.load(mine, mask=is_peer, other=0, volatile=True)
-                this_call = is_peer & (seen % _EPOCH_MOD == epoch)
-                n_here = tl.sum((this_call | (~is_peer)).to(tl.int32), axis=0)
-                n_wrong = tl.sum((this_call & (seen != want)).to(tl.int32), axis=0)
-                culprits = tl.sum(tl.where(is_peer & ((~this_call) | (seen != want)),
-                                           tl.full([WORLD_P2], 1, tl.int32) << peers, 0), axis=0)
-                iters += 1
-                state = tl.where(n_wrong > 0, _MISMATCH,
-                                 tl.where(n_here == WORLD_P2, _ARRIVED, tl.where(iters > timeout_iters, _TIMEOUT, 0)))
-                if iters % _POLL_ERROR_EVERY == 0:
-                    if tl.load(error_ptr, volatile=True) != 0:  # this rank failed elsewhere: stop waiting
-                        state = _ABORTED
-            if state == _ARRIVED:
-                tl.atomic_add(mine, 0, mask=is_peer, sem="acquire", scope="sys")
-            if (state == _MISMATCH) | (state == _TIMEOUT):
-                record_error(own, error_record_addr, state, wait_slot, culprits, epoch)
+            # A peer's flag can carry no later epoch here: its next call needs our end barrier first.
+            wait_flags(mine, is_peer, want, own, error_record_addr, timeout_iters, wait_slot, WORLD_P2)
 
 
 _launch = CachedLauncher(chunk_flags_kernel)
