@@ -177,3 +177,20 @@ class ProcessWorld:
                 p.kill()
         self._procs = []
 
+
+def capture_graph(fn: Callable[[], Any], warmups: int = 1) -> tuple[Any, Any]:
+    """``fn``'s work captured in a CUDA graph after ``warmups`` calls on a side stream (so the
+    kernels are compiled and the allocator has its blocks outside the capture); returns the graph
+    and what the captured call returned (tensors of the graph's memory pool)."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = fn()
+    return graph, result

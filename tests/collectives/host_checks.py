@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 from shardkit import CollectiveError, Communicator
 from shardkit.reference.all_reduce import all_reduce_reference, rank_inputs
+from shardkit.testing import capture_graph
 
 from ..tolerances import ROUNDING, tol
 from .rank_checks import DTYPES, device, digest, error_messages
@@ -127,14 +128,7 @@ def cpp_graph_replays(n: int, replays: int, seed: int) -> float:
             comm.all_reduce(x, algo="tree", out=tree)
             return comm.all_reduce(x)
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            calls()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            auto = calls()
+        graph, auto = capture_graph(calls)
         worst = torch.zeros((), device=device())
         for i in range(replays):
             k = i % len(pool)

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from shardkit import CollectiveError, Communicator, ShardkitError
 from shardkit.memory import protocol
 from shardkit.reference.all_reduce import all_reduce_reference, rank_inputs
+from shardkit.testing import capture_graph
 
 from ..tolerances import ROUNDING, tol
 from .rank_checks import DTYPES, device, digest
@@ -27,16 +28,8 @@ def graph_replays_next_to_flat(n: int, replays: int, seed: int) -> tuple[float, 
         refs = [all_reduce_reference(xs).float() for xs in pool]
         x = pool[0][rank].clone()
         flat, ll = torch.empty_like(x), torch.empty_like(x)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            comm.all_reduce(x, algo="flat", out=flat)
-            comm.all_reduce(x, algo="ll", out=ll)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            comm.all_reduce(x, algo="flat", out=flat)
-            comm.all_reduce(x, algo="ll", out=ll)
+        graph, _ = capture_graph(lambda: (comm.all_reduce(x, algo="flat", out=flat),
+                                          comm.all_reduce(x, algo="ll", out=ll)))
         worst = torch.zeros((), device=device())
         apart = torch.zeros((), device=device())
         for i in range(replays):

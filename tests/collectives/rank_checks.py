@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from shardkit import CollectiveError, Communicator, ShardkitError
 from shardkit.reference.all_reduce import all_reduce_reference, rank_inputs
+from shardkit.testing import capture_graph
 
 from ..tolerances import ROUNDING, tol
 
@@ -163,16 +164,8 @@ def graph_replays(n: int, replays: int, seed: int, kernels: str = "auto") -> flo
         refs = [all_reduce_reference(xs).float() for xs in pool]
         x = pool[0][rank].clone()
         flat, tree = torch.empty_like(x), torch.empty_like(x)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            comm.all_reduce(x, algo="flat", out=flat)
-            comm.all_reduce(x, algo="tree", out=tree)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            comm.all_reduce(x, algo="flat", out=flat)
-            comm.all_reduce(x, algo="tree", out=tree)
+        graph, _ = capture_graph(lambda: (comm.all_reduce(x, algo="flat", out=flat),
+                                          comm.all_reduce(x, algo="tree", out=tree)))
         worst = torch.zeros((), device=device())
         for i in range(replays):
             k = i % len(pool)

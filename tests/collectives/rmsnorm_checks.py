@@ -12,6 +12,7 @@ import torch.distributed as dist
 from shardkit import CollectiveError, Communicator
 from shardkit.reference.all_reduce import all_reduce_residual_rmsnorm_reference, rank_inputs
 from shardkit.kernels.all_reduce.rmsnorm import RMSNormConfig
+from shardkit.testing import capture_graph
 
 from ..tolerances import ROUNDING, tol
 from .rank_checks import DTYPES, device, digest, error_messages
@@ -198,14 +199,7 @@ def graph_replays(tokens: int, hidden: int, replays: int, seed: int) -> dict[str
             for a in algos:
                 comm.all_reduce_residual_rmsnorm(x, residual, weight, EPS, a, out=outs[a][0], residual_out=outs[a][1])
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            calls()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            calls()
+        graph, _ = capture_graph(calls)
         worst = {a: torch.zeros((), device=device()) for a in algos}
         for i in range(replays):
             k = i % len(pool)

@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from shardkit import CollectiveError, Communicator, ShardkitError
 from shardkit.reference.all_reduce import all_reduce_residual_rmsnorm_reference
+from shardkit.testing import capture_graph
 
 from ..tolerances import ROUNDING, tol
 from .rank_checks import DTYPES, device, digest
@@ -100,14 +101,7 @@ def graph_replays(tokens: int, hidden: int, replays: int, seed: int) -> tuple[fl
                 comm.all_reduce_residual_rmsnorm(x, residual, weight, EPS, a, out=o, residual_out=ro)
             comm.all_reduce(x, algo="ll", out=summed)  # LL calls of both kinds share the counter and slots
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            calls()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            calls()
+        graph, _ = capture_graph(calls)
         worst = torch.zeros((), device=device())
         apart = torch.zeros((), device=device())
         for i in range(replays):

@@ -6,7 +6,6 @@ and the list of rows it must receive by itself; results come back as small pickl
 from __future__ import annotations
 
 import time
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -14,6 +13,7 @@ import torch.distributed as dist
 from shardkit import CollectiveError, ShardkitError
 from shardkit.collectives.moe import MoeDispatcher
 from shardkit.reference.moe import affine_experts, e4m3_roundtrip, moe_inputs, moe_reference, received_tokens
+from shardkit.testing import capture_graph
 
 from ..collectives.rank_checks import DTYPES, device, digest, error_messages
 from ..tolerances import ROUNDING
@@ -336,20 +336,6 @@ def graph_experts(recv_x: torch.Tensor, handle, local_experts: torch.Tensor, sca
     return (rows * scale[g][:, None] + bias[g]).to(dtype)
 
 
-def capture(fn: Callable[[], None]) -> Callable[[], None]:
-    """``fn``'s work captured in a CUDA graph (after two warm-up calls on a side stream): its replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def graph_replays(kwargs: dict, tokens: int, replays: int, seed: int) -> float:
     """dispatch + experts + combine captured in one CUDA graph, replayed with a new routing and new
     tokens every time (on CPU worlds: the same rounds, eagerly, on the same static buffers); returns
@@ -378,7 +364,7 @@ def graph_replays(kwargs: dict, tokens: int, replays: int, seed: int) -> float:
             expert_out = graph_experts(recv_x, handle, local_experts, scale_d, bias_d, cfg.dtype)
             disp.combine(expert_out, handle, residual=x, out=out)
 
-        run = capture(round_) if device().type == "cuda" else round_  # CPU worlds: the same rounds, eagerly
+        run = capture_graph(round_, warmups=2)[0].replay if device().type == "cuda" else round_  # CPU worlds: the same rounds, eagerly
         worst = torch.zeros((), device=device())
         for i in range(replays):
             k = i % len(pool)
