@@ -13,7 +13,8 @@ Candidates: the shipped default (``moe_launch_config``) and variations of one fi
 "best_of_each_group": the default with each field group's fastest variation (programs, layout,
 dispatch, combine) where it beat the default.
 ``--profile``: the per-kernel GPU time (torch.profiler, as bench/profile_kernels.py) of the default
-and of the fastest grid per token count. Rank 0 prints a table per token count as it is made (and writes
+and of the fastest grid per token count (``--profile all``: of every timed grid). Rank 0 prints a
+table per token count as it is made (and writes
 them and a JSON of all timings to --out). A tuning aid, not a benchmark: nothing goes to the records store.
 """
 from __future__ import annotations
@@ -180,7 +181,8 @@ def tune_rank(args: argparse.Namespace):
                 lines.append(f"| {r['name']} | {r['us']:.1f} | {base / r['us'] if base else 0:.2f}x | {r['short']} |")
         if args.profile and not cpu and ok:
             best = min(ok, key=lambda r: r["us"])
-            for r in {id(r_): r_ for r_ in (next(r_ for r_ in rows if r_["name"] == "default"), best)}.values():
+            chosen = ok if args.profile == "all" else (next(r_ for r_ in rows if r_["name"] == "default"), best)
+            for r in {id(r_): r_ for r_ in chosen}.values():
                 disp.set_launch_config(dataclasses.replace(default, **r["config"]))
                 table, wall = kernel_table(shardkit_round(disp, x, idx, weights), args.iters, 3)
                 lines += ["", f"kernels of {r['name']} ({wall:.1f} us wall per call):", ""]
@@ -219,7 +221,8 @@ def main() -> None:
     p.add_argument("--configs", default=None, help="name=field:value/field:value,... instead of the built-in list")
     p.add_argument("--iters", type=int, default=None, help="calls per graph (default 20; CPU 1)")
     p.add_argument("--reps", type=int, default=None, help="graph replays (default 5; CPU 1)")
-    p.add_argument("--profile", action="store_true", help="per-kernel times of the default and the fastest grid")
+    p.add_argument("--profile", nargs="?", const="best", choices=("best", "all"),
+                   help="per-kernel times of the default and the fastest grid ('all': of every timed grid)")
     p.add_argument("--budget-s", type=float, default=110.0, help="seconds of grids per run (split evenly over the "
                                                                  "token counts); the rest are listed as not timed")
     p.add_argument("--out", default=None, help="directory for the table and the JSON")
