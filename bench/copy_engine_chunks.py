@@ -5,8 +5,10 @@ two-shot in the same run (calibrates ``copy_engine.copy_config`` and picks the d
         [--variants barriers_ce,flags_ce,flags_ce:2,...] [--chunks 0,1M,2M,4M,8M,16M,32M,64M]
         [--placements out,in,zc] [--modes graph] [--profile 64M] [--out DIR]
 
-bf16. Variants are ``CopyConfig(chunk, sync, gather, copy_streams)`` (``barriers_ce`` is today's
-default schedule; chunk 0 = the launch policy's chunk with that schedule). Placements: ``out`` out
+bf16. Variants are ``CopyConfig(chunk, sync, gather, copy_streams)`` (``oneshot_ce``: chunk = its last,
+smallest chunk; chunk 0 = the launch policy's configuration, timed with the policy's schedule only).
+``--buffer`` sets the copy communicator's ``buffer_bytes`` (default: the largest size; smaller buffers
+run the oneshot schedule's ring of slots). Placements: ``out`` out
 of place on ordinary tensors, ``in`` in place on an ordinary tensor, ``zc`` zero-copy in place (the
 input in the staging area), ``zco`` zero-copy out of place. Chunks larger than a shard or giving
 more than ``--max-chunks`` chunks per shard are skipped. Baselines in the same run: NCCL in place,
@@ -44,9 +46,9 @@ PLACEMENTS = ("out", "in", "zc", "zco")
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="64M,256M,16M", help="in this order (--budget-s may cut the last ones)")
-    p.add_argument("--variants", default="barriers_ce,flags_ce,flags_ce:2,flags_ce_push,flags_ce_push:2,flags_sm,"
-                                           "flags_sm:2",
+    p.add_argument("--variants", default="oneshot_ce,oneshot_ce:2,flags_ce,barriers_ce",
                    help="<sync>_<gather>[:<copy_streams>] schedules")
+    p.add_argument("--buffer", default=None, help="buffer_bytes of the copy communicator (default: the largest size)")
     p.add_argument("--chunks", default="0,1M,2M,4M,8M,16M,32M,64M", help="chunk_bytes values; 0 = the launch policy's")
     p.add_argument("--max-chunks", type=int, default=32, help="skip chunks giving more chunks per shard than this")
     p.add_argument("--placements", default="out,in,zc")
@@ -81,7 +83,8 @@ def main() -> None:
     modes = args.modes.split(",")
     # The copy algorithm's fast configuration; a 5 s timeout, so that a schedule that never meets its
     # peers costs seconds of the run, not the default minute.
-    comm = shardkit.Communicator(buffer_bytes=max(sizes), timeout_s=5.0)
+    buffer_bytes = parse_size(args.buffer) if args.buffer else max(sizes)
+    comm = shardkit.Communicator(buffer_bytes=buffer_bytes, timeout_s=5.0)
     default_comm = shardkit.Communicator()
     two_shot = symm_mem_algos(dist.group.WORLD.group_name).get("symm_2shot")
     env, commit, records, rows, profiles = environment(), current_commit(), [], [], []
@@ -159,12 +162,16 @@ def main() -> None:
                         prepare_tree, None)
 
         first, calls = None, {}
+        policy = copy_engine.copy_config(shard, world, buffer_bytes, 2, False)
         for sync_name, gather, streams in variants:
             for chunk in chunks:
-                if chunk > shard or (chunk and shard // chunk > args.max_chunks):
+                if sync_name == "oneshot":  # chunk: the last one; the others double towards the front
+                    if chunk > nbytes // 4:
+                        continue
+                elif chunk > shard or (chunk and shard // chunk > args.max_chunks):
                     continue
-                if chunk == 0 and (sync_name, gather) != ("barriers", "ce"):
-                    continue  # the launch policy's chunk is the barrier schedule's
+                if chunk == 0 and (sync_name, gather, streams) != (policy.sync, policy.gather, policy.copy_streams):
+                    continue  # the launch policy's configuration, under its own schedule's name
                 config = copy_engine.CopyConfig(chunk, sync_name, gather, streams) if chunk else None
                 kw = dict(timeout_iters=comm._timeout_iters, config=config)
                 for placement in placements:
@@ -178,8 +185,8 @@ def main() -> None:
                         s.copy_(x)
 
                     impl = f"copy_{sync_name}_{gather}" + (f"_x{streams}" if streams > 1 else "")
-                    checked = measure(nbytes, impl, {"placement": placement, "chunk_bytes": chunk}, fn, dst, prepare,
-                                      first)
+                    params = {"placement": placement, "chunk_bytes": chunk, "buffer_bytes": buffer_bytes}
+                    checked = measure(nbytes, impl, params, fn, dst, prepare, first)
                     first = checked if first is None else first
                     calls[impl, placement, chunk] = (fn, prepare)
                     if flag_all(comm.memory.error_record[0] != 0):
@@ -190,7 +197,7 @@ def main() -> None:
                             print(f"{impl}/{placement}/{chunk >> 20}M at {nbytes >> 20} MiB: {failure}", flush=True)
                         records[-1].setdefault("error", failure)
                         comm.close()
-                        comm = shardkit.Communicator(buffer_bytes=max(sizes), timeout_s=5.0)
+                        comm = shardkit.Communicator(buffer_bytes=buffer_bytes, timeout_s=5.0)
                         staged = comm.staging_buffer((numel,), torch.bfloat16)
         if nbytes == profile_bytes:
             for mode in modes[:1]:
@@ -210,8 +217,9 @@ def main() -> None:
     default_comm.close()
     if rank == 0:
         print("\n".join(header_lines(env)))
-        print(f"{env['gpu']} x{world}, bf16, us per call (median of {args.reps}, max over ranks); "
-              f"chunk 0 = launch policy; {time.monotonic() - t0:.0f} s")
+        print(f"{env['gpu']} x{world}, bf16, us per call (median of {args.reps}, max over ranks); copy buffer "
+              f"{buffer_bytes >> 20} MiB; pol = launch policy; oneshot: chunk = the last one; "
+              f"{time.monotonic() - t0:.0f} s")
         for mode in modes:
             for mib in sorted({r[0] for r in rows}):
                 print_size_table([r for r in rows if r[0] == mib and r[4] == mode], f"{mib} MiB, {mode}")

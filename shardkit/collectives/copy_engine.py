@@ -119,10 +119,15 @@ _MODE_PUSH, _MODE_PULL_ZERO_COPY, _MODE_PULL_STAGED = 1, 2, 3
 ShardHook = Callable[[torch.Tensor], None]
 
 
-SYNCS = ("barriers", "flags")
+SYNCS = ("barriers", "flags", "oneshot")
 GATHERS = ("ce", "ce_push", "sm")
 # The schedule's code in every fingerprint: ranks configured differently fail at the start barrier.
-_SCHEDULE_CODES = {("barriers", "ce"): 0, ("flags", "ce"): 1, ("flags", "sm"): 2, ("flags", "ce_push"): 3}
+_SCHEDULE_CODES = {("barriers", "ce"): 0, ("flags", "ce"): 1, ("flags", "sm"): 2, ("flags", "ce_push"): 3,
+                   ("oneshot", "ce"): 4}
+# "oneshot": ring slots per sender when T cannot hold the whole message (the credit for chunk k is the
+# peer's sum of chunk k - _RING_SLOTS, long done when the link gets there: sums run ~3x faster than
+# the transfers). At least 2, or a rank would wait for a credit its peer can only give after it.
+_RING_SLOTS = 4
 # Flag rows of the "flags" schedule (the barriers use slot 0): chunk k's reduce-scatter notice in
 # slot _RS_SLOT + k, its all-gather notice in _AG_SLOT + k; at most MAX_PROGRAMS chunks per shard.
 _RS_SLOT, _AG_SLOT = MAX_PROGRAMS, 2 * MAX_PROGRAMS
@@ -136,14 +141,16 @@ class CopyConfig:
     chunk_bytes: bytes of one pipeline chunk of a shard (one transfer from or to one peer); rounded
        down to a multiple of 128 elements (at least 128).
     sync: "barriers" (the default: a full barrier per chunk on the caller's stream; reduce-scatter by
-       pulls from the input or its staged copy) or "flags" (reduce-scatter by copy-engine pushes
+       pulls from the input or its staged copy), "flags" (reduce-scatter by copy-engine pushes
        straight from the input, so nothing is staged; one-way per-chunk flags instead of barriers;
-       see the module).
+       see the module) or "oneshot" (every rank pushes its whole input to every peer and sums all of
+       it: no all-gather; chunk_bytes is then the size of the last, smallest chunk, the earlier ones
+       doubling; gather must be "ce"; no shard_hook).
     gather: "ce" (all-gather by copy-engine transfers: pulls into ``out``, pushes into the peers'
        inputs when zero-copy in place), "ce_push" ("flags" only: copy-engine pushes always, into the
        peers' workspaces, which copy them to ``out`` locally) or "sm" ("flags" only: the sum kernel
        stores each reduced chunk into every peer's workspace itself).
-    copy_streams: "flags" only: side streams per kind of transfer (1-4); chunk k's transfers go to
+    copy_streams: "flags" and "oneshot" only: side streams per kind of transfer (1-4); chunk k's transfers go to
        stream k mod copy_streams, so that several copies are in flight per direction (one copy's
        start and drain then overlap another's).
     """
@@ -171,19 +178,25 @@ def _pieces_fit(numel: int, world: int, chunk: int, element_size: int, buffer_by
 
 
 @functools.lru_cache(maxsize=None)
-def copy_config(shard_bytes: int, world: int, buffer_bytes: int, element_size: int, interpret: bool) -> CopyConfig:
+def copy_config(shard_bytes: int, world: int, buffer_bytes: int, element_size: int, interpret: bool,
+                sharded: bool = False) -> CopyConfig:
     """The launch policy: the pipeline chunk for shards of ``shard_bytes`` (a pure function of the
-    shape, so every rank picks the same).
+    shape, so every rank picks the same). ``sharded``: the call has a shard hook (a two-phase schedule).
 
-    GPUs, 2 ranks: the "flags" schedule with copy-engine gathers in two chunks per shard (2xH200,
-    bf16, graph, out of place: 64 MiB 221 us with 16 MiB chunks against 233-249 for the barrier
-    schedule's chunks; 256 MiB 768 us with 64 MiB chunks against 835; bench/copy_engine_chunks.py).
+    GPUs, 2 ranks, no hook: the "oneshot" schedule, whose last chunk is 1/32 of the message between 1
+    and 8 MiB (on 2 ranks it moves the bytes of a two-shot, as plain pushes from t = 0 with nothing
+    to wait for but the start barrier; only the last chunk's sum follows the link).
+    GPUs, 2 ranks, with a hook: the "flags" schedule with copy-engine gathers in two chunks per shard
+    (2xH200, bf16, graph, out of place: 64 MiB 221 us with 16 MiB chunks against 233-249 for the
+    barrier schedule's chunks; 256 MiB 768 us with 64 MiB chunks against 835; bench/copy_engine_chunks.py).
     GPUs, more ranks (not measured with the flags schedule yet): the barrier schedule, about four
     chunks per shard between 8 and 32 MiB (the probe of issue 14: 16-64 MiB chunks beat NCCL, 4 MiB
     chunks lost to the per-chunk overhead). Either way no more than two slots of T can hold.
     Interpreter: 2 KiB chunks of the barrier schedule, so that small test messages run several chunks.
     """
     ring_cap = buffer_bytes // (2 * max(1, world - 1))
+    if not interpret and world == 2 and not sharded:
+        return CopyConfig(min(max(shard_bytes * world // 32, 1 << 20), 8 << 20), sync="oneshot")
     if not interpret and world == 2:
         return CopyConfig(max(ALIGN * element_size, min(shard_bytes // 2, ring_cap)), sync="flags")
     target = 2048 if interpret else min(max(shard_bytes // 4, 8 << 20), 32 << 20)
@@ -310,40 +323,59 @@ def all_reduce(memory: PeerMemory, x: torch.Tensor, out: torch.Tensor, *, timeou
     interpret = memory.backend == "cpu"
     x_offset = memory.holds(x)
     if config is None:
-        config = copy_config(shard_elements(n, world) * es, world, memory.buffer_bytes, es, interpret)
+        config = copy_config(shard_elements(n, world) * es, world, memory.buffer_bytes, es, interpret,
+                             shard_hook is not None)
     else:
         _check_config(config, shard_hook)
     chunk = _chunk_elements(config, es)
     flags = config.sync == "flags"
-    if flags:
-        fits = _flags_fit(n, world, es, memory.buffer_bytes)
-    else:
-        fits = _pieces_fit(n, world, chunk, es, memory.buffer_bytes)
-    if fits and (flags or x_offset is not None):
-        calls = [(0, n, x_offset)]
-    else:
-        # Call-chunks that fill epoch buffer 0 (S and R) and whose pieces fit T.
-        step = memory.buffer_bytes // es // (ALIGN * world) * (ALIGN * world)
-        if step == 0:
-            raise ValueError(f"all_reduce: a workspace of {memory.buffer_bytes} bytes is too small for the copy "
-                             f"algorithm on {world} ranks ({ALIGN * world} elements at least)")
-        while not flags and not _pieces_fit(step, world, chunk, es, memory.buffer_bytes):
-            chunk //= 2  # only for buffers too small for two slots of the configured chunk
-            if chunk < ALIGN:
-                raise ValueError(f"all_reduce: a workspace of {memory.buffer_bytes} bytes is too small for the "
-                                 f"copy algorithm on {world} ranks")
+    oneshot = config.sync == "oneshot"
+    if oneshot:
+        region = _oneshot_region(world, es, memory.buffer_bytes)
+        # Call-chunks only where one call would need more flag rows than there are.
+        step = n if len(_oneshot_chunks(n, chunk, region)[0]) <= MAX_PROGRAMS else MAX_PROGRAMS // 2 * (
+            region // _RING_SLOTS // ALIGN * ALIGN)
         calls = [(lo, min(lo + step, n), None) for lo in range(0, n, step)]
+    else:
+        calls, chunk = _two_phase_calls(memory, n, es, x_offset, chunk, flags)
     lanes = _Lanes(memory)
     schedule = _SCHEDULE_CODES[config.sync, config.gather] * 8 + config.copy_streams
     for i, (lo, hi, offset) in enumerate(calls):
         fingerprint = (n, i, len(calls), hi - lo, DTYPE_CODES[x.dtype], -1 if offset is None else offset, chunk,
                        shard_hook is not None, schedule)
-        if flags:
+        if oneshot:
+            _call_oneshot(memory, lanes, xs[lo:hi], outs[lo:hi], chunk, region, config.copy_streams, timeout_iters,
+                          fingerprint)
+        elif flags:
             _call_flags(memory, lanes, xs[lo:hi], outs[lo:hi], offset, chunk, config.gather, config.copy_streams,
                         timeout_iters, shard_hook, fingerprint)
         else:
             _call(memory, lanes, xs[lo:hi], outs[lo:hi], offset, chunk, timeout_iters, shard_hook, fingerprint)
     return out
+
+
+def _two_phase_calls(memory: PeerMemory, n: int, es: int, x_offset: int | None, chunk: int,
+                     flags: bool) -> tuple[list[tuple[int, int, int | None]], int]:
+    """The call-chunks [(lo, hi, zero-copy offset or None)] of a "barriers" or "flags" call, and the
+    pipeline chunk (halved where the workspace cannot hold two slots of it)."""
+    world = memory.world_size
+    if flags:
+        fits = _flags_fit(n, world, es, memory.buffer_bytes)
+    else:
+        fits = _pieces_fit(n, world, chunk, es, memory.buffer_bytes)
+    if fits and (flags or x_offset is not None):
+        return [(0, n, x_offset)], chunk
+    # Call-chunks that fill epoch buffer 0 (S and R) and whose pieces fit T.
+    step = memory.buffer_bytes // es // (ALIGN * world) * (ALIGN * world)
+    if step == 0:
+        raise ValueError(f"all_reduce: a workspace of {memory.buffer_bytes} bytes is too small for the copy "
+                         f"algorithm on {world} ranks ({ALIGN * world} elements at least)")
+    while not flags and not _pieces_fit(step, world, chunk, es, memory.buffer_bytes):
+        chunk //= 2  # only for buffers too small for two slots of the configured chunk
+        if chunk < ALIGN:
+            raise ValueError(f"all_reduce: a workspace of {memory.buffer_bytes} bytes is too small for the "
+                             f"copy algorithm on {world} ranks")
+    return [(lo, min(lo + step, n), None) for lo in range(0, n, step)], chunk
 
 
 def _check_config(config: CopyConfig, shard_hook: ShardHook | None) -> None:
@@ -353,9 +385,12 @@ def _check_config(config: CopyConfig, shard_hook: ShardHook | None) -> None:
         raise ValueError(f"all_reduce: config.sync must be one of {SYNCS} and config.gather one of {GATHERS} "
                          f"(gather 'ce_push' and 'sm' with sync='flags' only), got {config!r}")
     if type(config.copy_streams) is not int or not 1 <= config.copy_streams <= 4 or (
-            config.copy_streams > 1 and config.sync != "flags"):
-        raise ValueError(f"all_reduce: config.copy_streams must be an int in 1..4 (above 1 with sync='flags' only), "
-                         f"got {config!r}")
+            config.copy_streams > 1 and config.sync == "barriers"):
+        raise ValueError(f"all_reduce: config.copy_streams must be an int in 1..4 (above 1 with sync='flags' or "
+                         f"'oneshot' only), got {config!r}")
+    if config.sync == "oneshot" and shard_hook is not None:
+        raise ValueError("all_reduce: a shard_hook needs config.sync 'barriers' or 'flags' (the 'oneshot' schedule "
+                         "has no shards: every rank sums the whole message)")
     if config.gather == "sm" and shard_hook is not None:
         raise ValueError("all_reduce: a shard_hook needs config.gather 'ce' or 'ce_push' (with 'sm' the sum kernel "
                          "hands each chunk to the peers before a hook could update it)")
@@ -365,6 +400,37 @@ def _flags_fit(numel: int, world: int, element_size: int, buffer_bytes: int) -> 
     """Whether one "flags" call over ``numel`` elements fits the workspace: R (this rank's shard at its
     message offset) in epoch buffer 0, the W-1 peers' whole shards (T) in epoch buffer 1."""
     return max(numel, (world - 1) * shard_elements(numel, world)) * element_size <= buffer_bytes
+
+
+def _oneshot_region(world: int, element_size: int, buffer_bytes: int) -> int:
+    """Elements of one sender's region of T in the "oneshot" schedule: epoch buffers 0 and 1 (adjacent
+    in the workspace) split over the W-1 peers."""
+    region = 2 * buffer_bytes // (world - 1) // element_size // ALIGN * ALIGN
+    if region < _RING_SLOTS * ALIGN:
+        raise ValueError(f"all_reduce: a workspace of {buffer_bytes} bytes is too small for the oneshot copy "
+                         f"schedule on {world} ranks")
+    return region
+
+
+def _oneshot_chunks(numel: int, last: int, region: int) -> tuple[list[tuple[int, int]], int | None]:
+    """The "oneshot" chunks of a message of ``numel`` elements: ([(lo, hi)], slot). From the end: about
+    ``last`` elements, again ``last``, then doubling, at most ``slot`` each, the first chunk the rest
+    (merged into the second when smaller than it and the two fit a slot). Inner boundaries are multiples
+    of ALIGN. slot: elements of a ring slot when the message does not fit one region of T (then chunk k
+    lands in slot k mod _RING_SLOTS), else None (chunk k lands at its own offset)."""
+    slot = region // _RING_SLOTS // ALIGN * ALIGN if numel > region else None
+    biggest = slot if slot is not None else numel
+    size, pos, cuts = min(last, biggest), numel, []
+    while pos > 0:
+        lo = max(0, -(-(pos - size) // ALIGN) * ALIGN)  # < pos: size >= ALIGN
+        cuts.append((lo, pos))
+        pos = lo
+        if len(cuts) >= 2:
+            size = min(2 * size, biggest)
+    cuts.reverse()
+    if len(cuts) >= 2 and cuts[0][1] - cuts[0][0] < cuts[1][1] - cuts[1][0] and cuts[1][1] <= biggest:
+        cuts[:2] = [(0, cuts[1][1])]
+    return cuts, slot
 
 
 def _validate(memory: PeerMemory, x: torch.Tensor, out: torch.Tensor) -> None:
@@ -608,6 +674,74 @@ def _call_flags(memory: PeerMemory, lanes: _Lanes, x: torch.Tensor, out: torch.T
             summed = reduce(k)
             if gather == "ce_push" and not zc_in_place:
                 publish(k, summed)
+    lanes.join()
+
+    # End: nobody touches our workspace after this.
+    launch_barrier(memory.table, memory.error_record_addr, rank, world, call_signature(OP, *fingerprint, 1),
+                   memory.buffer_bytes, timeout_iters)
+
+
+def _call_oneshot(memory: PeerMemory, lanes: _Lanes, x: torch.Tensor, out: torch.Tensor, last: int, region: int,
+                  streams: int, timeout_iters: int, fingerprint: tuple) -> None:
+    """One call-chunk of the "oneshot" schedule (see the module): x and out flat (out may be x)."""
+    rank, world, dtype, es = memory.rank, memory.world_size, x.dtype, x.element_size()
+    ranges, slot = _oneshot_chunks(x.numel(), last, region)
+    chunks = len(ranges)
+    base = memory.staging_offset + memory.buffer_bytes  # T: epoch buffers 0 and 1, one region per sender
+    in_place = out.data_ptr() == x.data_ptr()
+    peers = [(rank + i) % world for i in range(1, world)]
+    ws = memory.peer_view(rank, 0, 1, torch.uint8).data_ptr()  # this rank's workspace address
+    interpret = memory.backend == "cpu"
+    forked: set[str] = set()
+
+    def flags(signal: tuple[int, int] | None = None, wait: tuple[int, int] | None = None) -> None:
+        launch_chunk_flags(memory.table, memory.error_record_addr, rank, world, timeout_iters, signal=signal, wait=wait)
+
+    def notice(phase: int, k: int) -> tuple[int, int]:
+        return (_RS_SLOT if phase == _RS else _AG_SLOT) + k, call_signature(OP, *fingerprint, phase, k)
+
+    def on(lane: str):
+        """Work on ``lane``; its first use waits for the start barrier (which forks it off main, as
+        CUDA-graph capture needs)."""
+        if lane not in forked:
+            forked.add(lane)
+            lanes.wait(start, lane)
+        return lanes.on(lane)
+
+    def t_offset(sender: int, receiver: int, k: int) -> int:
+        """Byte offset of chunk k from ``sender`` in ``receiver``'s T."""
+        at = (k % _RING_SLOTS) * slot if slot is not None else ranges[k][0]
+        return base + (((sender - receiver - 1) % world) * region + at) * es
+
+    # Start: after this barrier no peer still reads or writes our workspace for an earlier call.
+    launch_barrier(memory.table, memory.error_record_addr, rank, world, call_signature(OP, *fingerprint, 0),
+                   memory.buffer_bytes, timeout_iters)
+    start = lanes.mark()
+    # Per chunk, in this order (every rank signals before it waits, so CPU worlds run it in program
+    # order): cr waits for the peers' credits (ring only: their sums of chunk k - slots freed the
+    # slot); rs pushes chunk k of x into every peer's T; sig tells them; main signals the credit of
+    # chunk k-1, waits for the peers' chunk k and sums it in rank order into out.
+    for k, (lo, hi) in enumerate(ranges):
+        rs = f"rs{k % streams}"
+        if slot is not None and k >= _RING_SLOTS:
+            with on("cr"):
+                flags(wait=notice(_AG, k - _RING_SLOTS))
+                credit = lanes.mark("cr")
+            lanes.wait(credit, rs)
+        with on(rs):
+            for p in peers:
+                memory.peer_view(p, t_offset(rank, p, k), hi - lo, dtype).copy_(x[lo:hi])
+            pushed = lanes.mark(rs)
+        with on("sig"):
+            lanes.wait(pushed, "sig")
+            flags(signal=notice(_RS, k))
+        credit_due = slot is not None and k >= 1 and k - 1 + _RING_SLOTS < chunks
+        flags(signal=notice(_AG, k - 1) if credit_due else None, wait=notice(_RS, k))
+        if in_place:
+            lanes.wait(pushed)  # our pushes of chunk k read it before the sum overwrites it
+        pieces = ws + t_offset(rank + 1, rank, k)  # peer rank+1's piece; the others region * es apart
+        launch_chunk_sum(memory.table, rank, world, dtype, hi - lo, x[lo:hi].data_ptr(), pieces, region * es,
+                         out[lo:hi].data_ptr(), interpret=interpret)
     lanes.join()
 
     # End: nobody touches our workspace after this.

@@ -194,16 +194,18 @@ def copy_bad_inputs() -> list[str]:
 
 
 def copy_graph_replays(n: int, replays: int, seed: int, sync: str = "barriers", gather: str = "ce",
-                       copy_streams: int = 1) -> float:
+                       copy_streams: int = 1, buffer_bytes: int | None = None) -> float:
     """CUDA graph of an out-of-place and a zero-copy in-place copy all-reduce (the ``sync``/``gather``
     schedule), replayed on fresh inputs; returns the worst relative error (inputs change between
-    replays, so a graph that froze any per-call state would be caught)."""
+    replays, so a graph that froze any per-call state would be caught). A ``buffer_bytes`` below the
+    message (oneshot: its ring of slots) takes an ordinary tensor in place instead of the staged one."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    comm = Communicator(buffer_bytes=4 * n * 2)
+    comm = Communicator(buffer_bytes=buffer_bytes or 4 * n * 2)
     config = copy_engine.CopyConfig(max(256, n * 2 // world // 3), sync, gather, copy_streams)  # a few chunks
     x = torch.empty(n, dtype=torch.bfloat16, device=device())
     out = torch.empty_like(x)
-    staged = comm.staging_buffer((n,), torch.bfloat16)
+    staged = (comm.staging_buffer((n,), torch.bfloat16) if n * 2 <= comm.memory.buffer_bytes
+              else torch.empty_like(x))
     kw = dict(timeout_iters=comm._timeout_iters, config=config)
     worst = 0.0
     try:

@@ -28,6 +28,11 @@ SMALL_BUFFER = 8192  # bytes: larger messages go in call-chunks
     (4, "float32", [1500], 1024, True, "flags", "ce_push", 1),
     (2, "float16", [3001], 1024, True, "flags", "ce", 2),  # chunks alternate over two copy streams (GPU);
     (3, "float32", [1000], 1024, True, "flags", "ce_push", 3),  # on CPU the same program order
+    # The oneshot schedule: chunks doubling towards the front; 9000 / 5000 / 3001 elements overflow one
+    # region of T (2 x 8 KiB over the peers): the ring of slots with credits.
+    (2, "bfloat16", [7, 3000, 9000], 1024, False, "oneshot", "ce", 1),
+    (3, "float32", [1000, 5000], 1024, True, "oneshot", "ce", 1),
+    (2, "float16", [3001, 9001], 512, True, "oneshot", "ce", 2),
 ])
 def test_matches_float64_and_tree_bits(worlds, world_size, dtype, sizes, chunk_bytes, compare_tree, sync, gather,
                                        copy_streams):
@@ -55,16 +60,42 @@ def test_ranks_disagreeing_all_raise(worlds, schedules):
 
 
 def test_launch_policy_picks_the_measured_schedule():
-    """2 GPUs: the flags schedule in two chunks per shard (measured fastest at 64 and 256 MiB);
-    more GPUs and the interpreter: the barrier schedule (the flags one is unmeasured there)."""
+    """2 GPUs: the oneshot schedule, last chunk 1/32 of the message within 1-8 MiB; with a shard hook
+    the flags schedule in two chunks per shard (measured fastest of the two-phase ones at 64 and 256
+    MiB); more GPUs and the interpreter: the barrier schedule (the others are unmeasured there)."""
     from shardkit.collectives.copy_engine import CopyConfig, copy_config
 
     mib = 1 << 20
-    assert copy_config(32 * mib, 2, 256 * mib, 2, False) == CopyConfig(16 * mib, sync="flags")
-    assert copy_config(128 * mib, 2, 256 * mib, 2, False) == CopyConfig(64 * mib, sync="flags")
-    assert copy_config(128 * mib, 2, 64 * mib, 2, False) == CopyConfig(32 * mib, sync="flags")  # two slots fit
+    assert copy_config(32 * mib, 2, 256 * mib, 2, False) == CopyConfig(2 * mib, sync="oneshot")
+    assert copy_config(128 * mib, 2, 32 * mib, 2, False) == CopyConfig(8 * mib, sync="oneshot")
+    assert copy_config(8 * mib, 2, 32 * mib, 2, False) == CopyConfig(1 * mib, sync="oneshot")
+    assert copy_config(32 * mib, 2, 256 * mib, 2, False, True) == CopyConfig(16 * mib, sync="flags")
+    assert copy_config(128 * mib, 2, 256 * mib, 2, False, True) == CopyConfig(64 * mib, sync="flags")
+    assert copy_config(128 * mib, 2, 64 * mib, 2, False, True) == CopyConfig(32 * mib, sync="flags")  # two slots fit
     assert copy_config(32 * mib, 4, 256 * mib, 2, False) == CopyConfig(8 * mib)
     assert copy_config(32 * mib, 2, 256 * mib, 2, True) == CopyConfig(2048)
+
+
+def test_oneshot_chunks_double_towards_the_front():
+    """The oneshot plan: every element in exactly one chunk, in order; inner boundaries aligned; sizes
+    from the end about last, last, 2 last, ...; a ring of slots (chunks no larger than a slot) only
+    when the message overflows one region of T."""
+    from shardkit.collectives.copy_engine import ALIGN, _RING_SLOTS, _oneshot_chunks
+
+    for numel, last, region in [(7, 512, 8192), (3001, 256, 4096), (1 << 24, 1 << 20, 1 << 25),
+                                (9000, 512, 8192), ((1 << 27) + 77, 1 << 22, 1 << 25)]:
+        ranges, slot = _oneshot_chunks(numel, last, region)
+        assert ranges[0][0] == 0 and ranges[-1][1] == numel
+        assert all(a[1] == b[0] and a[1] % ALIGN == 0 for a, b in zip(ranges, ranges[1:]))
+        sizes = [hi - lo for lo, hi in ranges]
+        assert min(sizes) > 0 and sizes[-1] <= last
+        assert (slot is None) == (numel <= region)
+        if slot is None:
+            assert all(a >= b for a, b in zip(sizes, sizes[1:])) and len(sizes) <= 2 + numel.bit_length()
+        else:
+            assert max(sizes) <= slot == region // _RING_SLOTS // ALIGN * ALIGN
+    ranges, slot = _oneshot_chunks(1 << 24, 1 << 20, 1 << 25)
+    assert [hi - lo for lo, hi in ranges] == [1 << 23, 1 << 22, 1 << 21, 1 << 20, 1 << 20] and slot is None
 
 
 def test_bad_inputs_raise_on_every_rank(worlds):
@@ -81,7 +112,7 @@ def test_bad_inputs_raise_on_every_rank(worlds):
 GPU_WORLDS = sorted({2, min(4, gpu_count())}) if gpu_count() >= 2 else []
 
 
-SCHEDULES = [("barriers", "ce"), ("flags", "ce"), ("flags", "ce_push"), ("flags", "sm")]
+SCHEDULES = [("barriers", "ce"), ("flags", "ce"), ("flags", "ce_push"), ("flags", "sm"), ("oneshot", "ce")]
 
 
 @pytest.mark.parametrize("world_size", GPU_WORLDS)
@@ -97,22 +128,34 @@ def test_gpu_matches_float64_and_tree_bits(worlds, world_size, dtype, buffer_byt
     assert all(d == digests[0] for d in digests), "ranks got different bits"
 
 
-@pytest.mark.parametrize("gather", ["ce", "ce_push", "sm"])
+@pytest.mark.parametrize("sync,gather", [("flags", "ce"), ("flags", "ce_push"), ("flags", "sm"), ("oneshot", "ce")])
 @pytest.mark.gpu
 @pytest.mark.skipif(gpu_count() < 2, reason="needs 2+ CUDA GPUs")
-def test_gpu_two_copy_streams(worlds, gather):
+def test_gpu_two_copy_streams(worlds, sync, gather):
     sizes = [4099, 3_000_017]  # one call, 1 MiB chunks alternating over two streams per kind of transfer
     digests = worlds(2, "nccl").run(copy_checks.check_copy_all_reduce, "bfloat16", sizes, 32 << 20, 1 << 20, 3, True,
-                                    "flags", gather, 2)
+                                    sync, gather, 2)
     assert all(d == digests[0] for d in digests), "ranks got different bits"
 
 
-@pytest.mark.parametrize("sync,gather,copy_streams", [(*s, 1) for s in SCHEDULES] + [("flags", "ce", 2)])
+@pytest.mark.parametrize("sync,gather,copy_streams", [(*s, 1) for s in SCHEDULES] + [("flags", "ce", 2),
+                                                                                      ("oneshot", "ce", 2)])
 @pytest.mark.gpu
 @pytest.mark.skipif(gpu_count() < 2, reason="needs 2+ CUDA GPUs")
 def test_gpu_cuda_graph_replays(worlds, sync, gather, copy_streams):
     for worst in worlds(GPU_WORLDS[-1], "nccl").run(copy_checks.copy_graph_replays, 1_000_003, 50, 5, sync, gather,
                                                     copy_streams):
+        assert worst < 2e-2, worst
+
+
+@pytest.mark.parametrize("copy_streams", [1, 2])
+@pytest.mark.gpu
+@pytest.mark.skipif(gpu_count() < 2, reason="needs 2+ CUDA GPUs")
+def test_gpu_oneshot_ring_in_cuda_graphs(worlds, copy_streams):
+    """The oneshot schedule with T smaller than the message (its ring of slots and credits) in a graph."""
+    n = 1_000_003
+    for worst in worlds(2, "nccl").run(copy_checks.copy_graph_replays, n, 50, 6, "oneshot", "ce", copy_streams,
+                                       n * 2 // 4):
         assert worst < 2e-2, worst
 
 
