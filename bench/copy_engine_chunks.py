@@ -138,7 +138,8 @@ def main() -> None:
         x = torch.randn(numel, generator=torch.Generator().manual_seed(7 + rank)).to(torch.bfloat16).cuda()
         ref = x.clone()
         dist.all_reduce(ref)
-        staged = comm.staging_buffer((numel,), torch.bfloat16)
+        fits = nbytes <= buffer_bytes  # zero-copy placements need the message in the staging area
+        staged = comm.staging_buffer((numel,), torch.bfloat16) if fits else None
         out = torch.empty_like(x)
         work = torch.empty_like(x)  # in-place placements' tensor (x itself stays the pristine input)
 
@@ -175,6 +176,8 @@ def main() -> None:
                 config = copy_engine.CopyConfig(chunk, sync_name, gather, streams) if chunk else None
                 kw = dict(timeout_iters=comm._timeout_iters, config=config)
                 for placement in placements:
+                    if placement.startswith("zc") and not fits:
+                        continue
                     src, dst = {"out": (x, out), "in": (work, work), "zc": (staged, staged),
                                 "zco": (staged, out)}[placement]
                     fn = (lambda s=src, d=dst, kw=kw: copy_engine.all_reduce(comm.memory, s, d, **kw))
@@ -198,7 +201,7 @@ def main() -> None:
                         records[-1].setdefault("error", failure)
                         comm.close()
                         comm = shardkit.Communicator(buffer_bytes=buffer_bytes, timeout_s=5.0)
-                        staged = comm.staging_buffer((numel,), torch.bfloat16)
+                        staged = comm.staging_buffer((numel,), torch.bfloat16) if fits else None
         if nbytes == profile_bytes:
             for mode in modes[:1]:
                 best = {}
