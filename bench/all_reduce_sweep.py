@@ -33,9 +33,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 OURS = ("flat", "tree", "auto", "ll")  # ll: the one-synchronisation kernel (CUDA kernels only)
 # The same algorithms on the Triton kernels, when the default communicator runs the CUDA ones.
 TRITON = ("flat_triton", "tree_triton")
-# The copy-engine algorithm on a communicator whose buffer holds the largest message (--copy-buffer):
-# "copy" out of place on an ordinary tensor (staging overlapped), "copy_zc" zero-copy in place (the
-# input written in the staging area: no staging copy at all).
+# The copy-engine algorithm: "copy" out of place on an ordinary tensor on the default communicator (what
+# ``auto`` runs when its rules pick copy; larger messages than its workspace take the oneshot schedule's
+# ring of slots on 2 GPUs); "copy_zc" zero-copy in place (the input written in the staging area) on a
+# communicator whose buffer holds the largest message (--copy-buffer).
 COPY = ("copy", "copy_zc")
 
 
@@ -108,7 +109,7 @@ def sweep_rank(args: argparse.Namespace) -> tuple[dict, list[dict]] | None:
     sizes = parse_sizes(args.sizes)
     elt = torch.empty((), dtype=dtype).element_size()
     copy_buffer = args.copy_buffer or max(sizes)
-    copy_comm = shardkit.Communicator(buffer_bytes=copy_buffer) if any(a in COPY for a in algos) else None
+    copy_comm = shardkit.Communicator(buffer_bytes=copy_buffer) if "copy_zc" in algos else None
 
     def sync() -> None:
         dist.barrier()
@@ -147,7 +148,7 @@ def sweep_rank(args: argparse.Namespace) -> tuple[dict, list[dict]] | None:
                 fn, got = (lambda a=algo, o=out: comm.all_reduce(x, algo=a, out=o)), out
             elif algo == "copy":
                 out = torch.empty_like(x)
-                fn, got = (lambda o=out: copy_comm.all_reduce(x, algo="copy", out=o)), out
+                fn, got = (lambda o=out: comm.all_reduce(x, algo="copy", out=o)), out
             elif algo == "copy_zc":  # in place, so every call sums the last result: no NaN poison, x first
                 got = copy_comm.staging_buffer(x.shape, dtype)
                 fn = lambda g=got: copy_comm.all_reduce_(g, algo="copy")  # noqa: E731
@@ -187,7 +188,8 @@ def sweep_rank(args: argparse.Namespace) -> tuple[dict, list[dict]] | None:
                     samples = max_over_ranks(samples, device)  # each repetition: the slowest rank
                     busbw = numel * elt / (statistics.median(samples) * 1e-6) / 1e9 * 2 * (world - 1) / world
                     metrics["busbw_gbps"] = round(busbw, 2)
-                params = {"bytes": numel * elt, **({"buffer_bytes": copy_buffer} if algo in COPY else {})}
+                buffer_bytes = copy_buffer if algo == "copy_zc" else comm.memory.buffer_bytes if algo == "copy" else 0
+                params = {"bytes": numel * elt, **({"buffer_bytes": buffer_bytes} if buffer_bytes else {})}
                 records.append(record("all_reduce", impl_name(algo, comm.kernels), gpu=env["gpu"], world=world,
                                       dtype=dtype, mode="cpu" if cpu else mode, params=params,
                                       us=samples, metrics=metrics, commit=commit,
@@ -205,10 +207,10 @@ def sweep_rank(args: argparse.Namespace) -> tuple[dict, list[dict]] | None:
 
 
 def derive_rules(records: list[dict], kernels: str) -> list[tuple[int | None, str]]:
-    """Fastest of flat/tree/ll (of the given kernel family) and nccl per measured size (graph mode if
-    measured), as threshold rules."""
+    """Fastest of flat/tree/ll (of the given kernel family), copy (on the default communicator) and nccl
+    per measured size (graph mode if measured), as threshold rules."""
     mode = "graph" if any(r["mode"] == "graph" for r in records) else "eager"
-    candidates = {impl_name(a, kernels): a for a in ("flat", "tree", "nccl", "ll")}
+    candidates = {impl_name(a, kernels): a for a in ("flat", "tree", "nccl", "ll", "copy")}
     best = {}
     for r in records:
         nbytes = r["params"]["bytes"]
@@ -251,7 +253,7 @@ def main() -> None:
                         "ll (CUDA kernels only, e.g. --algos nccl,flat,ll --sizes 1K-256K) is skipped elsewhere")
     p.add_argument("--modes", default="eager,graph")
     p.add_argument("--copy-buffer", type=parse_size, default=None,
-                   help="buffer_bytes of the communicator of copy/copy_zc (default: the largest size)")
+                   help="buffer_bytes of the communicator of copy_zc (default: the largest size)")
     p.add_argument("--iters", type=int, default=None, help="calls per repetition (default 100; CPU 3)")
     p.add_argument("--reps", type=int, default=None, help="repetitions (default 7; CPU 3)")
     p.add_argument("--out", default=None,

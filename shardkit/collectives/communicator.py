@@ -1,7 +1,7 @@
 """Communicator: all-reduce over a process group with DDA flat/tree or copy engines on peer memory, or NCCL.
 
     comm = Communicator(group)                 # every rank of the group, together
-    y = comm.all_reduce(x)                      # algo="auto" picks flat / tree / nccl by size
+    y = comm.all_reduce(x)                      # algo="auto" picks ll / flat / tree / copy / nccl by size
     comm.all_reduce_(x, algo="tree")            # in place
     buf = comm.staging_buffer(x.shape, x.dtype) # write into it and all_reduce(buf): zero-copy
 
@@ -181,7 +181,9 @@ class Communicator:
         x: contiguous fp32/fp16/bf16 tensor on this rank's device, any shape; same shape and dtype
            on every rank. Not modified (unless ``out`` is ``x``).
         algo: "auto" | "flat" | "tree" | "nccl" | "copy" (copy-engine transfers for large messages,
-           ``collectives/copy_engine.py``; fastest with a ``buffer_bytes`` that holds the message) | "ll"
+           ``collectives/copy_engine.py``: on 2 GPUs the oneshot schedule, which takes messages larger
+           than the workspace in one call through a ring of slots; on more GPUs it is fastest with a
+           ``buffer_bytes`` that holds the message) | "ll"
            (one synchronisation per call, flags carried in the data: csrc/dda/ll_all_reduce.cu; small
            messages on the CUDA kernels; calls above ``protocol.LL_MAX_BYTES`` go in chunks; where
            ``auto``'s rules pick it on the Triton kernels, flat runs instead).

@@ -118,3 +118,22 @@ def test_rmsnorm_crossover_fit():
     # Two shapes of one size count together; two-shot never ahead: twice the largest size.
     assert tree_min_bytes(records([(16, 8192, 9.0, 15.0), (32, 4096, 9.0, 15.0)])) == 2 * 2 * 16 * 8192
     assert tree_min_bytes([]) is None
+
+
+def test_sweep_rules_take_copy_where_fastest():
+    """bench/all_reduce_sweep.derive_rules: the fastest of flat/tree/ll/copy/nccl per size in graph mode
+    (copy timed on the default communicator, as auto would run it), merged into ranges."""
+    from bench.all_reduce_sweep import derive_rules
+
+    def rec(impl, nbytes, us, mode="graph"):
+        return {"impl": impl, "mode": mode, "params": {"bytes": nbytes}, "us_median": us}
+
+    mib = 1 << 20
+    records = [rec("ll_cuda", 1024, 4.0), rec("flat_cuda", 1024, 5.0), rec("copy", 1024, 40.0),
+               rec("flat_cuda", 16 * mib, 60.0), rec("copy", 16 * mib, 55.0), rec("nccl", 16 * mib, 80.0),
+               rec("flat_cuda", 64 * mib, 250.0), rec("copy", 64 * mib, 190.0), rec("nccl", 64 * mib, 250.0),
+               rec("copy", 256 * mib, None), rec("nccl", 256 * mib, 900.0), rec("copy_zc", 256 * mib, 1.0),
+               rec("copy", 256 * mib, 1.0, mode="eager")]
+    assert derive_rules(records, "cuda") == [(1024, "ll"), (64 * mib, "copy"), (None, "nccl")]
+    records[9] = rec("copy", 256 * mib, 700.0)
+    assert derive_rules(records, "cuda") == [(1024, "ll"), (None, "copy")]
