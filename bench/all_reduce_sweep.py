@@ -229,6 +229,23 @@ def derive_rules(records: list[dict], kernels: str) -> list[tuple[int | None, st
     return rules
 
 
+def splice_rules(old: list[tuple[int | None, str]], fitted: list[tuple[int | None, str]],
+                 lo: int) -> list[tuple[int | None, str]]:
+    """The stored rules below ``lo`` bytes (the smallest size measured), ``fitted`` from ``lo`` on: a
+    sweep over some sizes (e.g. 16M,64M,256M) refits only the range it measured."""
+    from shardkit import thresholds
+
+    rules = [(b, a) for b, a in old if b is not None and b < lo]
+    if lo > 0 and (not rules or rules[-1][0] < lo - 1):
+        rules.append((lo - 1, thresholds.choose(old, lo - 1)))
+    for b, a in fitted:
+        if rules and rules[-1][1] == a:
+            rules[-1] = (b, a)
+        else:
+            rules.append((b, a))
+    return rules
+
+
 def report(args: argparse.Namespace, env: dict, records: list[dict], world: int, functional: bool) -> None:
     from bench.report import publish
 
@@ -239,9 +256,10 @@ def report(args: argparse.Namespace, env: dict, records: list[dict], world: int,
     publish(records, args.out, on_gpu=not functional)
     if args.write_thresholds and not functional:
         from shardkit import thresholds
-        rules = derive_rules(records, env["kernels"])
+        lo = min(r["params"]["bytes"] for r in records)
+        rules = splice_rules(thresholds.select_rules(env["gpu"], world), derive_rules(records, env["kernels"]), lo)
         thresholds.write_rules(env["gpu"], world, rules)
-        print(f"thresholds for {env['gpu']} x{world}: {rules} -> {thresholds.PATH}")
+        print(f"thresholds for {env['gpu']} x{world} (measured from {lo} bytes on): {rules} -> {thresholds.PATH}")
 
 
 def main() -> None:
@@ -259,7 +277,9 @@ def main() -> None:
     p.add_argument("--out", default=None,
                    help="directory for records.jsonl and the tables (default: the store, bench/results, on GPUs; "
                         "nothing on CPU)")
-    p.add_argument("--write-thresholds", action="store_true", help="store the measured crossovers for algo='auto'")
+    p.add_argument("--write-thresholds", action="store_true",
+                   help="store the measured crossovers for algo='auto' (from the smallest size measured on; the "
+                        "stored rules below it stay)")
     p.add_argument("--cpu-world", type=int, default=0, help="no GPUs: run a CPU world of this many processes")
     args = p.parse_args()
     cpu = args.cpu_world > 0

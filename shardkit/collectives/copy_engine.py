@@ -1,4 +1,5 @@
-"""Copy-engine all-reduce for large messages: reduce-scatter by pulls or pushes, all-gather by pushes or pulls.
+"""Copy-engine all-reduce for large messages: reduce-scatter by pulls or pushes, all-gather by pushes or pulls,
+or (2 GPUs) one-shot pushes of the whole input.
 
 For messages of many MiB the all-reduce is bound by NVLink bandwidth, and on H200 the copy engines
 (``cudaMemcpyAsync`` on a peer pointer) move data faster than SM loads and stores when both
@@ -70,6 +71,24 @@ CPU worlds; each wait has the barriers' timeout and error record. Chunks per sha
 ``MAX_PROGRAMS`` (one flag row each). The side streams run at high priority, so that a flag kernel
 is not queued behind the blocks of a large sum. A ``shard_hook`` needs gather="ce" or "ce_push"
 (the sum kernel of "sm" hands the chunk to the peers before a hook could change it).
+
+``CopyConfig(sync="oneshot")`` (the 2-GPU policy; issue 14's large messages on ordinary tensors) has no
+all-gather at all: every rank pushes its whole input, by copy engines, into every peer's T and sums
+the whole message itself. On 2 GPUs that moves what a two-shot moves (n bytes each way), but as plain
+pushes from the input (nothing staged, zero-copy or not alike) that wait for nothing but the start
+barrier: the link never waits for a sum, and only the last chunk's sum follows the last byte. (On W
+ranks it moves (W-1) n bytes each way: 2 GPUs only, by policy.) T is epoch buffers 0 and 1 (adjacent:
+2 x ``buffer_bytes``), one region per sender (peer q's at slot i = (q - r - 1) mod W, as above).
+Chunks double towards the front (the last one is ``chunk_bytes``): few copy operations, and a small
+last sum. After the start barrier, per chunk k:
+
+  * "rs" stream: copy-engine pushes of chunk k of x into every peer's T; "sig": the flag "chunk k is in
+    your T" (``kernels/chunk_flags.py``);
+  * main: one flag kernel (signal the credit of chunk k-1, wait for every peer's chunk k), then the
+    Triton chunk sum of x and the W-1 pieces into ``out`` (in place: after our own pushes of chunk k);
+  * a message larger than a region of T goes through a ring of ``_RING_SLOTS`` slots: chunk k lands in
+    slot k mod slots, and its pushes wait (a flag kernel on a "cr" stream) for every peer's credit
+    "chunk k - slots is summed". So ``auto`` can take the copy engines on the default workspace.
 
 Barriers are ``kernels/barrier.py``: one program of the workspace protocol, enqueued on main (CUDA
 graphs capture it), carrying the call's fingerprint (op, sizes, dtype, chunking, zero-copy

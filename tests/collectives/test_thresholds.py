@@ -137,3 +137,17 @@ def test_sweep_rules_take_copy_where_fastest():
     assert derive_rules(records, "cuda") == [(1024, "ll"), (64 * mib, "copy"), (None, "nccl")]
     records[9] = rec("copy", 256 * mib, 700.0)
     assert derive_rules(records, "cuda") == [(1024, "ll"), (None, "copy")]
+
+
+def test_sweep_rules_spliced_into_the_stored_ones():
+    """A sweep from 16 MiB on refits the rules from 16 MiB on and keeps the stored ones below."""
+    from bench.all_reduce_sweep import splice_rules
+
+    mib = 1 << 20
+    old = [(256 << 10, "ll"), (16 * mib, "flat"), (None, "nccl")]
+    assert splice_rules(old, [(16 * mib, "flat"), (None, "copy")], 16 * mib) == \
+        [(256 << 10, "ll"), (16 * mib, "flat"), (None, "copy")]
+    assert splice_rules(old, [(None, "copy")], 16 * mib) == [(256 << 10, "ll"), (16 * mib - 1, "flat"), (None, "copy")]
+    assert splice_rules(old, [(None, "copy")], 4 * mib) == [(256 << 10, "ll"), (4 * mib - 1, "flat"), (None, "copy")]
+    assert splice_rules(old, [(4096, "ll"), (None, "tree")], 1024) == [(4096, "ll"), (None, "tree")]
+    assert splice_rules([(None, "nccl")], [(None, "copy")], 16 * mib) == [(16 * mib - 1, "nccl"), (None, "copy")]
