@@ -48,12 +48,17 @@ def test_nccl_transport_on_gloo(worlds, fp8):
 
 
 def test_combine_bitwise_identical_whatever_the_arrival_order(worlds):
-    """The same round with other program counts (another map of items to programs) and with ranks
-    delayed in turn: the outputs must not change by one bit."""
+    """The same round with other program counts (another map of items to programs; a combine whose every
+    program pushes, then sums) and with ranks delayed in turn: the outputs must not change by one bit."""
+    from shardkit.kernels.moe.launch_config import moe_launch_config
+
+    unified = dataclasses.replace(moe_launch_config(40, 100, 2, False, 0, interpret=True), programs=3,
+                                  combine_pushers=3)
     case = [([7, 5, 9], "random", True)]
-    runs = [worlds(3).run(moe_checks.check_round, dict(BASE, programs=programs), case, 16, delays)
-            for programs, delays in ((2, [0.0, 0.0, 0.0]), (3, [0.6, 0.0, 0.3]), (1, [0.0, 0.5, 0.0]))]
-    assert runs[0] == runs[1] == runs[2]
+    runs = [worlds(3).run(moe_checks.check_round, dict(BASE, **grid), case, 16, delays)
+            for grid, delays in ((dict(programs=2), [0.0, 0.0, 0.0]), (dict(programs=3), [0.6, 0.0, 0.3]),
+                                 (dict(programs=1), [0.0, 0.5, 0.0]), (dict(launch_config=unified), [0.0, 0.0, 0.4]))]
+    assert all(r == runs[0] for r in runs[1:])
 
 
 def test_static_buffers_with_changing_routing(worlds):
@@ -69,15 +74,17 @@ def test_peer_and_nccl_transports_lay_out_rounds_alike(worlds):
 
 
 def test_launch_grids_do_not_change_the_result(worlds):
-    """Other grids (items of several chunks, a partial last item; other token blocks; more layout chunks)
-    give bitwise the same round; hidden 300 is three chunks of 128 channels, the last one partial."""
+    """Other grids (items of several chunks, a partial last item; other token blocks; more layout chunks;
+    a combine whose every program pushes, then sums) give bitwise the same round; hidden 300 is three
+    chunks of 128 channels, the last one partial."""
     from shardkit.kernels.moe.launch_config import moe_launch_config
 
     default = moe_launch_config(40, 300, 2, False, 0, interpret=True)
     grids = [default, dataclasses.replace(default, dispatch_item_chunks=2, combine_item_chunks=2),
              dataclasses.replace(default, dispatch_item_chunks=3, combine_item_chunks=5, dispatch_block_t=8,
                                  combine_block_t=4, combine_block_h=64, meta_t=4, layout_block_t=2,
-                                 layout_programs=8, programs=3)]
+                                 layout_programs=8, programs=3),
+             dataclasses.replace(default, programs=3, combine_pushers=3, combine_block_t=8)]
     case = [([33, 7], "random", True)]
     runs = [worlds(2).run(moe_checks.check_round, dict(BASE, hidden=300, launch_config=g), case, 19) for g in grids]
-    assert runs[0] == runs[1] == runs[2]
+    assert all(r == runs[0] for r in runs[1:])

@@ -42,7 +42,8 @@ def test_combine_bitwise_identical_whatever_the_arrival_order(worlds):
 
 def test_launch_grids_do_not_change_the_result(worlds):
     """Whole-row items (2 chunks of 1024 channels), 3-chunk items of 512 (a partial last one), other
-    token blocks and layout chunks: bitwise the same outputs as the default grid."""
+    token blocks and layout chunks, a combine whose every program pushes then sums, and one split in
+    pushers and summers: bitwise the same outputs as the default grid."""
     import dataclasses
 
     from shardkit.kernels.moe.launch_config import moe_launch_config
@@ -51,9 +52,11 @@ def test_launch_grids_do_not_change_the_result(worlds):
     grids = [None, dataclasses.replace(default, dispatch_item_chunks=2, combine_item_chunks=2, combine_block_t=8),
              dataclasses.replace(default, dispatch_block_h=512, dispatch_item_chunks=3, combine_block_h=512,
                                  combine_item_chunks=3, dispatch_block_t=2, layout_block_t=16, layout_programs=8,
-                                 programs=96)]
+                                 programs=96),
+             dataclasses.replace(default, combine_pushers=default.programs),
+             dataclasses.replace(default, combine_pushers=40, combine_block_t=4)]
     runs = [worlds(2, "nccl").run(moe_checks.check_round, dict(GPU, launch_config=g), CASES[1:3], 37) for g in grids]
-    assert runs[0] == runs[1] == runs[2]
+    assert all(r == runs[0] for r in runs[1:])
 
 
 @pytest.mark.parametrize("fp8", [False, True])

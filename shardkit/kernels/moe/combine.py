@@ -13,15 +13,21 @@ program the two kinds of work would only take turns):
     order of weight[i, k] * expert_out[expert_row[i, k]]`` in fp32 over the slots whose expert
     lives here, pushed in x's dtype to row (rank, t) of s's ``comb`` region; then the call's flag
     into word (rank, item) of s's ``comb_flag`` (a release: the rows land first).
-  summers (programs P .. G-1): for this rank's own items q, q + (G - P), ...: wait until every peer's
-    flag for the item has come, then per chunk ``residual + sum over ranks r in mask[t], in order
-    0..W-1, of partial_r[t]`` (fp32) into ``out`` in x's dtype, where partial_rank is computed here
-    as the pushers compute theirs (rounded to x's dtype as a pushed row is) and the others are the
-    peers' ``comb`` rows.
+  summers (programs G - S .. G-1, S = G - P): for this rank's own items q, q + S, ...: per chunk
+    ``residual + sum over ranks r in mask[t], in order 0..W-1, of partial_r[t]`` (fp32) into ``out``
+    in x's dtype, where partial_rank is computed here as the pushers compute theirs (rounded to x's
+    dtype as a pushed row is) and the others are the peers' ``comb`` rows, read once every peer's
+    flag for the item has come (the item's first own partial is computed before that wait).
 
-Pushers never wait, and a summer waits only for other ranks' pushers: in the interpreter, whose
-programs run one after another, every rank's pushers (the lower program ids) finish before its
-summers start, so nothing waits for a program that cannot run. A rank that rejected its combine
+With P = G (``pushers == programs``) the roles are not split: every program pushes its items, then
+sums its own items q = pid, pid + G, ... (S = G). With few tokens (a program has one or two items)
+that halves the chain of items a program runs one after another, which costs more there than the
+overlap of the two kinds of work gains (at 128 tokens a round is a few microseconds of data).
+
+Pushers never wait, and a summer waits only for other ranks' pushers of lower or equal program id
+(split: the pushers are the lower ids; P = G: item q's pusher is program q, which pushed before it
+waits): in the interpreter, whose programs run one after another, nothing waits for a program that
+cannot run. A rank that rejected its combine
 input (``skip``) pushes nothing but still flags every item, with its other signature: its peers'
 summers see the mismatch and fail the round instead of waiting.
 An item's receive rows (or token masks) are loaded one item ahead (their L2 round trip overlaps the
@@ -77,7 +83,7 @@ def moe_combine_kernel(
     tokens,           # T (this rank's)
     skip,             # 1: push nothing, only flag (this rank rejected its input; see ``sig``)
     item_chunks,      # chunks of BLOCK_H channels per item
-    pushers,          # programs that push (the rest sum); >= 1, < programs
+    pushers,          # programs that push: >= 1, < programs (the rest sum), or == programs (all push, then sum)
     hidden, max_tokens,
     inv_off, weight_off, expert_row_off, comb_off, comb_elems, comb_flag_off,
     flag_items,       # workspace.py
@@ -118,13 +124,13 @@ def moe_combine_kernel(
                                  mask=(i >= 0)[:, None] & (cols < hidden)[None, :])
                     tl.debug_barrier()  # the whole block's rows before the flag's release
                     tl.atomic_xchg(flags + item, flag, sem="release", scope="sys")
-    else:
+    summers = tl.where(pushers >= nprog, nprog, nprog - pushers)
+    q = pid - (nprog - summers)
+    if q >= 0:
         ranks = tl.arange(0, WORLD_P2)
         is_peer = (ranks < WORLD) & (ranks != rank)
         comb = peer_ptr(table_ptr, rank, comb_off, DTYPE)
         my_flags = peer_ptr(table_ptr, rank, comb_flag_off, tl.int64) + ranks * flag_items
-        summers = nprog - pushers
-        q = pid - pushers
         n = tl.cdiv(tokens, BLOCK_T) * n_items
         bits_next = _item_tokens(mask_ptr, q, n, n_items, tokens, offs_t, 0, BLOCK_T)
         i_next = _item_tokens(inv + rank * max_tokens, q, n, n_items, tokens, offs_t, -1, BLOCK_T)
@@ -132,17 +138,18 @@ def moe_combine_kernel(
             bits, i = bits_next, i_next
             bits_next = _item_tokens(mask_ptr, item + summers, n, n_items, tokens, offs_t, 0, BLOCK_T)
             i_next = _item_tokens(inv + rank * max_tokens, item + summers, n, n_items, tokens, offs_t, -1, BLOCK_T)
-            if ok:  # every peer's rows of this item
-                ok = wait_flags(my_flags + item, is_peer, flag, own, error_record_addr, timeout_iters,
-                                pid + _ITEM_WAIT_SLOT, WORLD_P2)
             block = item // n_items
             t = block * BLOCK_T + offs_t
             c0 = (item - block * n_items) * item_chunks
             for c in range(c0, tl.minimum(c0 + item_chunks, n_chunks)):
                 cols = c * BLOCK_H + offs_h
                 m = (t < tokens)[:, None] & (cols < hidden)[None, :]
+                # Own partial first: on the item's first chunk it is computed while the peers' rows travel.
                 mine = _partial(expert_out_ptr, expert_rows, weights, tl.where(ok, i, -1), cols, hidden, K, BLOCK_T,
                                 BLOCK_H).to(DTYPE).to(tl.float32)  # rounded as a pushed row is
+                if ok & (c == c0):  # every peer's rows of this item
+                    ok = wait_flags(my_flags + item, is_peer, flag, own, error_record_addr, timeout_iters,
+                                    pid + _ITEM_WAIT_SLOT, WORLD_P2)
                 if HAS_RESIDUAL:
                     acc = tl.load(residual_ptr + t[:, None] * hidden + cols[None, :], mask=m, other=0.0).to(tl.float32)
                 else:
@@ -165,7 +172,10 @@ _launch = CachedLauncher(moe_combine_kernel)
 
 def combine_pushers(programs: int, world: int, pushers: int) -> tuple[int, int]:
     """(grid, pushing programs) of the combine: ``pushers`` of ``programs`` (0: the peers' share of the
-    work, (W-1)/W), at least one of each role (two programs when ``programs`` is 1)."""
+    work, (W-1)/W), at least one of each role (two programs when ``programs`` is 1); ``pushers >=
+    programs``: every program pushes, then sums (``(programs, programs)``)."""
+    if pushers >= programs:
+        return programs, programs
     grid = max(2, programs)
     if pushers <= 0:
         pushers = grid * (world - 1) // world

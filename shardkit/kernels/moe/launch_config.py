@@ -23,7 +23,8 @@ class MoeLaunchConfig:
     dispatch_*: a payload item is block_t tokens x item_chunks chunks of block_h channels, metadata
     in blocks of meta_t tokens. combine_*: an item is block_t tokens x item_chunks chunks of block_h
     channels (item_chunks: any int >= 1; more than a row has is a whole row); combine_pushers: its
-    programs that push (the others sum), 0: the peers' share of the work, (W-1)/W of them."""
+    programs that push (the others sum), 0: the peers' share of the work, (W-1)/W of them, >= programs:
+    every program pushes, then sums (no role split; combine.py)."""
 
     programs: int
     layout_block_t: int
@@ -89,7 +90,12 @@ def moe_launch_config(max_tokens: int, hidden: int, element_size: int, fp8: bool
     expert tiles per chunk: 16 warps (one or two 16-byte loads per thread per tile; 8 warps spilled
     a few registers at sm_90), 8-token blocks at any size: each pushed item ends with a release of
     its flag (waiting ~1-2 us for the NVLink stores), so fewer, larger items (1.7 per pusher at 128
-    tokens instead of 3.4). Half its programs push (the peers' share at W = 2), half sum.
+    tokens instead of 3.4). Up to 256 tokens every program pushes, then sums (combine_pushers =
+    programs): a program has one or two items there, and a chain of items per program costs more than
+    the roles' overlap of NVLink and HBM gains (at 0185c58, whose combine had no role split, 128
+    tokens took 38.9 us in bench/moe_tune.py; with the split, 50.4 at be5aa1e in moe_bench --quick;
+    the unsplit combine without its barrier is not GPU-measured yet). From 257 tokens half its
+    programs push (the peers' share at W = 2), half sum.
     Layout: blocks of 8 tokens (a 64 x 64 pair tile at top-8), up to 64 chunks.
     Interpreter: two programs; 16 tokens x 128 channels in items of 1 chunk (2 from 64 tokens), so
     that the CPU tests' rows of 200 channels span two chunks and their 33 tokens three blocks; layout
@@ -114,4 +120,5 @@ def moe_launch_config(max_tokens: int, hidden: int, element_size: int, fp8: bool
     return MoeLaunchConfig(programs=programs, layout_block_t=8, layout_programs=64, layout_warps=4,
                            dispatch_block_t=block_t, dispatch_block_h=dispatch_h, meta_t=32, dispatch_warps=4,
                            dispatch_item_chunks=item_chunks(dispatch_h, block_t), combine_block_t=8,
-                           combine_block_h=combine_h, combine_warps=16, combine_item_chunks=item_chunks(combine_h, 8))
+                           combine_block_h=combine_h, combine_warps=16, combine_item_chunks=item_chunks(combine_h, 8),
+                           combine_pushers=programs if max_tokens <= 256 else 0)
