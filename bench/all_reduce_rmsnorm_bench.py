@@ -15,6 +15,8 @@ residual [tokens, hidden] and weight [hidden], bf16:
   fused_flat   ... algo="flat";  fused_tree: algo="tree"
   fused_ll     ... algo="ll" (CUDA kernels only: csrc/dda/ll_rmsnorm.cu, one synchronisation per call, through
                the C++ host path where built)
+  fused_ll_s{S} (with --ll-segments S,...: the LL kernel on a grid of S blocks per row instead of the policy's,
+               launched through ctypes; one launch, tokens <= ll_rmsnorm_max_rows; for tuning policy.h)
 Every variant's result is checked against a float64 reference before it is timed; a wrong answer is
 reported as an error, not a time. Times: CUDA events around ``iters`` calls, median of ``reps``
 repetitions, max over ranks; "graph" captures the ``iters`` calls in one CUDA graph.
@@ -22,8 +24,9 @@ Prints the table; a GPU run appends its records to the store (bench/results/reco
 ``--out DIR``/records.jsonl) and rewrites ``all_reduce_rmsnorm_<card>_x<world>.md``/``.png`` there
 (bench/report.py); a CPU run writes records and tables only with ``--out``. The one-shot / two-shot
 crossover that one rule fits best to the graph-mode times (``best_cut``) is reported, and stored in
-shardkit/thresholds.json for fused_auto with ``--write-thresholds``; so is the LL rule (x bytes up to which
-fused_ll beats the better of fused_flat and fused_tree in graphs: ``rmsnorm`` / ``ll_max_bytes``).
+shardkit/thresholds.json for fused_auto with ``--write-thresholds``; so are the LL rules, one per mode (x bytes
+up to which fused_ll beats the better of fused_flat and fused_tree: ``rmsnorm`` / ``ll_max_bytes`` in graphs,
+``ll_eager_max_bytes`` in eager mode, where fused_flat / fused_tree pay the Python host path).
 """
 from __future__ import annotations
 
@@ -45,7 +48,36 @@ EPS = 1e-6
 Pair = tuple[torch.Tensor, torch.Tensor]
 
 
-def make_variants(comm, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> dict[str, Callable[[], Pair]]:
+def ll_on_grid(comm, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+               segments: int) -> Callable[[], Pair] | None:
+    """The LL fused kernel on ``segments`` blocks per row (1: a block per row, up to one per SM) with the policy's
+    thread rule (one thread per line of a segment, 64..512), in one launch; None where x needs more."""
+    from shardkit.kernels.all_reduce import cuda as cuda_dda
+    from shardkit.memory.protocol import DTYPE_CODES, call_signature, float_bits
+
+    tokens, hidden = x.shape
+    esize = x.element_size()
+    if tokens > cuda_dda.ll_rmsnorm_max_rows(hidden, esize):
+        return None
+    lines = -(-hidden * esize // 8)
+    threads = min(512, max(64, -(-(-(-lines // segments)) // 32) * 32))
+    programs = tokens * segments if segments > 1 else min(tokens, comm._sm_count)
+    config = cuda_dda.CudaConfig(programs, threads, 1)
+    out, residual_out = torch.empty_like(x), torch.empty_like(x)
+    sig = call_signature("rmsnorm_ll_cuda", tokens, 0, 1, tokens, hidden, DTYPE_CODES[x.dtype], float_bits(EPS),
+                         programs, threads)
+
+    def run() -> Pair:
+        cuda_dda.launch_ll_all_reduce_rmsnorm(x, residual, weight, out, residual_out, comm._host_table,
+                                              comm.memory.error_record_addr, comm.rank, sig, EPS,
+                                              comm.memory.buffer_bytes, comm._timeout_iters, config)
+        return out, residual_out
+
+    return run
+
+
+def make_variants(comm, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                  ll_segments: tuple[int, ...] = ()) -> dict[str, Callable[[], Pair]]:
     """name -> a call computing (out, residual_out) from x, residual and weight."""
     hidden = x.shape[-1]
     scratch = x.clone()  # the NCCL baseline reduces in place, as an engine does with a fresh linear output
@@ -66,6 +98,10 @@ def make_variants(comm, x: torch.Tensor, residual: torch.Tensor, weight: torch.T
                 "fused_flat": fused("flat"), "fused_tree": fused("tree")}
     if comm.kernels == "cuda":
         variants["fused_ll"] = fused("ll")
+        for segments in ll_segments:
+            run = ll_on_grid(comm, x, residual, weight, segments)
+            if run is not None:
+                variants[f"fused_ll_s{segments}"] = run
     return variants
 
 
@@ -106,8 +142,8 @@ def bench_rank(args: argparse.Namespace) -> tuple[dict, list[dict]] | None:
             weight = rank_inputs(1, hidden, torch.bfloat16, 300, device)[0]
             ref = all_reduce_residual_rmsnorm_reference(xs, residual, weight, EPS)
             nbytes = xs[rank].numel() * xs[rank].element_size()
-            picked = comm._rmsnorm_auto(xs[rank])
-            for name, fn in make_variants(comm, xs[rank], residual, weight).items():
+            picked = {mode: comm._rmsnorm_auto(xs[rank], capturing=mode == "graph") for mode in ("eager", "graph")}
+            for name, fn in make_variants(comm, xs[rank], residual, weight, args.ll_segments).items():
                 error = check(fn(), ref)
                 bad = torch.tensor([error is not None], dtype=torch.int32, device=device)
                 dist.all_reduce(bad)
@@ -119,7 +155,7 @@ def bench_rank(args: argparse.Namespace) -> tuple[dict, list[dict]] | None:
                     records.append(record("all_reduce_rmsnorm", name, gpu=env["gpu"], world=world,
                                           dtype=torch.bfloat16, mode="cpu" if cpu else mode,
                                           params={"tokens": tokens, "hidden": hidden, "bytes": nbytes}, us=samples,
-                                          metrics={"auto_picked": picked} if name == "fused_auto" else None,
+                                          metrics={"auto_picked": picked.get(mode)} if name == "fused_auto" else None,
                                           commit=commit,
                                           error=None if samples else error or "wrong result on another rank"))
             sync()
@@ -142,13 +178,13 @@ def tree_min_bytes(records: list[dict]) -> int | None:
     return sizes[cut] if cut < len(sizes) else 2 * sizes[-1]
 
 
-def ll_max_bytes(records: list[dict]) -> int | None:
-    """x bytes up to which fused_ll should be used (one rule fitted with ``best_cut`` to the graph-mode times
-    of fused_ll against the better of fused_flat and fused_tree, store records of this bench); None where ll
-    was not measured or never wins."""
+def ll_max_bytes(records: list[dict], mode: str = "graph") -> int | None:
+    """x bytes up to which fused_ll should be used in ``mode`` (one rule fitted with ``best_cut`` to that mode's
+    times of fused_ll against the better of fused_flat and fused_tree, store records of this bench); None where
+    ll was not measured or never wins."""
     times = {}
     for r in records:
-        if r["mode"] == "graph" and r["us_median"] is not None:
+        if r["mode"] == mode and r["us_median"] is not None:
             p = r["params"]
             times.setdefault((p["tokens"], p["hidden"]), {"bytes": p["bytes"]})[r["impl"]] = r["us_median"]
     rows = [{"bytes": t["bytes"], "fused_ll": t["fused_ll"], "other": min(t["fused_flat"], t["fused_tree"])}
@@ -178,12 +214,13 @@ def report(args: argparse.Namespace, env: dict, records: list[dict], world: int,
         from shardkit import thresholds
         thresholds.write_rmsnorm_tree_min_bytes(env["gpu"], world, fit)
         print(f"stored rmsnorm tree_min_bytes[{env['gpu']!r}][{world}] = {fit}")
-    ll_fit = ll_max_bytes(records)
-    print(f"LL rule fitted to the graph times: rmsnorm ll_max_bytes[{env['gpu']!r}][{world}] = {ll_fit}")
-    if args.write_thresholds and ll_fit is not None and not functional:
-        from shardkit import thresholds
-        thresholds.write_rmsnorm_ll_max_bytes(env["gpu"], world, ll_fit)
-        print(f"stored rmsnorm ll_max_bytes[{env['gpu']!r}][{world}] = {ll_fit}")
+    from shardkit import thresholds
+    for mode, key in thresholds.RMSNORM_LL_KEYS.items():
+        ll_fit = ll_max_bytes(records, mode)
+        print(f"LL rule fitted to the {mode} times: rmsnorm {key}[{env['gpu']!r}][{world}] = {ll_fit}")
+        if args.write_thresholds and ll_fit is not None and not functional:
+            thresholds.write_rmsnorm_ll_max_bytes(env["gpu"], world, ll_fit, mode=mode)
+            print(f"stored rmsnorm {key}[{env['gpu']!r}][{world}] = {ll_fit}")
 
 
 def main() -> None:
@@ -196,6 +233,8 @@ def main() -> None:
     p.add_argument("--out", default=None,
                    help="directory for records.jsonl and the tables (default: the store, bench/results, on GPUs; "
                         "nothing on CPU)")
+    p.add_argument("--ll-segments", default="",
+                   help="also time the LL kernel on grids of S blocks per row (comma-separated S in 1,2,4,8; GPUs)")
     p.add_argument("--cpu-world", type=int, default=0, help="no GPUs: run a CPU world of this many processes")
     p.add_argument("--write-thresholds", action="store_true",
                    help="store the fitted one-shot / two-shot crossover in shardkit/thresholds.json")
@@ -205,6 +244,7 @@ def main() -> None:
     args.hidden = [int(h) for h in (args.hidden or ("96" if cpu else "4096,8192")).split(",")]
     args.iters = args.iters or (2 if cpu else 100)
     args.reps = args.reps or (2 if cpu else 7)
+    args.ll_segments = tuple(int(v) for v in args.ll_segments.split(",") if v)
     run_distributed(bench_rank, args, report)
 
 

@@ -5,9 +5,10 @@ The table is keyed by feature first, then GPU name (``"default"`` where unmeasur
 * ``all_reduce``: algorithm by message size, ``[[max_bytes, algo], ...]`` (max_bytes null = beyond);
   ``bench/all_reduce_sweep.py --write-thresholds`` rewrites the entry of the GPU it ran on from
   measured crossovers.
-* ``rmsnorm`` / ``ll_max_bytes``: the x size up to which the fused op's LL kernel (CUDA kernels, one LL
-  launch) beats its flat and tree kernels (``bench/all_reduce_rmsnorm_bench.py --write-thresholds``); none
-  measured: ``auto`` does not pick it.
+* ``rmsnorm`` / ``ll_max_bytes`` (CUDA graphs) and ``ll_eager_max_bytes`` (eager): the x size up to which the
+  fused op's LL kernel (CUDA kernels; in row chunks where x exceeds one LL slot) beats its flat and tree kernels
+  in that mode (``bench/all_reduce_rmsnorm_bench.py --write-thresholds``); none measured: ``auto`` does not pick
+  it in that mode.
 * ``rmsnorm`` / ``tree_min_bytes``: the x size from which the fused all-reduce + residual + RMSNorm's
   tree kernel beats its flat one (``bench/all_reduce_rmsnorm_bench.py --write-thresholds``). Where
   none was measured, the all-reduce rule decides.
@@ -99,17 +100,22 @@ def write_rmsnorm_tree_min_bytes(device_name: str, world_size: int, nbytes: int,
     _update(path, ("rmsnorm", "tree_min_bytes", device_name, str(world_size)), int(nbytes))
 
 
-def rmsnorm_ll_max_bytes(device_name: str, world_size: int, table: dict | None = None) -> int | None:
-    """Bytes of x up to which the fused op's LL kernel (CUDA kernels only; calls that fit one LL launch) was
-    measured faster than the flat and tree kernels on a device and world size, or None if not measured (then
-    ``auto`` never picks it)."""
-    value = _per_world("rmsnorm", "ll_max_bytes", device_name, world_size, table)
+RMSNORM_LL_KEYS = {"graph": "ll_max_bytes", "eager": "ll_eager_max_bytes"}
+
+
+def rmsnorm_ll_max_bytes(device_name: str, world_size: int, table: dict | None = None, *,
+                         mode: str = "graph") -> int | None:
+    """Bytes of x up to which the fused op's LL kernel (CUDA kernels only) was measured faster than the flat and
+    tree kernels on a device and world size in ``mode`` ("graph": CUDA graphs, "eager"), or None if not
+    measured (then ``auto`` never picks it in that mode)."""
+    value = _per_world("rmsnorm", RMSNORM_LL_KEYS[mode], device_name, world_size, table)
     return None if value is None else int(value)
 
 
-def write_rmsnorm_ll_max_bytes(device_name: str, world_size: int, nbytes: int, path: str = PATH) -> None:
-    """Store the measured LL / (flat, tree) crossover of the fused kernels."""
-    _update(path, ("rmsnorm", "ll_max_bytes", device_name, str(world_size)), int(nbytes))
+def write_rmsnorm_ll_max_bytes(device_name: str, world_size: int, nbytes: int, path: str = PATH, *,
+                               mode: str = "graph") -> None:
+    """Store the measured LL / (flat, tree) crossover of the fused kernels in ``mode``."""
+    _update(path, ("rmsnorm", RMSNORM_LL_KEYS[mode], device_name, str(world_size)), int(nbytes))
 
 
 # ----------------------------------------------------------------------------- ring attention

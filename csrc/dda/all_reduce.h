@@ -37,21 +37,26 @@ struct RMSNormArgs {
   PeerTable table;
   int* host_error_record;  // int32[4] error record in device-visible host memory
   int64_t tokens;          // rows, 1..ll_rmsnorm_max_rows(hidden, element size) (policy.h)
-  int64_t hidden;          // columns, 1..(16 * threads * 8 / element size)
+  int64_t hidden;          // columns, rows of at most kLLMaxBytes
   float eps;
   int rank;
   int world;               // 2..kMaxWorld
   uint32_t sig;            // 31-bit call signature, equal on all ranks
   int64_t buffer_bytes;    // bytes of one epoch buffer (the LL region lies after the epoch buffers)
   int64_t timeout_iters;   // polls before giving up
-  int programs;            // blocks, 1..kMaxPrograms (block b owns rows b, b + programs, ...)
-  int threads;             // a multiple of 32, >= world, <= 1024
+  int programs;            // blocks, 1..kMaxPrograms: <= tokens (block b owns rows b, b + programs, ...) or
+                           // tokens * S, 2 <= S <= 8 (S blocks per row, a thread-block cluster: sm_90)
+  int threads;             // a multiple of 32, >= world, <= kLLRMSNormMaxThreads (512)
   DType dtype;
 };
 
 // One synchronisation per call (ll_rmsnorm.cu): the LL all-reduce's protocol (ll.cuh) with rows padded to whole
-// lines; each block owns whole rows, sums them, adds the residual and normalises.
+// lines; each block (or cluster of blocks) owns whole rows, sums them, adds the residual and normalises.
 cudaError_t ll_all_reduce_rmsnorm(const RMSNormArgs& args, cudaStream_t stream);
+
+// Is `stream` being captured into a CUDA graph? (The fused op's auto rule differs per mode; here so that the torch
+// binding, which links no CUDA runtime of its own, can ask.)
+bool stream_capturing(cudaStream_t stream);
 
 // Reduce-scatter over shards of `shard` elements (a multiple of 16), then all-gather.
 cudaError_t tree_all_reduce(const AllReduceArgs& args, int64_t shard, cudaStream_t stream);

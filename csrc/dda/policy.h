@@ -51,27 +51,45 @@ inline LaunchConfig ll_config(int64_t numel, int element_size, int sm_count) {
 }
 
 // LL fused all-reduce + residual + RMSNorm (ll_rmsnorm.cu): rows padded to whole 8-byte payload lines, as many
-// rows per launch as one LL slot holds (kLLMaxBytes of payload); a block per row up to one per SM (blocks own
-// whole rows: the norm needs the whole row); kLLRMSNormLinesPerThread lines per thread, 64..1024 threads, so rows
-// of at most kLLRMSNormMaxRowBytes (hidden 8192 in bf16). A thread keeps its lines of the row, their running sums
-// and the weight in registers and loads all its lines of a peer at once: 8 lines per thread (512 threads, 32 KiB
-// rows) spilled at sm_90 in 16-bit dtypes, 2 per thread do not. Not tuned yet.
+// rows per launch as one LL slot holds (kLLMaxBytes of payload). Each row is split into `segments` blocks (a
+// thread-block cluster, sm_90; the blocks add their sums of squares through distributed shared memory), so that
+// the pushes of a few rows spread over many SMs: one block per row (be5aa1e) took 8.3 us at 16 rows x 16 KiB on
+// 2xH200 against the LL all-reduce's 5.5 us for the same bytes over 64 blocks. Segments: the most (a power of two,
+// at most kLLRMSNormMaxSegments) such that tokens * segments <= the SM count and a segment keeps at least
+// kLLRMSNormMinSegmentLines lines; then one thread per line of a segment (64..kLLRMSNormMaxThreads threads). A
+// thread keeps up to kLLRMSNormLinesPerThread lines in registers (wider segments: a second pass reads residual_out
+// back); 1024 threads (64 registers each) spilled at sm_90, 512 do not.
 constexpr int kLLRMSNormLinesPerThread = 2;
-constexpr int64_t kLLRMSNormMaxRowBytes = int64_t(kLLRMSNormLinesPerThread) * 1024 * 8;
+constexpr int kLLRMSNormMaxThreads = 512;
+constexpr int kLLRMSNormMaxSegments = 8;  // the portable cluster size
+constexpr int64_t kLLRMSNormMinSegmentLines = 256;
 
 inline int64_t ll_row_lines(int64_t hidden, int element_size) { return (hidden * element_size + 7) / 8; }
 
-// Rows per launch; 0 when a row is wider than the kernel takes.
+// Rows per launch; 0 when a row is wider than an LL slot.
 inline int64_t ll_rmsnorm_max_rows(int64_t hidden, int element_size) {
   const int64_t lines = ll_row_lines(hidden, element_size);
-  return lines <= 0 || lines * 8 > kLLRMSNormMaxRowBytes ? 0 : kLLMaxBytes / 8 / lines;
+  return lines <= 0 || lines * 8 > kLLMaxBytes ? 0 : kLLMaxBytes / 8 / lines;
+}
+
+// The kernel's reading of a grid: programs <= tokens: one block per row (segments 1), block b owns rows b,
+// b + programs, ...; programs = tokens * s with 2 <= s <= kLLRMSNormMaxSegments: s segments per row. 0: invalid.
+inline int ll_rmsnorm_segments_of(int64_t programs, int64_t tokens) {
+  if (programs <= tokens) return 1;
+  return programs % tokens == 0 && programs / tokens <= kLLRMSNormMaxSegments ? int(programs / tokens) : 0;
 }
 
 inline LaunchConfig ll_rmsnorm_config(int64_t tokens, int64_t hidden, int element_size, int sm_count) {
-  const int64_t per_thread = kLLRMSNormLinesPerThread;
-  const int64_t threads = (ll_row_lines(hidden, element_size) + per_thread - 1) / per_thread;
-  return {int(std::max<int64_t>(1, std::min<int64_t>({tokens, int64_t(sm_count), int64_t(kMaxPrograms)}))),
-          int(std::clamp<int64_t>((threads + 31) / 32 * 32, 64, 1024)), 1};
+  const int64_t lines = ll_row_lines(hidden, element_size);
+  const int64_t blocks = std::min<int64_t>(sm_count, kMaxPrograms);
+  int64_t segments = 1;
+  while (segments < kLLRMSNormMaxSegments && tokens * segments * 2 <= blocks &&
+         lines >= segments * 2 * kLLRMSNormMinSegmentLines) {
+    segments *= 2;
+  }
+  const int64_t segment_lines = (lines + segments - 1) / segments;
+  const int64_t programs = segments > 1 ? tokens * segments : std::max<int64_t>(1, std::min(tokens, blocks));
+  return {int(programs), int(std::clamp<int64_t>((segment_lines + 31) / 32 * 32, 64, kLLRMSNormMaxThreads)), 1};
 }
 
 inline LaunchConfig tree_config(int64_t shard, int element_size, int world, int sm_count) {

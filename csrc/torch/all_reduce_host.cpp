@@ -13,8 +13,9 @@
 // Calls it does not handle (algo "nccl" / "copy" / unknown, "auto" choosing those, a communicator whose
 // error record is set) return None: the Python path then runs them, with its own messages. Algorithms:
 // flat, tree (all_reduce.cu) and ll (ll_all_reduce.cu: no zero copy, kLLMaxBytes per launch). The fused
-// all-reduce + residual + RMSNorm: its LL kernel (ll_rmsnorm.cu), for algo "ll" and "auto" where auto picks it;
-// the Triton flat / tree kernels stay on the Python path.
+// all-reduce + residual + RMSNorm: its LL kernel (ll_rmsnorm.cu), for algo "ll" and "auto" where auto picks it
+// (by the measured rule of the mode: the stream being captured into a CUDA graph or not); the Triton flat / tree
+// kernels stay on the Python path.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
@@ -92,19 +93,21 @@ class AllReduceHost {
   // the zero-copy staging area starts in every workspace (protocol.staging_offset); error_record: this
   // rank's int32[4] error record (host memory);
   // rules: [(max_bytes, algo)] of algo="auto", max_bytes < 0 for no limit; flat_op / tree_op / ll_op:
-  // protocol.OP_CODES of the CUDA kernels' calls; error_type: the exception raised when a launch fails.
+  // protocol.OP_CODES of the CUDA kernels' calls; error_type: the exception raised when a launch fails;
+  // rmsnorm_ll_max_bytes / rmsnorm_ll_eager_max_bytes: the fused op's measured LL rules in CUDA graphs / eager
+  // (thresholds.rmsnorm_ll_max_bytes; < 0: auto leaves the fused op to the Python path in that mode).
   AllReduceHost(int rank, int world, int device_index, std::string device_text, std::vector<int64_t> table,
                 int64_t workspace, int64_t staging_offset, int64_t error_record, int64_t buffer_bytes,
                 int64_t timeout_iters, int sm_count, std::vector<std::pair<int64_t, std::string>> rules, int flat_op,
                 int tree_op, int ll_op, py::object error_type, int rmsnorm_ll_op, int64_t rmsnorm_ll_max_bytes,
-                int64_t max_hidden)
+                int64_t rmsnorm_ll_eager_max_bytes, int64_t max_hidden)
       : rank_(rank), world_(world),
         device_(device_index < 0 ? c10::Device(c10::kCPU) : c10::Device(c10::kCUDA, c10::DeviceIndex(device_index))),
         device_text_(std::move(device_text)), workspace_(workspace), staging_offset_(staging_offset),
         error_record_(reinterpret_cast<int*>(error_record)), buffer_bytes_(buffer_bytes),
         timeout_iters_(timeout_iters), sm_count_(sm_count), flat_op_(flat_op), tree_op_(tree_op), ll_op_(ll_op),
         error_type_(std::move(error_type)), rmsnorm_ll_op_(rmsnorm_ll_op), rmsnorm_ll_max_bytes_(rmsnorm_ll_max_bytes),
-        max_hidden_(max_hidden) {
+        rmsnorm_ll_eager_max_bytes_(rmsnorm_ll_eager_max_bytes), max_hidden_(max_hidden) {
     if (world < 2 || world > kMaxWorld || rank < 0 || rank >= world || int(table.size()) != world) {
       throw py::value_error("AllReduceHost: needs 2.." + std::to_string(kMaxWorld) + " ranks, a rank below the world " +
                             "size and one workspace address per rank");
@@ -129,7 +132,9 @@ class AllReduceHost {
   // picking flat/tree, empty x, a failed communicator). Argument errors: the Python path's messages.
   py::object all_reduce_residual_rmsnorm(py::handle x, py::handle residual, py::handle weight, py::handle eps,
                                          const std::string& algo, py::handle out, py::handle residual_out) {
-    std::optional<RMSNormCall> call = prepare_rmsnorm(x, residual, weight, eps, algo, out, residual_out);
+    // auto's rule is the mode's: a call being captured into a CUDA graph is timed by its kernel alone.
+    std::optional<RMSNormCall> call =
+        prepare_rmsnorm(x, residual, weight, eps, algo, out, residual_out, algo == "auto" && capturing());
     if (!call) return py::none();
     if (guard_ == nullptr) {
       throw py::value_error("all_reduce_residual_rmsnorm: this AllReduceHost was made for the CPU (tests only)");
@@ -139,10 +144,18 @@ class AllReduceHost {
     return py::make_tuple(std::move(call->out_obj), std::move(call->residual_out_obj));
   }
 
-  // The launches all_reduce_residual_rmsnorm would make, as dicts (CPU tests), or None.
+  // Is torch's current stream of this device being captured into a CUDA graph (what auto's rule for the fused op
+  // asks)? False on a CPU host.
+  bool capturing() const {
+    return guard_ != nullptr &&
+           stream_capturing(static_cast<cudaStream_t>(guard_->getStreamNativeHandle(guard_->getStream(device_))));
+  }
+
+  // The launches all_reduce_residual_rmsnorm would make, as dicts (CPU tests), or None; capturing: plan as for a
+  // call captured into a CUDA graph (auto's graph rule).
   py::object plan_rmsnorm(py::handle x, py::handle residual, py::handle weight, py::handle eps, const std::string& algo,
-                          py::handle out, py::handle residual_out) {
-    std::optional<RMSNormCall> call = prepare_rmsnorm(x, residual, weight, eps, algo, out, residual_out);
+                          py::handle out, py::handle residual_out, bool capturing) {
+    std::optional<RMSNormCall> call = prepare_rmsnorm(x, residual, weight, eps, algo, out, residual_out, capturing);
     if (!call) return py::none();
     py::list launches;
     for_each_rmsnorm_launch(*call, [&](const RMSNormLaunch& l) {
@@ -187,7 +200,7 @@ class AllReduceHost {
   // nullopt unless the call runs the LL kernel here.
   std::optional<RMSNormCall> prepare_rmsnorm(py::handle x_obj, py::handle residual_obj, py::handle weight_obj,
                                              py::handle eps_obj, const std::string& algo, py::handle out_obj,
-                                             py::handle residual_out_obj) const {
+                                             py::handle residual_out_obj, bool capturing) const {
     if (algo != "ll" && algo != "auto") return std::nullopt;  // the Python path checks and runs the others
     const std::string what = "all_reduce_residual_rmsnorm: ";
     const at::Tensor& x = tensor_arg(x_obj, "x");
@@ -246,9 +259,9 @@ class AllReduceHost {
     }
     const int64_t numel = x.numel(), esize = x.element_size();
     const int64_t max_rows = numel == 0 ? 0 : ll_rmsnorm_max_rows(hidden, int(esize));
-    // Communicator._rmsnorm_auto: ll where measured faster (ll_max_bytes) and the call fits one LL launch.
-    const bool auto_ll = rmsnorm_ll_max_bytes_ >= 0 && numel * esize <= rmsnorm_ll_max_bytes_ && max_rows > 0 &&
-                         numel / hidden <= max_rows;
+    // Communicator._rmsnorm_auto: ll up to the size measured faster in this mode (chunked calls included).
+    const int64_t limit = capturing ? rmsnorm_ll_max_bytes_ : rmsnorm_ll_eager_max_bytes_;
+    const bool auto_ll = limit >= 0 && numel * esize <= limit && max_rows > 0;
     // The Python path: empty calls, auto choosing another kernel, rows too wide for ll (its message), failures.
     if (numel == 0 || (algo == "auto" && !auto_ll) || max_rows == 0 ||
         *reinterpret_cast<volatile int*>(error_record_) != kOk) {
@@ -476,7 +489,7 @@ class AllReduceHost {
   std::vector<std::pair<int64_t, Algo>> rules_;
   const c10::impl::DeviceGuardImplInterface* guard_ = nullptr;
   int rmsnorm_ll_op_;
-  int64_t rmsnorm_ll_max_bytes_, max_hidden_;
+  int64_t rmsnorm_ll_max_bytes_, rmsnorm_ll_eager_max_bytes_, max_hidden_;
 };
 
 }  // namespace shardkit
@@ -489,18 +502,21 @@ PYBIND11_MODULE(_C, m) {
   m.attr("torch_version") = SHARDKIT_TORCH_VERSION;
   py::class_<AllReduceHost>(m, "AllReduceHost")
       .def(py::init<int, int, int, std::string, std::vector<int64_t>, int64_t, int64_t, int64_t, int64_t, int64_t, int,
-                    std::vector<std::pair<int64_t, std::string>>, int, int, int, py::object, int, int64_t, int64_t>(),
+                    std::vector<std::pair<int64_t, std::string>>, int, int, int, py::object, int, int64_t, int64_t,
+                    int64_t>(),
            py::arg("rank"), py::arg("world"), py::arg("device_index"), py::arg("device_text"), py::arg("table"),
            py::arg("workspace"), py::arg("staging_offset"), py::arg("error_record"), py::arg("buffer_bytes"),
            py::arg("timeout_iters"),
            py::arg("sm_count"), py::arg("rules"), py::arg("flat_op"), py::arg("tree_op"), py::arg("ll_op"),
-           py::arg("error_type"), py::arg("rmsnorm_ll_op"), py::arg("rmsnorm_ll_max_bytes"), py::arg("max_hidden"))
+           py::arg("error_type"), py::arg("rmsnorm_ll_op"), py::arg("rmsnorm_ll_max_bytes"),
+           py::arg("rmsnorm_ll_eager_max_bytes"), py::arg("max_hidden"))
       .def("all_reduce", &AllReduceHost::all_reduce, py::arg("x"), py::arg("out"), py::arg("algo"))
       .def("plan", &AllReduceHost::plan, py::arg("x"), py::arg("out"), py::arg("algo"))
       .def("all_reduce_residual_rmsnorm", &AllReduceHost::all_reduce_residual_rmsnorm, py::arg("x"), py::arg("residual"),
            py::arg("weight"), py::arg("eps"), py::arg("algo"), py::arg("out"), py::arg("residual_out"))
+      .def("capturing", &AllReduceHost::capturing)
       .def("plan_rmsnorm", &AllReduceHost::plan_rmsnorm, py::arg("x"), py::arg("residual"), py::arg("weight"),
-           py::arg("eps"), py::arg("algo"), py::arg("out"), py::arg("residual_out"));
+           py::arg("eps"), py::arg("algo"), py::arg("out"), py::arg("residual_out"), py::arg("capturing") = false);
   // The launch policy and fingerprint as the host path computes them (tests compare them with Python's).
   m.def("flat_config", [](int64_t numel, int element_size, int sm_count) {
     const auto c = shardkit::flat_config(numel, element_size, sm_count);

@@ -144,7 +144,8 @@ class Communicator:
         self.device_name = torch.cuda.get_device_name(self.device) if self.backend == "cuda" else "cpu"
         self.rules = rules if rules is not None else thresholds.select_rules(self.device_name, self.world_size)
         self._rmsnorm_tree_min_bytes = thresholds.rmsnorm_tree_min_bytes(self.device_name, self.world_size)
-        self._rmsnorm_ll_max_bytes = thresholds.rmsnorm_ll_max_bytes(self.device_name, self.world_size)
+        self._rmsnorm_ll_max_bytes = {m: thresholds.rmsnorm_ll_max_bytes(self.device_name, self.world_size, mode=m)
+                                      for m in ("graph", "eager")}
         self.memory: PeerMemory | None = None
         self.fallback_reason = peer_access_problem(self.group, self.backend, self.device)
         if self.fallback_reason is None:
@@ -399,10 +400,10 @@ class Communicator:
         eps: RMSNorm epsilon (>= 0).
         algo: "flat" (one-shot: every rank reduces every row, one barrier), "tree" (two-shot:
            reduce-scatter by rows, in chunks over all SMs, norm, all-gather), "ll" (CUDA kernels only:
-           one synchronisation per call, flags carried in the data, csrc/dda/ll_rmsnorm.cu; rows of at
-           most 16 KiB, ``cuda.ll_rmsnorm_max_rows`` rows per launch, more go in chunks), "nccl"
+           one synchronisation per call, flags carried in the data, csrc/dda/ll_rmsnorm.cu;
+           ``cuda.ll_rmsnorm_max_rows`` rows per launch, more go in chunks), "nccl"
            (dist.all_reduce + add + F.rms_norm), or "auto": ll on the CUDA kernels up to the measured
-           ``thresholds.rmsnorm_ll_max_bytes`` where the call fits one LL launch, else tree from the
+           ``thresholds.rmsnorm_ll_max_bytes`` of the mode (CUDA-graph capture or eager), else tree from the
            measured crossover for this GPU and world size (thresholds.json), flat below; without one,
            flat where the all-reduce rules pick flat; nccl without peer memory. Calls of ll (and auto
            picking it) go through the C++ host path where built.
@@ -479,8 +480,8 @@ class Communicator:
                                 f"with the CUDA library built)")
         step = cuda_dda.ll_rmsnorm_max_rows(hidden, x.element_size())
         if step == 0:
-            raise ValueError(f"{what}: algo='ll' takes rows of at most 16 KiB, got hidden {hidden} in {x.dtype}: "
-                             f"use algo 'flat' or 'tree'")
+            raise ValueError(f"{what}: algo='ll' takes rows of at most {LL_MAX_BYTES} bytes, got hidden {hidden} "
+                             f"in {x.dtype}: use algo 'flat' or 'tree'")
         mem = self.memory
         chunks = -(-tokens // step)
         for i in range(chunks):
@@ -492,15 +493,19 @@ class Communicator:
                                                   self.rank, sig, float(eps), mem.buffer_bytes, self._timeout_iters,
                                                   config)
 
-    def _rmsnorm_auto(self, x: torch.Tensor) -> str:
-        """ll, flat or tree for x: ll on the CUDA kernels up to the measured ``rmsnorm_ll_max_bytes``
-        where x fits one LL launch; else the measured flat / tree crossover of the fused kernels on this
-        GPU and world size, else the all-reduce rule."""
+    def _rmsnorm_auto(self, x: torch.Tensor, capturing: bool | None = None) -> str:
+        """ll, flat or tree for x: ll on the CUDA kernels up to the ``rmsnorm_ll_max_bytes`` measured in
+        this mode (``capturing``: a CUDA-graph capture; None: whether the current stream is capturing);
+        else the measured flat / tree crossover of the fused kernels on this GPU and world size, else the
+        all-reduce rule."""
         nbytes = x.numel() * x.element_size()
-        if (self.kernels == "cuda" and self._rmsnorm_ll_max_bytes is not None and x.numel() > 0
-                and nbytes <= self._rmsnorm_ll_max_bytes
-                and x.numel() // x.shape[-1] <= cuda_dda.ll_rmsnorm_max_rows(x.shape[-1], x.element_size())):
-            return "ll"
+        if self.kernels == "cuda" and x.numel() > 0:
+            if capturing is None:
+                capturing = torch.cuda.is_current_stream_capturing()
+            limit = self._rmsnorm_ll_max_bytes["graph" if capturing else "eager"]
+            if (limit is not None and nbytes <= limit
+                    and cuda_dda.ll_rmsnorm_max_rows(x.shape[-1], x.element_size()) > 0):
+                return "ll"
         if self._rmsnorm_tree_min_bytes is None:
             return "flat" if thresholds.choose(self.rules, nbytes) == "flat" else "tree"
         return "tree" if nbytes >= self._rmsnorm_tree_min_bytes else "flat"

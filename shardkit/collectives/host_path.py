@@ -40,12 +40,16 @@ def available() -> bool:
 
 
 def make_host(memory, rank: int, world: int, device, timeout_iters: int, sm_count: int, rules: list,
-              rmsnorm_ll_max_bytes: int | None = None):
+              rmsnorm_ll_max_bytes: dict[str, int | None] | None = None):
     """The C++ state of one communicator: its workspaces, error record, timeout, policy inputs,
-    ``auto`` rules (``[(max_bytes or None, algo)]``) and the fused op's measured LL rule
-    (``thresholds.rmsnorm_ll_max_bytes``; None: ``auto`` leaves the fused op to the Python path).
+    ``auto`` rules (``[(max_bytes or None, algo)]``) and the fused op's measured LL rules per mode
+    (``{"graph": bytes, "eager": bytes}``, ``thresholds.rmsnorm_ll_max_bytes``; a mode missing or None:
+    ``auto`` leaves the fused op to the Python path in that mode; the C++ call asks CUDA whether the stream
+    is being captured).
     ``device``: this rank's CUDA device (a CPU device gives an object whose checks and plans work but
     that launches nothing: tests)."""
+    limits = {mode: -1 if (rmsnorm_ll_max_bytes or {}).get(mode) is None else int(rmsnorm_ll_max_bytes[mode])
+              for mode in ("graph", "eager")}
     return _C.AllReduceHost(
         rank=rank, world=world, device_index=-1 if device.type == "cpu" else device.index, device_text=str(device),
         table=memory.table.tolist(), workspace=memory.buffer.data_ptr(), staging_offset=memory.staging_offset,
@@ -54,4 +58,4 @@ def make_host(memory, rank: int, world: int, device, timeout_iters: int, sm_coun
         rules=[(-1 if max_bytes is None else int(max_bytes), algo) for max_bytes, algo in rules],
         flat_op=OP_CODES["all_reduce_flat_cuda"], tree_op=OP_CODES["all_reduce_tree_cuda"],
         ll_op=OP_CODES["all_reduce_ll_cuda"], error_type=ShardkitError, rmsnorm_ll_op=OP_CODES["rmsnorm_ll_cuda"],
-        rmsnorm_ll_max_bytes=-1 if rmsnorm_ll_max_bytes is None else int(rmsnorm_ll_max_bytes), max_hidden=MAX_HIDDEN)
+        rmsnorm_ll_max_bytes=limits["graph"], rmsnorm_ll_eager_max_bytes=limits["eager"], max_hidden=MAX_HIDDEN)

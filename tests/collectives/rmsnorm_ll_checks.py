@@ -127,27 +127,49 @@ def graph_replays(tokens: int, hidden: int, replays: int, seed: int) -> tuple[fl
 
 
 def auto_picks_ll(tokens: int, hidden: int, seed: int) -> str:
-    """With a measured LL rule (thresholds.rmsnorm_ll_max_bytes patched to 1 MiB), algo="auto" runs the LL
-    kernel where the call fits one launch (bitwise ll's result), and flat/tree beyond the rule. Returns the
-    digest of the auto result."""
+    """With measured LL rules (thresholds.rmsnorm_ll_max_bytes patched: 1 MiB in eager mode, less than x in
+    graphs), eager algo="auto" runs the LL kernel (bitwise ll's result, chunked calls too) and flat/tree beyond
+    the rule; under CUDA-graph capture the C++ host path sees the capture and takes the graph rule (flat or tree:
+    bitwise that kernel's eager result). Returns the digest of the eager auto result."""
     from shardkit import thresholds
 
     rank, world = dist.get_rank(), dist.get_world_size()
+    nbytes = tokens * hidden * 2
     measured = thresholds.rmsnorm_ll_max_bytes
-    thresholds.rmsnorm_ll_max_bytes = lambda *args, **kwargs: 1 << 20
+    thresholds.rmsnorm_ll_max_bytes = lambda *args, mode="graph", **kwargs: nbytes // 2 if mode == "graph" else 1 << 20
     try:
-        comm = Communicator(kernels="cuda", timeout_s=TIMEOUT_S)
+        comm = Communicator(kernels="cuda", host_path="cpp", timeout_s=TIMEOUT_S)
     finally:
         thresholds.rmsnorm_ll_max_bytes = measured
     try:
         xs, residual, weight = fused_inputs(world, tokens, hidden, torch.bfloat16, seed)
         x = xs[rank]
         assert comm._rmsnorm_auto(x) == "ll", comm._rmsnorm_auto(x)
+        assert comm._rmsnorm_auto(x, capturing=True) in ("flat", "tree"), comm._rmsnorm_auto(x, capturing=True)
+        assert not comm._host.capturing()
         auto = comm.all_reduce_residual_rmsnorm(x, residual, weight, EPS, "auto")
         ll = comm.all_reduce_residual_rmsnorm(x, residual, weight, EPS, "ll")
         assert torch.equal(auto[0], ll[0]) and torch.equal(auto[1], ll[1]), "auto differs from ll"
+        chunked = torch.cat([x] * 3)  # 3 LL launches at 16 rows x 8192 per launch
+        assert comm._rmsnorm_auto(chunked) == "ll", comm._rmsnorm_auto(chunked)
         big = torch.empty(2048, hidden, dtype=torch.bfloat16, device=device())  # 2048 x hidden x 2 > 1 MiB
         assert comm._rmsnorm_auto(big) in ("flat", "tree"), comm._rmsnorm_auto(big)
+        graph_algo = comm._rmsnorm_auto(x, capturing=True)
+        want = comm.all_reduce_residual_rmsnorm(x, residual, weight, EPS, graph_algo)  # compiled outside the capture
+        out, res_out = torch.empty_like(x), torch.empty_like(x)
+        seen = []
+
+        def call() -> None:
+            seen.append(comm._host.capturing())
+            comm.all_reduce_residual_rmsnorm(x, residual, weight, EPS, "auto", out=out, residual_out=res_out)
+
+        graph, _ = capture_graph(call)
+        assert seen[-1], "the C++ host path did not see the capture"
+        out.fill_(float("nan"))
+        res_out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, want[0]) and torch.equal(res_out, want[1]), f"auto in a graph differs from {graph_algo}"
         comm.check()
         return digest(auto[0]) + digest(auto[1])
     finally:
@@ -193,16 +215,40 @@ def absent_peer(absent: int, timeout_s: float) -> tuple[str, float]:
         comm.close()
 
 
-def wide_rows_error() -> str:
-    """algo="ll" on rows wider than the LL kernel takes (16 KiB) raises a ValueError naming the limit."""
+def grids_agree(segments: int, cases: list[tuple[int, int]]) -> None:
+    """For each (tokens, hidden) in bf16: the LL kernel launched on ``segments`` blocks per row (1: whole rows per
+    block up to one block per SM; threads as the policy's rule, 64..512, so 8192-wide rows on one block take two
+    passes) against algo="ll" on the policy's grid: residual_out bitwise equal, out within one rounding, both
+    against the float64 reference; outputs NaN-poisoned first."""
+    from shardkit.kernels.all_reduce import cuda as cuda_dda
+    from shardkit.memory.protocol import DTYPE_CODES, call_signature, float_bits
+
+    rank, world = dist.get_rank(), dist.get_world_size()
     comm = Communicator(kernels="cuda", timeout_s=TIMEOUT_S)
     try:
-        x = torch.randn(1, 16384, device=device())  # 64 KiB in fp32
-        try:
-            comm.all_reduce_residual_rmsnorm(x, x, torch.ones(16384, device=device()), algo="ll")
-        except ValueError as e:
-            return str(e)
-        raise AssertionError("ll took a 64 KiB row")
+        for i, (tokens, hidden) in enumerate(cases):
+            xs, residual, weight = fused_inputs(world, tokens, hidden, torch.bfloat16, 7000 + 10 * i)
+            ref_out, ref_res = all_reduce_residual_rmsnorm_reference(xs, residual, weight, EPS)
+            x = xs[rank]
+            lines = -(-hidden * x.element_size() // 8)
+            threads = min(512, max(64, -(-(-(-lines // segments)) // 32) * 32))
+            programs = tokens * segments if segments > 1 else min(tokens, comm._sm_count)
+            out, res_out = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
+            sig = call_signature("rmsnorm_ll_cuda", tokens, 0, 1, tokens, hidden, DTYPE_CODES[x.dtype],
+                                 float_bits(EPS), programs, threads)
+            cuda_dda.launch_ll_all_reduce_rmsnorm(x, residual, weight, out, res_out, comm._host_table,
+                                                  comm.memory.error_record_addr, rank, sig, EPS,
+                                                  comm.memory.buffer_bytes, comm._timeout_iters,
+                                                  cuda_dda.CudaConfig(programs, threads, 1))
+            want_out, want_res = comm.all_reduce_residual_rmsnorm(x, residual, weight, EPS, "ll")
+            what = f"ll on {segments} block(s) per row ({programs} x {threads}), tokens={tokens} hidden={hidden}"
+            assert torch.equal(res_out, want_res), f"{what}: residual_out differs from the policy grid's"
+            torch.testing.assert_close(out, want_out, **tol(ROUNDING, torch.bfloat16), msg=lambda m: f"{what}: {m}")
+            torch.testing.assert_close(out.double(), ref_out, **tol(ROUNDING, torch.bfloat16),
+                                       msg=lambda m: f"{what}: out vs float64: {m}")
+            torch.testing.assert_close(res_out.double(), ref_res, **tol(ROUNDING, torch.bfloat16),
+                                       msg=lambda m: f"{what}: residual_out vs float64: {m}")
+        comm.check()
     finally:
         comm.close()
 

@@ -1,9 +1,9 @@
 """The LL fused all-reduce + residual + RMSNorm (one synchronisation per call: csrc/dda/ll_rmsnorm.cu) on real
 GPUs: float64 reference, the Triton flat kernel (residual_out bitwise, out within one rounding; the share of
 out bitwise equal is printed), both host paths bitwise, in place, chunked calls, every dtype; CUDA-graph replays
-beside the Triton kernel and the LL all-reduce; auto with a measured rule; ranks that disagree, an absent peer,
-rows too wide. Skipped without 2+ GPUs or without the torch binding (csrc/tests/test_all_reduce.cu is the
-kernel's unit test)."""
+beside the Triton kernel and the LL all-reduce; auto with a measured rule (graph and eager); ranks that disagree,
+an absent peer; grids of 1..8 blocks per row. Skipped without 2+ GPUs or without the torch binding
+(csrc/tests/test_all_reduce.cu is the kernel's unit test)."""
 import pytest
 
 from ..conftest import gpu_count
@@ -19,16 +19,17 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(gpu_count() < 2, reason="needs
               pytest.mark.skipif(gpu_count() >= 2 and not _binding_built(), reason="torch binding not built")]
 
 WORLDS = sorted({2, min(4, gpu_count())}) if gpu_count() >= 2 else []
-# Decode shapes of a 70B model (hidden 8192, the widest row the kernel takes in 16-bit dtypes: 16 rows per
-# launch, so 17 and 64 go in chunks), tails of every line size (4100, 1001), fp32 rows up to 16 KiB (4096).
-CASES = [(1, 8192), (16, 8192), (17, 8192), (64, 8192), (33, 4100), (5, 1001), (9, 4096), (40, 4096)]
+# Decode shapes of a 70B model (hidden 8192: 16 rows per launch, each row split over 8 blocks of a cluster; 17 and
+# 64 go in chunks), tails of every line size (4100, 1001), rows wider than 16 KiB (16384 bf16 = 32 KiB, 32768 fp32 =
+# 128 KiB: 2 rows per launch), rows of one block (96).
+CASES = [(1, 8192), (16, 8192), (17, 8192), (64, 8192), (33, 4100), (5, 1001), (9, 4096), (40, 4096), (3, 16384),
+         (3, 32768), (300, 96)]
 
 
 @pytest.mark.parametrize("world_size", WORLDS)
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_matches_float64_reference_and_triton(worlds, world_size, dtype):
-    cases = [c for c in CASES if not (dtype == "float32" and c[1] > 4096)]  # fp32 rows over 16 KiB: too wide
-    results = worlds(world_size, "nccl").run(rmsnorm_ll_checks.matches_reference_and_triton, dtype, cases, 3)
+    results = worlds(world_size, "nccl").run(rmsnorm_ll_checks.matches_reference_and_triton, dtype, CASES, 3)
     assert all(d == results[0][0] for d, _ in results), "ranks got different bits"
     print(f"world {world_size} {dtype}: out bitwise equal to the Triton flat kernel's for "
           f"{100 * results[0][1]:.2f}% of elements")
@@ -59,6 +60,8 @@ def test_absent_peer_times_out_naming_it(worlds):
             print(f"rank {rank}: gave up after {seconds:.2f} s (timeout_s=2)")
 
 
-def test_rows_too_wide_for_ll_raise(worlds):
-    for m in worlds(2, "nccl").run(rmsnorm_ll_checks.wide_rows_error):
-        assert "algo='ll' takes rows of at most 16 KiB" in m, m
+@pytest.mark.parametrize("segments", [1, 2, 8])
+def test_every_grid_matches_the_policys(worlds, segments):
+    """The kernel on grids of 1, 2 and 8 blocks per row (1: whole rows per block, wide rows in two passes) gives
+    the policy's grid's bits."""
+    worlds(2, "nccl").run(rmsnorm_ll_checks.grids_agree, segments, [(1, 8192), (5, 8192), (16, 8192), (3, 4099)])
