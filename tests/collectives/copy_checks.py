@@ -188,6 +188,10 @@ def copy_bad_inputs() -> list[str]:
             lambda: mem.peer_view(dist.get_world_size(), 0, 1, torch.float32),
             lambda: mem.peer_view(0, 2, 1, torch.float32),
             lambda: mem.peer_view(0, mem.nbytes - 4, 2, torch.float32),
+            lambda: copy_engine.all_reduce(mem, x, x, timeout_iters=10, config=copy_engine.CopyConfig(4096, "oneshot"),
+                                           shard_hook=lambda chunk: None),
+            lambda: copy_engine.all_reduce(mem, x, x, timeout_iters=10,
+                                           config=copy_engine.CopyConfig(4096, "oneshot", "sm")),
         ])
     finally:
         comm.close()

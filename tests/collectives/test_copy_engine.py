@@ -30,7 +30,7 @@ SMALL_BUFFER = 8192  # bytes: larger messages go in call-chunks
     (3, "float32", [1000], 1024, True, "flags", "ce_push", 3),  # on CPU the same program order
     # The oneshot schedule: chunks doubling towards the front; 9000 / 5000 / 3001 elements overflow one
     # region of T (2 x 8 KiB over the peers): the ring of slots with credits.
-    (2, "bfloat16", [7, 3000, 9000], 1024, False, "oneshot", "ce", 1),
+    (2, "bfloat16", [7, 9000], 1024, False, "oneshot", "ce", 1),
     (3, "float32", [1000, 5000], 1024, True, "oneshot", "ce", 1),
     (2, "float16", [3001, 9001], 512, True, "oneshot", "ce", 2),
 ])
@@ -53,7 +53,8 @@ def test_interleaved_with_flat_tree_and_auto(worlds):
 
 @pytest.mark.parametrize("schedules", [(("barriers", "ce"),), (("flags", "ce"),), (("flags", "sm"),),
                                        (("flags", "ce_push"),), (("flags", "ce"), ("flags", "sm")),
-                                       (("barriers", "ce"), ("flags", "ce"))])
+                                       (("barriers", "ce"), ("flags", "ce")), (("oneshot", "ce"),),
+                                       (("flags", "ce"), ("oneshot", "ce"))])
 def test_ranks_disagreeing_all_raise(worlds, schedules):
     for message in worlds(2).run(copy_checks.mismatched_copy_call, schedules, timeout=120):
         assert "different element count" in message, message
@@ -106,6 +107,8 @@ def test_bad_inputs_raise_on_every_rank(worlds):
         assert all("copy_streams must be an int in 1..4" in m for m in messages[8:10])
         assert "out must have x's shape" in messages[10] and "rank must be in 0..1" in messages[11]
         assert all("not an aligned range" in m for m in messages[12:14])
+        assert "shard_hook needs config.sync 'barriers' or 'flags'" in messages[14]
+        assert "config.sync must be one of" in messages[15]
 
 
 # ----------------------------------------------------------------------------- GPU
