@@ -125,8 +125,8 @@ def ll_config(numel: int, element_size: int, sm_count: int) -> CudaConfig:
 @functools.lru_cache(maxsize=1024)
 def ll_rmsnorm_config(tokens: int, hidden: int, element_size: int, sm_count: int) -> CudaConfig:
     """The LL fused all-reduce + residual + RMSNorm's grid (csrc/dda/ll_rmsnorm.cu) for one launch on ``tokens``
-    rows of ``hidden`` elements (policy.h: a block per row up to one per SM, ~2 payload lines per thread). Pure:
-    every rank gets the same."""
+    rows of ``hidden`` elements (policy.h: up to 8 blocks per row, a cluster, while tokens x blocks fit the SMs;
+    a thread per payload line of a block's range). Pure: every rank gets the same."""
     config = (ctypes.c_int * 3)()
     _load().shardkit_ll_rmsnorm_config(tokens, hidden, element_size, sm_count, config)
     return CudaConfig(*config)
@@ -135,7 +135,7 @@ def ll_rmsnorm_config(tokens: int, hidden: int, element_size: int, sm_count: int
 @functools.cache
 def ll_rmsnorm_max_rows(hidden: int, element_size: int) -> int:
     """Rows of ``hidden`` elements one LL fused launch takes (one LL slot: ``protocol.LL_MAX_BYTES`` of rows
-    padded to 8 bytes); 0 when a row is wider than the kernel takes (policy.h: 16 KiB)."""
+    padded to 8 bytes); 0 when a row is wider than one LL slot."""
     return _load().shardkit_ll_rmsnorm_max_rows(hidden, element_size)
 
 
