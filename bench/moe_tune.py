@@ -56,6 +56,7 @@ def candidates(default) -> list[tuple[str, object]]:
         "layout8x32": dict(layout_programs=32),
         "comb4": dict(combine_block_t=4),
         "comb8": dict(combine_block_t=8),
+        "cstages2": dict(combine_stages=2),
         "combw8": dict(combine_warps=8),
         "combw4": dict(combine_warps=4),
         "disp4": dict(dispatch_block_t=4),

@@ -29,14 +29,15 @@ DIVISIBLE = {"hidden", "max_tokens", "row_elems", "comb_elems", "counts_row", "r
              "expert_index_off", "comb_off", "counts_off", "experts"}
 
 
-def compile_ptx(kernel, consts: dict, warps: int) -> str:
+def compile_kernel(kernel, consts: dict, warps: int):
     names = list(kernel.arg_names)
     signature = {n: "constexpr" if n in consts else POINTERS.get(n, "*i32" if n.endswith("_ptr") else
                                                                   ("i64" if n in INT64 else "i32")) for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
              if n in DIVISIBLE or signature[n].startswith("*")}
     src = ASTSource(kernel, signature, consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+
 
 
 def configs() -> dict:
@@ -49,9 +50,10 @@ def configs() -> dict:
             "BLOCK_H": lc.dispatch_block_h, "META_T": lc.meta_t, "FP8": fp8}, lc.dispatch_warps)
     lc = moe_launch_config(4096, HIDDEN, 2, False, 132, interpret=False)
     for residual in (False, True):
-        out[f"combine-residual{int(residual)}"] = (moe_combine_kernel, {
-            "K": TOPK, "WORLD": WORLD, "WORLD_P2": WORLD, "BLOCK_T": lc.combine_block_t,
-            "BLOCK_H": lc.combine_block_h, "HAS_RESIDUAL": residual}, lc.combine_warps)
+        for stages in (1, 2):  # plain and software-pipelined chunk loops (the default at 4096 tokens: 2)
+            out[f"combine-residual{int(residual)}-stages{stages}"] = (moe_combine_kernel, {
+                "K": TOPK, "WORLD": WORLD, "WORLD_P2": WORLD, "BLOCK_T": lc.combine_block_t,
+                "BLOCK_H": lc.combine_block_h, "HAS_RESIDUAL": residual, "STAGES": stages}, lc.combine_warps)
     out["counts"] = (moe_counts_kernel, {"K": TOPK, "K_P2": TOPK, "BLOCK_T": lc.layout_block_t, "WORLD": WORLD,
                                          "WORLD_P2": WORLD, "CHUNKS_P2": 256, "E_P2": EXPERTS,
                                          "L_P2": EXPERTS // WORLD, "ALIGN_P2": 16, "CHUNK_BLOCK": 16},
@@ -70,8 +72,11 @@ def spill_bytes(ptx: str) -> int:
     return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", info))
 
 
-def features(ptx: str) -> dict:
+def features(compiled) -> dict:
+    ptx = compiled.asm["ptx"]
     return {
+        "shared_bytes": compiled.metadata.shared,
+        "cp_async": "cp.async.cg.shared.global" in ptx,
         "spill_bytes": spill_bytes(ptx),
         "loads": sorted(set(re.findall(r"ld\.global\S*", ptx))),
         "stores": sorted(set(re.findall(r"st\.global\S*", ptx))),
@@ -82,4 +87,4 @@ def features(ptx: str) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps({name: features(compile_ptx(*cfg)) for name, cfg in configs().items()}))
+    print(json.dumps({name: features(compile_kernel(*cfg)) for name, cfg in configs().items()}))

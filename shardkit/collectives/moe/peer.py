@@ -195,7 +195,7 @@ class PeerTransport:
         launch_combine(expert_out, residual, out, self.b.mask, self.b.src_tokens, mem.table, mem.error_record_addr,
                        self.rank, self.cfg.world, self.sig_combine ^ int(poisoned), mem.buffer_bytes,
                        self.timeout_iters, self.ws, poisoned, *self.combine_grid, lc.combine_block_t,
-                       lc.combine_block_h, lc.combine_item_chunks, lc.combine_warps)
+                       lc.combine_block_h, lc.combine_item_chunks, lc.combine_warps, lc.combine_stages)
 
     def close(self) -> None:
         self.memory.close()

@@ -31,7 +31,11 @@ cannot run. A rank that rejected its combine
 input (``skip``) pushes nothing but still flags every item, with its other signature: its peers'
 summers see the mismatch and fail the round instead of waiting.
 An item's receive rows (or token masks) are loaded one item ahead (their L2 round trip overlaps the
-previous item); expert rows and weights, per chunk, are L1 hits after the first chunk.
+previous item); expert rows and weights, per chunk, are L1 hits after the first chunk. With STAGES > 1
+the chunk loops are software-pipelined (Triton's ``tl.range(num_stages=)``: the next chunk's loads go
+to shared memory with cp.async while this chunk is reduced and stored, more bytes in flight per SM);
+a summer then waits for the item's flag before its chunk loop (the pipeline's first loads, of the
+peers' rows too, are issued where the loop starts), with STAGES = 1 after its first own partial.
 Every rank reduces in a fixed order whatever the arrival order, so the output is bitwise the same
 from run to run. A token with no expert gets the residual (or zeros). NaN where the round failed.
 """
@@ -88,7 +92,7 @@ def moe_combine_kernel(
     inv_off, weight_off, expert_row_off, comb_off, comb_elems, comb_flag_off,
     flag_items,       # workspace.py
     K: tl.constexpr, WORLD: tl.constexpr, WORLD_P2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -117,7 +121,7 @@ def moe_combine_kernel(
                     block = item // n_items
                     t = block * BLOCK_T + offs_t
                     c0 = (item - block * n_items) * item_chunks
-                    for c in range(c0, tl.minimum(c0 + item_chunks, n_chunks)):
+                    for c in tl.range(c0, tl.minimum(c0 + item_chunks, n_chunks), num_stages=STAGES):
                         cols = c * BLOCK_H + offs_h
                         acc = _partial(expert_out_ptr, expert_rows, weights, i, cols, hidden, K, BLOCK_T, BLOCK_H)
                         tl.store(back + t.to(tl.int64)[:, None] * comb_elems + cols[None, :], acc.to(DTYPE),
@@ -141,15 +145,20 @@ def moe_combine_kernel(
             block = item // n_items
             t = block * BLOCK_T + offs_t
             c0 = (item - block * n_items) * item_chunks
-            for c in range(c0, tl.minimum(c0 + item_chunks, n_chunks)):
+            if STAGES > 1:  # every peer's rows of this item, before the pipeline's first loads
+                if ok:
+                    ok = wait_flags(my_flags + item, is_peer, flag, own, error_record_addr, timeout_iters,
+                                    pid + _ITEM_WAIT_SLOT, WORLD_P2)
+            for c in tl.range(c0, tl.minimum(c0 + item_chunks, n_chunks), num_stages=STAGES):
                 cols = c * BLOCK_H + offs_h
                 m = (t < tokens)[:, None] & (cols < hidden)[None, :]
                 # Own partial first: on the item's first chunk it is computed while the peers' rows travel.
                 mine = _partial(expert_out_ptr, expert_rows, weights, tl.where(ok, i, -1), cols, hidden, K, BLOCK_T,
                                 BLOCK_H).to(DTYPE).to(tl.float32)  # rounded as a pushed row is
-                if ok & (c == c0):  # every peer's rows of this item
-                    ok = wait_flags(my_flags + item, is_peer, flag, own, error_record_addr, timeout_iters,
-                                    pid + _ITEM_WAIT_SLOT, WORLD_P2)
+                if STAGES == 1:
+                    if ok & (c == c0):  # every peer's rows of this item
+                        ok = wait_flags(my_flags + item, is_peer, flag, own, error_record_addr, timeout_iters,
+                                        pid + _ITEM_WAIT_SLOT, WORLD_P2)
                 if HAS_RESIDUAL:
                     acc = tl.load(residual_ptr + t[:, None] * hidden + cols[None, :], mask=m, other=0.0).to(tl.float32)
                 else:
@@ -185,12 +194,12 @@ def combine_pushers(programs: int, world: int, pushers: int) -> tuple[int, int]:
 def launch_combine(expert_out: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor, mask: torch.Tensor,
                    src_tokens: torch.Tensor, table: torch.Tensor, error_record_addr: int, rank: int, world: int,
                    sig: int, buffer_bytes: int, timeout_iters: int, ws, skip: bool, programs: int, pushers: int,
-                   block_t: int, block_h: int, item_chunks: int, num_warps: int) -> None:
+                   block_t: int, block_h: int, item_chunks: int, num_warps: int, stages: int) -> None:
     """Combine into ``out [T, hidden]``; ``ws``: the MoeWorkspace (see the module); ``programs`` and
-    ``pushers`` from ``combine_pushers``."""
+    ``pushers`` from ``combine_pushers``; ``stages``: the chunk loops' pipeline stages."""
     tokens, hidden = out.shape
     consts = {"K": ws.topk, "WORLD": world, "WORLD_P2": triton.next_power_of_2(world), "BLOCK_T": block_t,
-              "BLOCK_H": block_h, "HAS_RESIDUAL": residual is not None}
+              "BLOCK_H": block_h, "HAS_RESIDUAL": residual is not None, "STAGES": stages}
     ints = (hidden, ws.max_tokens, ws.inv_off, ws.weight_off, ws.expert_row_off,
             ws.comb_off, ws.comb_elems, ws.comb_flag_off, ws.flag_items)
     res = residual if residual is not None else out

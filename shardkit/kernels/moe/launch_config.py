@@ -24,7 +24,9 @@ class MoeLaunchConfig:
     in blocks of meta_t tokens. combine_*: an item is block_t tokens x item_chunks chunks of block_h
     channels (item_chunks: any int >= 1; more than a row has is a whole row); combine_pushers: its
     programs that push (the others sum), 0: the peers' share of the work, (W-1)/W of them, >= programs:
-    every program pushes, then sums (no role split; combine.py)."""
+    every program pushes, then sums (no role split; combine.py); combine_stages: software-pipeline
+    stages of the combine's chunk loops (1: none; 2: a chunk's expert rows are fetched into shared
+    memory while the previous chunk is reduced and stored, ~8 * block_t * block_h * 2 bytes)."""
 
     programs: int
     layout_block_t: int
@@ -40,6 +42,7 @@ class MoeLaunchConfig:
     combine_warps: int
     combine_item_chunks: int
     combine_pushers: int = 0
+    combine_stages: int = 1
 
     def check(self, fp8: bool) -> None:
         """ValueError naming the field that is out of range (an explicit config from a user)."""
@@ -50,7 +53,7 @@ class MoeLaunchConfig:
         for name, v in asdict(self).items():
             if name == "programs":
                 continue
-            if name.endswith(("item_chunks", "pushers")):
+            if name.endswith(("item_chunks", "pushers", "stages")):
                 least = 0 if name.endswith("pushers") else 1
                 if not isinstance(v, int) or v < least:
                     raise ValueError(f"MoeLaunchConfig: {name} must be an int >= {least}, got {v!r}")
@@ -66,11 +69,12 @@ class MoeLaunchConfig:
 
     def short(self) -> str:
         """A compact name for tables: P<programs> L<block_t>x<programs>w<warps> D<t>x<h>*<chunks>m<meta>w<w>
-        C<t>x<h>*<chunks>w<w>p<pushers>."""
+        C<t>x<h>*<chunks>w<w>p<pushers>[s<stages>, when not 1]."""
         return (f"P{self.programs} L{self.layout_block_t}x{self.layout_programs}w{self.layout_warps} "
                 f"D{self.dispatch_block_t}x{self.dispatch_block_h}*{self.dispatch_item_chunks}m{self.meta_t}"
                 f"w{self.dispatch_warps} C{self.combine_block_t}x{self.combine_block_h}*{self.combine_item_chunks}"
-                f"w{self.combine_warps}p{self.combine_pushers}")
+                f"w{self.combine_warps}p{self.combine_pushers}" + (f"s{self.combine_stages}" if self.combine_stages != 1
+                                                                    else ""))
 
 
 @functools.lru_cache(maxsize=256)
@@ -95,7 +99,11 @@ def moe_launch_config(max_tokens: int, hidden: int, element_size: int, fp8: bool
     the roles' overlap of NVLink and HBM gains (at 0185c58, whose combine had no role split, 128
     tokens took 38.9 us in bench/moe_tune.py; with the split, 50.4 at be5aa1e in moe_bench --quick;
     the unsplit combine without its barrier is not GPU-measured yet). From 257 tokens half its
-    programs push (the peers' share at W = 2), half sum.
+    programs push (the peers' share at W = 2), half sum. Its chunk loops are software-pipelined (2
+    stages: the next chunk's K expert tiles, 128 KiB at 8 x 1024 bf16, fetched into shared memory
+    with cp.async while this chunk is reduced and stored) where items have several chunks: a program
+    otherwise has one HBM round trip per chunk with nothing else in flight (the loads land in
+    registers: 117 of 128 per thread at 16 warps, no room for a second chunk). Not GPU-measured yet.
     Layout: blocks of 8 tokens (a 64 x 64 pair tile at top-8), up to 64 chunks.
     Interpreter: two programs; 16 tokens x 128 channels in items of 1 chunk (2 from 64 tokens), so
     that the CPU tests' rows of 200 channels span two chunks and their 33 tokens three blocks; layout
@@ -121,4 +129,5 @@ def moe_launch_config(max_tokens: int, hidden: int, element_size: int, fp8: bool
                            dispatch_block_t=block_t, dispatch_block_h=dispatch_h, meta_t=32, dispatch_warps=4,
                            dispatch_item_chunks=item_chunks(dispatch_h, block_t), combine_block_t=8,
                            combine_block_h=combine_h, combine_warps=16, combine_item_chunks=item_chunks(combine_h, 8),
-                           combine_pushers=programs if max_tokens <= 256 else 0)
+                           combine_pushers=programs if max_tokens <= 256 else 0,
+                           combine_stages=2 if item_chunks(combine_h, 8) > 1 else 1)
