@@ -53,10 +53,13 @@ _ITEM_WAIT_SLOT = tl.constexpr(2 * MAX_PROGRAMS)  # + program id: the error reco
 
 
 @triton.jit
-def _item_tokens(base_ptr, item, n, n_items, tokens, offs_t, other, BLOCK_T: tl.constexpr):
-    """``base_ptr[t]`` for item ``item``'s tokens (``other`` past the last token or item)."""
+def _item_tokens(base_ptr, item, n, n_items, tokens, bound, offs_t, other, BLOCK_T: tl.constexpr):
+    """``base_ptr[t]`` for item ``item`` (>= 0)'s tokens (``other`` past the last token or item). The
+    load is masked by ``bound`` (the array's length) alone, so it need not wait for ``tokens`` or ``n``
+    (loaded values, which only select the result)."""
     t = (item // n_items) * BLOCK_T + offs_t
-    return tl.load(base_ptr + t, mask=(t < tokens) & (item < n), other=other)
+    v = tl.load(base_ptr + t, mask=t < bound, other=other)
+    return tl.where((t < tokens) & (item < n), v, other)
 
 
 @triton.jit
@@ -105,19 +108,28 @@ def moe_combine_kernel(
     inv = peer_ptr(table_ptr, rank, inv_off, tl.int32)
     weights = peer_ptr(table_ptr, rank, weight_off, tl.float32)
     expert_rows = peer_ptr(table_ptr, rank, expert_row_off, tl.int32)
+    summers = tl.where(pushers >= nprog, nprog, nprog - pushers)
+    q = pid - (nprog - summers)
+    n_own = tl.cdiv(tokens, BLOCK_T) * n_items
+    # The first summed item's token masks and rows, loaded beside start_call's loads (and, with no role
+    # split, in flight during the pushes).
+    bits_next = _item_tokens(mask_ptr, tl.maximum(q, 0), n_own, n_items, tokens, max_tokens, offs_t, 0, BLOCK_T)
+    i_next = _item_tokens(inv + rank * max_tokens, tl.maximum(q, 0), n_own, n_items, tokens, max_tokens, offs_t, -1,
+                          BLOCK_T)
     if pid < pushers:
-        if ok:
-            for j in tl.static_range(WORLD - 1):
-                s = (rank + 1 + (pid + j) % (WORLD - 1)) % WORLD  # the peers in turn, from one per program
-                back = peer_ptr(table_ptr, s, comb_off, DTYPE) + rank.to(tl.int64) * max_tokens * comb_elems
-                flags = peer_ptr(table_ptr, s, comb_flag_off, tl.int64) + rank * flag_items
-                src_tokens = tl.load(src_tokens_ptr + s)
-                n = tl.cdiv(src_tokens, BLOCK_T) * n_items
-                i_next = _item_tokens(inv + s * max_tokens, pid, n, n_items, src_tokens, offs_t, -1, BLOCK_T)
+        for j in tl.static_range(WORLD - 1):
+            s = (rank + 1 + (pid + j) % (WORLD - 1)) % WORLD  # the peers in turn, from one per program
+            back = peer_ptr(table_ptr, s, comb_off, DTYPE) + rank.to(tl.int64) * max_tokens * comb_elems
+            flags = peer_ptr(table_ptr, s, comb_flag_off, tl.int64) + rank * flag_items
+            src_tokens = tl.load(src_tokens_ptr + s)
+            n = tl.cdiv(src_tokens, BLOCK_T) * n_items
+            # Issued before the ``ok`` test: the first item's rows need not wait for start_call's loads.
+            p_next = _item_tokens(inv + s * max_tokens, pid, n, n_items, src_tokens, max_tokens, offs_t, -1, BLOCK_T)
+            if ok:
                 for item in range(pid, n, pushers):
-                    i = tl.where(skip == 0, i_next, -1)
-                    i_next = _item_tokens(inv + s * max_tokens, item + pushers, n, n_items, src_tokens, offs_t, -1,
-                                          BLOCK_T)
+                    i = tl.where(skip == 0, p_next, -1)
+                    p_next = _item_tokens(inv + s * max_tokens, item + pushers, n, n_items, src_tokens, max_tokens,
+                                          offs_t, -1, BLOCK_T)
                     block = item // n_items
                     t = block * BLOCK_T + offs_t
                     c0 = (item - block * n_items) * item_chunks
@@ -128,20 +140,16 @@ def moe_combine_kernel(
                                  mask=(i >= 0)[:, None] & (cols < hidden)[None, :])
                     tl.debug_barrier()  # the whole block's rows before the flag's release
                     tl.atomic_xchg(flags + item, flag, sem="release", scope="sys")
-    summers = tl.where(pushers >= nprog, nprog, nprog - pushers)
-    q = pid - (nprog - summers)
     if q >= 0:
         ranks = tl.arange(0, WORLD_P2)
         is_peer = (ranks < WORLD) & (ranks != rank)
         comb = peer_ptr(table_ptr, rank, comb_off, DTYPE)
         my_flags = peer_ptr(table_ptr, rank, comb_flag_off, tl.int64) + ranks * flag_items
-        n = tl.cdiv(tokens, BLOCK_T) * n_items
-        bits_next = _item_tokens(mask_ptr, q, n, n_items, tokens, offs_t, 0, BLOCK_T)
-        i_next = _item_tokens(inv + rank * max_tokens, q, n, n_items, tokens, offs_t, -1, BLOCK_T)
-        for item in range(q, n, summers):
+        for item in range(q, n_own, summers):
             bits, i = bits_next, i_next
-            bits_next = _item_tokens(mask_ptr, item + summers, n, n_items, tokens, offs_t, 0, BLOCK_T)
-            i_next = _item_tokens(inv + rank * max_tokens, item + summers, n, n_items, tokens, offs_t, -1, BLOCK_T)
+            bits_next = _item_tokens(mask_ptr, item + summers, n_own, n_items, tokens, max_tokens, offs_t, 0, BLOCK_T)
+            i_next = _item_tokens(inv + rank * max_tokens, item + summers, n_own, n_items, tokens, max_tokens, offs_t,
+                                  -1, BLOCK_T)
             block = item // n_items
             t = block * BLOCK_T + offs_t
             c0 = (item - block * n_items) * item_chunks

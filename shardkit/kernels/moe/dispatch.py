@@ -3,14 +3,14 @@ peer memory, the fastest way to write a peer measured here: 366 GB/s with both G
 
 Program p of G (G equal on every rank) serves the destinations in turn, starting at rank p mod W
 (so that the local copy and the pushes to the peers overlap across programs). For destination r it
-first writes the metadata of its blocks of META_T tokens (block G-1-p, 2G-1-p, ...: the last programs,
-which get fewer payload items) that go to r, into row ``send_base[r] + chunk_base[chunk, r] +
-chunk_pos[t, r]`` of r's receive rows (layout.py, counts.py): source rank and index, the top-k
-weights, and per top-k slot the expert's local index on r and its expert-major row there (-1 where
-the expert lives elsewhere), plus the expert-major index entry (that row -> receive row) and
-``inv[rank][t]`` (the receive row, or -1 for tokens not sent to r), which the combine follows back.
-Then the payload: a work item is ``item_chunks`` chunks of BLOCK_H channels of BLOCK_T tokens (their rows
-looked up once), items p, p + G, ...
+first writes the payload: a work item is ``item_chunks`` chunks of BLOCK_H channels of BLOCK_T tokens
+(their rows looked up once), items p, p + G, ..., each token into row ``send_base[r] + chunk_base[chunk,
+r] + chunk_pos[t, r]`` of r's receive rows (layout.py, counts.py). Then the metadata of its blocks of
+META_T tokens (block G-1-p, 2G-1-p, ...: the last programs, which get fewer payload items) that go to r,
+into the same rows: source rank and index, the top-k weights, and per top-k slot the expert's local index
+on r and its expert-major row there (-1 where the expert lives elsewhere), plus the expert-major index
+entry (that row -> receive row) and ``inv[rank][t]`` (the receive row, or -1 for tokens not sent to r),
+which the combine follows back.
 One barrier at the end: when a rank's launch has finished, every peer's program has pushed all its
 rows to it.
 
@@ -95,15 +95,54 @@ def moe_dispatch_kernel(
     offs_t = tl.arange(0, BLOCK_T)
     offs_m = tl.arange(0, META_T)
     ks = tl.arange(0, K_P2)
-    if ok:
-        # Destinations in turn, starting at a different one in each program, so that the local copy
-        # and the pushes to every peer overlap across programs.
-        for j in tl.static_range(WORLD):
-            r = (pid + j) % WORLD
-            base = tl.load(send_base_ptr + r)
+    # Destinations in turn, starting at a different one in each program, so that the local copy and the
+    # pushes to every peer overlap across programs.
+    for j in tl.static_range(WORLD):
+        r = (pid + j) % WORLD
+        base = tl.load(send_base_ptr + r)
+        if ok:
+            # Payload first (its rows' lookup then waits for no metadata stores): item_chunks chunks of
+            # BLOCK_H channels of BLOCK_T tokens per item. Each item's rows are looked up one item ahead
+            # (an L2 round trip), overlapping the previous item's payload.
+            n = n_blocks * n_items
+            t_next = (pid // n_items) * BLOCK_T + offs_t
+            sent_next, row_next = _rows(t_next, r, tl.where(pid < n, tokens, 0), chunk, base, mask_ptr, chunk_base_ptr,
+                                        chunk_pos_ptr, WORLD)
             recv = peer_ptr(table_ptr, r, recv_x_off, PAYLOAD)
-            # Metadata of blocks of META_T tokens, from the last program down (the first ones get the extra
-            # payload items); inv[rank][t] = the row, or -1 if not sent.
+            if FP8:
+                scales = peer_ptr(table_ptr, r, recv_scales_off, tl.float32)
+            for item in range(pid, n, nprog):
+                block = item // n_items
+                t = block * BLOCK_T + offs_t
+                sent, row = sent_next, row_next
+                t_next = ((item + nprog) // n_items) * BLOCK_T + offs_t
+                sent_next, row_next = _rows(t_next, r, tl.where(item + nprog < n, tokens, 0), chunk, base, mask_ptr,
+                                            chunk_base_ptr, chunk_pos_ptr, WORLD)
+                c0 = (item - block * n_items) * item_chunks
+                c1 = tl.minimum(c0 + item_chunks, n_chunks)
+                # Each chunk is loaded one chunk ahead: a load in flight while the previous chunk is stored.
+                cols_next = c0 * BLOCK_H + grid_cols
+                v_next = tl.load(x_ptr + t[:, None, None] * hidden + cols_next[None, :, :],
+                                 mask=sent[:, None, None] & (cols_next < hidden)[None, :, :], other=0.0)
+                for c in range(c0, c1):
+                    cols = c * BLOCK_H + grid_cols
+                    m = sent[:, None, None] & (cols < hidden)[None, :, :]
+                    v = v_next
+                    cols_next = cols + BLOCK_H
+                    v_next = tl.load(x_ptr + t[:, None, None] * hidden + cols_next[None, :, :],
+                                     mask=(sent & (c + 1 < c1))[:, None, None] & (cols_next < hidden)[None, :, :],
+                                     other=0.0)
+                    if FP8:
+                        # IEEE divisions (Triton's ``/`` is approximate on GPUs): the same bits as quantize_e4m3
+                        scale = tl.div_rn(tl.maximum(tl.max(tl.abs(v.to(tl.float32)), axis=2), 1e-12), _E4M3_MAX)
+                        v = round_to_e4m3(tl.div_rn(v.to(tl.float32), scale[:, :, None]))
+                        groups = c * GROUPS + tl.arange(0, GROUPS)
+                        tl.store(scales + row[:, None] * scale_groups + groups[None, :], scale,
+                                 mask=sent[:, None] & (groups < scale_groups)[None, :])
+                    tl.store(recv + row.to(tl.int64)[:, None, None] * row_elems + cols[None, :, :], v.to(PAYLOAD),
+                             mask=m)
+            # Then the metadata of blocks of META_T tokens, from the last program down (the first ones get the
+            # extra payload items); inv[rank][t] = the row, or -1 if not sent.
             inv = peer_ptr(table_ptr, r, inv_off, tl.int32) + rank * max_tokens
             src_ranks = peer_ptr(table_ptr, r, src_rank_off, tl.int32)
             src_tokens = peer_ptr(table_ptr, r, src_token_off, tl.int32)
@@ -135,45 +174,6 @@ def moe_dispatch_kernel(
                 tl.store(weights + slots, w.to(tl.float32), mask=slot)
                 tl.store(expert_rows + slots, tl.where(here, erow, -1), mask=slot)
                 tl.store(index + erow, row[:, None] + tl.zeros([META_T, K_P2], tl.int32), mask=here)
-            # Payload: item_chunks chunks of BLOCK_H channels of BLOCK_T tokens per item.
-            if FP8:
-                scales = peer_ptr(table_ptr, r, recv_scales_off, tl.float32)
-            # Each item's rows are looked up one item ahead (an L2 round trip), overlapping the previous
-            # item's payload.
-            n = n_blocks * n_items
-            t_next = (pid // n_items) * BLOCK_T + offs_t
-            sent_next, row_next = _rows(t_next, r, tl.where(pid < n, tokens, 0), chunk, base, mask_ptr,
-                                        chunk_base_ptr, chunk_pos_ptr, WORLD)
-            for item in range(pid, n, nprog):
-                block = item // n_items
-                t = block * BLOCK_T + offs_t
-                sent, row = sent_next, row_next
-                t_next = ((item + nprog) // n_items) * BLOCK_T + offs_t
-                sent_next, row_next = _rows(t_next, r, tl.where(item + nprog < n, tokens, 0), chunk, base, mask_ptr,
-                                            chunk_base_ptr, chunk_pos_ptr, WORLD)
-                c0 = (item - block * n_items) * item_chunks
-                c1 = tl.minimum(c0 + item_chunks, n_chunks)
-                # Each chunk is loaded one chunk ahead: a load in flight while the previous chunk is stored.
-                cols_next = c0 * BLOCK_H + grid_cols
-                v_next = tl.load(x_ptr + t[:, None, None] * hidden + cols_next[None, :, :],
-                                 mask=sent[:, None, None] & (cols_next < hidden)[None, :, :], other=0.0)
-                for c in range(c0, c1):
-                    cols = c * BLOCK_H + grid_cols
-                    m = sent[:, None, None] & (cols < hidden)[None, :, :]
-                    v = v_next
-                    cols_next = cols + BLOCK_H
-                    v_next = tl.load(x_ptr + t[:, None, None] * hidden + cols_next[None, :, :],
-                                     mask=(sent & (c + 1 < c1))[:, None, None] & (cols_next < hidden)[None, :, :],
-                                     other=0.0)
-                    if FP8:
-                        # IEEE divisions (Triton's ``/`` is approximate on GPUs): the same bits as quantize_e4m3
-                        scale = tl.div_rn(tl.maximum(tl.max(tl.abs(v.to(tl.float32)), axis=2), 1e-12), _E4M3_MAX)
-                        v = round_to_e4m3(tl.div_rn(v.to(tl.float32), scale[:, :, None]))
-                        groups = c * GROUPS + tl.arange(0, GROUPS)
-                        tl.store(scales + row[:, None] * scale_groups + groups[None, :], scale,
-                                 mask=sent[:, None] & (groups < scale_groups)[None, :])
-                    tl.store(recv + row.to(tl.int64)[:, None, None] * row_elems + cols[None, :, :], v.to(PAYLOAD),
-                             mask=m)
     ok = peer_barrier(table_ptr, rank, 0, flag, ok, error_record_addr, timeout_iters, WORLD, WORLD_P2)
     finish_call(own, epoch)
 
