@@ -74,10 +74,10 @@ def test_peer_and_nccl_transports_lay_out_rounds_alike(worlds):
 
 
 def test_launch_grids_do_not_change_the_result(worlds):
-    """Other grids (items of several chunks, a partial last item; other token blocks; more layout chunks;
-    a combine whose every program pushes, then sums; a pipelined combine: its summers wait before the
-    chunk loop) give bitwise the same round; hidden 300 is three chunks of 128 channels, the last one
-    partial."""
+    """Other grids (items of several chunks, a partial last item; other token blocks; more layout chunks,
+    33 of one token: the counts exchange scans them in three tiles; a combine whose every program pushes,
+    then sums; a pipelined combine: its summers wait before the chunk loop) give bitwise the same round;
+    hidden 300 is three chunks of 128 channels, the last one partial."""
     from shardkit.kernels.moe.launch_config import moe_launch_config
 
     default = moe_launch_config(40, 300, 2, False, 0, interpret=True)
@@ -85,7 +85,8 @@ def test_launch_grids_do_not_change_the_result(worlds):
              dataclasses.replace(default, dispatch_item_chunks=3, combine_item_chunks=5, dispatch_block_t=8,
                                  combine_block_t=4, combine_block_h=64, meta_t=4, layout_block_t=2,
                                  layout_programs=8, programs=3),
-             dataclasses.replace(default, programs=3, combine_pushers=3, combine_block_t=8)]
+             dataclasses.replace(default, programs=3, combine_pushers=3, combine_block_t=8, layout_block_t=1,
+                                 layout_programs=64)]
     case = [([33, 7], "random", True)]
     runs = [worlds(2).run(moe_checks.check_round, dict(BASE, hidden=300, launch_config=g), case, 19) for g in grids]
     assert all(r == runs[0] for r in runs[1:])
