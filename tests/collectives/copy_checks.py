@@ -237,3 +237,33 @@ def copy_graph_replays(n: int, replays: int, seed: int, sync: str = "barriers", 
     finally:
         comm.close()
     return worst
+
+
+def auto_copy_on_default_workspace(n: int, seed: int) -> str:
+    """``auto`` under rules that pick copy, on the default workspace (smaller than the message: on 2 GPUs
+    the oneshot schedule's ring), out of place, in place and in a CUDA graph replayed on fresh inputs,
+    against float64; the out-of-place and in-place bits equal. Returns a digest."""
+    from shardkit.testing import capture_graph
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    comm = Communicator(rules=[(1 << 20, "flat"), (None, "copy")])
+    try:
+        assert n * 2 > 2 * comm.memory.buffer_bytes, "the message must overflow T (two epoch buffers)"
+        xs = rank_inputs(world, n, torch.bfloat16, seed=seed, device=device())
+        ref = all_reduce_reference(xs)
+        out = torch.full_like(xs[rank], float("nan"))
+        comm.all_reduce(xs[rank], out=out)
+        _check(out, ref, "auto -> copy, out of place")
+        inplace = xs[rank].clone()
+        comm.all_reduce_(inplace)
+        assert torch.equal(inplace, out), "auto -> copy: in place differs from out of place"
+        x, y = torch.empty_like(out), torch.empty_like(out)
+        graph, _ = capture_graph(lambda: comm.all_reduce(x, out=y), 1)
+        xs = rank_inputs(world, n, torch.bfloat16, seed=seed + 1, device=device())
+        x.copy_(xs[rank])
+        graph.replay()
+        _check(y, all_reduce_reference(xs), "auto -> copy, graph replay")
+        comm.check()
+        return digest(out)
+    finally:
+        comm.close()

@@ -164,6 +164,14 @@ def test_gpu_oneshot_ring_in_cuda_graphs(worlds, copy_streams):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(gpu_count() < 2, reason="needs 2+ CUDA GPUs")
+def test_gpu_auto_copy_on_default_workspace(worlds):
+    """auto picking copy on the default 32 MiB workspace for a 72 MB message (the ring), graphs too."""
+    digests = worlds(2, "nccl").run(copy_checks.auto_copy_on_default_workspace, 36_000_017, 8)
+    assert digests[0] == digests[1], "ranks got different bits"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(gpu_count() < 2, reason="needs 2+ CUDA GPUs")
 def test_gpu_ranks_disagreeing_all_raise(worlds):
     for message in worlds(2, "nccl").run(copy_checks.mismatched_copy_call, timeout=120):
         assert "different element count" in message, message
