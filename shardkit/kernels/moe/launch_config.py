@@ -85,25 +85,28 @@ def moe_launch_config(max_tokens: int, hidden: int, element_size: int, fp8: bool
 
     GPU: one program per SM. Chunks of 2 KiB of a row (1024 bf16 channels: 7168 = 7 chunks exactly)
     for 4 tokens, i.e. 8 KiB per chunk, 8 tokens from 2048 tokens on (more bytes in flight per SM,
-    where there are items enough for every program: no register spills at sm_90 with these warps).
+    where there are items enough for every program: no register spills at sm_90 with these warps) and
+    up to 256 tokens (a dispatch program's items per destination run one after another, each one
+    dependent load of x: at 128 tokens 112 items of 8 tokens, at most one per program, instead of 224).
     A program's items run one after another and each first looks up its rows (a dependent L2 round
     trip, ~1 us), so when there are at least as many token blocks as programs an item is a whole row
     of its tokens (the lookup once per 7 chunks; e.g. 1024 tokens and up); with fewer, one chunk,
-    so that 128 tokens still make 224 items per source. Metadata in blocks of 32 tokens (its
+    so that 128 tokens still make 112 items per source. Metadata in blocks of 32 tokens (its
     dependent small loads cost the same per block whatever its size). The combine holds up to K
     expert tiles per chunk: 16 warps (one or two 16-byte loads per thread per tile; 8 warps spilled
     a few registers at sm_90), 8-token blocks at any size: each pushed item ends with a release of
-    its flag (waiting ~1-2 us for the NVLink stores), so fewer, larger items (1.7 per pusher at 128
-    tokens instead of 3.4). Up to 256 tokens every program pushes, then sums (combine_pushers =
-    programs): a program has one or two items there, and a chain of items per program costs more than
-    the roles' overlap of NVLink and HBM gains (at 0185c58, whose combine had no role split, 128
-    tokens took 38.9 us in bench/moe_tune.py; with the split, 50.4 at be5aa1e in moe_bench --quick;
-    the unsplit combine without its barrier is not GPU-measured yet). From 257 tokens half its
-    programs push (the peers' share at W = 2), half sum. Its chunk loops are software-pipelined (2
-    stages: the next chunk's K expert tiles, 128 KiB at 8 x 1024 bf16, fetched into shared memory
-    with cp.async while this chunk is reduced and stored) where items have several chunks: a program
-    otherwise has one HBM round trip per chunk with nothing else in flight (the loads land in
-    registers: 117 of 128 per thread at 16 warps, no room for a second chunk). Not GPU-measured yet.
+    its flag (waiting ~1-2 us for the NVLink stores), so fewer, larger items. Up to 256 tokens every
+    program pushes, then sums (combine_pushers = programs; at 128 tokens each program pushes and sums
+    at most one item): the role split doubles each role's chain of items there, which costs more than
+    the roles' overlap of NVLink and HBM gains (0185c58's combine, with no split but a barrier: 128
+    tokens in 38.9 us in moe_tune; be5aa1e's split: 50.4 in moe_bench --quick). From 257 tokens half
+    its programs push (the peers' share at W = 2), half sum, and where items have several chunks
+    (1056+ tokens) the combine's chunk loops are software-pipelined (2 stages: the next chunk's K
+    expert tiles, 128 KiB at 8 x 1024 bf16, fetched into shared memory with cp.async while this chunk
+    is reduced and stored; otherwise a program has one HBM round trip per chunk with nothing else in
+    flight: the loads land in registers, 117 of 128 per thread at 16 warps, no room for a second
+    chunk). The no-split combine, the pipelined loops and the small-T dispatch blocks are not
+    GPU-measured yet (bench/results/moe_gpu_commands.txt, run 1).
     Layout: blocks of 8 tokens (a 64 x 64 pair tile at top-8), up to 64 chunks.
     Interpreter: two programs; 16 tokens x 128 channels in items of 1 chunk (2 from 64 tokens), so
     that the CPU tests' rows of 200 channels span two chunks and their 33 tokens three blocks; layout
@@ -120,7 +123,7 @@ def moe_launch_config(max_tokens: int, hidden: int, element_size: int, fp8: bool
     block_h = min(2048 // element_size, pow2)
     dispatch_h = max(SCALE_GROUP if fp8 else 16, block_h)
     combine_h = max(MIN_COMBINE_BLOCK_H, block_h)
-    block_t = 8 if max_tokens >= 2048 else 4
+    block_t = 8 if max_tokens >= 2048 or max_tokens <= 256 else 4
 
     def item_chunks(block_h: int, block_t: int) -> int:  # whole rows when there are as many blocks as programs
         return -(-hidden // block_h) if -(-max_tokens // block_t) >= programs else 1
