@@ -27,9 +27,9 @@ overlap of the two kinds of work gains (at 128 tokens a round is a few microseco
 Pushers never wait, and a summer waits only for other ranks' pushers of lower or equal program id
 (split: the pushers are the lower ids; P = G: item q's pusher is program q, which pushed before it
 waits): in the interpreter, whose programs run one after another, nothing waits for a program that
-cannot run. A rank that rejected its combine
-input (``skip``) pushes nothing but still flags every item, with its other signature: its peers'
-summers see the mismatch and fail the round instead of waiting.
+cannot run. A rank that rejected its combine input (``skip``) pushes nothing but still flags every
+item, with its other signature: its peers' summers see the mismatch and fail the round instead of
+waiting.
 An item's receive rows (or token masks) are loaded one item ahead (their L2 round trip overlaps the
 previous item); expert rows and weights, per chunk, are L1 hits after the first chunk. With STAGES > 1
 the chunk loops are software-pipelined (Triton's ``tl.range(num_stages=)``: the next chunk's loads go
