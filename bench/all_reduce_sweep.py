@@ -206,10 +206,11 @@ def sweep_rank(args: argparse.Namespace) -> tuple[dict, list[dict]] | None:
     return (env, records) if rank == 0 else None
 
 
-def derive_rules(records: list[dict], kernels: str) -> list[tuple[int | None, str]]:
+def derive_rules(records: list[dict], kernels: str, mode: str | None = None) -> list[tuple[int | None, str]]:
     """Fastest of flat/tree/ll (of the given kernel family), copy (on the default communicator) and nccl
-    per measured size (graph mode if measured), as threshold rules."""
-    mode = "graph" if any(r["mode"] == "graph" for r in records) else "eager"
+    per measured size in ``mode`` (default: graph mode if measured, else eager), as threshold rules."""
+    if mode is None:
+        mode = "graph" if any(r["mode"] == "graph" for r in records) else "eager"
     candidates = {impl_name(a, kernels): a for a in ("flat", "tree", "nccl", "ll", "copy")}
     best = {}
     for r in records:
@@ -257,9 +258,13 @@ def report(args: argparse.Namespace, env: dict, records: list[dict], world: int,
     if args.write_thresholds and not functional:
         from shardkit import thresholds
         lo = min(r["params"]["bytes"] for r in records)
-        rules = splice_rules(thresholds.select_rules(env["gpu"], world), derive_rules(records, env["kernels"]), lo)
-        thresholds.write_rules(env["gpu"], world, rules)
-        print(f"thresholds for {env['gpu']} x{world} (measured from {lo} bytes on): {rules} -> {thresholds.PATH}")
+        # Graph rules (auto inside captures, and where no eager rules are stored), then eager ones.
+        for mode in [m for m in ("graph", "eager") if any(r["mode"] == m for r in records)]:
+            old = thresholds.select_rules(env["gpu"], world, mode=mode)
+            rules = splice_rules(old, derive_rules(records, env["kernels"], mode), lo)
+            thresholds.write_rules(env["gpu"], world, rules, mode=mode)
+            print(f"thresholds ({mode}) for {env['gpu']} x{world} (measured from {lo} bytes on): {rules} "
+                  f"-> {thresholds.PATH}")
 
 
 def main() -> None:

@@ -4,7 +4,8 @@ The table is keyed by feature first, then GPU name (``"default"`` where unmeasur
 
 * ``all_reduce``: algorithm by message size, ``[[max_bytes, algo], ...]`` (max_bytes null = beyond);
   ``bench/all_reduce_sweep.py --write-thresholds`` rewrites the entry of the GPU it ran on from
-  measured crossovers.
+  measured crossovers (CUDA-graph times). ``all_reduce_eager``: the same fitted to eager times, where
+  measured (GPU name -> world size only); ``auto`` applies it to calls outside a graph capture.
 * ``rmsnorm`` / ``ll_max_bytes`` (CUDA graphs) and ``ll_eager_max_bytes`` (eager): the x size up to which the
   fused op's LL kernel (CUDA kernels; in row chunks where x exceeds one LL slot) beats its flat and tree kernels
   in that mode (``bench/all_reduce_rmsnorm_bench.py --write-thresholds``); none measured: ``auto`` does not pick
@@ -63,12 +64,41 @@ def _per_world(feature: str, key: str, device_name: str, world_size: int, table:
 
 
 # ----------------------------------------------------------------------------- all-reduce
-def select_rules(device_name: str, world_size: int, table: dict | None = None) -> list[tuple[int | None, str]]:
-    """The [(max_bytes or None, algo)] rules for a device name and world size (falling back to defaults)."""
-    table = (load_table() if table is None else table)["all_reduce"]
+ALL_REDUCE_KEYS = {"graph": "all_reduce", "eager": "all_reduce_eager"}
+
+
+def select_rules(device_name: str, world_size: int, table: dict | None = None, *,
+                 mode: str = "graph") -> list[tuple[int | None, str]]:
+    """The [(max_bytes or None, algo)] rules for a device name and world size (falling back to defaults).
+    mode "eager": the rules measured in eager mode for exactly this device and world size where stored,
+    else the graph ones."""
+    table = load_table() if table is None else table
+    if mode == "eager":
+        rules = table.get(ALL_REDUCE_KEYS["eager"], {}).get(device_name, {}).get(str(world_size))
+        if rules is not None:
+            return [(None if b is None else int(b), a) for b, a in rules]
+    elif mode != "graph":
+        raise ValueError(f"select_rules: mode must be 'graph' or 'eager', got {mode!r}")
+    table = table["all_reduce"]
     per_device = table.get(device_name, table["default"])
     rules = per_device.get(str(world_size), per_device.get("default", table["default"]["default"]))
     return [(None if b is None else int(b), a) for b, a in rules]
+
+
+def agreed_rules(a: list[tuple[int | None, str]], b: list[tuple[int | None, str]],
+                 otherwise: str = "nccl") -> list[tuple[int | None, str]]:
+    """Rules that pick what ``a`` and ``b`` both pick, and ``otherwise`` at sizes where they differ (e.g. the
+    C++ host path's rules: it hands "nccl" back to Python, which then applies the rules of the call's mode)."""
+    bounds = sorted({x for x, _ in a + b if x is not None}) + [None]
+    merged: list[tuple[int | None, str]] = []
+    for bound in bounds:
+        probe = bound if bound is not None else (bounds[-2] + 1 if len(bounds) > 1 else 0)
+        pick = choose(a, probe) if choose(a, probe) == choose(b, probe) else otherwise
+        if merged and merged[-1][1] == pick:
+            merged[-1] = (bound, pick)
+        else:
+            merged.append((bound, pick))
+    return merged
 
 
 def choose(rules: list[tuple[int | None, str]], nbytes: int) -> str:
@@ -79,12 +109,13 @@ def choose(rules: list[tuple[int | None, str]], nbytes: int) -> str:
     return rules[-1][1]
 
 
-def write_rules(device_name: str, world_size: int, rules: list[tuple[int | None, str]], path: str = PATH) -> None:
-    """Store measured rules for a device and world size."""
+def write_rules(device_name: str, world_size: int, rules: list[tuple[int | None, str]], path: str = PATH, *,
+                mode: str = "graph") -> None:
+    """Store measured rules for a device and world size (``mode``: measured in CUDA graphs or eager)."""
     bad = [a for _, a in rules if a not in ALGOS]
     if bad:
         raise ValueError(f"write_rules: algorithms must be in {ALGOS}, got {bad}")
-    _update(path, ("all_reduce", device_name, str(world_size)), [[b, a] for b, a in rules])
+    _update(path, (ALL_REDUCE_KEYS[mode], device_name, str(world_size)), [[b, a] for b, a in rules])
 
 
 # ----------------------------------------------------------------------------- fused RMSNorm

@@ -109,7 +109,8 @@ class Communicator:
             (Triton kernels in the interpreter, ranks on one host).
         buffer_bytes: per-call workspace capacity (see PeerMemory); larger inputs go in chunks.
         timeout_s: how long a barrier waits for a peer before the call fails (approximate).
-        rules: [(max_bytes or None, algo)] for algo="auto"; default from thresholds.json.
+        rules: [(max_bytes or None, algo)] for algo="auto" (in graph captures and eager alike); default from
+            thresholds.json (its eager rules, where measured, outside graph captures).
         kernels: "triton", "cuda" (the CUDA C++ kernels of csrc/, GPUs only, when built) or "auto"
             (cuda where built, else triton). Every rank must choose the same.
         host_path: how all_reduce reaches the CUDA kernels: "cpp" (the C++ host path, shardkit._C:
@@ -143,6 +144,9 @@ class Communicator:
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "cuda" else torch.device("cpu")
         self.device_name = torch.cuda.get_device_name(self.device) if self.backend == "cuda" else "cpu"
         self.rules = rules if rules is not None else thresholds.select_rules(self.device_name, self.world_size)
+        # auto's rules outside a graph capture (eager times), where measured; else the graph ones.
+        self._eager_rules = (rules if rules is not None
+                             else thresholds.select_rules(self.device_name, self.world_size, mode="eager"))
         self._rmsnorm_tree_min_bytes = thresholds.rmsnorm_tree_min_bytes(self.device_name, self.world_size)
         self._rmsnorm_ll_max_bytes = {m: thresholds.rmsnorm_ll_max_bytes(self.device_name, self.world_size, mode=m)
                                       for m in ("graph", "eager")}
@@ -167,7 +171,8 @@ class Communicator:
                                 f"(shardkit._C: {host_path_mod.IMPORT_ERROR or 'kernels are ' + self.kernels})")
         # The C++ host path (all_reduce on the CUDA kernels; it hands back what it does not handle).
         self._host = (host_path_mod.make_host(self.memory, self.rank, self.world_size, self.device, self._timeout_iters,
-                                              self._sm_count, self.rules, self._rmsnorm_ll_max_bytes)
+                                              self._sm_count, thresholds.agreed_rules(self.rules, self._eager_rules),
+                                              self._rmsnorm_ll_max_bytes)
                       if host_path != "python" and self._host_table is not None and self.world_size > 1
                       and host_path_mod.available() else None)
         self._error: str | None = None
@@ -294,7 +299,10 @@ class Communicator:
                                 "with the CUDA library built)")
         nbytes = x.numel() * x.element_size()
         if algo == "auto":
-            algo = thresholds.choose(self.rules, nbytes) if self.memory is not None else "nccl"
+            # The rules of the call's mode (the C++ host path hands back the sizes where they differ).
+            rules = (self._eager_rules if self.backend == "cuda" and not torch.cuda.is_current_stream_capturing()
+                     else self.rules)
+            algo = thresholds.choose(rules, nbytes) if self.memory is not None else "nccl"
             if algo == "ll" and self.kernels != "cuda":  # a rule measured on the CUDA kernels
                 algo = "flat"
         if algo == "nccl" or x.numel() == 0:

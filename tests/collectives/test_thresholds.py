@@ -135,6 +135,7 @@ def test_sweep_rules_take_copy_where_fastest():
                rec("copy", 256 * mib, None), rec("nccl", 256 * mib, 900.0), rec("copy_zc", 256 * mib, 1.0),
                rec("copy", 256 * mib, 1.0, mode="eager")]
     assert derive_rules(records, "cuda") == [(1024, "ll"), (64 * mib, "copy"), (None, "nccl")]
+    assert derive_rules(records, "cuda", "eager") == [(None, "copy")]  # the eager records alone
     records[9] = rec("copy", 256 * mib, 700.0)
     assert derive_rules(records, "cuda") == [(1024, "ll"), (None, "copy")]
 
@@ -151,3 +152,34 @@ def test_sweep_rules_spliced_into_the_stored_ones():
     assert splice_rules(old, [(None, "copy")], 4 * mib) == [(256 << 10, "ll"), (4 * mib - 1, "flat"), (None, "copy")]
     assert splice_rules(old, [(4096, "ll"), (None, "tree")], 1024) == [(4096, "ll"), (None, "tree")]
     assert splice_rules([(None, "nccl")], [(None, "copy")], 16 * mib) == [(16 * mib - 1, "nccl"), (None, "copy")]
+
+
+def test_eager_rules_where_measured_and_the_host_path_rules():
+    """all_reduce_eager rules apply where stored for the device and world size, else the graph ones; the
+    C++ host path gets the sizes where both modes agree and hands the others back ("nccl")."""
+    mib = 1 << 20
+    table = json.loads(json.dumps(TABLE))
+    table["all_reduce_eager"] = {"GPU-X": {"4": [[2048, "flat"], [None, "tree"]]}}
+    assert thresholds.select_rules("GPU-X", 4, table, mode="eager") == [(2048, "flat"), (None, "tree")]
+    assert thresholds.select_rules("GPU-X", 2, table, mode="eager") == thresholds.select_rules("GPU-X", 2, table)
+    assert thresholds.select_rules("GPU-Y", 4, TABLE, mode="eager") == thresholds.select_rules("GPU-Y", 4, TABLE)
+    with pytest.raises(ValueError, match="mode must be"):
+        thresholds.select_rules("GPU-X", 4, table, mode="graphs")
+    graph = [(256 << 10, "ll"), (8 * mib, "flat"), (None, "copy")]
+    eager = [(256 << 10, "ll"), (32 * mib, "flat"), (None, "copy")]
+    assert thresholds.agreed_rules(graph, eager) == [(256 << 10, "ll"), (8 * mib, "flat"), (32 * mib, "nccl"),
+                                                     (None, "copy")]
+    assert thresholds.agreed_rules(graph, graph) == graph
+    assert thresholds.agreed_rules([(None, "copy")], [(1024, "flat"), (None, "copy")]) == [(1024, "nccl"),
+                                                                                           (None, "copy")]
+
+
+def test_eager_rules_round_trip(tmp_path):
+    path = str(tmp_path / "t.json")
+    with open(path, "w") as f:
+        json.dump(TABLE, f)
+    thresholds.write_rules("GPU-Z", 2, [(512, "flat"), (None, "copy")], path=path, mode="eager")
+    table = thresholds.load_table(path)
+    assert thresholds.select_rules("GPU-Z", 2, table, mode="eager") == [(512, "flat"), (None, "copy")]
+    assert thresholds.select_rules("GPU-Z", 2, table) == thresholds.select_rules("GPU-Z", 2, TABLE)
+    thresholds.load_table.cache_clear()
