@@ -50,10 +50,13 @@ def configs() -> dict:
             "BLOCK_H": lc.dispatch_block_h, "META_T": lc.meta_t, "FP8": fp8}, lc.dispatch_warps)
     lc = moe_launch_config(4096, HIDDEN, 2, False, 132, interpret=False)
     for residual in (False, True):
-        for stages in (1, 2):  # plain and software-pipelined chunk loops (the default at 4096 tokens: 2)
-            out[f"combine-residual{int(residual)}-stages{stages}"] = (moe_combine_kernel, {
+        # The default, and software-pipelined chunk loops (3 stages of 512-channel chunks, 8 warps: the tuning
+        # candidate; 16 warps spilled 20 bytes without a residual)
+        for name, stages, block_h, warps in (("", lc.combine_stages, lc.combine_block_h, lc.combine_warps),
+                                             ("-s3h512w8", 3, 512, 8)):
+            out[f"combine-residual{int(residual)}{name}"] = (moe_combine_kernel, {
                 "K": TOPK, "WORLD": WORLD, "WORLD_P2": WORLD, "BLOCK_T": lc.combine_block_t,
-                "BLOCK_H": lc.combine_block_h, "HAS_RESIDUAL": residual, "STAGES": stages}, lc.combine_warps)
+                "BLOCK_H": block_h, "HAS_RESIDUAL": residual, "STAGES": stages}, warps)
     out["counts"] = (moe_counts_kernel, {"K": TOPK, "K_P2": TOPK, "BLOCK_T": lc.layout_block_t, "WORLD": WORLD,
                                          "WORLD_P2": WORLD, "CHUNKS_P2": 256, "E_P2": EXPERTS,
                                          "L_P2": EXPERTS // WORLD, "ALIGN_P2": 16, "CHUNK_BLOCK": 16},

@@ -41,17 +41,17 @@ def test_combine_bitwise_identical_whatever_the_arrival_order(worlds):
 
 
 def test_launch_grids_do_not_change_the_result(worlds):
-    """Whole-row items (2 chunks of 1024 channels) in a software-pipelined combine (cp.async stages),
-    3-chunk items of 512 (a partial last one), other token blocks and layout chunks, a combine whose
-    every program pushes then sums (the default's pushers and summers are split at 512 tokens): bitwise
-    the same outputs as the default grid."""
+    """Whole-row items (2 chunks of 1024 channels; in the combine 4 of 512 in a software-pipelined loop, 3
+    cp.async stages), 3-chunk items of 512 (a partial last one), other token blocks and layout chunks, a
+    combine whose every program pushes then sums (the default's pushers and summers are split at 512
+    tokens): bitwise the same outputs as the default grid."""
     import dataclasses
 
     from shardkit.kernels.moe.launch_config import moe_launch_config
 
     default = moe_launch_config(GPU["max_tokens"], GPU["hidden"], 2, False, 132, interpret=False)
-    grids = [None, dataclasses.replace(default, dispatch_item_chunks=2, combine_item_chunks=2, combine_block_t=8,
-                                       combine_stages=2),
+    grids = [None, dataclasses.replace(default, dispatch_item_chunks=2, combine_item_chunks=4, combine_block_t=8,
+                                       combine_block_h=512, combine_stages=3, combine_warps=8),
              dataclasses.replace(default, dispatch_block_h=512, dispatch_item_chunks=3, combine_block_h=512,
                                  combine_item_chunks=3, dispatch_block_t=2, layout_block_t=16, layout_programs=8,
                                  programs=96, combine_pushers=96)]

@@ -32,10 +32,11 @@ item, with its other signature: its peers' summers see the mismatch and fail the
 waiting.
 An item's receive rows (or token masks) are loaded one item ahead (their L2 round trip overlaps the
 previous item); expert rows and weights, per chunk, are L1 hits after the first chunk. With STAGES > 1
-the chunk loops are software-pipelined (Triton's ``tl.range(num_stages=)``: the next chunk's loads go
-to shared memory with cp.async while this chunk is reduced and stored, more bytes in flight per SM);
-a summer then waits for the item's flag before its chunk loop (the pipeline's first loads, of the
-peers' rows too, are issued where the loop starts), with STAGES = 1 after its first own partial.
+the chunk loops are software-pipelined (Triton's ``tl.range(num_stages=)``, cp.async into shared
+memory; the expert tiles depend on the expert-row indices, so 2 stages fetch only the indices a chunk
+ahead and 3 the tiles too, more bytes in flight per SM); a summer then waits for the item's flag
+before its chunk loop (the pipeline's first loads, of the peers' rows too, are issued where the loop
+starts), with STAGES = 1 after its first own partial.
 Every rank reduces in a fixed order whatever the arrival order, so the output is bitwise the same
 from run to run. A token with no expert gets the residual (or zeros). NaN where the round failed.
 """

@@ -25,8 +25,10 @@ class MoeLaunchConfig:
     channels (item_chunks: any int >= 1; more than a row has is a whole row); combine_pushers: its
     programs that push (the others sum), 0: the peers' share of the work, (W-1)/W of them, >= programs:
     every program pushes, then sums (no role split; combine.py); combine_stages: software-pipeline
-    stages of the combine's chunk loops (1: none; 2: a chunk's expert rows are fetched into shared
-    memory while the previous chunk is reduced and stored, ~8 * block_t * block_h * 2 bytes)."""
+    stages of the combine's chunk loops (1: none; 2: only the expert-row indices are fetched a chunk
+    ahead, the expert tiles depend on them; 3: the next chunk's K expert tiles are fetched into shared
+    memory while this chunk is reduced and stored, 2 * K * block_t * block_h * 2 bytes: block_h 512 at
+    8 tokens and top-8 in bf16, 132 KiB, and 8 warps: 16 spilled at sm_90)."""
 
     programs: int
     layout_block_t: int
@@ -100,13 +102,12 @@ def moe_launch_config(max_tokens: int, hidden: int, element_size: int, fp8: bool
     at most one item): the role split doubles each role's chain of items there, which costs more than
     the roles' overlap of NVLink and HBM gains (0185c58's combine, with no split but a barrier: 128
     tokens in 38.9 us in moe_tune; be5aa1e's split: 50.4 in moe_bench --quick). From 257 tokens half
-    its programs push (the peers' share at W = 2), half sum, and where items have several chunks
-    (1056+ tokens) the combine's chunk loops are software-pipelined (2 stages: the next chunk's K
-    expert tiles, 128 KiB at 8 x 1024 bf16, fetched into shared memory with cp.async while this chunk
-    is reduced and stored; otherwise a program has one HBM round trip per chunk with nothing else in
-    flight: the loads land in registers, 117 of 128 per thread at 16 warps, no room for a second
-    chunk). The no-split combine, the pipelined loops and the small-T dispatch blocks are not
-    GPU-measured yet (bench/results/moe_gpu_commands.txt, run 1).
+    its programs push (the peers' share at W = 2), half sum. The combine's chunk loops are not
+    software-pipelined by default (combine_stages 1: a program has one HBM round trip per chunk, its
+    loads landing in registers, 117 of 128 per thread at 16 warps); 3 stages of 512-channel chunks
+    at 8 warps (cp.async into shared memory) are a candidate for 4096 tokens. The no-split combine, the
+    pipelined loops and the small-T dispatch blocks are not GPU-measured yet
+    (bench/results/moe_gpu_commands.txt, run 1).
     Layout: blocks of 8 tokens (a 64 x 64 pair tile at top-8), up to 64 chunks.
     Interpreter: two programs; 16 tokens x 128 channels in items of 1 chunk (2 from 64 tokens), so
     that the CPU tests' rows of 200 channels span two chunks and their 33 tokens three blocks; layout
@@ -132,5 +133,4 @@ def moe_launch_config(max_tokens: int, hidden: int, element_size: int, fp8: bool
                            dispatch_block_t=block_t, dispatch_block_h=dispatch_h, meta_t=32, dispatch_warps=4,
                            dispatch_item_chunks=item_chunks(dispatch_h, block_t), combine_block_t=8,
                            combine_block_h=combine_h, combine_warps=16, combine_item_chunks=item_chunks(combine_h, 8),
-                           combine_pushers=programs if max_tokens <= 256 else 0,
-                           combine_stages=2 if item_chunks(combine_h, 8) > 1 else 1)
+                           combine_pushers=programs if max_tokens <= 256 else 0)
