@@ -224,7 +224,7 @@ int check_ll_errors() {
 // offset 1 misaligns every tensor; in_place: out = x and residual_out = residual.
 template <typename T>
 int check_ll_rmsnorm(int world, int64_t tokens, int64_t hidden, int calls, double tol, std::mt19937& gen,
-                     int offset = 0, bool in_place = false) {
+                     int offset = 0, bool in_place = false, bool policy_grid = false) {
   World w(world, {});
   const int64_t n = tokens * hidden, cap = n + 8;
   std::vector<T*> x(world), res(world), out(world), res_out(world), weight(world), scratch(world);
@@ -233,8 +233,11 @@ int check_ll_rmsnorm(int world, int64_t tokens, int64_t hidden, int calls, doubl
   }
   const float eps = 1e-5f;
   const int64_t E = 8 / sizeof(T), row_lines = (hidden + E - 1) / E;
-  const int threads = ll_rmsnorm_config(tokens, hidden, sizeof(T), 132).threads;
-  const int programs = int(std::min<int64_t>(tokens, 5));  // rows wrap around the blocks
+  // policy_grid: the shipped grid (rows split over a cluster of blocks where the policy says so); else rows
+  // wrap around at most 5 blocks, one block per row.
+  const LaunchConfig policy = ll_rmsnorm_config(tokens, hidden, sizeof(T), 132);
+  const int threads = policy.threads;
+  const int programs = policy_grid ? policy.programs : int(std::min<int64_t>(tokens, 5));
   std::normal_distribution<float> normal;
   int failures = 0;
   for (int call = 0; call < calls; ++call) {
@@ -445,7 +448,7 @@ int main() {
   }
   failures += check_ll_errors();
   // LL fused all-reduce + residual + RMSNorm: worlds 2 and 5; hidden with tails of every line size (4099, 1001),
-  // decode shapes (8192: the widest row, 16 KiB), the most rows of one launch; misaligned and in place.
+  // decode shapes (8192), the most rows of one launch; misaligned and in place.
   for (int world : {2, 5}) {
     for (const auto& [tokens, hidden] : std::vector<std::pair<int64_t, int64_t>>{{1, 8192}, {7, 4099}, {3, 1001},
                                                                                  {16, 8192}, {2, 96}}) {
@@ -459,6 +462,13 @@ int main() {
     failures += check_ll_rmsnorm<__half>(world, 3, 1001, 2, 2e-3, gen, 1, true);
     failures += check_ll_rmsnorm<float>(world, 9, 4096, 2, 1e-5, gen, 0, true);
   }
+  // The policy's grids on 2 ranks (both ranks' blocks must be resident on this one GPU at once): rows over
+  // clusters of 8 / 2 blocks, hidden 16384, and fp32 rows of 128 KiB (a second pass over residual_out).
+  failures += check_ll_rmsnorm<__nv_bfloat16>(2, 16, 8192, 3, 1.6e-2, gen, 0, false, true);
+  failures += check_ll_rmsnorm<__nv_bfloat16>(2, 1, 16384, 2, 1.6e-2, gen, 0, false, true);
+  failures += check_ll_rmsnorm<__nv_bfloat16>(2, 4, 4099, 2, 1.6e-2, gen, 1, true, true);
+  failures += check_ll_rmsnorm<__half>(2, 7, 8192, 2, 2e-3, gen, 0, false, true);
+  failures += check_ll_rmsnorm<float>(2, 2, 32768, 2, 1e-5, gen, 0, false, true);
   failures += check_ll_rmsnorm_errors();
   std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "passed", failures);
   return failures ? 1 : 0;
