@@ -115,7 +115,9 @@ def _exchange(table_ptr, error_record_addr, rank, epoch, flag, ok, own, timeout_
     flags = tl.where(bad_ids != 0, _FLAG_BAD_IDS, 0) | tl.where(input_error != 0, _FLAG_BAD_INPUT, 0)
     ex = tl.arange(0, E_P2)
     pairs = tl.zeros([E_P2], tl.int32)  # ours to each expert, summed over the chunks in order
-    for c0 in tl.range(0, n_chunks, CHUNK_BLOCK, num_stages=2):  # the next tile loads while this one is scanned
+    # 3 stages: the next tile loads while this one is scanned (with 2, one shared-memory buffer, its copy
+    # starts only after this tile is scanned and stored: sm_90 SASS)
+    for c0 in tl.range(0, n_chunks, CHUNK_BLOCK, num_stages=3):
         cs = c0 + tl.arange(0, CHUNK_BLOCK)
         m = (cs < n_chunks)[:, None] & (ex < experts)[None, :]
         tile = tl.load(chunk_experts_ptr + cs[:, None] * experts + ex[None, :], mask=m, other=0)
