@@ -90,6 +90,10 @@ last sum. After the start barrier, per chunk k:
     slot k mod slots, and its pushes wait (a flag kernel on a "cr" stream) for every peer's credit
     "chunk k - slots is summed". So ``auto`` can take the copy engines on the default workspace.
 
+One barrier per call: no rank reads another's memory, and every write into our workspace (pushes,
+flags, credits) is one main waits for before the call ends, so the call needs no end barrier (the
+next call's start barrier keeps its peers out until we arrive there).
+
 Barriers are ``kernels/barrier.py``: one program of the workspace protocol, enqueued on main (CUDA
 graphs capture it), carrying the call's fingerprint (op, sizes, dtype, chunking, zero-copy
 offset, mode, barrier index), so ranks that disagree about a call fail at its first barrier
@@ -761,8 +765,7 @@ def _call_oneshot(memory: PeerMemory, lanes: _Lanes, x: torch.Tensor, out: torch
         pieces = ws + t_offset(rank + 1, rank, k)  # peer rank+1's piece; the others region * es apart
         launch_chunk_sum(memory.table, rank, world, dtype, hi - lo, x[lo:hi].data_ptr(), pieces, region * es,
                          out[lo:hi].data_ptr(), interpret=interpret)
+    # No end barrier: nobody reads a peer's memory in this schedule, and once main has every peer's
+    # flag of the last chunk (and the credits it waited for), nothing more of this call arrives here;
+    # a peer's next call touches our workspace only after its start barrier, which waits for ours.
     lanes.join()
-
-    # End: nobody touches our workspace after this.
-    launch_barrier(memory.table, memory.error_record_addr, rank, world, call_signature(OP, *fingerprint, 1),
-                   memory.buffer_bytes, timeout_iters)

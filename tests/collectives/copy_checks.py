@@ -267,3 +267,30 @@ def auto_copy_on_default_workspace(n: int, seed: int) -> str:
         return digest(out)
     finally:
         comm.close()
+
+
+def check_oneshot_interleaved(seed: int) -> int:
+    """oneshot calls (one barrier each: no end barrier) back to back and between flat, tree, the barrier
+    and flags schedules and each other on one communicator, out of place, in place and through the ring;
+    each against float64. Returns the number of calls."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    comm = Communicator(buffer_bytes=8192)
+    oneshot = copy_engine.CopyConfig(1024, "oneshot")
+    calls = [("oneshot", 3000), ("oneshot", 900), ("flat", 200), ("oneshot", 9000), ("tree", 900),
+             ("oneshot", 100), (copy_engine.CopyConfig(1024), 1500), ("oneshot", 2500),
+             (copy_engine.CopyConfig(1024, "flags"), 1500), ("oneshot", 7)]
+    try:
+        for i, (algo, n) in enumerate(calls):
+            xs = rank_inputs(world, n, torch.float32, seed=seed * 100 + i, device=device())
+            x = xs[rank].clone()
+            out = x if i % 3 == 1 else torch.full_like(x, float("nan"))  # every third call in place
+            if algo in ("flat", "tree"):
+                comm.all_reduce(x, algo=algo, out=out)
+            else:
+                config = oneshot if algo == "oneshot" else algo
+                copy_engine.all_reduce(comm.memory, x, out, timeout_iters=comm._timeout_iters, config=config)
+            _check(out, all_reduce_reference(xs), f"call {i} ({algo}, n={n})")
+        comm.check()
+    finally:
+        comm.close()
+    return len(calls)

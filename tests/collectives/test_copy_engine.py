@@ -51,6 +51,10 @@ def test_interleaved_with_flat_tree_and_auto(worlds):
     assert worlds(2).run(copy_checks.check_mixed_calls, 6) == [7, 7]
 
 
+def test_oneshot_without_end_barrier_interleaved(worlds):
+    assert worlds(2).run(copy_checks.check_oneshot_interleaved, 9) == [10, 10]
+
+
 @pytest.mark.parametrize("schedules", [(("barriers", "ce"),), (("flags", "ce"),), (("flags", "sm"),),
                                        (("flags", "ce_push"),), (("flags", "ce"), ("flags", "sm")),
                                        (("barriers", "ce"), ("flags", "ce")), (("oneshot", "ce"),),
