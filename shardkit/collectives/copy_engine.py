@@ -202,13 +202,16 @@ def _pieces_fit(numel: int, world: int, chunk: int, element_size: int, buffer_by
 
 @functools.lru_cache(maxsize=None)
 def copy_config(shard_bytes: int, world: int, buffer_bytes: int, element_size: int, interpret: bool,
-                sharded: bool = False) -> CopyConfig:
+                sharded: bool = False, eager: bool = False) -> CopyConfig:
     """The launch policy: the pipeline chunk for shards of ``shard_bytes`` (a pure function of the
-    shape, so every rank picks the same). ``sharded``: the call has a shard hook (a two-phase schedule).
+    shape and mode, so every rank picks the same). ``sharded``: the call has a shard hook (a two-phase
+    schedule). ``eager``: the call is not being captured into a CUDA graph.
 
     GPUs, 2 ranks, no hook: the "oneshot" schedule, whose last chunk is 1/32 of the message between 1
     and 8 MiB (on 2 ranks it moves the bytes of a two-shot, as plain pushes from t = 0 with nothing
-    to wait for but the start barrier; only the last chunk's sum follows the link).
+    to wait for but the start barrier; only the last chunk's sum follows the link). Eager: 1/8 of the
+    message (four chunks up to 64 MiB): each chunk costs ~30-40 us of Python launches, which the GPU
+    then waits for, against a few us of a larger last sum.
     GPUs, 2 ranks, with a hook: the "flags" schedule with copy-engine gathers in two chunks per shard
     (2xH200, bf16, graph, out of place: 64 MiB 221 us with 16 MiB chunks against 233-249 for the
     barrier schedule's chunks; 256 MiB 768 us with 64 MiB chunks against 835; bench/copy_engine_chunks.py).
@@ -219,7 +222,7 @@ def copy_config(shard_bytes: int, world: int, buffer_bytes: int, element_size: i
     """
     ring_cap = buffer_bytes // (2 * max(1, world - 1))
     if not interpret and world == 2 and not sharded:
-        return CopyConfig(min(max(shard_bytes * world // 32, 1 << 20), 8 << 20), sync="oneshot")
+        return CopyConfig(min(max(shard_bytes * world // (8 if eager else 32), 1 << 20), 8 << 20), sync="oneshot")
     if not interpret and world == 2:
         return CopyConfig(max(ALIGN * element_size, min(shard_bytes // 2, ring_cap)), sync="flags")
     target = 2048 if interpret else min(max(shard_bytes // 4, 8 << 20), 32 << 20)
@@ -347,7 +350,7 @@ def all_reduce(memory: PeerMemory, x: torch.Tensor, out: torch.Tensor, *, timeou
     x_offset = memory.holds(x)
     if config is None:
         config = copy_config(shard_elements(n, world) * es, world, memory.buffer_bytes, es, interpret,
-                             shard_hook is not None)
+                             shard_hook is not None, not interpret and not torch.cuda.is_current_stream_capturing())
     else:
         _check_config(config, shard_hook)
     chunk = _chunk_elements(config, es)
