@@ -10,11 +10,13 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <random>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -224,7 +226,7 @@ int check_ll_errors() {
 // offset 1 misaligns every tensor; in_place: out = x and residual_out = residual.
 template <typename T>
 int check_ll_rmsnorm(int world, int64_t tokens, int64_t hidden, int calls, double tol, std::mt19937& gen,
-                     int offset = 0, bool in_place = false, bool policy_grid = false) {
+                     int offset = 0, bool in_place = false, int policy_sms = 0) {
   World w(world, {});
   const int64_t n = tokens * hidden, cap = n + 8;
   std::vector<T*> x(world), res(world), out(world), res_out(world), weight(world), scratch(world);
@@ -233,11 +235,11 @@ int check_ll_rmsnorm(int world, int64_t tokens, int64_t hidden, int calls, doubl
   }
   const float eps = 1e-5f;
   const int64_t E = 8 / sizeof(T), row_lines = (hidden + E - 1) / E;
-  // policy_grid: the shipped grid (rows split over a cluster of blocks where the policy says so); else rows
-  // wrap around at most 5 blocks, one block per row.
-  const LaunchConfig policy = ll_rmsnorm_config(tokens, hidden, sizeof(T), 132);
+  // policy_sms > 0: the policy's grid for that many SMs (rows split over a cluster of blocks where it says so);
+  // else rows wrap around at most 5 blocks, one block per row.
+  const LaunchConfig policy = ll_rmsnorm_config(tokens, hidden, sizeof(T), policy_sms > 0 ? policy_sms : 132);
   const int threads = policy.threads;
-  const int programs = policy_grid ? policy.programs : int(std::min<int64_t>(tokens, 5));
+  const int programs = policy_sms > 0 ? policy.programs : int(std::min<int64_t>(tokens, 5));
   std::normal_distribution<float> normal;
   int failures = 0;
   for (int call = 0; call < calls; ++call) {
@@ -398,7 +400,7 @@ int check_ll_rmsnorm_errors() {
   return failures;
 }
 
-int main() {
+int main(int argc, char** argv) {
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
     std::printf("no CUDA device: test_all_reduce built but not run\n");
@@ -406,7 +408,19 @@ int main() {
   }
   std::mt19937 gen(7);
   int failures = 0;
+  // An argument runs only the parts whose names contain it (e.g. "rmsnorm"); ctest runs them all.
+  const std::string only = argc > 1 ? argv[1] : "";
+  auto want = [&](const std::string& name) { return only.empty() || name.find(only) != std::string::npos; };
+  // One line per part as it ends (failures so far, seconds): a slow or stuck part shows where it is.
+  const auto start = std::chrono::steady_clock::now();
+  auto part = [&](const std::string& name) {
+    if (!want(name)) return;
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    std::printf("[%6.1f s] %s done, %d failure(s) so far\n", s, name.c_str(), failures);
+    std::fflush(stdout);
+  };
   for (int world : {2, 3, 4, 5}) {  // 5: the smaller max_unroll
+    if (!want("flat + tree")) break;
     for (Algo algo : {Algo::kFlat, Algo::kTree}) {
       const bool tree = algo == Algo::kTree;
       for (int64_t numel : {1, 7, 1000, 4099, 65536 + 8}) {
@@ -422,10 +436,12 @@ int main() {
         }
       }
     }
+    part("flat + tree, world " + std::to_string(world));
   }
   // LL: worlds 2 and 5, counts with tails up to the largest call, 3 programs of 128 threads (tiles wrap
   // around the grid) and one of 1024, misaligned and in place, 4 calls in a row (both parities twice).
   for (int world : {2, 5}) {
+    if (!want("ll")) break;
     for (int64_t numel : {1, 7, 1000, 4099, 65536 + 5}) {
       for (int threads : {128, 1024}) {
         failures += check<float>(world, Algo::kLL, numel, threads, 1, 4, 1e-5, gen);
@@ -446,10 +462,13 @@ int main() {
                                         Variant{0, false, before, 0x5a});
     }
   }
-  failures += check_ll_errors();
+  part("ll");
+  if (want("ll errors")) failures += check_ll_errors();
+  part("ll errors");
   // LL fused all-reduce + residual + RMSNorm: worlds 2 and 5; hidden with tails of every line size (4099, 1001),
   // decode shapes (8192), the most rows of one launch; misaligned and in place.
   for (int world : {2, 5}) {
+    if (!want("ll rmsnorm")) break;
     for (const auto& [tokens, hidden] : std::vector<std::pair<int64_t, int64_t>>{{1, 8192}, {7, 4099}, {3, 1001},
                                                                                  {16, 8192}, {2, 96}}) {
       failures += check_ll_rmsnorm<__nv_bfloat16>(world, tokens, hidden, 3, 1.6e-2, gen);
@@ -462,14 +481,21 @@ int main() {
     failures += check_ll_rmsnorm<__half>(world, 3, 1001, 2, 2e-3, gen, 1, true);
     failures += check_ll_rmsnorm<float>(world, 9, 4096, 2, 1e-5, gen, 0, true);
   }
-  // The policy's grids on 2 ranks (both ranks' blocks must be resident on this one GPU at once): rows over
-  // clusters of 8 / 2 blocks, hidden 16384, and fp32 rows of 128 KiB (a second pass over residual_out).
-  failures += check_ll_rmsnorm<__nv_bfloat16>(2, 16, 8192, 3, 1.6e-2, gen, 0, false, true);
-  failures += check_ll_rmsnorm<__nv_bfloat16>(2, 1, 16384, 2, 1.6e-2, gen, 0, false, true);
-  failures += check_ll_rmsnorm<__nv_bfloat16>(2, 4, 4099, 2, 1.6e-2, gen, 1, true, true);
-  failures += check_ll_rmsnorm<__half>(2, 7, 8192, 2, 2e-3, gen, 0, false, true);
-  failures += check_ll_rmsnorm<float>(2, 2, 32768, 2, 1e-5, gen, 0, false, true);
-  failures += check_ll_rmsnorm_errors();
+  part("ll rmsnorm");
+  // The policy's grids on 2 ranks, at most 64 blocks a rank (both ranks' clusters must be resident on this one
+  // GPU at once): rows over clusters of 8 blocks (8 x 8192, 7 x 8192, 1 x 16384), of 4 (16 x 8192 on 66 SMs,
+  // 4 x 4099 misaligned in place), fp32 rows of 128 KiB (a second pass over residual_out).
+  if (want("ll rmsnorm, the policy's grids")) {
+    failures += check_ll_rmsnorm<__nv_bfloat16>(2, 8, 8192, 3, 1.6e-2, gen, 0, false, 132);
+    failures += check_ll_rmsnorm<__nv_bfloat16>(2, 16, 8192, 2, 1.6e-2, gen, 0, false, 66);
+    failures += check_ll_rmsnorm<__nv_bfloat16>(2, 1, 16384, 2, 1.6e-2, gen, 0, false, 132);
+    failures += check_ll_rmsnorm<__nv_bfloat16>(2, 4, 4099, 2, 1.6e-2, gen, 1, true, 132);
+    failures += check_ll_rmsnorm<__half>(2, 7, 8192, 2, 2e-3, gen, 0, false, 132);
+    failures += check_ll_rmsnorm<float>(2, 2, 32768, 2, 1e-5, gen, 0, false, 132);
+  }
+  part("ll rmsnorm, the policy's grids");
+  if (want("ll rmsnorm errors")) failures += check_ll_rmsnorm_errors();
+  part("ll rmsnorm errors");
   std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "passed", failures);
   return failures ? 1 : 0;
 }
