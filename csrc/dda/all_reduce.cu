@@ -108,10 +108,10 @@ __device__ void reduce_packs(const PeerTable& t, int64_t src, int64_t lo, int64_
   }
 }
 
-// Flat: one pack per thread per tile (unroll 1) and up to 1024 threads; measured faster than
-// fewer threads with more packs each, and it keeps the registers of a 1024-thread block in budget.
+// Flat: one pack per thread per tile (unroll 1) and up to kMaxFlatThreads threads; measured faster than
+// fewer threads with more packs each.
 template <typename T, int VEC, int WORLD>
-__global__ void flat_kernel(AllReduceArgs a) {
+__global__ void __launch_bounds__(kMaxFlatThreads) flat_kernel(AllReduceArgs a) {
   using P = Pack<T, VEC>;
   const CallState cs = start_call(a.table, a.rank, a.sig);
   const int64_t buf = epoch_buffer_offset(cs.epoch, a.buffer_bytes);
@@ -202,7 +202,7 @@ template <typename T, int VEC, int WORLD> struct TreeLaunch {
 bool valid(const AllReduceArgs& a, bool tree) {
   return a.world >= 2 && a.world <= kMaxWorld && a.rank >= 0 && a.rank < a.world && a.programs >= 1 &&
          a.programs <= kMaxPrograms && a.threads >= a.world && a.threads % 32 == 0 &&
-         a.threads <= (tree ? kMaxTreeThreads : 1024) && a.unroll >= 1 &&
+         a.threads <= (tree ? kMaxTreeThreads : kMaxFlatThreads) && a.unroll >= 1 &&
          a.unroll <= (tree ? max_unroll(a.world) : 1) && a.numel >= 0;
 }
 

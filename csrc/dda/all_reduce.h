@@ -11,9 +11,11 @@ namespace shardkit {
 
 // Largest AllReduceArgs::unroll of the tree kernel for `world` ranks: a thread keeps world * unroll
 // 16-byte loads in registers, at most 16 (no spills at sm_90; 32 spilled), and the tree kernel
-// takes at most kMaxTreeThreads threads per block. The flat kernel takes unroll 1 and up to 1024 threads.
+// takes at most kMaxTreeThreads threads per block. The flat kernel takes unroll 1 and up to kMaxFlatThreads
+// threads (1024 did not fit the register file from world 5 on at sm_90; bounding it at 1024 spilled from there).
 __host__ __device__ constexpr int max_unroll(int world) { return world <= 2 ? 8 : 16 / world; }
 constexpr int kMaxTreeThreads = 256;
+constexpr int kMaxFlatThreads = 512;
 
 // Every rank reads every rank's staged copy and sums locally in fixed rank order (fp32).
 cudaError_t flat_all_reduce(const AllReduceArgs& args, cudaStream_t stream);

@@ -74,7 +74,7 @@ __device__ __forceinline__ void store_payload(T* out, int64_t i, int64_t numel, 
 // Lines map to threads as first + j * stride (the same map for the push and the reduction, so that in
 // place every line of x is read before the same thread overwrites it). Blocks never wait for each other.
 template <typename T, int WORLD, bool ALIGNED>
-__global__ void ll_kernel(AllReduceArgs a) {
+__global__ void __launch_bounds__(1024) ll_kernel(AllReduceArgs a) {  // 1024 threads: ctest's largest block
   constexpr int E = 8 / sizeof(T);
   __shared__ int s_code;      // kMismatch / kTimeout of this block, for the error record
   __shared__ int s_culprits;  // ranks that sent another signature or never arrived

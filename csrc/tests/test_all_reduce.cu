@@ -428,7 +428,7 @@ int main(int argc, char** argv) {
         // blocks each kernel accepts (a launch over the register budget fails here, not in use).
         using Shape = std::pair<int, int>;
         const std::vector<Shape> shapes = tree ? std::vector<Shape>{{128, 1}, {128, 3}, {kMaxTreeThreads, max_unroll(world)}}
-                                               : std::vector<Shape>{{128, 1}, {1024, 1}};
+                                               : std::vector<Shape>{{128, 1}, {kMaxFlatThreads, 1}};
         for (const auto& [threads, unroll] : shapes) {
           failures += check<float>(world, algo, numel, threads, unroll, 3, 1e-5, gen);
           failures += check<__half>(world, algo, numel, threads, unroll, 3, 2e-3, gen);

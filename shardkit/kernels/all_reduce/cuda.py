@@ -156,7 +156,7 @@ def launch_flat_all_reduce(x: torch.Tensor, out: torch.Tensor, table: HostTable,
                            sig: int, x_offset: int, buffer_bytes: int, timeout_iters: int, zero_copy: bool,
                            config: CudaConfig) -> None:
     """Launch the CUDA flat all-reduce; arguments as the Triton launcher's; ``config.threads`` up to
-    1024, ``config.unroll`` 1."""
+    512 (kMaxFlatThreads), ``config.unroll`` 1."""
     stream = torch._C._cuda_getCurrentRawStream(x.device.index)
     _check(_lib.shardkit_flat_all_reduce(x.data_ptr(), out.data_ptr(), table.array, table.world, error_record_addr,
                                          x.numel(), rank, sig, x_offset, buffer_bytes, timeout_iters, int(zero_copy),
