@@ -10,6 +10,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -118,12 +119,16 @@ int check(int world, Algo algo, int64_t numel, int threads, int unroll, int call
     }
     const int64_t shard = (numel + 16 * world - 1) / (16 * world) * 16;
     const uint32_t sig = 12345u + uint32_t(numel);
+    // LL: flat first on the same inputs (interleaved calls share the epoch): the bits to match. Every rank's flat
+    // call is launched before any rank's second call: one host thread stands for W hosts here, so a launch that
+    // blocks (see main) must not hold back a kernel that a running one waits for.
+    for (int r = 0; r < world && algo == Algo::kLL; ++r) {
+      CHECK(flat_all_reduce(w.args(x[r] + variant.offset, flat_out[r], numel, r, sig, 3, 128, 1, dtype_of<T>()),
+                            w.streams[r]));
+    }
     for (int r = 0; r < world; ++r) {
       T* xr = x[r] + variant.offset;
       T* outr = variant.in_place ? xr : out[r] + variant.offset;
-      if (algo == Algo::kLL) {  // flat first on the same inputs (interleaved calls share the epoch): the bits to match
-        CHECK(flat_all_reduce(w.args(xr, flat_out[r], numel, r, sig, 3, 128, 1, dtype_of<T>()), w.streams[r]));
-      }
       const AllReduceArgs a = w.args(xr, outr, numel, r, sig, 3, threads, unroll, dtype_of<T>());
       CHECK(algo == Algo::kTree ? tree_all_reduce(a, shard, w.streams[r])
             : algo == Algo::kFlat ? flat_all_reduce(a, w.streams[r])
@@ -401,6 +406,14 @@ int check_ll_rmsnorm_errors() {
 }
 
 int main(int argc, char** argv) {
+  // Load every kernel when CUDA starts, not at its first launch. Since CUDA 12.2 modules load lazily and a first
+  // launch may synchronise the context (CUDA programming guide, Lazy Loading: potential hazards). One host thread
+  // drives all ranks on one GPU here: the first launch of a new LL instantiation as rank 0's second kernel waited for
+  // rank 0's flat kernel, which waited at its barrier for rank 1's, not launched yet: rank 0's flat timed out, so its
+  // LL call wrote NaN without pushing, and rank 1's LL call timed out waiting for it (kTimeout on both ranks). Ranks
+  // in separate processes (PeerMemory) cannot block each other's launches this way. check() now also launches
+  // every rank's first kernel before any rank's second; CUDA_MODULE_LOADING=LAZY (kept if set) checks that alone.
+  setenv("CUDA_MODULE_LOADING", "EAGER", 0);
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
     std::printf("no CUDA device: test_all_reduce built but not run\n");
@@ -443,13 +456,16 @@ int main(int argc, char** argv) {
   for (int world : {2, 5}) {
     if (!want("ll")) break;
     for (int64_t numel : {1, 7, 1000, 4099, 65536 + 5}) {
+      // fp32 calls of at most kLLMaxBytes (65536 + 5 floats overflow one LL slot: ll_all_reduce rejects them with
+      // cudaErrorInvalidValue); the largest fp32 call is below.
+      const int64_t numel32 = std::min<int64_t>(numel, kLLMaxBytes / 4 - 5);
       for (int threads : {128, 1024}) {
-        failures += check<float>(world, Algo::kLL, numel, threads, 1, 4, 1e-5, gen);
+        failures += check<float>(world, Algo::kLL, numel32, threads, 1, 4, 1e-5, gen);
         failures += check<__half>(world, Algo::kLL, numel, threads, 1, 4, 2e-3, gen);
         failures += check<__nv_bfloat16>(world, Algo::kLL, numel, threads, 1, 4, 1.6e-2, gen);
       }
       failures += check<__half>(world, Algo::kLL, numel, 128, 1, 2, 2e-3, gen, Variant{1, false, 0, 0});
-      failures += check<float>(world, Algo::kLL, numel, 128, 1, 2, 1e-5, gen, Variant{1, true, 0, 0});
+      failures += check<float>(world, Algo::kLL, numel32, 128, 1, 2, 1e-5, gen, Variant{1, true, 0, 0});
       failures += check<__nv_bfloat16>(world, Algo::kLL, numel, 1024, 1, 2, 1.6e-2, gen, Variant{0, true, 0, 0});
     }
     const int64_t largest = kLLMaxBytes / 2;
