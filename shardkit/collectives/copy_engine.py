@@ -202,31 +202,35 @@ def _pieces_fit(numel: int, world: int, chunk: int, element_size: int, buffer_by
 
 @functools.lru_cache(maxsize=None)
 def copy_config(shard_bytes: int, world: int, buffer_bytes: int, element_size: int, interpret: bool,
-                sharded: bool = False, eager: bool = False) -> CopyConfig:
+                sharded: bool = False) -> CopyConfig:
     """The launch policy: the pipeline chunk for shards of ``shard_bytes`` (a pure function of the
-    shape and mode, so every rank picks the same). ``sharded``: the call has a shard hook (a two-phase
-    schedule). ``eager``: the call is not being captured into a CUDA graph.
+    shape, so every rank picks the same). ``sharded``: the call has a shard hook.
 
-    GPUs, 2 ranks, no hook: the "oneshot" schedule, whose last chunk is 1/32 of the message between 1
-    and 8 MiB (on 2 ranks it moves the bytes of a two-shot, as plain pushes from t = 0 with nothing
-    to wait for but the start barrier; only the last chunk's sum follows the link). Eager: 1/8 of the
-    message (four chunks up to 64 MiB): each chunk costs ~30-40 us of Python launches, which the GPU
-    then waits for, against a few us of a larger last sum.
-    GPUs, 2 ranks, with a hook: the "flags" schedule with copy-engine gathers in two chunks per shard
-    (2xH200, bf16, graph, out of place: 64 MiB 221 us with 16 MiB chunks against 233-249 for the
-    barrier schedule's chunks; 256 MiB 768 us with 64 MiB chunks against 835; bench/copy_engine_chunks.py).
+    GPUs, 2 ranks: the "flags" schedule with copy-engine gathers in two chunks per shard (2xH200,
+    bf16, graph, out of place: 64 MiB 221 us with 16 MiB chunks against 233-249 for the barrier
+    schedule's chunks; 256 MiB 768 us with 64 MiB chunks against 835; bench/copy_engine_chunks.py).
+    The "oneshot" schedule (``oneshot_config``) is the candidate to replace it where there is no
+    hook; it becomes the default once a GPU run has measured it against this one.
     GPUs, more ranks (not measured with the flags schedule yet): the barrier schedule, about four
     chunks per shard between 8 and 32 MiB (the probe of issue 14: 16-64 MiB chunks beat NCCL, 4 MiB
     chunks lost to the per-chunk overhead). Either way no more than two slots of T can hold.
     Interpreter: 2 KiB chunks of the barrier schedule, so that small test messages run several chunks.
     """
     ring_cap = buffer_bytes // (2 * max(1, world - 1))
-    if not interpret and world == 2 and not sharded:
-        return CopyConfig(min(max(shard_bytes * world // (8 if eager else 32), 1 << 20), 8 << 20), sync="oneshot")
     if not interpret and world == 2:
         return CopyConfig(max(ALIGN * element_size, min(shard_bytes // 2, ring_cap)), sync="flags")
     target = 2048 if interpret else min(max(shard_bytes // 4, 8 << 20), 32 << 20)
     return CopyConfig(max(ALIGN * element_size, min(target, ring_cap)))
+
+
+def oneshot_config(message_bytes: int, eager: bool) -> CopyConfig:
+    """The "oneshot" schedule (2 ranks, no shard hook) for a message of ``message_bytes``: its last
+    chunk 1/32 of the message between 1 and 8 MiB in graph captures (on 2 ranks it moves the bytes of
+    a two-shot, as plain pushes from t = 0 with nothing to wait for but the start barrier; only the
+    last chunk's sum follows the link); 1/8 in eager calls (four chunks up to 64 MiB): each chunk costs
+    ~30-40 us of Python launches, which the GPU then waits for, against a few us of a larger last sum.
+    Not GPU-measured yet: pass it as ``config`` (bench/copy_engine_chunks.py times it as oneshot_ce)."""
+    return CopyConfig(min(max(message_bytes // (8 if eager else 32), 1 << 20), 8 << 20), sync="oneshot")
 
 
 @dataclass(frozen=True)
@@ -350,7 +354,7 @@ def all_reduce(memory: PeerMemory, x: torch.Tensor, out: torch.Tensor, *, timeou
     x_offset = memory.holds(x)
     if config is None:
         config = copy_config(shard_elements(n, world) * es, world, memory.buffer_bytes, es, interpret,
-                             shard_hook is not None, not interpret and not torch.cuda.is_current_stream_capturing())
+                             shard_hook is not None)
     else:
         _check_config(config, shard_hook)
     chunk = _chunk_elements(config, es)

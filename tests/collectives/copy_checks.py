@@ -241,7 +241,7 @@ def copy_graph_replays(n: int, replays: int, seed: int, sync: str = "barriers", 
 
 def auto_copy_on_default_workspace(n: int, seed: int) -> str:
     """``auto`` under rules that pick copy, on the default workspace (smaller than the message: on 2 GPUs
-    the oneshot schedule's ring), out of place, in place and in a CUDA graph replayed on fresh inputs,
+    the flags schedule in chunks of two slots of T), out of place, in place and in a CUDA graph replayed on fresh inputs,
     against float64; the out-of-place and in-place bits equal. Returns a digest."""
     from shardkit.testing import capture_graph
 

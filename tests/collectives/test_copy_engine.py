@@ -65,20 +65,22 @@ def test_ranks_disagreeing_all_raise(worlds, schedules):
 
 
 def test_launch_policy_picks_the_measured_schedule():
-    """2 GPUs: the oneshot schedule, last chunk 1/32 of the message within 1-8 MiB (eager: 1/8); with a shard hook
-    the flags schedule in two chunks per shard (measured fastest of the two-phase ones at 64 and 256
-    MiB); more GPUs and the interpreter: the barrier schedule (the others are unmeasured there)."""
-    from shardkit.collectives.copy_engine import CopyConfig, copy_config
+    """2 GPUs: the flags schedule in two chunks per shard (measured fastest of the two-phase ones at 64
+    and 256 MiB), within two slots of T, hook or not; the oneshot candidate's chunking (last chunk 1/32
+    of the message within 1-8 MiB, eager 1/8); more GPUs and the interpreter: the barrier schedule (the
+    others are unmeasured there)."""
+    from shardkit.collectives.copy_engine import CopyConfig, copy_config, oneshot_config
 
     mib = 1 << 20
-    assert copy_config(32 * mib, 2, 256 * mib, 2, False) == CopyConfig(2 * mib, sync="oneshot")
-    assert copy_config(128 * mib, 2, 32 * mib, 2, False) == CopyConfig(8 * mib, sync="oneshot")
-    assert copy_config(8 * mib, 2, 32 * mib, 2, False) == CopyConfig(1 * mib, sync="oneshot")
-    assert copy_config(32 * mib, 2, 32 * mib, 2, False, eager=True) == CopyConfig(8 * mib, sync="oneshot")
-    assert copy_config(8 * mib, 2, 32 * mib, 2, False, eager=True) == CopyConfig(2 * mib, sync="oneshot")
-    assert copy_config(32 * mib, 2, 256 * mib, 2, False, True) == CopyConfig(16 * mib, sync="flags")
-    assert copy_config(128 * mib, 2, 256 * mib, 2, False, True) == CopyConfig(64 * mib, sync="flags")
-    assert copy_config(128 * mib, 2, 64 * mib, 2, False, True) == CopyConfig(32 * mib, sync="flags")  # two slots fit
+    assert oneshot_config(64 * mib, eager=False) == CopyConfig(2 * mib, sync="oneshot")
+    assert oneshot_config(256 * mib, eager=False) == CopyConfig(8 * mib, sync="oneshot")
+    assert oneshot_config(16 * mib, eager=False) == CopyConfig(1 * mib, sync="oneshot")
+    assert oneshot_config(64 * mib, eager=True) == CopyConfig(8 * mib, sync="oneshot")
+    assert oneshot_config(16 * mib, eager=True) == CopyConfig(2 * mib, sync="oneshot")
+    for hook in (False, True):
+        assert copy_config(32 * mib, 2, 256 * mib, 2, False, hook) == CopyConfig(16 * mib, sync="flags")
+        assert copy_config(128 * mib, 2, 256 * mib, 2, False, hook) == CopyConfig(64 * mib, sync="flags")
+        assert copy_config(128 * mib, 2, 64 * mib, 2, False, hook) == CopyConfig(32 * mib, sync="flags")  # two slots
     assert copy_config(32 * mib, 4, 256 * mib, 2, False) == CopyConfig(8 * mib)
     assert copy_config(32 * mib, 2, 256 * mib, 2, True) == CopyConfig(2048)
 
