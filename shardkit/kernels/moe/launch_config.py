@@ -100,8 +100,8 @@ def moe_launch_config(max_tokens: int, hidden: int, element_size: int, fp8: bool
     its flag (waiting ~1-2 us for the NVLink stores), so fewer, larger items. Up to 256 tokens every
     program pushes, then sums (combine_pushers = programs; at 128 tokens each program pushes and sums
     at most one item): the role split doubles each role's chain of items there, which costs more than
-    the roles' overlap of NVLink and HBM gains (0185c58's combine, with no split but a barrier: 128
-    tokens in 38.9 us in moe_tune; be5aa1e's split: 50.4 in moe_bench --quick). From 257 tokens half
+    the roles' overlap of NVLink and HBM gains (the 128-token regression of the split combine,
+    docs/PERFORMANCE.md v11). From 257 tokens half
     its programs push (the peers' share at W = 2), half sum. The combine's chunk loops are not
     software-pipelined by default (combine_stages 1: a program has one HBM round trip per chunk, its
     loads landing in registers, 117 of 128 per thread at 16 warps); 3 stages of 512-channel chunks
