@@ -11,7 +11,9 @@ One markdown table (and, where a picture helps, one PNG plot) per benchmark, GPU
 (records sharing ``commit`` and ``run``, see ``bench/records.py``) of that GPU and world size; a
 run's world size is the largest ``world`` among its records (the ring benchmark also measures
 smaller groups and one GPU). Ratios (to NCCL, to the one-GPU time, between variants) are taken
-within one run. The tuning benchmark shows the newest run of each kernel family.
+within one run. The tuning benchmark shows the newest run of each kernel family. The sweep benchmarks
+(all-reduce, fused RMSNorm) show the newest full sweep; newer partial runs (``--sizes 1K-256K``,
+``--tokens 16``, ``--algos`` without auto; ``partial``) are listed below it with their own tables.
 
 README.md holds generated blocks between ``<!-- report:NAME CARD [xWORLD] -->`` and
 ``<!-- /report -->``; a run of this script over the store rewrites them (``README_BLOCKS``).
@@ -61,21 +63,55 @@ def series(bench: str, recs: Records) -> str:
     return ""
 
 
-def newest(records: Iterable[dict], bench: str | None = None) -> dict[tuple[str, str, int], Records]:
-    """(bench, gpu, world) -> the records of its newest run (of each series), for every group. A sweep
-    run without ``auto`` is a focused scan (``--algos`` a few algorithms): it stays in the store but
-    does not replace the newest full sweep in the tables."""
-    chosen: dict[tuple, Records] = {}
+# Sweep benchmarks: a run that measured fewer sizes / shapes than this is partial (``--sizes 1K-256K``,
+# ``--tokens 16``, a focused ``--algos`` scan without auto): it is listed under the table of the newest
+# full sweep instead of replacing it. The minima are the smallest default sweeps the store holds:
+# 1K-64M (9 sizes) for the all-reduce (today 1K-256M, 10), 5 token counts x 2 hiddens for the fused RMSNorm
+# (today 7 x 2).
+SWEEP_SHAPE: dict[str, Callable[[dict], tuple]] = {
+    "all_reduce": lambda p: (p["bytes"],),
+    "all_reduce_rmsnorm": lambda p: (p["hidden"], p["tokens"]),
+}
+FULL_SWEEP = {"all_reduce": 9, "all_reduce_rmsnorm": 10}
+
+
+def sweep_shapes(bench: str, recs: Records) -> list[tuple]:
+    return sorted({SWEEP_SHAPE[bench](r["params"]) for r in recs})
+
+
+def partial(bench: str, recs: Records) -> bool:
+    """Whether this run of a sweep benchmark measured only part of the sweep."""
+    if bench == "all_reduce" and not any(r["impl"].startswith("auto") for r in recs):
+        return True
+    return bench in FULL_SWEEP and len(sweep_shapes(bench, recs)) < FULL_SWEEP[bench]
+
+
+def selection(records: Iterable[dict], bench: str | None = None) -> dict[tuple, tuple[Records, list[Records]]]:
+    """(bench, gpu, world, series) -> (the records of its newest full run, the partial runs newer than
+    that run, oldest first). Without a full run the newest partial run is the table's run."""
+    chosen: dict[tuple, tuple[Records, list[Records]]] = {}
     for (b, gpu, _, _), recs in runs(records).items():
         if bench is None or b == bench:
             key = (b, gpu, max(r["world"] for r in recs), series(b, recs))
-            if b == "all_reduce" and key in chosen and not any(r["impl"].startswith("auto") for r in recs):
-                continue
-            chosen[key] = recs  # later runs overwrite
+            if key in chosen and partial(b, recs) and not partial(b, chosen[key][0]):
+                chosen[key][1].append(recs)
+            else:
+                chosen[key] = (recs, [])  # later runs overwrite
+    return chosen
+
+
+def newest(records: Iterable[dict], bench: str | None = None) -> dict[tuple[str, str, int], Records]:
+    """(bench, gpu, world) -> the records of its newest run (of each series; of a sweep benchmark, the
+    newest full sweep: ``partial``), for every group."""
     out: dict[tuple[str, str, int], Records] = {}
-    for (b, gpu, world, _), recs in chosen.items():
+    for (b, gpu, world, _), (recs, _) in selection(records, bench).items():
         out.setdefault((b, gpu, world), []).extend(recs)
     return out
+
+
+def newer_partial(records: Iterable[dict]) -> dict[tuple[str, str, int], list[Records]]:
+    """(bench, gpu, world) -> the partial sweep runs newer than its table's run, oldest first."""
+    return {(b, gpu, world): later for (b, gpu, world, _), (_, later) in selection(records).items() if later}
 
 
 def run_lines(recs: Records) -> list[str]:
@@ -161,11 +197,17 @@ def vs_nccl(recs: Records, rec: dict | None, **params) -> float | None:
 
 def all_reduce_table(recs: Records) -> str:
     r0 = recs[0]
-    impls = ordered((r["impl"] for r in recs), AR_ORDER)
     lines = [f"# All-reduce sweep: {r0['gpu']} x{r0['world']}, {r0['dtype']}", ""] + run_lines(recs) + [
         "", "Median µs per call, max over ranks; (x) = NCCL's time / this time in the same run and mode; "
         "busbw = bytes/time * 2(W-1)/W. nccl and auto run in place, the others out of place; an auto "
         "cell names the algorithm auto picked where the run recorded it.", ""]
+    return "\n".join(lines + all_reduce_modes(recs))
+
+
+def all_reduce_modes(recs: Records, level: str = "##") -> list[str]:
+    """One table per mode, under headings of this markdown level."""
+    impls = ordered((r["impl"] for r in recs), AR_ORDER)
+    lines = []
     for mode in ordered((r["mode"] for r in recs), ("graph", "eager", "cpu")):
         rows = []
         for nbytes in sorted({r["params"]["bytes"] for r in recs}):
@@ -179,8 +221,8 @@ def all_reduce_table(recs: Records) -> str:
                 row.append(cell)
                 best = max(best, metric(rec, "busbw_gbps") or 0.0)
             rows.append(row + [fmt(best)])
-        lines += [f"## {mode}", ""] + table(["size"] + impls + ["best busbw GB/s"], rows) + [""]
-    return "\n".join(lines)
+        lines += [f"{level} {mode}", ""] + table(["size"] + impls + ["best busbw GB/s"], rows) + [""]
+    return lines
 
 
 def all_reduce_plot(recs: Records, path: str) -> None:
@@ -248,11 +290,22 @@ def rmsnorm_speedups(recs: Records, mode: str, tokens: int, hidden: int) -> tupl
 def rmsnorm_table(recs: Records) -> str:
     from bench.all_reduce_rmsnorm_bench import crossover
     r0 = recs[0]
-    impls = ordered((r["impl"] for r in recs), RMS_ORDER)
     lines = [f"# Fused all-reduce + residual + RMSNorm: {r0['gpu']} x{r0['world']}, {r0['dtype']}", ""] + \
         run_lines(recs) + ["", "Median µs per call, max over ranks. Brackets: speedup of fused_auto over shardkit "
                            "all_reduce + torch add + F.rms_norm (target >= 1.3x) / over NCCL + torch (target >= 2x); "
                            "auto's pick in the last column.", ""]
+    lines += rmsnorm_modes(recs)
+    fit = crossover(recs)
+    if fit is not None:
+        lines += [f"Fused flat (one-shot) / tree (two-shot) crossover fitted to the graph-mode times (`best_cut`): "
+                  f"tree from {fit} bytes of x.", ""]
+    return "\n".join(lines)
+
+
+def rmsnorm_modes(recs: Records, level: str = "##") -> list[str]:
+    """One table per mode, under headings of this markdown level."""
+    impls = ordered((r["impl"] for r in recs), RMS_ORDER)
+    lines = []
     for mode in ordered((r["mode"] for r in recs), ("graph", "eager", "cpu")):
         rows = []
         for hidden, tokens in rmsnorm_shapes(recs):
@@ -266,12 +319,8 @@ def rmsnorm_table(recs: Records) -> str:
                 row.append(cell)
             row.append(metric(find(recs, "fused_auto", mode, tokens=tokens, hidden=hidden), "auto_picked") or "-")
             rows.append(row)
-        lines += [f"## {mode}", ""] + table(["tokens x hidden"] + impls + ["auto picked"], rows) + [""]
-    fit = crossover(recs)
-    if fit is not None:
-        lines += [f"Fused flat (one-shot) / tree (two-shot) crossover fitted to the graph-mode times (`best_cut`): "
-                  f"tree from {fit} bytes of x.", ""]
-    return "\n".join(lines)
+        lines += [f"{level} {mode}", ""] + table(["tokens x hidden"] + impls + ["auto picked"], rows) + [""]
+    return lines
 
 
 def rmsnorm_plot(recs: Records, path: str) -> None:
@@ -612,6 +661,10 @@ BENCHES: dict[str, tuple[Renderer, Plotter | None]] = {
     "pytest_all_reduce": (pytest_table, None),
     "pytest_kernels": (pytest_table, None),
 }
+SWEEP_MODES: dict[str, Callable[[Records, str], list[str]]] = {  # the per-mode tables of a partial run
+    "all_reduce": all_reduce_modes,
+    "all_reduce_rmsnorm": rmsnorm_modes,
+}
 README_BLOCKS: dict[str, tuple[str, Renderer]] = {  # block name -> (bench, renderer of its newest runs)
     "all_reduce": ("all_reduce", all_reduce_summary),
     "all_reduce_rmsnorm": ("all_reduce_rmsnorm", rmsnorm_summary),
@@ -619,22 +672,49 @@ README_BLOCKS: dict[str, tuple[str, Renderer]] = {  # block name -> (bench, rend
 }
 
 
+def partial_section(bench: str, later: list[Records]) -> str:
+    """Markdown: the partial sweep runs newer than a table's run, each with its own tables, so that a
+    partial sweep neither replaces the full table nor hides what it measured."""
+    if not later:
+        return ""
+    lines = ["", "## Newer partial runs", "",
+             f"Runs newer than the table's run that measured only part of the sweep (fewer than "
+             f"{FULL_SWEEP[bench]} sizes / shapes{', or no auto' if bench == 'all_reduce' else ''}); the table above "
+             "is the newest full sweep. Each run's own figures, ratios within that run.", ""]
+    for run in later:
+        key = run_key(run[0])
+        note = f"; {run[0]['note']}" if run[0].get("note") else ""
+        lines += [f"### Commit `{key[0]}`, {run[0]['date']} (run {key[1]}){note}", "",
+                  f"{len(sweep_shapes(bench, run))} sizes / shapes (the rows below); "
+                  f"{', '.join(sorted({r['impl'] for r in run}))}.", ""]
+        lines += SWEEP_MODES[bench](run, "####")
+    return "\n".join(lines)
+
+
+def document(bench: str, recs: Records, later: list[Records]) -> str:
+    """A table file's markdown: the renderer's tables of ``recs`` and the newer partial runs."""
+    return BENCHES[bench][0](recs).rstrip("\n") + "\n" + partial_section(bench, later)
+
+
 def render(records: Records) -> list[str]:
     """The tables of the newest run of every (bench, gpu, world) among ``records``."""
-    return [BENCHES[b][0](recs) for (b, _, _), recs in newest(records).items() if b in BENCHES]
+    later = newer_partial(records)
+    return [document(b, recs, later.get((b, gpu, world), [])) for (b, gpu, world), recs in newest(records).items()
+            if b in BENCHES]
 
 
 def write_reports(records: Records, out_dir: str, benches: Iterable[str] | None = None) -> list[str]:
     """Write ``<bench>_<card>_x<world>.md`` (and ``.png``) into ``out_dir``; returns the paths."""
     written = []
     os.makedirs(out_dir, exist_ok=True)
+    later = newer_partial(records)
     for (bench, gpu, world), recs in newest(records).items():
         if bench not in BENCHES or (benches is not None and bench not in benches):
             continue
-        renderer, plotter = BENCHES[bench]
+        plotter = BENCHES[bench][1]
         path = os.path.join(out_dir, stem(bench, gpu, world))
         with open(path + ".md", "w") as f:
-            f.write(renderer(recs).rstrip("\n") + "\n")
+            f.write(document(bench, recs, later.get((bench, gpu, world), [])).rstrip("\n") + "\n")
         written.append(path + ".md")
         if plotter is not None:
             try:
