@@ -45,6 +45,45 @@ __device__ __forceinline__ int wait_line(const char* p, uint32_t flag, uint4& v,
 }
 
 // Block 0 pushes the header {sig, k, sig, k} of this rank's slot (byte offset `pushed`) to every peer.
+// A block's verdict on its LL call (a __shared__ LLVerdict of the kernel): the worst code and the ranks to blame
+// for the error record, and stop (any failure): its threads stop waiting and write NaN.
+struct LLVerdict {
+  int code;
+  int culprits;
+  int stop;
+};
+
+// Thread 0, before the block's first __syncthreads: a call whose start failed (!ok) writes NaN without waiting.
+__device__ __forceinline__ void ll_verdict_start(LLVerdict& v, bool ok) {
+  if (threadIdx.x == 0) {
+    v.code = 0;
+    v.culprits = 0;
+    v.stop = ok ? 0 : 1;
+  }
+}
+
+// A thread's wait ended in `code` (kArrived: nothing to note); culprit: the rank it waited for. kAborted (this rank
+// failed elsewhere) stops the block but is not this block's error to record.
+__device__ __forceinline__ void ll_note(LLVerdict& v, int code, int culprit) {
+  if (code == kArrived) return;
+  v.stop = 1;
+  if (code != kAborted) {
+    atomicMax(&v.code, code);
+    atomicOr(&v.culprits, 1 << culprit);
+  }
+}
+
+// The end of an LL call, after the block's last wait: record the block's error (if any), then count the block as
+// done (the last block publishes the new epoch and LL call count k + 1).
+__device__ __forceinline__ void ll_finish(const LLVerdict& v, const PeerTable& t, int rank, int* host_error_record,
+                                          const CallState& cs, uint32_t k) {
+  __syncthreads();
+  if (threadIdx.x == 0 && v.code != 0) {
+    record_error(t, rank, host_error_record, v.code, blockIdx.x, v.culprits, cs.epoch);
+  }
+  finish_call(t, rank, cs.epoch, k);
+}
+
 template <int WORLD>
 __device__ __forceinline__ void push_header(const PeerTable& t, int rank, int64_t pushed, uint32_t sig, uint32_t k) {
   if (blockIdx.x == 0 && threadIdx.x < WORLD && threadIdx.x != rank) {

@@ -76,15 +76,9 @@ __device__ __forceinline__ void store_payload(T* out, int64_t i, int64_t numel, 
 template <typename T, int WORLD, bool ALIGNED>
 __global__ void __launch_bounds__(1024) ll_kernel(AllReduceArgs a) {  // 1024 threads: ctest's largest block
   constexpr int E = 8 / sizeof(T);
-  __shared__ int s_code;      // kMismatch / kTimeout of this block, for the error record
-  __shared__ int s_culprits;  // ranks that sent another signature or never arrived
-  __shared__ int s_stop;      // any failure: stop waiting, write NaN
+  __shared__ LLVerdict s_verdict;
   const CallState cs = start_call(a.table, a.rank, a.sig);
-  if (threadIdx.x == 0) {
-    s_code = 0;
-    s_culprits = 0;
-    s_stop = cs.ok ? 0 : 1;
-  }
+  ll_verdict_start(s_verdict, cs.ok);
   const uint32_t k = cs.ll_call;
   const T* x = static_cast<const T*>(a.x);
   T* out = static_cast<T*>(a.out);
@@ -109,11 +103,11 @@ __global__ void __launch_bounds__(1024) ll_kernel(AllReduceArgs a) {  // 1024 th
     const int64_t i = base + threadIdx.x;
     uint4 got[WORLD];
     uint2 mine = make_uint2(0u, 0u);
-    if (s_stop == 0) {
+    if (s_verdict.stop == 0) {
       int code = kArrived, culprit = -1;
       if (!header_checked) {
         code = check_header<WORLD>(a.table, a.rank, a.sig, k, a.buffer_bytes, it, a.timeout_iters, device_record,
-                                   &s_stop);
+                                   &s_verdict.stop);
         culprit = threadIdx.x;
       }
       header_checked = true;
@@ -123,20 +117,14 @@ __global__ void __launch_bounds__(1024) ll_kernel(AllReduceArgs a) {  // 1024 th
         for (int r = 0; r < WORLD; ++r) {
           if (r == a.rank || code != kArrived) continue;
           code = wait_line(own + ll_slot_offset(k, r, WORLD, a.buffer_bytes) + kLLHeaderBytes + i * 16, k, got[r], it,
-                           a.timeout_iters, device_record, &s_stop);
+                           a.timeout_iters, device_record, &s_verdict.stop);
           culprit = r;
         }
       }
-      if (code != kArrived) {
-        s_stop = 1;
-        if (code != kAborted) {
-          atomicMax(&s_code, code);
-          atomicOr(&s_culprits, 1 << culprit);
-        }
-      }
+      ll_note(s_verdict, code, culprit);
     }
     __syncthreads();
-    const bool ok = s_stop == 0;
+    const bool ok = s_verdict.stop == 0;
     if (i < lines) {
       uint2 result;
       T* r_out = reinterpret_cast<T*>(&result);
@@ -158,11 +146,7 @@ __global__ void __launch_bounds__(1024) ll_kernel(AllReduceArgs a) {  // 1024 th
       store_payload<T, ALIGNED>(out, i, a.numel, result);
     }
   }
-  __syncthreads();
-  if (threadIdx.x == 0 && s_code != 0) {
-    record_error(a.table, a.rank, a.host_error_record, s_code, blockIdx.x, s_culprits, cs.epoch);
-  }
-  finish_call(a.table, a.rank, cs.epoch, k);
+  ll_finish(s_verdict, a.table, a.rank, a.host_error_record, cs, k);
 }
 
 template <typename T>

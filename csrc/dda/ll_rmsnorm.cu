@@ -35,7 +35,7 @@
 // lines that never come stop too), an absent peer -> kTimeout naming it, an earlier failure on this rank -> NaN
 // without waiting; any world 2..8; fp32/fp16/bf16; any hidden (tails: element access where a line is partial or
 // a pointer is not 8-byte aligned), rows up to one LL slot (kLLMaxBytes; hidden 32768 in fp32 fits). A block
-// whose failure stops it makes its whole row NaN in the cluster (siblings see its s_stop).
+// whose failure stops it makes its whole row NaN in the cluster (siblings see its verdict's stop).
 #include <cooperative_groups.h>
 
 #include <cmath>
@@ -120,9 +120,7 @@ __global__ void __launch_bounds__(kLLRMSNormMaxThreads, 1)
     ll_rmsnorm_kernel(RMSNormArgs a, bool aligned, int segments) {
   constexpr int LPT = kLLRMSNormLinesPerThread;
   constexpr int E = 8 / sizeof(T);
-  __shared__ int s_code;      // kMismatch / kTimeout of this block, for the error record
-  __shared__ int s_culprits;  // ranks that sent another signature or never arrived
-  __shared__ int s_stop;      // any failure: stop waiting, write NaN
+  __shared__ LLVerdict s_verdict;
   __shared__ float s_warp[32];
   __shared__ float s_total;   // this block's sum of squares of the row (read by the cluster's other blocks)
   const T* x = static_cast<const T*>(a.x);
@@ -151,11 +149,7 @@ __global__ void __launch_bounds__(kLLRMSNormMaxThreads, 1)
     }
   }
   const CallState cs = start_call(a.table, a.rank, a.sig);
-  if (threadIdx.x == 0) {
-    s_code = 0;
-    s_culprits = 0;
-    s_stop = cs.ok ? 0 : 1;
-  }
+  ll_verdict_start(s_verdict, cs.ok);
   const uint32_t k = cs.ll_call;
   const int64_t pushed = ll_slot_offset(k, a.rank, WORLD, a.buffer_bytes);  // our slot in every workspace
   if (cs.ok) {
@@ -186,11 +180,11 @@ __global__ void __launch_bounds__(kLLRMSNormMaxThreads, 1)
   for (int64_t row = first_row; row < a.tokens; row += row_step) {
     uint2 h[LPT];  // this thread's lines of the residual, then of residual_out (rounded to T): the last group's
     float ssq = 0.f;
-    if (s_stop == 0) {
+    if (s_verdict.stop == 0) {
       int code = kArrived, culprit = -1;
       if (!header_checked) {
         code = check_header<WORLD>(a.table, a.rank, a.sig, k, a.buffer_bytes, it, a.timeout_iters, device_record,
-                                   &s_stop);
+                                   &s_verdict.stop);
         culprit = threadIdx.x;
       }
       header_checked = true;
@@ -228,7 +222,7 @@ __global__ void __launch_bounds__(kLLRMSNormMaxThreads, 1)
             for (int jj = 0; jj < LPT; ++jj) {
               if (g * LPT + jj < mine && code == kArrived && (v[jj].y != k || v[jj].w != k)) {
                 code = wait_line(lines + int64_t(jj) * blockDim.x * 16, k, v[jj], it, a.timeout_iters, device_record,
-                                 &s_stop);
+                                 &s_verdict.stop);
                 culprit = r;
               }
             }
@@ -261,25 +255,19 @@ __global__ void __launch_bounds__(kLLRMSNormMaxThreads, 1)
           }
         }
       }
-      if (code != kArrived) {
-        s_stop = 1;
-        if (code != kAborted) {
-          atomicMax(&s_code, code);
-          atomicOr(&s_culprits, 1 << culprit);
-        }
-      }
+      ll_note(s_verdict, code, culprit);
     }
     float total = block_sum(ssq, s_warp, &s_total);
-    bool ok = s_stop == 0;
+    bool ok = s_verdict.stop == 0;
     if (segments > 1) {  // one row per block: the row's sum over the cluster's blocks, in segment order
 #if __CUDA_ARCH__ >= 900
       namespace cg = cooperative_groups;
       cg::cluster_group cluster = cg::this_cluster();
-      cluster.sync();  // every block's s_total and s_stop of the row are final
+      cluster.sync();  // every block's s_total and stop of the row are final
       total = 0.f;
       for (int s = 0; s < segments; ++s) {
         total += *cluster.map_shared_rank(&s_total, s);
-        ok = ok && *cluster.map_shared_rank(&s_stop, s) == 0;  // a sibling failed: the whole row is NaN
+        ok = ok && *cluster.map_shared_rank(&s_verdict.stop, s) == 0;  // a sibling failed: the row is NaN
       }
       cg::cluster_group::barrier_arrive();  // barrier_wait at the end: siblings read our shared memory till then
 #else
@@ -310,11 +298,7 @@ __global__ void __launch_bounds__(kLLRMSNormMaxThreads, 1)
       }
     }
   }
-  __syncthreads();
-  if (threadIdx.x == 0 && s_code != 0) {
-    record_error(a.table, a.rank, a.host_error_record, s_code, blockIdx.x, s_culprits, cs.epoch);
-  }
-  finish_call(a.table, a.rank, cs.epoch, k);
+  ll_finish(s_verdict, a.table, a.rank, a.host_error_record, cs, k);
 #if __CUDA_ARCH__ >= 900
   if (segments > 1) cooperative_groups::cluster_group::barrier_wait();
 #endif

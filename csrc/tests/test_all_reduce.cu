@@ -182,6 +182,30 @@ int check(int world, Algo algo, int64_t numel, int threads, int unroll, int call
   return failures;
 }
 
+// After a failed call on 2 ranks (absent: rank 1 never came, else rank 1 sent another signature): rank r's error
+// record names the failure and the peer to blame, and all `count` outputs at `out` are NaN. Returns the failures.
+int check_failed_call(const char* what, const World& w, int r, bool absent, const float* out, int64_t count) {
+  int failures = 0;
+  const int want = absent ? kTimeout : kMismatch;
+  const int culprit = absent ? 2 : 1 << (1 - r);
+  const char* why = absent ? "absent peer" : "mismatch";
+  if (w.status[r][0] != want || w.status[r][2] != culprit) {
+    std::fprintf(stderr, "%s %s: rank %d recorded code %d culprits %d, want %d and %d\n", what, why, r, w.status[r][0],
+                 w.status[r][2], want, culprit);
+    ++failures;
+  }
+  std::vector<float> got(count);
+  CHECK(cudaMemcpy(got.data(), out, count * sizeof(float), cudaMemcpyDeviceToHost));
+  for (float v : got) {
+    if (!std::isnan(v)) {
+      std::fprintf(stderr, "%s %s: rank %d wrote a number, not NaN\n", what, why, r);
+      ++failures;
+      break;
+    }
+  }
+  return failures;
+}
+
 // LL error paths on 2 ranks: another signature on rank 1 -> both ranks record kMismatch naming the other,
 // outputs NaN; rank 1 never launching -> rank 0 records kTimeout naming rank 1, output NaN.
 int check_ll_errors() {
@@ -201,24 +225,7 @@ int check_ll_errors() {
                           w.streams[r]));
     }
     CHECK(cudaDeviceSynchronize());
-    for (int r = 0; r < (absent ? 1 : 2); ++r) {
-      const int want = absent ? kTimeout : kMismatch;
-      const int culprit = absent ? 2 : 1 << (1 - r);
-      if (w.status[r][0] != want || w.status[r][2] != culprit) {
-        std::fprintf(stderr, "ll %s: rank %d recorded code %d culprits %d, want %d and %d\n",
-                     absent ? "absent peer" : "mismatch", r, w.status[r][0], w.status[r][2], want, culprit);
-        ++failures;
-      }
-      std::vector<float> got(numel);
-      CHECK(cudaMemcpy(got.data(), buf[r] + numel, numel * sizeof(float), cudaMemcpyDeviceToHost));
-      for (float v : got) {
-        if (!std::isnan(v)) {
-          std::fprintf(stderr, "ll %s: rank %d wrote a number, not NaN\n", absent ? "absent peer" : "mismatch", r);
-          ++failures;
-          break;
-        }
-      }
-    }
+    for (int r = 0; r < (absent ? 1 : 2); ++r) failures += check_failed_call("ll", w, r, absent, buf[r] + numel, numel);
   }
   for (auto& b : buf) CHECK(cudaFree(b));
   return failures;
@@ -239,7 +246,6 @@ int check_ll_rmsnorm(int world, int64_t tokens, int64_t hidden, int calls, doubl
     for (T** p : {&x[r], &res[r], &out[r], &res_out[r], &weight[r], &scratch[r]}) CHECK(cudaMalloc(p, cap * sizeof(T)));
   }
   const float eps = 1e-5f;
-  const int64_t E = 8 / sizeof(T), row_lines = (hidden + E - 1) / E;
   // policy_sms > 0: the policy's grid for that many SMs (rows split over a cluster of blocks where it says so);
   // else rows wrap around at most 5 blocks, one block per row.
   const LaunchConfig policy = ll_rmsnorm_config(tokens, hidden, sizeof(T), policy_sms > 0 ? policy_sms : 132);
@@ -383,22 +389,7 @@ int check_ll_rmsnorm_errors() {
     }
     CHECK(cudaDeviceSynchronize());
     for (int r = 0; r < (absent ? 1 : 2); ++r) {
-      const int want = absent ? kTimeout : kMismatch;
-      const int culprit = absent ? 2 : 1 << (1 - r);
-      if (w.status[r][0] != want || w.status[r][2] != culprit) {
-        std::fprintf(stderr, "ll rmsnorm %s: rank %d recorded code %d culprits %d, want %d and %d\n",
-                     absent ? "absent peer" : "mismatch", r, w.status[r][0], w.status[r][2], want, culprit);
-        ++failures;
-      }
-      std::vector<float> got(2 * n);
-      CHECK(cudaMemcpy(got.data(), buf[r] + 2 * n, 2 * n * sizeof(float), cudaMemcpyDeviceToHost));
-      for (float v : got) {
-        if (!std::isnan(v)) {
-          std::fprintf(stderr, "ll rmsnorm %s: rank %d wrote a number, not NaN\n", absent ? "absent peer" : "mismatch", r);
-          ++failures;
-          break;
-        }
-      }
+      failures += check_failed_call("ll rmsnorm", w, r, absent, buf[r] + 2 * n, 2 * n);  // out and residual_out
     }
   }
   for (auto& b : buf) CHECK(cudaFree(b));

@@ -268,21 +268,21 @@ class AllReduceHost {
       return std::nullopt;
     }
     RMSNormCall call{x, residual, weight, {}, {}, numel / hidden, hidden, eps};
-    if (out_obj.is_none()) {
-      call.out = at::empty_like(x);
-      call.out_obj = py::reinterpret_steal<py::object>(THPVariable_Wrap(call.out));
-    } else {
-      call.out = THPVariable_Unpack(out_obj.ptr());
-      call.out_obj = py::reinterpret_borrow<py::object>(out_obj);
-    }
-    if (residual_out_obj.is_none()) {
-      call.residual_out = at::empty_like(x);
-      call.residual_out_obj = py::reinterpret_steal<py::object>(THPVariable_Wrap(call.residual_out));
-    } else {
-      call.residual_out = THPVariable_Unpack(residual_out_obj.ptr());
-      call.residual_out_obj = py::reinterpret_borrow<py::object>(residual_out_obj);
-    }
+    given_or_new(out_obj, x, call.out, call.out_obj);
+    given_or_new(residual_out_obj, x, call.residual_out, call.residual_out_obj);
     return call;
+  }
+
+  // An output argument: the tensor the caller passed (obj), or a new one like `like` (None); `keep` holds the
+  // Python object returned to the caller.
+  static void given_or_new(const py::handle& obj, const at::Tensor& like, at::Tensor& tensor, py::object& keep) {
+    if (obj.is_none()) {
+      tensor = at::empty_like(like);
+      keep = py::reinterpret_steal<py::object>(THPVariable_Wrap(tensor));
+    } else {
+      tensor = THPVariable_Unpack(obj.ptr());
+      keep = py::reinterpret_borrow<py::object>(obj);
+    }
   }
 
   enum class Overlap { kApart, kSame, kPartly };
