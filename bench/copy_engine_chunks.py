@@ -25,6 +25,7 @@ at that size is traced once (``profile_call``). GPUs only.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -165,15 +166,22 @@ def main() -> None:
         first, calls = None, {}
         policy = copy_engine.copy_config(shard, world, buffer_bytes, 2, False)
         for sync_name, gather, streams in variants:
+            # chunk 0 ("pol"): the launch policy's configuration under its own schedule's name; for oneshot, the
+            # candidate policy oneshot_config (copy_config does not pick oneshot until it is measured).
+            candidate = (copy_engine.oneshot_config(nbytes, eager=False) if sync_name == "oneshot" else policy)
             for chunk in chunks:
                 if sync_name == "oneshot":  # chunk: the last one; the others double towards the front
                     if chunk > nbytes // 4:
                         continue
                 elif chunk > shard or (chunk and shard // chunk > args.max_chunks):
                     continue
-                if chunk == 0 and (sync_name, gather, streams) != (policy.sync, policy.gather, policy.copy_streams):
-                    continue  # the launch policy's configuration, under its own schedule's name
-                config = copy_engine.CopyConfig(chunk, sync_name, gather, streams) if chunk else None
+                if chunk == 0 and ((sync_name, gather) != (candidate.sync, candidate.gather) or
+                                   (candidate is policy and streams != policy.copy_streams)):
+                    continue
+                if chunk:
+                    config = copy_engine.CopyConfig(chunk, sync_name, gather, streams)
+                else:
+                    config = None if candidate is policy else dataclasses.replace(candidate, copy_streams=streams)
                 kw = dict(timeout_iters=comm._timeout_iters, config=config)
                 for placement in placements:
                     if placement.startswith("zc") and not fits:
