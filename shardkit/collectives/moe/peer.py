@@ -17,10 +17,23 @@ from ...kernels.moe.counts import launch_counts
 from ...kernels.moe.dispatch import launch_dispatch
 from ...kernels.moe.launch_config import MoeLaunchConfig
 from ...kernels.moe.layout import layout_programs
-from ...kernels.moe.workspace import BAD_EXPERT_ID, BAD_INPUT, RECV_OVERFLOW, RoundBuffers, moe_workspace
+from ...kernels.moe.workspace import (BAD_EXPERT_ID, BAD_INPUT, RECV_OVERFLOW, MoeWorkspace, RoundBuffers,
+                                      moe_workspace)
 from ...memory.peer_memory import PeerMemory
 from ...memory.protocol import MAX_PROGRAMS, MISMATCH, SIGNAL_BYTES, call_signature, describe_failure
 from .config import MoeConfig, MoeHandle
+
+
+def config_workspace(cfg: MoeConfig) -> MoeWorkspace:
+    """The workspace layout of a dispatcher's configuration."""
+    return moe_workspace(cfg.world, cfg.max_tokens, cfg.hidden, cfg.topk, cfg.num_experts, cfg.recv_rows,
+                         cfg.expert_rows, cfg.dtype, cfg.fp8)
+
+
+def peer_buffer_bytes(ws: MoeWorkspace) -> int:
+    """PeerMemory ``buffer_bytes`` that hold the MoE workspace ``ws``: it uses everything past the signal
+    area (staging + both epoch buffers) as one region."""
+    return -(-(ws.nbytes - SIGNAL_BYTES) // 3)
 
 
 class PeerTransport:
@@ -28,23 +41,30 @@ class PeerTransport:
 
     name = "peer"
 
-    def __init__(self, cfg: MoeConfig, group: dist.ProcessGroup, rank: int, backend: str, device: torch.device,
-                 timeout_iters: int, timeout_s: float, launch: MoeLaunchConfig) -> None:
+    def __init__(self, cfg: MoeConfig, group: dist.ProcessGroup | None, rank: int, backend: str,
+                 device: torch.device, timeout_iters: int, timeout_s: float, launch: MoeLaunchConfig,
+                 memory: PeerMemory | None = None) -> None:
+        """``memory``: the workspace, default a new PeerMemory on ``group``. A given one (e.g.
+        ``shardkit.testing.OneDevicePeers``, with ``group`` None) must hold ``peer_buffer_bytes`` per
+        buffer, and every rank's must be zeroed here before any rank's first round."""
         self.cfg, self.group, self.rank, self.device = cfg, group, rank, device
         self.timeout_iters, self.timeout_s = timeout_iters, timeout_s
         self.interpret = backend == "cpu"
-        ws = self.ws = moe_workspace(cfg.world, cfg.max_tokens, cfg.hidden, cfg.topk, cfg.num_experts, cfg.recv_rows,
-                                     cfg.expert_rows, cfg.dtype, cfg.fp8)
-        # The workspace uses everything past the signal area (staging + both epoch buffers) as one region.
-        self.memory = PeerMemory(group, buffer_bytes=-(-(ws.nbytes - SIGNAL_BYTES) // 3), backend=backend,
-                                 device=device)
+        ws = self.ws = config_workspace(cfg)
+        if memory is None:
+            memory = PeerMemory(group, buffer_bytes=peer_buffer_bytes(ws), backend=backend, device=device)
+        elif memory.buffer_bytes < peer_buffer_bytes(ws):
+            raise ValueError(f"PeerTransport: memory holds {memory.buffer_bytes} bytes per buffer, the MoE workspace "
+                             f"needs {peer_buffer_bytes(ws)}")
+        self.memory = memory
         # Symmetric memory comes uninitialised: zero it, so that graph mode's rows and indices past the
         # used ones are harmless (an index is always a valid row, a payload byte never NaN). A peer's first
         # counts launch writes into our counts region before any barrier: it must not start before this.
         self.memory.buffer[SIGNAL_BYTES:ws.nbytes].zero_()
         if backend == "cuda":
             torch.cuda.synchronize(device)
-        dist.barrier(group=group)
+        if group is not None:
+            dist.barrier(group=group)
         self.launch: MoeLaunchConfig = launch
         self.set_launch(launch)
         self.n_local = len(cfg.local_experts[rank])
