@@ -196,33 +196,21 @@ def capture_graph(fn: Callable[[], Any], warmups: int = 1) -> tuple[Any, Any]:
     return graph, result
 
 
-class OneDevicePeers:
-    """Every rank's workspace of a ``world``-rank group on one CUDA device, in one process: a stand-in for
-    PeerMemory (``ranks[r]`` has what a kernel launcher reads of rank r's: ``table``, ``buffer``,
-    ``buffer_bytes``, ``error_record_addr``, ``error_record``), so that multi-rank kernels run on one GPU.
 
-    For tests of GPU-only code (memory ordering, inline PTX, cp.async pipelines) where one GPU is at
-    hand. The caller launches each rank's work on its own stream, all ranks' launches of one phase
-    before the host waits for any, with grids small enough for every rank's programs to be resident
-    at once (a program spinning at a barrier holds its SM). Times measured so are not NVLink's: a
-    "peer" store here is a store to local HBM.
-    """
+def launch_ranks(world: int, launch: Callable[[int], Any]) -> list[Any]:
+    """``launch(r)`` for every rank r of a group emulated on one GPU (``PeerMemory.on_one_device``), each
+    with a stream of its own current, all ranks' launches before the host waits; returns their results
+    after the device is done. A kernel's first launch loads its module, which under CUDA's lazy loading
+    can wait for the running kernels, one of them spinning for a rank not launched yet: run a warm-up
+    round with a short timeout (its result ignored) before a checked one."""
+    import torch
 
-    def __init__(self, world: int, buffer_bytes: int, device) -> None:
-        import types
-
-        import torch
-
-        from .memory.protocol import workspace_bytes
-
-        self.world, self.device = world, torch.device(device)
-        nbytes = workspace_bytes(buffer_bytes, world)
-        self.buffers = [torch.zeros(nbytes, dtype=torch.uint8, device=self.device) for _ in range(world)]
-        table = torch.tensor([b.data_ptr() for b in self.buffers], dtype=torch.int64, device=self.device)
-        self.ranks = []
-        for r in range(world):
-            record = torch.zeros(4, dtype=torch.int32, pin_memory=True)
-            self.ranks.append(types.SimpleNamespace(
-                rank=r, world_size=world, backend="cuda", device=self.device, buffer=self.buffers[r],
-                buffer_bytes=buffer_bytes, nbytes=nbytes, table=table, error_record_addr=record.data_ptr(),
-                error_record=record.numpy(), _record=record, close=lambda: None))
+    streams = [torch.cuda.Stream() for _ in range(world)]
+    for s in streams:
+        s.wait_stream(torch.cuda.current_stream())
+    results = []
+    for r, s in enumerate(streams):
+        with torch.cuda.stream(s):
+            results.append(launch(r))
+    torch.cuda.synchronize()
+    return results

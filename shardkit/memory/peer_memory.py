@@ -73,12 +73,43 @@ class PeerMemory:
             self.device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
             addresses = self._alloc_symmetric()
             record = torch.zeros(4, dtype=torch.int32, pin_memory=True)
+        self._set_table(addresses, record)
+
+    def _set_table(self, addresses: list[int], record: torch.Tensor) -> None:
         self.table = torch.tensor(addresses, dtype=torch.int64, device=self.device)
         self._error_record_tensor = record
         self.error_record_addr = record.data_ptr()
         # The error record (code, slot, culprit bitmask, epoch) is read on every call: a numpy view
         # reads it without torch's per-op overhead.
         self.error_record = record.numpy()
+
+    @classmethod
+    def on_one_device(cls, world: int, buffer_bytes: int, device: torch.device | str) -> list["PeerMemory"]:
+        """Every rank's workspace of a ``world``-rank group on one CUDA device, in this process, without a
+        process group: element r is rank r's PeerMemory (``table``, ``peer_view`` and the rest as usual).
+
+        For tests of GPU-only code where one GPU is at hand. The caller launches each rank's work on its
+        own stream, all ranks' launches of a phase before the host waits for any, with grids small
+        enough for every rank's programs to be resident at once (a program spinning at a barrier holds
+        its SM). A peer access is then an access to local HBM: times measured so are not NVLink's.
+        """
+        if not 1 <= world <= MAX_WORLD:
+            raise ValueError(f"PeerMemory.on_one_device: world must be in 1..{MAX_WORLD}, got {world}")
+        if buffer_bytes <= 0:
+            raise ValueError(f"PeerMemory.on_one_device: buffer_bytes must be positive, got {buffer_bytes}")
+        size = -(-int(buffer_bytes) // _ALIGN) * _ALIGN
+        nbytes = workspace_bytes(size, world)
+        device = torch.device(device)
+        buffers = [torch.zeros(nbytes, dtype=torch.uint8, device=device) for _ in range(world)]
+        ranks = []
+        for r in range(world):
+            m = cls.__new__(cls)
+            m.group, m.rank, m.world_size, m.backend, m.device = None, r, world, "cuda", device
+            m.buffer_bytes, m.nbytes, m._closed = size, nbytes, False
+            m.buffer, m._peer_bytes, m._handle = buffers[r], buffers, None
+            m._set_table([b.data_ptr() for b in buffers], torch.zeros(4, dtype=torch.int32, pin_memory=True))
+            ranks.append(m)
+        return ranks
 
     def _alloc_symmetric(self) -> list[int]:
         import torch.distributed._symmetric_memory as symm_mem

@@ -1,5 +1,5 @@
 """MoE dispatch + combine with every rank on ONE GPU: the ranks of a 2- or 3-rank group share one device
-(``shardkit.testing.OneDevicePeers``: a workspace per rank, a stream per rank), so the GPU-only code
+(``PeerMemory.on_one_device``: a workspace per rank, a stream per rank), so the GPU-only code
 (the system-scope flag releases, the no-split and the software-pipelined combines, cp.async) is checked
 against the float64 loop whenever a single GPU is at hand. test_moe_gpu.py, on 2+ GPUs over NVLink, is
 the real thing; this one is skipped without CUDA.
@@ -20,8 +20,9 @@ from shardkit.collectives.communicator import timeout_iters
 from shardkit.collectives.moe.config import make_config
 from shardkit.collectives.moe.peer import PeerTransport, config_workspace, peer_buffer_bytes
 from shardkit.kernels.moe.launch_config import moe_launch_config
+from shardkit.memory.peer_memory import PeerMemory
 from shardkit.reference.moe import affine_experts, moe_reference
-from shardkit.testing import OneDevicePeers
+from shardkit.testing import launch_ranks
 
 from ..collectives.rank_checks import digest
 from ..conftest import gpu_count
@@ -50,18 +51,16 @@ def one_device_round(world: int, tokens: list[int], routing: str, seed: int, lau
     dev = torch.device("cuda", 0)
     dtype = torch.bfloat16
     cfg = make_config(world, num_experts, hidden, dtype, max_tokens, topk, placement, "graph", fp8, align, None)
-    peers = OneDevicePeers(world, peer_buffer_bytes(config_workspace(cfg)), dev)
+    peers = PeerMemory.on_one_device(world, peer_buffer_bytes(config_workspace(cfg)), dev)
     iters = timeout_iters(timeout_s, "cuda")
-    ranks = [PeerTransport(cfg, None, r, "cuda", dev, iters, timeout_s, launch, memory=peers.ranks[r])
+    ranks = [PeerTransport(cfg, None, r, "cuda", dev, iters, timeout_s, launch, memory=peers[r])
              for r in range(world)]
-    streams = [torch.cuda.Stream(dev) for _ in range(world)]
     scale, bias = affine_experts(num_experts, hidden, EXPERT_SEED)
     inputs = all_inputs(world, tokens, hidden, num_experts, topk, dtype, seed, routing, list(cfg.expert_rank))
     on_dev = [[t.to(dev) for t in inp] for inp in inputs]
     torch.cuda.synchronize(dev)
 
     def failed() -> list[str]:
-        torch.cuda.synchronize(dev)
         errors = []
         for t in ranks:
             try:
@@ -70,10 +69,7 @@ def one_device_round(world: int, tokens: list[int], routing: str, seed: int, lau
                 errors.append(str(e))
         return errors
 
-    dispatched = []
-    for r in range(world):
-        with torch.cuda.stream(streams[r]):
-            dispatched.append(ranks[r].dispatch(*on_dev[r], round_id=1))
+    dispatched = launch_ranks(world, lambda r: ranks[r].dispatch(*on_dev[r], round_id=1))
     errors = failed()
     if errors and not check:
         return errors
@@ -90,10 +86,7 @@ def one_device_round(world: int, tokens: list[int], routing: str, seed: int, lau
         residuals.append(torch.randn(tokens[r], hidden, generator=torch.Generator().manual_seed(seed + r)).to(
             dtype).to(dev))
         outs.append(torch.full((tokens[r], hidden), float("nan"), dtype=dtype, device=dev))
-    torch.cuda.synchronize(dev)
-    for r in range(world):
-        with torch.cuda.stream(streams[r]):
-            ranks[r].combine(experts_out[r], dispatched[r][1], residuals[r], outs[r])
+    launch_ranks(world, lambda r: ranks[r].combine(experts_out[r], dispatched[r][1], residuals[r], outs[r]))
     errors = failed()
     if not check:
         return errors
@@ -111,11 +104,8 @@ def one_device_round(world: int, tokens: list[int], routing: str, seed: int, lau
 
 
 def checked_rounds(world: int, cases: list[tuple], launch, seed: int, **shape) -> list[str]:
-    """A warm-up round, then each case ``(tokens per rank, routing)`` on fresh workspaces; the digests of
-    all. The warm-up compiles the kernels: a first launch loads its module, which under CUDA's lazy
-    loading can wait for the running kernels, one of them spinning for a rank this host thread has not
-    launched yet; the warm-up then times out (its result is ignored) and the checked rounds find the
-    modules loaded."""
+    """A warm-up round with a short timeout (``launch_ranks``), then each case ``(tokens per rank,
+    routing)`` on fresh workspaces; the digests of all."""
     one_device_round(world, cases[0][0], cases[0][1], seed, launch, timeout_s=5.0, check=False, **shape)
     return [d for i, (tokens, routing) in enumerate(cases)
             for d in one_device_round(world, tokens, routing, seed + i, launch, **shape)]

@@ -44,9 +44,9 @@ class PeerTransport:
     def __init__(self, cfg: MoeConfig, group: dist.ProcessGroup | None, rank: int, backend: str,
                  device: torch.device, timeout_iters: int, timeout_s: float, launch: MoeLaunchConfig,
                  memory: PeerMemory | None = None) -> None:
-        """``memory``: the workspace, default a new PeerMemory on ``group``. A given one (e.g.
-        ``shardkit.testing.OneDevicePeers``, with ``group`` None) must hold ``peer_buffer_bytes`` per
-        buffer, and every rank's must be zeroed here before any rank's first round."""
+        """``memory``: the workspace, default a new PeerMemory on ``group``. A given one (e.g. from
+        ``PeerMemory.on_one_device``, with ``group`` None) must hold ``peer_buffer_bytes`` per buffer,
+        and every rank's must be zeroed here before any rank's first round."""
         self.cfg, self.group, self.rank, self.device = cfg, group, rank, device
         self.timeout_iters, self.timeout_s = timeout_iters, timeout_s
         self.interpret = backend == "cpu"
