@@ -100,6 +100,8 @@ class PeerMemory:
         size = -(-int(buffer_bytes) // _ALIGN) * _ALIGN
         nbytes = workspace_bytes(size, world)
         device = torch.device(device)
+        if device.index is None:  # tensors report their device with its index
+            device = torch.device(device.type, torch.cuda.current_device())
         buffers = [torch.zeros(nbytes, dtype=torch.uint8, device=device) for _ in range(world)]
         ranks = []
         for r in range(world):

@@ -47,7 +47,7 @@ def test_on_one_device_every_rank_sees_every_workspace():
     ranks = PeerMemory.on_one_device(3, 5000, "cuda")
     addresses = [m.buffer.data_ptr() for m in ranks]
     for r, mem in enumerate(ranks):
-        assert (mem.rank, mem.world_size, mem.buffer_bytes) == (r, 3, 8192)
+        assert (mem.rank, mem.world_size, mem.buffer_bytes, mem.device) == (r, 3, 8192, mem.buffer.device)
         assert mem.table.tolist() == addresses and torch.count_nonzero(mem.buffer) == 0
         mem.staging(10, torch.float32).fill_(r + 1)
     for mem in ranks:
