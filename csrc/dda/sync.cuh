@@ -57,11 +57,14 @@ __device__ inline void record_error(const PeerTable& t, int rank, int* host_erro
                                     int culprits, uint32_t epoch) {
   int* device_record = reinterpret_cast<int*>(t.base[rank] + kErrorOff);
   if (atomicCAS(device_record, 0, code) == 0) {
-    host_error_record[1] = slot;
-    host_error_record[2] = culprits;
-    host_error_record[3] = int(epoch);
+    // Plain stores to host memory, a system fence, then the code the host polls (no atomics on host
+    // memory: the GPU may not support them there; see sync.py's record_error).
+    volatile int* host = host_error_record;
+    host[1] = slot;
+    host[2] = culprits;
+    host[3] = int(epoch);
     __threadfence_system();
-    atomicExch(host_error_record, code);
+    host[0] = code;
   }
 }
 

@@ -196,11 +196,16 @@ def record_error(own, error_record_addr, code, slot, culprits, epoch):
     error_ptr = (own + _ERROR_OFF).to(tl.pointer_type(tl.int32))
     prev = tl.atomic_cas(error_ptr, 0, code, sem="relaxed", scope="gpu")
     if prev == 0:
+        # Host memory gets plain stores, never atomics: the GPU may not do atomics on it (compute-sanitizer:
+        # "system-scoped atomic ... not allowed" on the pinned record, H200 hosts here; the one-GPU tests
+        # hit "misaligned address" faults there). The sys-scope acq_rel exchange on the device copy is the
+        # fence that puts the fields before the code the host polls.
         status_ptr = error_record_addr.to(tl.pointer_type(tl.int32))
-        tl.store(status_ptr + 1, slot)
-        tl.store(status_ptr + 2, culprits)
-        tl.store(status_ptr + 3, epoch.to(tl.int32))
-        tl.atomic_xchg(status_ptr, code, sem="release", scope="sys")
+        tl.store(status_ptr + 1, slot, cache_modifier=".wt")
+        tl.store(status_ptr + 2, culprits, cache_modifier=".wt")
+        tl.store(status_ptr + 3, epoch.to(tl.int32), cache_modifier=".wt")
+        tl.atomic_xchg(error_ptr, code, sem="acq_rel", scope="sys")
+        tl.store(status_ptr, code, cache_modifier=".wt")
 
 
 @triton.jit

@@ -142,3 +142,24 @@ def test_large_batches_pipelined_combine_gives_the_same_bits():
 def test_fp8_dispatch_any_placement_aligned_blocks():
     shape = dict(DEEPSEEK, max_tokens=256, fp8=True, align=16, placement=[(e * 7) % 3 for e in range(256)])
     checked_rounds(3, [([256, 33, 200], "uniform"), ([1, 0, 2], "random")], grid(256, 7168, 3, True), 47, **shape)
+
+
+def test_an_absent_rank_fails_the_round_and_the_device_runs_on():
+    """Rank 1 never launches: rank 0's counts exchange times out, its host error record names rank 1, and
+    the device still runs kernels. The record's host copy is written with plain stores after a system
+    fence; the system-scope atomic it was written with before is not allowed on host memory here
+    (compute-sanitizer flags it; it came with "misaligned address" faults in one-GPU runs)."""
+    shape = dict(DEEPSEEK, max_tokens=256)
+    dev = torch.device("cuda", 0)
+    cfg = make_config(2, shape["num_experts"], shape["hidden"], torch.bfloat16, 256, shape["topk"], None, "graph",
+                      False, 1, None)
+    peers = PeerMemory.on_one_device(2, peer_buffer_bytes(config_workspace(cfg)), dev)
+    rank0 = PeerTransport(cfg, None, 0, "cuda", dev, timeout_iters(0.5, "cuda"), 0.5, grid(256, shape["hidden"], 2,
+                                                                                            False), memory=peers[0])
+    x, idx, w = (t.to(dev) for t in all_inputs(1, [9], shape["hidden"], shape["num_experts"], shape["topk"],
+                                               torch.bfloat16, 5, "uniform", list(cfg.expert_rank))[0])
+    rank0.dispatch(x, idx, w, round_id=1)
+    torch.cuda.synchronize(dev)
+    with pytest.raises(CollectiveError, match=r"rank\(s\) \[1\] did not arrive"):
+        rank0.raise_if_failed()
+    assert torch.arange(1000, device=dev).sum().item() == 499500
