@@ -200,9 +200,11 @@ def capture_graph(fn: Callable[[], Any], warmups: int = 1) -> tuple[Any, Any]:
 def launch_ranks(world: int, launch: Callable[[int], Any]) -> list[Any]:
     """``launch(r)`` for every rank r of a group emulated on one GPU (``PeerMemory.on_one_device``), each
     with a stream of its own current, all ranks' launches before the host waits; returns their results
-    after the device is done. A kernel's first launch loads its module, which under CUDA's lazy loading
-    can wait for the running kernels, one of them spinning for a rank not launched yet: run a warm-up
-    round with a short timeout (its result ignored) before a checked one."""
+    after the device is done. Two things can stall a rank behind another's spinning kernel, and then the
+    round times out: a kernel's first launch loads its module, which under CUDA's lazy loading can wait
+    for the running kernels (run a warm-up round with a short timeout, its result ignored, before a
+    checked one, with the same pointers' alignment and sizes); and streams of different ranks sharing a
+    hardware queue (set ``CUDA_DEVICE_MAX_CONNECTIONS=32`` before CUDA starts, as tests/conftest.py does)."""
     import torch
 
     streams = [torch.cuda.Stream() for _ in range(world)]

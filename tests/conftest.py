@@ -4,6 +4,11 @@ import uuid
 
 import torch
 
+# Ranks emulated on one GPU (PeerMemory.on_one_device) each use several streams; with the default 8
+# hardware queues, streams of different ranks share one, and a rank's spinning kernel then blocks
+# another rank's launch behind it (the one-GPU copy-engine test timed out so on one H200; with 32 it
+# passed). Read when the CUDA context is created, so it is set before any test touches the GPU.
+os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     # Must precede the first import of triton: every kernel then runs on CPU tensors.
