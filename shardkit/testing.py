@@ -196,7 +196,6 @@ def capture_graph(fn: Callable[[], Any], warmups: int = 1) -> tuple[Any, Any]:
     return graph, result
 
 
-
 def launch_ranks(world: int, launch: Callable[[int], Any]) -> list[Any]:
     """``launch(r)`` for every rank r of a group emulated on one GPU (``PeerMemory.on_one_device``), each
     with a stream of its own current, all ranks' launches before the host waits; returns their results
