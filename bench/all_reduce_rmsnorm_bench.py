@@ -50,27 +50,17 @@ Pair = tuple[torch.Tensor, torch.Tensor]
 
 def ll_on_grid(comm, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                segments: int) -> Callable[[], Pair] | None:
-    """The LL fused kernel on ``segments`` blocks per row (1: a block per row, up to one per SM) with the policy's
-    thread rule (one thread per line of a segment, 64..512), in one launch; None where x needs more."""
+    """The LL fused kernel on ``segments`` blocks per row (``cuda.ll_rmsnorm_grid``) instead of the policy's grid,
+    in one launch through the Python launcher; None where x needs more."""
     from shardkit.kernels.all_reduce import cuda as cuda_dda
-    from shardkit.memory.protocol import DTYPE_CODES, call_signature, float_bits
 
     tokens, hidden = x.shape
-    esize = x.element_size()
-    if tokens > cuda_dda.ll_rmsnorm_max_rows(hidden, esize):
+    if tokens > cuda_dda.ll_rmsnorm_max_rows(hidden, x.element_size()):
         return None
-    lines = -(-hidden * esize // 8)
-    threads = min(512, max(64, -(-(-(-lines // segments)) // 32) * 32))
-    programs = tokens * segments if segments > 1 else min(tokens, comm._sm_count)
-    config = cuda_dda.CudaConfig(programs, threads, 1)
     out, residual_out = torch.empty_like(x), torch.empty_like(x)
-    sig = call_signature("rmsnorm_ll_cuda", tokens, 0, 1, tokens, hidden, DTYPE_CODES[x.dtype], float_bits(EPS),
-                         programs, threads)
 
     def run() -> Pair:
-        cuda_dda.launch_ll_all_reduce_rmsnorm(x, residual, weight, out, residual_out, comm._host_table,
-                                              comm.memory.error_record_addr, comm.rank, sig, EPS,
-                                              comm.memory.buffer_bytes, comm._timeout_iters, config)
+        comm._rmsnorm_ll([x, residual, out, residual_out], weight, EPS, tokens, hidden, segments=segments)
         return out, residual_out
 
     return run

@@ -72,16 +72,15 @@ def select_rules(device_name: str, world_size: int, table: dict | None = None, *
     """The [(max_bytes or None, algo)] rules for a device name and world size (falling back to defaults).
     mode "eager": the rules measured in eager mode for exactly this device and world size where stored,
     else the graph ones."""
-    table = load_table() if table is None else table
-    if mode == "eager":
-        rules = table.get(ALL_REDUCE_KEYS["eager"], {}).get(device_name, {}).get(str(world_size))
-        if rules is not None:
-            return [(None if b is None else int(b), a) for b, a in rules]
-    elif mode != "graph":
+    if mode not in ALL_REDUCE_KEYS:
         raise ValueError(f"select_rules: mode must be 'graph' or 'eager', got {mode!r}")
-    table = table["all_reduce"]
-    per_device = table.get(device_name, table["default"])
-    rules = per_device.get(str(world_size), per_device.get("default", table["default"]["default"]))
+    table = load_table() if table is None else table
+    rules = (table.get(ALL_REDUCE_KEYS["eager"], {}).get(device_name, {}).get(str(world_size))
+             if mode == "eager" else None)
+    if rules is None:
+        graph = table["all_reduce"]
+        per_device = graph.get(device_name, graph["default"])
+        rules = per_device.get(str(world_size), per_device.get("default", graph["default"]["default"]))
     return [(None if b is None else int(b), a) for b, a in rules]
 
 

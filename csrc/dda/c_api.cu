@@ -116,6 +116,12 @@ void shardkit_ll_rmsnorm_config(int64_t tokens, int64_t hidden, int element_size
   config[0] = c.programs, config[1] = c.threads, config[2] = c.unroll;
 }
 
+void shardkit_ll_rmsnorm_grid(int64_t tokens, int64_t hidden, int element_size, int sm_count, int segments,
+                              int* config) {
+  const auto c = shardkit::ll_rmsnorm_grid(tokens, hidden, element_size, sm_count, segments);
+  config[0] = c.programs, config[1] = c.threads, config[2] = c.unroll;
+}
+
 int64_t shardkit_ll_rmsnorm_max_rows(int64_t hidden, int element_size) {
   return shardkit::ll_rmsnorm_max_rows(hidden, element_size);
 }

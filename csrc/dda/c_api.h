@@ -28,6 +28,8 @@ void shardkit_flat_config(int64_t numel, int element_size, int sm_count, int* co
 void shardkit_tree_config(int64_t shard, int element_size, int world, int sm_count, int* config);
 void shardkit_ll_config(int64_t numel, int element_size, int sm_count, int* config);
 void shardkit_ll_rmsnorm_config(int64_t tokens, int64_t hidden, int element_size, int sm_count, int* config);
+void shardkit_ll_rmsnorm_grid(int64_t tokens, int64_t hidden, int element_size, int sm_count, int segments,
+                              int* config);
 int64_t shardkit_ll_rmsnorm_max_rows(int64_t hidden, int element_size);
 int shardkit_grid(int64_t elements, int element_size, int threads, int unroll, int max_programs);
 const char* shardkit_error_string(int code);

@@ -44,7 +44,6 @@ __device__ __forceinline__ int wait_line(const char* p, uint32_t flag, uint4& v,
   }
 }
 
-// Block 0 pushes the header {sig, k, sig, k} of this rank's slot (byte offset `pushed`) to every peer.
 // A block's verdict on its LL call (a __shared__ LLVerdict of the kernel): the worst code and the ranks to blame
 // for the error record, and stop (any failure): its threads stop waiting and write NaN.
 struct LLVerdict {
@@ -84,6 +83,7 @@ __device__ __forceinline__ void ll_finish(const LLVerdict& v, const PeerTable& t
   finish_call(t, rank, cs.epoch, k);
 }
 
+// Block 0 pushes the header {sig, k, sig, k} of this rank's slot (byte offset `pushed`) to every peer.
 template <int WORLD>
 __device__ __forceinline__ void push_header(const PeerTable& t, int rank, int64_t pushed, uint32_t sig, uint32_t k) {
   if (blockIdx.x == 0 && threadIdx.x < WORLD && threadIdx.x != rank) {

@@ -79,17 +79,25 @@ inline int ll_rmsnorm_segments_of(int64_t programs, int64_t tokens) {
   return programs % tokens == 0 && programs / tokens <= kLLRMSNormMaxSegments ? int(programs / tokens) : 0;
 }
 
+// The grid of `segments` blocks per row (1: a block per row, up to one per SM) with one thread per line of a segment
+// (64..kLLRMSNormMaxThreads threads): the policy's grid once it has chosen the segments, and other grids for tuning
+// and tests (the bench's --ll-segments).
+inline LaunchConfig ll_rmsnorm_grid(int64_t tokens, int64_t hidden, int element_size, int sm_count, int segments) {
+  const int64_t segment_lines = (ll_row_lines(hidden, element_size) + segments - 1) / segments;
+  const int64_t blocks = std::min<int64_t>(sm_count, kMaxPrograms);
+  const int64_t programs = segments > 1 ? tokens * segments : std::max<int64_t>(1, std::min(tokens, blocks));
+  return {int(programs), int(std::clamp<int64_t>((segment_lines + 31) / 32 * 32, 64, kLLRMSNormMaxThreads)), 1};
+}
+
 inline LaunchConfig ll_rmsnorm_config(int64_t tokens, int64_t hidden, int element_size, int sm_count) {
   const int64_t lines = ll_row_lines(hidden, element_size);
   const int64_t blocks = std::min<int64_t>(sm_count, kMaxPrograms);
-  int64_t segments = 1;
+  int segments = 1;
   while (segments < kLLRMSNormMaxSegments && tokens * segments * 2 <= blocks &&
          lines >= segments * 2 * kLLRMSNormMinSegmentLines) {
     segments *= 2;
   }
-  const int64_t segment_lines = (lines + segments - 1) / segments;
-  const int64_t programs = segments > 1 ? tokens * segments : std::max<int64_t>(1, std::min(tokens, blocks));
-  return {int(programs), int(std::clamp<int64_t>((segment_lines + 31) / 32 * 32, 64, kLLRMSNormMaxThreads)), 1};
+  return ll_rmsnorm_grid(tokens, hidden, element_size, sm_count, segments);
 }
 
 inline LaunchConfig tree_config(int64_t shard, int element_size, int world, int sm_count) {

@@ -478,9 +478,11 @@ class Communicator:
             self._raise_if_failed()
         return out, residual_out
 
-    def _rmsnorm_ll(self, rows: list[torch.Tensor], weight: torch.Tensor, eps: float, tokens: int, hidden: int) -> None:
+    def _rmsnorm_ll(self, rows: list[torch.Tensor], weight: torch.Tensor, eps: float, tokens: int, hidden: int,
+                    segments: int | None = None) -> None:
         """The fused call on the CUDA LL kernel (the C++ host path's launches, in Python): ``rows`` = x,
-        residual, out, residual_out as [tokens, hidden]; chunks of ``ll_rmsnorm_max_rows`` rows."""
+        residual, out, residual_out as [tokens, hidden]; chunks of ``ll_rmsnorm_max_rows`` rows. ``segments``:
+        blocks per row instead of the policy's (``cuda.ll_rmsnorm_grid``; tuning and tests)."""
         what = "all_reduce_residual_rmsnorm"
         x = rows[0]
         if self.kernels != "cuda":
@@ -494,7 +496,9 @@ class Communicator:
         chunks = -(-tokens // step)
         for i in range(chunks):
             xc, rc, oc, roc = (t[i * step:(i + 1) * step] for t in rows)
-            config = cuda_dda.ll_rmsnorm_config(xc.shape[0], hidden, x.element_size(), self._sm_count)
+            config = (cuda_dda.ll_rmsnorm_config(xc.shape[0], hidden, x.element_size(), self._sm_count)
+                      if segments is None else
+                      cuda_dda.ll_rmsnorm_grid(xc.shape[0], hidden, x.element_size(), self._sm_count, segments))
             sig = call_signature("rmsnorm_ll_cuda", tokens, i, chunks, xc.shape[0], hidden, DTYPE_CODES[x.dtype],
                                  float_bits(eps), config.programs, config.threads)
             cuda_dda.launch_ll_all_reduce_rmsnorm(xc, rc, weight, oc, roc, self._host_table, mem.error_record_addr,

@@ -590,7 +590,7 @@ def _call_flags(memory: PeerMemory, lanes: _Lanes, x: torch.Tensor, out: torch.T
     # The peers' reduced chunks reach our epoch buffer 0 (their pushes), not their own R (our pulls).
     pushed_to_us = not zc_in_place and gather != "ce"
     peers = plan.peers()
-    ws = memory.peer_view(rank, 0, 1, torch.uint8).data_ptr()  # this rank's workspace address (an empty view has none)
+    ws = memory.buffer.data_ptr()  # this rank's workspace address (the table's entry)
     interpret = memory.backend == "cpu"
     shard_lo = plan.shard_range(rank)[0]
 
@@ -720,7 +720,7 @@ def _call_oneshot(memory: PeerMemory, lanes: _Lanes, x: torch.Tensor, out: torch
     base = memory.staging_offset + memory.buffer_bytes  # T: epoch buffers 0 and 1, one region per sender
     in_place = out.data_ptr() == x.data_ptr()
     peers = [(rank + i) % world for i in range(1, world)]
-    ws = memory.peer_view(rank, 0, 1, torch.uint8).data_ptr()  # this rank's workspace address
+    ws = memory.buffer.data_ptr()  # this rank's workspace address (the table's entry)
     interpret = memory.backend == "cpu"
     forked: set[str] = set()
 

@@ -221,7 +221,6 @@ def grids_agree(segments: int, cases: list[tuple[int, int]]) -> None:
     passes) against algo="ll" on the policy's grid: residual_out bitwise equal, out within one rounding, both
     against the float64 reference; outputs NaN-poisoned first."""
     from shardkit.kernels.all_reduce import cuda as cuda_dda
-    from shardkit.memory.protocol import DTYPE_CODES, call_signature, float_bits
 
     rank, world = dist.get_rank(), dist.get_world_size()
     comm = Communicator(kernels="cuda", timeout_s=TIMEOUT_S)
@@ -230,18 +229,12 @@ def grids_agree(segments: int, cases: list[tuple[int, int]]) -> None:
             xs, residual, weight = fused_inputs(world, tokens, hidden, torch.bfloat16, 7000 + 10 * i)
             ref_out, ref_res = all_reduce_residual_rmsnorm_reference(xs, residual, weight, EPS)
             x = xs[rank]
-            lines = -(-hidden * x.element_size() // 8)
-            threads = min(512, max(64, -(-(-(-lines // segments)) // 32) * 32))
-            programs = tokens * segments if segments > 1 else min(tokens, comm._sm_count)
             out, res_out = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
-            sig = call_signature("rmsnorm_ll_cuda", tokens, 0, 1, tokens, hidden, DTYPE_CODES[x.dtype],
-                                 float_bits(EPS), programs, threads)
-            cuda_dda.launch_ll_all_reduce_rmsnorm(x, residual, weight, out, res_out, comm._host_table,
-                                                  comm.memory.error_record_addr, rank, sig, EPS,
-                                                  comm.memory.buffer_bytes, comm._timeout_iters,
-                                                  cuda_dda.CudaConfig(programs, threads, 1))
+            comm._rmsnorm_ll([x, residual, out, res_out], weight, EPS, tokens, hidden, segments=segments)
             want_out, want_res = comm.all_reduce_residual_rmsnorm(x, residual, weight, EPS, "ll")
-            what = f"ll on {segments} block(s) per row ({programs} x {threads}), tokens={tokens} hidden={hidden}"
+            grid = cuda_dda.ll_rmsnorm_grid(tokens, hidden, x.element_size(), comm._sm_count, segments)
+            what = (f"ll on {segments} block(s) per row ({grid.programs} x {grid.threads}), tokens={tokens} "
+                    f"hidden={hidden}")
             assert torch.equal(res_out, want_res), f"{what}: residual_out differs from the policy grid's"
             torch.testing.assert_close(out, want_out, **tol(ROUNDING, torch.bfloat16), msg=lambda m: f"{what}: {m}")
             torch.testing.assert_close(out.double(), ref_out, **tol(ROUNDING, torch.bfloat16),

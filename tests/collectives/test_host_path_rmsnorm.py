@@ -48,6 +48,8 @@ def test_launch_policy_is_the_one_python_uses():
                     config = host_path._C.ll_rmsnorm_config(tokens, hidden, esize, sm)
                     assert config == dataclasses.astuple(cuda_dda.ll_rmsnorm_config(tokens, hidden, esize, sm))
                     assert config == policy(tokens, hidden, esize, sm), (tokens, hidden, esize, sm)
+                    segments = config[0] // tokens if config[0] > tokens else 1  # the policy's grid, rebuilt
+                    assert dataclasses.astuple(cuda_dda.ll_rmsnorm_grid(tokens, hidden, esize, sm, segments)) == config
     # The decode shapes of issue 14 on an H200 (132 SMs): 8 blocks per row of 8192 bf16 up to 16 rows.
     assert [host_path._C.ll_rmsnorm_config(t, 8192, 2, 132)[:2] for t in (1, 4, 16)] == [(8, 256), (32, 256),
                                                                                          (128, 256)]

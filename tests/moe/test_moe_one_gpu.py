@@ -42,19 +42,29 @@ def grid(max_tokens: int, hidden: int, world: int, fp8: bool, **changes):
     return dataclasses.replace(default, programs=programs, combine_pushers=pushers, **changes)
 
 
-def one_device_round(world: int, tokens: list[int], routing: str, seed: int, launch, *, max_tokens: int,
-                     num_experts: int, hidden: int, topk: int, fp8: bool = False, align: int = 1, placement=None,
-                     timeout_s: float = 20.0, check: bool = True) -> list[str]:
-    """One graph-mode dispatch + experts + combine of ``world`` ranks on this GPU (each rank's launches
-    on its own stream, every rank's launches of a phase before the host waits); each rank's rows and
-    output against the float64 loop (``check``). Returns the outputs' digests."""
+def one_device_ranks(world: int, launch, timeout_s: float, *, max_tokens: int, num_experts: int, hidden: int,
+                     topk: int, fp8: bool = False, align: int = 1, placement=None) -> tuple:
+    """(config, every rank's PeerTransport) of a ``world``-rank bf16 graph-mode dispatcher on this GPU, on fresh
+    workspaces."""
     dev = torch.device("cuda", 0)
-    dtype = torch.bfloat16
-    cfg = make_config(world, num_experts, hidden, dtype, max_tokens, topk, placement, "graph", fp8, align, None)
+    cfg = make_config(world, num_experts, hidden, torch.bfloat16, max_tokens, topk, placement, "graph", fp8, align,
+                      None)
     peers = PeerMemory.on_one_device(world, peer_buffer_bytes(config_workspace(cfg)), dev)
     iters = timeout_iters(timeout_s, "cuda")
-    ranks = [PeerTransport(cfg, None, r, "cuda", dev, iters, timeout_s, launch, memory=peers[r])
-             for r in range(world)]
+    return cfg, [PeerTransport(cfg, None, r, "cuda", dev, iters, timeout_s, launch, memory=peers[r])
+                 for r in range(world)]
+
+
+def one_device_round(world: int, tokens: list[int], routing: str, seed: int, launch, *, timeout_s: float = 20.0,
+                     check: bool = True, **shape) -> list[str]:
+    """One graph-mode dispatch + experts + combine of ``world`` ranks on this GPU (each rank's launches
+    on its own stream, every rank's launches of a phase before the host waits); each rank's rows and
+    output against the float64 loop (``check``). Returns the outputs' digests. ``shape``: as
+    ``one_device_ranks``."""
+    dev = torch.device("cuda", 0)
+    dtype = torch.bfloat16
+    cfg, ranks = one_device_ranks(world, launch, timeout_s, **shape)
+    hidden, num_experts, topk, fp8 = cfg.hidden, cfg.num_experts, cfg.topk, cfg.fp8
     scale, bias = affine_experts(num_experts, hidden, EXPERT_SEED)
     inputs = all_inputs(world, tokens, hidden, num_experts, topk, dtype, seed, routing, list(cfg.expert_rank))
     on_dev = [[t.to(dev) for t in inp] for inp in inputs]
@@ -149,15 +159,10 @@ def test_an_absent_rank_fails_the_round_and_the_device_runs_on():
     the device still runs kernels. The record's host copy is written with plain stores after a system
     fence; the system-scope atomic it was written with before is not allowed on host memory here
     (compute-sanitizer flags it; it came with "misaligned address" faults in one-GPU runs)."""
-    shape = dict(DEEPSEEK, max_tokens=256)
     dev = torch.device("cuda", 0)
-    cfg = make_config(2, shape["num_experts"], shape["hidden"], torch.bfloat16, 256, shape["topk"], None, "graph",
-                      False, 1, None)
-    peers = PeerMemory.on_one_device(2, peer_buffer_bytes(config_workspace(cfg)), dev)
-    rank0 = PeerTransport(cfg, None, 0, "cuda", dev, timeout_iters(0.5, "cuda"), 0.5, grid(256, shape["hidden"], 2,
-                                                                                            False), memory=peers[0])
-    x, idx, w = (t.to(dev) for t in all_inputs(1, [9], shape["hidden"], shape["num_experts"], shape["topk"],
-                                               torch.bfloat16, 5, "uniform", list(cfg.expert_rank))[0])
+    cfg, (rank0, _) = one_device_ranks(2, grid(256, DEEPSEEK["hidden"], 2, False), 0.5, max_tokens=256, **DEEPSEEK)
+    x, idx, w = (t.to(dev) for t in all_inputs(1, [9], cfg.hidden, cfg.num_experts, cfg.topk, torch.bfloat16, 5,
+                                               "uniform", list(cfg.expert_rank))[0])
     rank0.dispatch(x, idx, w, round_id=1)
     torch.cuda.synchronize(dev)
     with pytest.raises(CollectiveError, match=r"rank\(s\) \[1\] did not arrive"):

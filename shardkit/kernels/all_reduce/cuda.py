@@ -51,6 +51,8 @@ def _load():
         lib.shardkit_flat_config.restype = lib.shardkit_tree_config.restype = lib.shardkit_ll_config.restype = None
         lib.shardkit_ll_rmsnorm_config.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int, config]
         lib.shardkit_ll_rmsnorm_config.restype = None
+        lib.shardkit_ll_rmsnorm_grid.argtypes = lib.shardkit_ll_rmsnorm_config.argtypes[:4] + [ctypes.c_int, config]
+        lib.shardkit_ll_rmsnorm_grid.restype = None
         lib.shardkit_ll_rmsnorm_max_rows.argtypes = [ctypes.c_int64, ctypes.c_int]
         lib.shardkit_ll_rmsnorm_max_rows.restype = ctypes.c_int64
         lib.shardkit_grid.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
@@ -129,6 +131,16 @@ def ll_rmsnorm_config(tokens: int, hidden: int, element_size: int, sm_count: int
     a thread per payload line of a block's range). Pure: every rank gets the same."""
     config = (ctypes.c_int * 3)()
     _load().shardkit_ll_rmsnorm_config(tokens, hidden, element_size, sm_count, config)
+    return CudaConfig(*config)
+
+
+@functools.lru_cache(maxsize=1024)
+def ll_rmsnorm_grid(tokens: int, hidden: int, element_size: int, sm_count: int, segments: int) -> CudaConfig:
+    """The LL fused kernel's grid with ``segments`` blocks per row (1: a block per row, up to one per SM; 2..8: a
+    cluster per row, sm_90) and the policy's threads (policy.h ``ll_rmsnorm_grid``): other grids than the
+    policy's, for tuning and tests."""
+    config = (ctypes.c_int * 3)()
+    _load().shardkit_ll_rmsnorm_grid(tokens, hidden, element_size, sm_count, segments, config)
     return CudaConfig(*config)
 
 
